@@ -28,15 +28,30 @@ def predict(state: RouterState, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
     return y_hat, width
 
 
-def _sherman_morrison(A, A_inv, B, x, y, w):
-    """One weighted rank-one step for one arm: A [d, d], A_inv [d, d], B [d, T], x [d], y [T], w []."""
-    u = A_inv @ x
-    denom = 1.0 + w * (x @ u)
-    A_inv = A_inv - (w / denom) * jnp.outer(u, u)
-    return A + w * jnp.outer(x, x), A_inv, B + w * jnp.outer(x, y)
+def spd_inverse(S):
+    """Inverse of a symmetric positive-definite matrix [..., n, n]: eigendecomposition, refined.
+
+    (XLA's CPU triangular solve is ~100x slower than its eigh at these sizes, so no Cholesky solve.)
+    """
+    e, V = jnp.linalg.eigh(S)
+    X = (V / e[..., None, :]) @ jnp.swapaxes(V, -1, -2)
+    return 2 * X - X @ S @ X  # one Newton-Schulz step squares the residual
 
 
-_sm_across_arms = jax.vmap(_sherman_morrison)
+def _woodbury(A, A_inv, B, X, Y, w):
+    """m weighted observations of one arm at once: A, A_inv [d, d], B [d, T], X [m, d], Y [m, T], w [m].
+
+    A_inv <- A_inv - U (I + Xs U)^-1 U^T with Xs = sqrt(w) X, U = A_inv Xs^T: exactly m successive
+    Sherman-Morrison rank-one steps (m = 1 is Sherman-Morrison), in matmuls. Weight-0 rows are no-ops.
+    """
+    Xs = X * jnp.sqrt(w)[:, None]
+    U = A_inv @ Xs.T  # [d, m]
+    S = jnp.eye(X.shape[0], dtype=X.dtype) + Xs @ U  # [m, m], SPD, eigenvalues >= 1
+    A_inv = A_inv - U @ spd_inverse(S) @ U.T
+    return A + Xs.T @ Xs, A_inv, B + (X * w[:, None]).T @ Y
+
+
+MAX_CHUNK = 64
 
 
 @jax.jit
@@ -46,33 +61,36 @@ def update_batch(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: 
 
     Unchecked and jit-compiled (one compile per batch shape); see `engine.update` for the checked,
     bucketed entry point. Rows with weight 0 are skipped (padding). The result equals applying the
-    observations one at a time in batch order: the batch is processed in rounds, round r applying
-    the r-th observation of every arm at once (Sherman-Morrison vmapped across arms), for as many
-    rounds as the busiest arm has observations.
+    observations one at a time in batch order: each arm's observations, in batch order, are cut into
+    chunks of m = clip(B // K, 1, 64) (a power of two) and every chunk is one rank-m Woodbury step
+    on its arm. A loop over the chunks that exist (at most B / m + K) keeps the work proportional to
+    B whether the batch is spread over arms or all on one.
     """
     n, K = x.shape[0], state.capacity
+    m = min(MAX_CHUNK, 1 << max(0, (n // K).bit_length() - 1))
     w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
     # Weight-0 rows (padding) go to a sentinel arm K that sorts last and is never applied.
     arm = jnp.where(w > 0, arm.astype(jnp.int32), K)
-    # Rank of each observation among its arm's observations, preserving batch order.
-    order = jnp.argsort(arm, stable=True)
+    order = jnp.argsort(arm, stable=True)  # each arm's observations, contiguous, in batch order
     counts = jnp.zeros((K,), jnp.int32).at[arm].add(1, mode="drop")
     start = jnp.cumsum(counts) - counts  # [K] first position of each arm in `order`
+    chunks = (counts + m - 1) // m
+    chunk_end = jnp.cumsum(chunks)  # [K]: chunks of arms 0..k
+    j = jnp.arange(m)
 
     def body(carry):
-        r, A, A_inv, B = carry
-        has = r < counts  # [K]
-        pos = jnp.minimum(start + r, n - 1)
-        idx = order[pos]  # [K] batch index of arm k's r-th observation
-        wk = jnp.where(has, w[idx], 0.0)
-        A, A_inv, B = _sm_across_arms(A, A_inv, B, x[idx], targets[idx], wk)
-        return r + 1, A, A_inv, B
+        c, A, A_inv, B = carry
+        k = jnp.searchsorted(chunk_end, c, side="right")  # arm of chunk c
+        rank = (c - (chunk_end[k] - chunks[k])) * m + j  # [m] ranks within the arm
+        idx = order[jnp.minimum(start[k] + rank, n - 1)]
+        wk = jnp.where(rank < counts[k], w[idx], 0.0)
+        a, ai, b = _woodbury(A[k], A_inv[k], B[k], x[idx], targets[idx], wk)
+        return c + 1, A.at[k].set(a), A_inv.at[k].set(ai), B.at[k].set(b)
 
     _, A, A_inv, B = jax.lax.while_loop(
-        lambda c: c[0] < counts.max(), body, (0, state.A, state.A_inv, state.B))
+        lambda c: c[0] < chunk_end[-1], body, (0, state.A, state.A_inv, state.B))
     A_inv = 0.5 * (A_inv + jnp.swapaxes(A_inv, 1, 2))  # keep it exactly symmetric
     return state.replace(A=A, A_inv=A_inv, B=B, count=state.count + counts)
-
 
 
 @jax.jit
@@ -84,10 +102,8 @@ def drift(state: RouterState) -> jnp.ndarray:
 
 @jax.jit
 def refresh(state: RouterState, which: jnp.ndarray | None = None) -> RouterState:
-    """Recompute A_inv from the precision matrix A by Cholesky for arms where `which` [K] is True."""
-    eye = jnp.eye(state.dim, dtype=jnp.float32)
-    chol = jnp.linalg.cholesky(state.A)
-    fresh = jax.vmap(lambda L: jax.scipy.linalg.cho_solve((L, True), eye))(chol)
+    """Recompute A_inv from the precision matrix A for arms where `which` [K] is True."""
+    fresh = spd_inverse(state.A)
     fresh = 0.5 * (fresh + jnp.swapaxes(fresh, 1, 2))
     if which is not None:
         fresh = jnp.where(which[:, None, None], fresh, state.A_inv)
@@ -97,9 +113,20 @@ def refresh(state: RouterState, which: jnp.ndarray | None = None) -> RouterState
 def merge(base: RouterState, *replicas: RouterState) -> RouterState:
     """Merge replicas that started from `base`: sum their additive deltas of A, B and count.
 
-    Exact, because updates are additive in (A, B); A_inv is recomputed by Cholesky.
+    Exact, because updates are additive in (A, B); A_inv is recomputed from A.
     """
     A, B, count = base.A, base.B, base.count
     for rep in replicas:
         A, B, count = A + rep.A - base.A, B + rep.B - base.B, count + rep.count - base.count
     return refresh(base.replace(A=A, B=B, count=count))
+
+
+@jax.jit
+def maintain(state: RouterState, tol: float = 1e-4) -> tuple[RouterState, jnp.ndarray]:
+    """Detect float32 drift and refresh the arms past `tol` from A. Returns (state, drift [K]).
+
+    Costs about one d^3 matmul per arm: call it every few thousand updates, not per batch.
+    """
+    dr = drift(state)
+    bad = dr > tol
+    return jax.lax.cond(bad.any(), lambda s: refresh(s, bad), lambda s: s, state), dr
