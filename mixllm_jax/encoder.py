@@ -60,6 +60,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pooling: str = "mean"  # "mean" (mask-weighted) or "cls"
     normalize: bool = True  # L2-normalise the pooled embedding
+    precision: str = "highest"  # matmul precision ("highest": exact f32 on GPU too; "default": TF32/bf16 passes)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "BertConfig":
@@ -75,6 +76,8 @@ class BertConfig:
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if cfg.precision not in ("highest", "high", "default"):
+            raise ValueError(f"unsupported precision {cfg.precision!r}")
         if cfg.pooling not in ("mean", "cls"):
             raise ValueError(f"unsupported pooling {cfg.pooling!r}")
         return cfg
@@ -104,19 +107,20 @@ class BertLayer(nn.Module):
         nh = c.num_attention_heads
         hd = width // nh
         ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_fast_variance=False)
+        dense = functools.partial(nn.Dense, precision=c.precision)
 
         def heads(x):
             return x.reshape(b, l, nh, hd)
 
-        q = heads(nn.Dense(width, name="query")(h))
-        k = heads(nn.Dense(width, name="key")(h))
-        v = heads(nn.Dense(width, name="value")(h))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + bias
+        q = heads(dense(width, name="query")(h))
+        k = heads(dense(width, name="key")(h))
+        v = heads(dense(width, name="value")(h))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=c.precision) / math.sqrt(hd) + bias
         p = jax.nn.softmax(s, axis=-1)
-        a = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, l, width)
-        h = ln(name="attention_ln")(h + nn.Dense(width, name="attention_out")(a))
-        f = _ACTIVATIONS[c.hidden_act](nn.Dense(c.intermediate_size, name="intermediate")(h))
-        h = ln(name="output_ln")(h + nn.Dense(width, name="output")(f))
+        a = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=c.precision).reshape(b, l, width)
+        h = ln(name="attention_ln")(h + dense(width, name="attention_out")(a))
+        f = _ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, name="intermediate")(h))
+        h = ln(name="output_ln")(h + dense(width, name="output")(f))
         return h, None
 
 
@@ -260,16 +264,19 @@ def load_params(folder: str | Path, config: BertConfig) -> dict:
     return jax.device_put(params_from_state_dict(load_file(str(path)), config))
 
 
-def read_config(folder: str | Path) -> tuple[BertConfig, int]:
-    """folder -> (BertConfig, default max_length) from config.json and sentence-transformers files."""
+def read_config(folder: str | Path, **overrides: Any) -> tuple[BertConfig, int]:
+    """folder -> (BertConfig, default max_length) from config.json and sentence-transformers files.
+
+    ``overrides`` set BertConfig fields (e.g. ``precision="default"``) over the files' values.
+    """
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text())
-    overrides: dict[str, Any] = {}
+    overrides = dict(overrides)
     pooling_file = folder / "1_Pooling" / "config.json"
     if pooling_file.is_file():
         pc = json.loads(pooling_file.read_text())
         if pc.get("pooling_mode_cls_token"):
-            overrides["pooling"] = "cls"
+            overrides.setdefault("pooling", "cls")
         elif not pc.get("pooling_mode_mean_tokens", True):
             raise ValueError(f"{pooling_file}: only mean or CLS pooling is supported")
     config = BertConfig.from_dict(hf, **overrides)
@@ -522,13 +529,14 @@ class Encoder:
         return out
 
 
-def load_encoder(name_or_path: str | Path | None = None) -> Encoder:
+def load_encoder(name_or_path: str | Path | None = None, precision: str = "highest") -> Encoder:
     """Load a BERT sentence encoder by local folder or HF id (None: all-MiniLM-L6-v2), offline.
 
     See ``resolve_encoder`` for the search order; raises EncoderNotFoundError when nothing is found.
+    ``precision`` is the matmul precision; "default" is faster on GPUs (TF32) and less exact.
     """
     name, folder = resolve_encoder(name_or_path)
-    config, max_length = read_config(folder)
+    config, max_length = read_config(folder, precision=precision)
     params = load_params(folder, config)
     from transformers import AutoTokenizer
 
