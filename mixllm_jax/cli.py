@@ -1,0 +1,101 @@
+"""mixllm-jax command line: train, evaluate and query routers.
+
+    mixllm-jax train --data DIR_OR_JSONL --models models.json --out checkpoints/NAME
+    mixllm-jax eval  --router checkpoints/NAME --data ... --reference gpt-4-1106-preview --out runs/eval
+    mixllm-jax route --router checkpoints/NAME "some prompt" ["another" ...]
+    mixllm-jax run   # the main job: train on the RouterBench slice, evaluate on its test split
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" banner
+
+
+def _load_data(path: str | None, models: str | None, split: str):
+    """RouterBench folder (default: the shared slice) or a long-format JSONL file."""
+    from mixllm_jax import data
+
+    if path is None or Path(path).is_dir():
+        return data.load_routerbench(path, split=split)
+    if models is None:
+        raise SystemExit("--models is required with a JSONL data file")
+    ds = data.load_jsonl(path, models)
+    parts = ds.by_split()
+    if split not in parts:
+        raise SystemExit(f"{path} has no rows with split {split!r} (splits: {sorted(parts)})")
+    return parts[split]
+
+
+def _models(path: str | None):
+    from mixllm_jax import data
+
+    return data.load_models(path or data.routerbench_dir() / "models.json")
+
+
+def cmd_train(args) -> Path:
+    from mixllm_jax import encoder, tags, train
+
+    ds = _load_data(args.data, args.models, "train")
+    print(f"training on {len(ds)} queries x {len(ds.models)} LLMs")
+    enc = encoder.load_encoder(args.encoder)
+    head = None if args.no_head else tags.HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
+    router = train.train_router(ds, _models(args.models), enc, head_config=head, max_length=args.max_length,
+                                truncation_side=args.truncation)
+    out = router.save(args.out)
+    print(f"router saved to {out}")
+    return out
+
+
+def cmd_route(args):
+    from mixllm_jax.router import Router
+
+    router = Router.load(args.router)
+    if args.cost_weight is not None:
+        router.policy = router.policy.replace(cost_weight=args.cost_weight)
+    for text, r in zip(args.prompts, router.route(args.prompts)):
+        print(f"> {text[:100]!r}\n  chosen: {r.model}" + (f"   (nearest domain: {r.domain})" if r.domain else ""))
+        print(f"  {'LLM':40s} {'quality':>8s} {'cost $':>10s} {'uncert.':>8s} {'penalty':>8s} {'score':>9s}")
+        for m in sorted(r.score, key=r.score.get, reverse=True):
+            print(f"  {m:40s} {r.quality[m]:8.3f} {r.cost[m]:10.6f} {r.uncertainty[m]:8.4f} "
+                  f"{r.penalty[m]:8.3f} {r.score[m]:9.4f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="mixllm-jax", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def data_args(p):
+        p.add_argument("--data", help="RouterBench folder or long-format JSONL (default: the shared RouterBench slice)")
+        p.add_argument("--models", help="models file (prices per million tokens; default: RouterBench's models.json)")
+
+    p = sub.add_parser("train", help="train a router on logged outcomes and save it")
+    data_args(p)
+    p.add_argument("--out", default="checkpoints/router", help="where the router is saved")
+    p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
+    p.add_argument("--truncation", choices=("left", "right"), default="left",
+                   help="which end of a long prompt is cut (left keeps the question at the end)")
+    p.add_argument("--epochs", type=int, default=300, help="tag-enhanced head training epochs")
+    p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag losses (0: regression only)")
+    p.add_argument("--no-head", action="store_true", help="route on raw encoder embeddings")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("route", help="route prompts with a saved router and explain each decision")
+    p.add_argument("--router", required=True, help="a saved router folder")
+    p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
+    p.add_argument("prompts", nargs="+")
+    p.set_defaults(fn=cmd_route)
+
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

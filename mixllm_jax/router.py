@@ -1,0 +1,176 @@
+"""The router: encoder + tag-enhanced head + bandit state + LLM registry + policy.
+
+`route_text_batch` runs token ids -> encoder -> head -> route_batch as one jitted computation.
+`Router` is the host-side object users hold: `Router.route(texts)` returns one `Route` per text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Sequence
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixllm_jax import engine, encoder as enc_mod, tags
+from mixllm_jax.policy import Decision, Policy, book, route_batch
+from mixllm_jax.state import ArmRegistry, RouterState, with_bias
+
+FORMAT_VERSION = 1
+
+
+def features(head: tags.TrainedHead | None, e) -> jnp.ndarray:
+    """Bandit features of encoder embeddings: e [N, H] -> x [N, d] (head output or e, plus bias)."""
+    return with_bias(e if head is None else tags.apply_head(head, e))
+
+
+@functools.partial(jax.jit, static_argnames=("enc_config", "head_shape"))
+def route_text_batch(enc_params, head_params, state: RouterState, ids, mask, prompt_tokens,
+                     policy: Policy, valid=None, centroids=None, *, enc_config, head_shape
+                     ) -> tuple[Decision, jnp.ndarray | None]:
+    """ids, mask [B, L] -> encoder -> head -> route_batch, fused into one compiled computation.
+
+    head_shape = (hidden, features), or None to route on the raw embedding. With the head's domain
+    centroids [G, F], also returns each query's nearest domain [B] (else None).
+    """
+    e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
+    z = e if head_shape is None else tags.TagHead(*head_shape).apply({"params": head_params}, e)
+    domain = None if centroids is None else jnp.argmax(tags.unit(z) @ tags.unit(centroids).T, axis=1)
+    return route_batch(state, with_bias(z), prompt_tokens, policy, valid), domain
+
+
+def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
+    """Cut a token id list (with [CLS] first and [SEP] last) to max_length, keeping both specials."""
+    if len(ids) <= max_length:
+        return ids
+    if side == "left":
+        return ids[:1] + ids[len(ids) - max_length + 1:]
+    return ids[: max_length - 1] + ids[-1:]
+
+
+@dataclasses.dataclass
+class Route:
+    """One routing decision, explained: per-LLM predictions keyed by name."""
+
+    model: str
+    quality: dict[str, float]
+    cost: dict[str, float]
+    uncertainty: dict[str, float]
+    penalty: dict[str, float]
+    score: dict[str, float]
+    domain: str | None = None
+
+
+@dataclasses.dataclass
+class Router:
+    """Everything needed to route text. `encoder` may be None for feature-only use."""
+
+    encoder: enc_mod.Encoder | None
+    head: tags.TrainedHead | None
+    state: RouterState
+    registry: ArmRegistry
+    policy: Policy = Policy()
+    max_length: int = 256
+    truncation_side: str = "left"
+    _full_tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def tokenize(self, texts: Sequence[str]):
+        """texts -> ids, mask [B, L] (bucketed, truncated), prompt_tokens [B] (untruncated counts)."""
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
+        if self._full_tokenizer is None:
+            from tokenizers import Tokenizer
+            self._full_tokenizer = Tokenizer.from_str(self.encoder.tokenizer.backend_tokenizer.to_str())
+            self._full_tokenizer.no_truncation()
+            self._full_tokenizer.no_padding()
+        full = [e.ids for e in self._full_tokenizer.encode_batch(list(texts))]
+        seqs = [truncate(f, self.max_length, self.truncation_side) for f in full]
+        length = enc_mod.padded_length(max(map(len, seqs)), self.max_length, enc_mod.LENGTH_BUCKETS)
+        ids, mask, _ = enc_mod.pad_batch(seqs, length, engine.bucket(len(seqs)), self.encoder.pad_id)
+        prompt_tokens = np.zeros(len(ids), np.float32)
+        prompt_tokens[: len(seqs)] = [len(f) for f in full]
+        return ids, mask, prompt_tokens
+
+    def decide(self, texts: Sequence[str], policy: Policy | None = None):
+        """The fused text-to-decision computation: (Decision, domain [B] | None), padding rows kept."""
+        ids, mask, prompt_tokens = self.tokenize(texts)
+        valid = np.arange(len(ids)) < len(texts)
+        head = self.head
+        return route_text_batch(
+            self.encoder.params, None if head is None else head.params, self.state,
+            ids, mask, prompt_tokens, policy or self.policy, valid,
+            None if head is None else jnp.asarray(head.centroids),
+            enc_config=self.encoder.config, head_shape=None if head is None else (head.hidden, head.features))
+
+    def route(self, texts: Sequence[str], policy: Policy | None = None, commit_load: bool = False) -> list[Route]:
+        """Choose an LLM for each text, with each LLM's predicted quality, cost, uncertainty, penalty."""
+        d, domain = self.decide(texts, policy)
+        if commit_load:
+            self.state = book(self.state, d)
+        n = len(texts)
+        names = {s: name for name, s in self.registry.slots.items()}
+        slots = sorted(names)
+        arrays = {k: np.asarray(getattr(d, k))[:n][:, slots]
+                  for k in ("quality", "cost", "uncertainty", "penalty", "score")}
+        domain = [None] * n if domain is None else [self.head.tags[i] for i in np.asarray(domain)[:n]]
+        arm = np.asarray(d.arm)[:n]
+        return [Route(model=names[int(arm[i])], domain=domain[i],
+                      **{k: {names[s]: float(v[i, j]) for j, s in enumerate(slots)} for k, v in arrays.items()})
+                for i in range(n)]
+
+    def embed_features(self, e) -> jnp.ndarray:
+        """Encoder embeddings [N, H] -> bandit features [N, d]."""
+        return features(self.head, e)
+
+    # ---- plain save / load (format version FORMAT_VERSION) -----------------------------------
+
+    def save(self, out: str | Path) -> Path:
+        """Write state.npz, head.msgpack and router.json into the folder `out`."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "state.npz", **{f.name: np.asarray(getattr(self.state, f.name))
+                                       for f in dataclasses.fields(self.state)})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "registry": self.registry.to_dict(),
+            "policy": {f.name: getattr(self.policy, f.name) for f in dataclasses.fields(self.policy)},
+            "encoder": None if self.encoder is None else {k: v for k, v in self.encoder.identity.items()},
+            "max_length": self.max_length,
+            "truncation_side": self.truncation_side,
+            "head": None if self.head is None else {"hidden": self.head.hidden, "features": self.head.features,
+                                                    "tags": list(self.head.tags)},
+        }
+        if self.head is not None:
+            (out / "head.msgpack").write_bytes(flax.serialization.msgpack_serialize(
+                {"params": self.head.params, "centroids": self.head.centroids}))
+        (out / "router.json").write_text(json.dumps(meta, indent=2, default=float))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, encoder: enc_mod.Encoder | None | str = "auto") -> "Router":
+        """Load a router saved by `save`; encoder "auto" loads the one it was trained with."""
+        path = Path(path)
+        meta_file = path / "router.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"no router.json in {path}: not a saved router")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"router format_version {meta.get('format_version')!r} in {meta_file} "
+                             f"is not supported (expected {FORMAT_VERSION})")
+        with np.load(path / "state.npz") as z:
+            state = RouterState(**{k: jnp.asarray(z[k]) for k in z.files})
+        head = None
+        if meta["head"] is not None:
+            blob = flax.serialization.msgpack_restore((path / "head.msgpack").read_bytes())
+            head = tags.TrainedHead(blob["params"], meta["head"]["hidden"], meta["head"]["features"],
+                                    tuple(meta["head"]["tags"]), np.asarray(blob["centroids"]))
+        if encoder == "auto":
+            encoder = None if meta["encoder"] is None else enc_mod.load_encoder(meta["encoder"]["name"])
+        return cls(encoder=encoder, head=head, state=state, registry=ArmRegistry.from_dict(meta["registry"]),
+                   policy=Policy(**meta["policy"]), max_length=meta["max_length"],
+                   truncation_side=meta["truncation_side"])
