@@ -1,0 +1,380 @@
+"""Evaluate routing methods on logged outcomes: % of a reference LLM, AIQ, per-task rows, report files.
+
+A *method* is anything that picks one LLM per query of a test set, at one or more settings of its
+knob (for a router, the cost weight lambda in quality per USD). Its choices are turned into
+operating points (cost % and quality % of the reference LLM on the same queries), and its AIQ is
+RouterBench's: the mean of the non-decreasing convex hull of its points over [0, c_max], with one
+c_max (the largest cost % of any point of any method) shared by every method of the report.
+
+Report schema (``report.json``)::
+
+    {"reference": NAME, "n_queries": N, "models": [M names], "c_max_pct": x, "budgets_pct": [24.18],
+     "cost_weights": [L],
+     "tasks": {TASK: {"n_queries": n, "c_max_pct": x}},
+     "methods": {NAME: {
+         "kind": "sweep" | "single",          # single: one LLM (or any one-point method)
+         "knob": "cost_weight" | "mix_prob" | null,
+         "aiq": x,                             # quality %, shared c_max
+         "points": [{"cost_weight": l | null, "cost_pct": c, "quality_pct": q, ("mix_prob": p)}],
+         "best_quality_at_cost_pct": {"24.18": q | null},   # best achieved point with cost <= 24.18
+         "best_point_at_cost_pct": {"24.18": point | null},
+         "per_task": {TASK: {"aiq": x, "points": [...], "best_quality_at_cost_pct": {...}}}}}}
+
+Per-task numbers are % of the reference on that task's queries, with that task's own shared c_max
+(a task where the reference's total quality or cost is 0 gets ``aiq`` None and no points).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from mixllm_jax import metrics
+
+__all__ = [
+    "COST_WEIGHTS",
+    "PAPER_BUDGET_PCT",
+    "Sweep",
+    "task_keys",
+    "choose_by_score",
+    "points_for",
+    "evaluate",
+    "single_llm_methods",
+    "plot_curves",
+    "format_table",
+    "format_task_table",
+    "write_report",
+]
+
+COST_WEIGHTS: np.ndarray = np.concatenate([[0.0], np.logspace(0, 5, 41)])
+"""Default lambda grid in quality per USD: 0, then 1 .. 1e5 log-spaced (8 points per decade).
+
+Per-query costs on RouterBench are ~2e-5 .. 3e-2 USD and quality gaps ~0.05 .. 1, so routing moves
+from "best quality" (lambda below ~10) to "cheapest LLM" (lambda ~1e5, where a 1e-5 USD gap
+outweighs a quality point)."""
+
+PAPER_BUDGET_PCT = 24.18
+"""MixLLM's headline operating point: cost at most 24.18% of GPT-4's."""
+
+
+class Sweep(NamedTuple):
+    """A method's choices at several settings of its knob.
+
+    chosen: [P, N] int model index per setting and query.
+    knobs: [P] the knob's values (None for a one-point method such as a single LLM).
+    knob: the knob's name, ``"cost_weight"`` (lambda), ``"mix_prob"``, or None.
+    """
+
+    chosen: np.ndarray
+    knobs: Sequence[float] | None = None
+    knob: str | None = "cost_weight"
+
+
+def task_keys(tags: Sequence[Sequence[str]]) -> list[str]:
+    """One task name per query: its tags joined by ``+`` (``"untagged"`` for none). [N] str."""
+    return ["+".join(t) if t else "untagged" for t in tags]
+
+
+def choose_by_score(q_hat, c_hat, cost_weights) -> np.ndarray:
+    """The shared decision rule: per query, argmax_m ``q_hat - lambda * c_hat``, ties to lower cost.
+
+    Args: q_hat [N, M], c_hat [N, M] (NaN quality = never chosen), cost_weights [L] (or a scalar).
+    Returns: chosen [L, N] int32 ([N] for a scalar cost weight).
+    """
+    q = np.asarray(q_hat, np.float64)
+    c = np.asarray(c_hat, np.float64)
+    if q.shape != c.shape or q.ndim != 2:
+        raise ValueError(f"q_hat and c_hat must both be [N, M], got {q.shape} and {c.shape}")
+    q = np.where(np.isnan(q), -np.inf, q)
+    c = np.where(np.isnan(c), np.inf, c)
+    scalar = np.ndim(cost_weights) == 0
+    lams = np.atleast_1d(np.asarray(cost_weights, np.float64))
+    out = np.empty((lams.size, q.shape[0]), np.int32)
+    for i, lam in enumerate(lams):  # [N, M] per lambda keeps memory at N * M
+        s = q - lam * c if lam else q
+        best = s.max(axis=1, keepdims=True)
+        tie = s >= best - 1e-12 * np.maximum(1.0, np.abs(best))
+        out[i] = np.argmin(np.where(tie, c, np.inf), axis=1)
+    return out[0] if scalar else out
+
+
+def _check_outcomes(quality, cost) -> tuple[np.ndarray, np.ndarray]:
+    q = np.asarray(quality, np.float64)
+    c = np.asarray(cost, np.float64)
+    if q.ndim != 2 or q.shape != c.shape:
+        raise ValueError(f"quality and cost must both be [N, M], got {q.shape} and {c.shape}")
+    return q, c
+
+
+def points_for(chosen, quality, cost, ref: int, cost_weights=None, knob: str | None = "cost_weight"
+               ) -> list[dict[str, Any]]:
+    """Operating points of one method: totals of the chosen LLMs as % of LLM ``ref``'s totals.
+
+    Args:
+      chosen: [L, N] (or [N], one point) int model index per setting and query.
+      quality, cost: [N, M] true outcomes of the test queries.
+      ref: column of the reference LLM.
+      cost_weights: [L] knob values, or None (each point's ``cost_weight`` is then None).
+      knob: name of the knob; ``"cost_weight"`` fills ``cost_weight``, another name gets its own
+        key and ``cost_weight`` is None.
+    Returns: L dicts ``{"cost_weight", "cost_pct", "quality_pct"}`` (+ ``knob`` if not lambda).
+    Raises ``ValueError`` if a chosen outcome is NaN (an unscored call) or an index is out of range.
+    """
+    q, c = _check_outcomes(quality, cost)
+    ch = np.asarray(chosen)
+    ch = ch[None] if ch.ndim == 1 else ch
+    n, m = q.shape
+    if ch.ndim != 2 or ch.shape[1] != n:
+        raise ValueError(f"chosen must be [L, {n}], got {np.shape(chosen)}")
+    if not np.issubdtype(ch.dtype, np.integer) or ch.min(initial=0) < 0 or ch.max(initial=0) >= m:
+        raise ValueError(f"chosen must hold int model indices in [0, {m}), got {ch.dtype} "
+                         f"in [{ch.min(initial=0)}, {ch.max(initial=0)}]")
+    rows = np.arange(n)[None, :]
+    cq, cc = q[rows, ch], c[rows, ch]  # [L, N]
+    if np.isnan(cq).any() or np.isnan(cc).any():
+        bad = np.argwhere(np.isnan(cq) | np.isnan(cc))[0]
+        raise ValueError(f"{int((np.isnan(cq) | np.isnan(cc)).sum())} chosen outcomes are NaN "
+                         f"(first: setting {bad[0]}, query {bad[1]}, model {ch[bad[0], bad[1]]}); "
+                         "load the data with missing scores dropped, or mask those models")
+    q_ref, c_ref = q[:, ref].sum(), c[:, ref].sum()
+    if np.isnan(q_ref) or np.isnan(c_ref) or q_ref <= 0 or c_ref <= 0:
+        raise ValueError(f"reference column {ref} must have positive, non-NaN totals "
+                         f"(quality {q_ref!r}, cost {c_ref!r})")
+    q_pct = 100.0 * cq.sum(axis=1) / q_ref
+    c_pct = 100.0 * cc.sum(axis=1) / c_ref
+    knobs = [None] * ch.shape[0] if cost_weights is None else list(np.atleast_1d(cost_weights))
+    if len(knobs) != ch.shape[0]:
+        raise ValueError(f"{len(knobs)} knob values for {ch.shape[0]} settings")
+    pts = []
+    for k, cp, qp in zip(knobs, c_pct, q_pct):
+        k = None if k is None else float(k)
+        p = {"cost_weight": k if knob == "cost_weight" else None,
+             "cost_pct": float(cp), "quality_pct": float(qp)}
+        if knob not in (None, "cost_weight"):
+            p[knob] = k
+        pts.append(p)
+    return pts
+
+
+MethodLike = Sweep | np.ndarray | Callable[[float], np.ndarray]
+
+
+def _as_sweep(name: str, method: MethodLike, cost_weights: np.ndarray) -> Sweep:
+    """A callable(cost_weight) -> [N] is run over ``cost_weights``; an [L, N] array is aligned
+    with ``cost_weights``; an [N] array is one point."""
+    if isinstance(method, Sweep):
+        ch = np.asarray(method.chosen)
+        return Sweep(ch[None] if ch.ndim == 1 else ch, method.knobs, method.knob)
+    if callable(method):
+        ch = np.stack([np.asarray(method(float(l))) for l in cost_weights])
+        return Sweep(ch, list(cost_weights), "cost_weight")
+    ch = np.asarray(method)
+    if ch.ndim == 1:
+        return Sweep(ch[None], None, None)
+    if ch.ndim == 2 and ch.shape[0] == len(cost_weights):
+        return Sweep(ch, list(cost_weights), "cost_weight")
+    raise ValueError(f"method {name!r}: choices of shape {ch.shape} match neither [N] nor "
+                     f"[{len(cost_weights)} cost weights, N]")
+
+
+def _budget_key(b: float) -> str:
+    return f"{b:g}"
+
+
+def _summary(points: list[dict], c_max: float, budgets: Sequence[float]) -> dict[str, Any]:
+    costs = [p["cost_pct"] for p in points]
+    quals = [p["quality_pct"] for p in points]
+    best_q, best_p = {}, {}
+    for b in budgets:
+        i = metrics.best_point_under_cost(costs, quals, b)
+        best_q[_budget_key(b)] = None if i < 0 else quals[i]
+        best_p[_budget_key(b)] = None if i < 0 else points[i]
+    return {"aiq": metrics.aiq(costs, quals, c_max=c_max), "points": points,
+            "best_quality_at_cost_pct": best_q, "best_point_at_cost_pct": best_p}
+
+
+_EMPTY_TASK = {"aiq": None, "points": [], "best_quality_at_cost_pct": {}, "best_point_at_cost_pct": {}}
+
+
+def evaluate(methods: Mapping[str, MethodLike], dataset, reference_name: str,
+             cost_weights=None, budgets: Sequence[float] = (PAPER_BUDGET_PCT,)) -> dict[str, Any]:
+    """Evaluate every method on ``dataset`` (the test queries) against ``reference_name``.
+
+    Args:
+      methods: name -> a :class:`Sweep`, a callable ``cost_weight -> chosen [N]`` (run over
+        ``cost_weights``), chosen ``[L, N]`` aligned with ``cost_weights``, or chosen ``[N]`` (one
+        point). Single LLMs are one-point methods (see :func:`single_llm_methods`).
+      dataset: a :class:`mixllm_jax.data.Dataset` with ``quality``, ``cost`` [N, M], ``models``,
+        ``tags``.
+      reference_name: the model whose totals are 100% (e.g. ``gpt-4-1106-preview``).
+      cost_weights: [L] lambda grid (default :data:`COST_WEIGHTS`).
+      budgets: cost % limits for ``best_quality_at_cost_pct``.
+    Returns: the report dict (schema in the module docstring).
+    """
+    cws = np.asarray(COST_WEIGHTS if cost_weights is None else cost_weights, np.float64)
+    q, c = _check_outcomes(dataset.quality, dataset.cost)
+    models = list(dataset.models)
+    if reference_name not in models:
+        raise ValueError(f"reference {reference_name!r} is not a model of the dataset: {models}")
+    ref = models.index(reference_name)
+    sweeps = {name: _as_sweep(name, m, cws) for name, m in methods.items()}
+    pts = {name: points_for(s.chosen, q, c, ref, s.knobs, s.knob) for name, s in sweeps.items()}
+    c_max = max(p["cost_pct"] for ps in pts.values() for p in ps)
+
+    keys = np.asarray(task_keys(dataset.tags), dtype=object)
+    tasks = list(dict.fromkeys(keys.tolist()))
+    task_pts: dict[str, dict[str, list]] = {}
+    task_info = {}
+    for t in tasks:
+        rows = keys == t
+        task_info[t] = {"n_queries": int(rows.sum())}
+        if not (q[rows, ref].sum() > 0 and c[rows, ref].sum() > 0):
+            task_info[t]["c_max_pct"] = None
+            task_info[t]["note"] = "the reference's total quality or cost on this task is 0: no %"
+            continue
+        task_pts[t] = {name: points_for(s.chosen[:, rows], q[rows], c[rows], ref, s.knobs, s.knob)
+                       for name, s in sweeps.items()}
+        task_info[t]["c_max_pct"] = max(p["cost_pct"] for ps in task_pts[t].values() for p in ps)
+
+    out_methods = {}
+    for name, s in sweeps.items():
+        entry = {"kind": "single" if s.chosen.shape[0] == 1 and s.knob is None else "sweep",
+                 "knob": s.knob}
+        entry.update(_summary(pts[name], c_max, budgets))
+        entry["per_task"] = {t: _summary(task_pts[t][name], task_info[t]["c_max_pct"], budgets)
+                             if t in task_pts else _EMPTY_TASK for t in tasks}
+        out_methods[name] = entry
+    return {"reference": reference_name, "n_queries": int(q.shape[0]), "models": models,
+            "c_max_pct": float(c_max), "budgets_pct": [float(b) for b in budgets],
+            "cost_weights": [float(x) for x in cws], "tasks": task_info, "methods": out_methods}
+
+
+def single_llm_methods(models: Sequence[str], n: int) -> dict[str, np.ndarray]:
+    """Each LLM as a one-point method: ``{name: chosen [N] all equal to its column}``."""
+    return {m: np.full(n, j, np.int32) for j, m in enumerate(models)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables, plot, files
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x, nd=2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _order(report) -> list[str]:
+    return sorted(report["methods"], key=lambda n: -report["methods"][n]["aiq"])
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """Markdown table, best AIQ first: AIQ, best quality % at each budget (with its cost %),
+    the top-quality point and the cheapest point of each method."""
+    budgets = report.get("budgets_pct", [PAPER_BUDGET_PCT])
+    head = ["method", "AIQ"]
+    for b in budgets:
+        head.append(f"quality% @ cost<={b:g}% (cost%)")
+    head += ["top quality% (cost%)", "cheapest cost% (quality%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
+    for name in _order(report):
+        m = report["methods"][name]
+        row = [name + (" (ref)" if name == report["reference"] else ""), _fmt(m["aiq"])]
+        for b in budgets:
+            p = m["best_point_at_cost_pct"].get(_budget_key(b))
+            row.append("-" if p is None else f"{p['quality_pct']:.2f} ({p['cost_pct']:.2f})")
+        top = max(m["points"], key=lambda p: (p["quality_pct"], -p["cost_pct"]))
+        low = min(m["points"], key=lambda p: (p["cost_pct"], -p["quality_pct"]))
+        row.append(f"{top['quality_pct']:.2f} ({top['cost_pct']:.2f})")
+        row.append(f"{low['cost_pct']:.2f} ({low['quality_pct']:.2f})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_task_table(report: Mapping[str, Any]) -> str:
+    """Markdown table per task: AIQ and best quality % at the first budget, per method."""
+    tasks = list(report["tasks"])
+    b = _budget_key(report.get("budgets_pct", [PAPER_BUDGET_PCT])[0])
+    head = ["method"] + [h for t in tasks for h in (f"{t} AIQ", f"{t} q% @ cost<={b}%")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
+    for name in _order(report):
+        pt = report["methods"][name]["per_task"]
+        row = [name]
+        for t in tasks:
+            row += [_fmt(pt[t]["aiq"]), _fmt(pt[t]["best_quality_at_cost_pct"].get(b))]
+        lines.append("| " + " | ".join(row) + " |")
+    counts = ", ".join(f"{t}: {v['n_queries']}" for t, v in report["tasks"].items())
+    return "\n".join(lines) + f"\n\nQueries per task: {counts}. Percentages are of the reference " \
+        "on that task's queries."
+
+
+def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
+    """PNG of every method's cost% - quality% points and non-decreasing hull (log cost axis),
+    single LLMs as labelled points, the reference at (100, 100), a line at each budget."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    sweeps = [n for n in _order(report) if report["methods"][n]["kind"] == "sweep"]
+    singles = [n for n in report["methods"] if report["methods"][n]["kind"] == "single"]
+    cmap = plt.get_cmap("tab10")
+    styles = ["-", "--", "-.", ":"]
+    for i, name in enumerate(sweeps):
+        m = report["methods"][name]
+        c = np.array([p["cost_pct"] for p in m["points"]])
+        q = np.array([p["quality_pct"] for p in m["points"]])
+        hc, hq = metrics.non_decreasing_convex_hull(c, q)
+        # the hull is piecewise linear in cost: sample it densely so it stays exact on a log axis
+        xs = np.geomspace(hc[0], max(report["c_max_pct"], hc[0] * 1.0001), 400)
+        color = cmap(i % 10)
+        ax.plot(xs, np.interp(xs, hc, hq), styles[i % 4], color=color, lw=2.4 - 0.25 * (i % 4),
+                label=f"{name} (AIQ {m['aiq']:.1f})")
+        ax.scatter(c, q, s=10, color=color, alpha=0.6)
+    for name in singles:
+        p = report["methods"][name]["points"][0]
+        is_ref = name == report["reference"]
+        ax.scatter([p["cost_pct"]], [p["quality_pct"]], marker="*" if is_ref else "o",
+                   s=120 if is_ref else 30, color="black" if is_ref else "gray", zorder=3)
+        ax.annotate(name.split("/")[-1], (p["cost_pct"], p["quality_pct"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    for b in report.get("budgets_pct", []):
+        ax.axvline(b, color="red", lw=1, ls=":")
+        ax.text(b, ax.get_ylim()[0], f" {b:g}%", color="red", fontsize=8, va="bottom")
+    ax.axhline(100.0, color="black", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"cost, % of {report['reference']} (log scale)")
+    ax.set_ylabel(f"quality, % of {report['reference']}")
+    ax.set_title(f"Quality vs cost on {report['n_queries']} test queries "
+                 "(lines: non-decreasing convex hull)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="sweeps")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` (main and per-task tables) and ``curves.png``.
+
+    Returns: ``{"json": path, "md": path, "png": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "curves.png"}
+    paths["json"].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    md = [f"# Routing report: {report['n_queries']} queries, reference {report['reference']}", "",
+          f"Quality and cost are % of {report['reference']}'s totals on the same queries. AIQ: "
+          f"mean of the non-decreasing convex hull over cost 0..{report['c_max_pct']:.2f}% "
+          "(the largest cost of any point, shared by all methods; RouterBench's definition). "
+          "`quality% @ cost<=B%`: the best point actually run within the budget.", "",
+          format_table(report), "", "## Per task", "", format_task_table(report), "",
+          "![curves](curves.png)", ""]
+    paths["md"].write_text("\n".join(md))
+    plot_curves(report, paths["png"])
+    return paths

@@ -1,0 +1,134 @@
+"""Evaluation: operating points against hand-computed values, the report's schema and files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mixllm_jax.data import Dataset
+from mixllm_jax.evaluate import (COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
+                                 format_task_table, points_for, single_llm_methods, write_report)
+
+# 3 queries, 2 models; model 0 is the reference: total quality 2, total cost 0.06.
+Q = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+C = np.array([[0.010, 0.001], [0.020, 0.002], [0.030, 0.003]])
+
+
+def small_dataset(quality=Q, cost=C, tags=(("a",), ("a",), ("b",))):
+    n, m = np.shape(quality)
+    return Dataset(query_ids=[str(i) for i in range(n)], prompts=["p"] * n, tags=list(tags),
+                   models=[f"m{j}" for j in range(m)], quality=quality, cost=cost,
+                   prompt_tokens=np.ones(n), completion_tokens=np.ones((n, m)), split=["test"] * n)
+
+
+def test_points_for_hand_computed():
+    chosen = np.array([[0, 0, 0],   # the reference itself: (100, 100)
+                       [1, 1, 1],   # q 2/2 = 100%, c .006/.06 = 10%
+                       [0, 1, 1],   # q 3/2 = 150%, c (.010+.002+.003)/.06 = 25%
+                       [1, 0, 0]])  # q 1/2 = 50%,  c (.001+.020+.030)/.06 = 85%
+    pts = points_for(chosen, Q, C, ref=0, cost_weights=[0.0, 1.0, 2.0, 3.0])
+    np.testing.assert_allclose([p["cost_pct"] for p in pts], [100, 10, 25, 85])
+    np.testing.assert_allclose([p["quality_pct"] for p in pts], [100, 100, 150, 50])
+    assert [p["cost_weight"] for p in pts] == [0.0, 1.0, 2.0, 3.0]
+    # reference = model 1 (quality 2, cost .006): choosing model 0 everywhere is 100% / 1000%
+    (p,) = points_for(np.zeros(3, int), Q, C, ref=1)
+    assert p["quality_pct"] == pytest.approx(100.0) and p["cost_pct"] == pytest.approx(1000.0)
+    assert p["cost_weight"] is None
+
+
+def test_points_for_other_knob_and_errors():
+    (p,) = points_for(np.array([[1, 1, 1]]), Q, C, 0, [0.5], knob="mix_prob")
+    assert p["mix_prob"] == 0.5 and p["cost_weight"] is None
+    with pytest.raises(ValueError, match="model indices"):
+        points_for(np.array([[0, 2, 0]]), Q, C, 0)
+    with pytest.raises(ValueError, match=r"\[L, 3\]"):
+        points_for(np.array([[0, 1]]), Q, C, 0)
+    q_nan = Q.copy()
+    q_nan[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        points_for(np.array([[0, 1, 1]]), q_nan, C, 0)
+    points_for(np.array([[0, 1, 0]]), q_nan, C, 0)  # the NaN cell is not chosen: fine
+
+
+def test_choose_by_score_lambda_and_ties():
+    q = np.array([[0.9, 0.8, 0.9], [0.5, 0.5, 0.5]])
+    c = np.array([[0.02, 0.001, 0.01], [0.003, 0.002, 0.001]])
+    ch = choose_by_score(q, c, [0.0, 50.0, 1e4])
+    np.testing.assert_array_equal(ch[0], [2, 2])  # best quality, tie to the cheaper
+    # lambda 50, query 0: -.1, .75, .4 -> model 1; query 1: .35, .4, .45 -> model 2
+    np.testing.assert_array_equal(ch[1], [1, 2])
+    np.testing.assert_array_equal(ch[2], [1, 2])  # cheapest
+    assert choose_by_score(q, c, 0.0).shape == (2,)
+    q_nan = q.copy()
+    q_nan[0, 2] = np.nan  # never chosen
+    assert choose_by_score(q_nan, c, 0.0)[0] == 0
+
+
+def test_cost_weights_grid():
+    assert COST_WEIGHTS[0] == 0 and np.all(np.diff(COST_WEIGHTS) > 0)
+    assert COST_WEIGHTS[1] == pytest.approx(1.0) and COST_WEIGHTS[-1] == pytest.approx(1e5)
+
+
+def test_evaluate_schema_and_shared_c_max():
+    ds = small_dataset()
+    methods = {
+        "router": Sweep(np.array([[0, 0, 0], [0, 1, 1], [1, 1, 1]]), [0.0, 10.0, 100.0]),
+        "fn": lambda lam: np.zeros(3, int) if lam < 1 else np.ones(3, int),  # callable(lambda)
+        "mix": Sweep(np.array([[1, 1, 1], [0, 0, 0]]), [0.0, 1.0], "mix_prob"),
+        **single_llm_methods(ds.models, 3),
+    }
+    rep = evaluate(methods, ds, "m0", cost_weights=[0.0, 10.0], budgets=(24.18, 30.0))
+    assert rep["reference"] == "m0" and set(rep["methods"]) == {"router", "fn", "mix", "m0", "m1"}
+    assert rep["c_max_pct"] == pytest.approx(100.0)
+    for name, m in rep["methods"].items():
+        assert {"aiq", "points", "kind", "best_quality_at_cost_pct", "per_task"} <= set(m)
+        for p in m["points"]:
+            assert {"cost_weight", "cost_pct", "quality_pct"} <= set(p)
+        assert set(m["per_task"]) == {"a", "b"}
+    assert rep["methods"]["m1"]["kind"] == "single" and len(rep["methods"]["m1"]["points"]) == 1
+    assert rep["methods"]["fn"]["kind"] == "sweep" and len(rep["methods"]["fn"]["points"]) == 2
+    assert rep["methods"]["mix"]["points"][0]["mix_prob"] == 0.0
+    # router: (100, 100), (25, 150), (10, 100) -> hull (10, 100), (25, 150), flat to c_max = 100
+    # area: 15 * 125 + 75 * 150 = 13125 over 100 -> 131.25
+    r = rep["methods"]["router"]
+    assert r["aiq"] == pytest.approx(131.25)
+    assert r["best_quality_at_cost_pct"] == {"24.18": pytest.approx(100.0), "30": pytest.approx(150.0)}
+    assert rep["methods"]["m0"]["aiq"] == pytest.approx(0.0)  # a point at c_max has no area
+    assert rep["methods"]["m1"]["aiq"] == pytest.approx(90.0)  # (10, 100), flat over 10..100
+    assert rep["methods"]["m0"]["best_quality_at_cost_pct"]["24.18"] is None
+    # task a = queries 0, 1: reference totals q 2, c .03; router row [0, 1] -> q 100%, c 40%
+    pa = r["per_task"]["a"]["points"]
+    assert pa[1]["quality_pct"] == pytest.approx(100.0) and pa[1]["cost_pct"] == pytest.approx(40.0)
+    # task b = query 2, where the reference scores 0: no percentages, said so, no crash
+    assert r["per_task"]["b"]["aiq"] is None and r["per_task"]["b"]["points"] == []
+    assert rep["tasks"]["b"] == {"n_queries": 1, "c_max_pct": None, "note": rep["tasks"]["b"]["note"]}
+    assert "| router | " in format_task_table(rep)
+
+
+def test_evaluate_rejects_unknown_reference_and_bad_shapes():
+    ds = small_dataset()
+    with pytest.raises(ValueError, match="reference"):
+        evaluate({"m0": np.zeros(3, int)}, ds, "gpt-5")
+    with pytest.raises(ValueError, match="match neither"):
+        evaluate({"x": np.zeros((4, 3), int)}, ds, "m0", cost_weights=[0.0, 1.0])
+
+
+def test_write_report_files_and_tables(tmp_path):
+    rng = np.random.default_rng(0)
+    q = (rng.random((40, 3)) < [0.9, 0.6, 0.7]).astype(np.float32)
+    c = rng.random((40, 3)) * [1e-2, 1e-4, 1e-3]
+    ds = small_dataset(q, c, tags=[("t1",)] * 20 + [("t2",)] * 20)
+    methods = {"oracle": Sweep(choose_by_score(q, c, COST_WEIGHTS), list(COST_WEIGHTS)),
+               **single_llm_methods(ds.models, 40)}
+    rep = evaluate(methods, ds, "m0")
+    paths = write_report(rep, tmp_path / "out")
+    assert set(paths) == {"json", "md", "png"}
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(rep))
+    png = paths["png"].read_bytes()
+    assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["md"].read_text()
+    table = format_table(rep)
+    assert table in md and format_task_table(rep).splitlines()[0] in md
+    lines = table.splitlines()
+    assert len(lines) == 2 + 4 and lines[2].startswith("| oracle |")  # best AIQ first
+    assert "m0 (ref)" in table and "t1 AIQ" in format_task_table(rep)
