@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 run: $(STAMP)
-	$(VENV)/bin/mixllm-jax demo
+	$(VENV)/bin/mixllm-jax run
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput --quick

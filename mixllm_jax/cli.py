@@ -3,7 +3,8 @@
     mixllm-jax train --data DIR_OR_JSONL --models models.json --out checkpoints/NAME
     mixllm-jax eval  --router checkpoints/NAME --data ... --reference gpt-4-1106-preview --out runs/eval
     mixllm-jax route --router checkpoints/NAME "some prompt" ["another" ...]
-    mixllm-jax run   # the main job: train on the RouterBench slice, evaluate on its test split
+    mixllm-jax run                 # the main job: train on the RouterBench slice, evaluate on its test split
+    mixllm-jax ablation head       # tag-enhanced head vs none;  `ablation truncation`: left vs right
 """
 
 from __future__ import annotations
@@ -46,10 +47,53 @@ def cmd_train(args) -> Path:
     enc = encoder.load_encoder(args.encoder)
     head = None if args.no_head else tags.HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
     router = train.train_router(ds, _models(args.models), enc, head_config=head, max_length=args.max_length,
-                                truncation_side=args.truncation)
+                                truncation_side=args.truncation, feature_mode="raw" if args.no_head else args.features)
     out = router.save(args.out)
     print(f"router saved to {out}")
     return out
+
+
+def _report_out(report, out: Path, title: str):
+    from mixllm_jax import evaluate
+
+    files = evaluate.write_report(report, out)
+    print(f"\n{title} ({report['n_queries']} test queries, % of {report['reference']})\n")
+    print(evaluate.format_table(report))
+    print("\nper task:\n" + evaluate.format_task_table(report))
+    print(f"\nreport: {files['json']}\ntable:  {files['md']}\nplot:   {files['png']}")
+
+
+def cmd_eval(args):
+    from mixllm_jax import pipeline
+    from mixllm_jax.router import Router
+
+    router = Router.load(args.router)
+    report = pipeline.evaluate_router(router, _load_data(args.train_data or args.data, args.models, "train"),
+                                      _load_data(args.data, args.models, "test"), args.reference,
+                                      with_baselines=not args.no_baselines)
+    _report_out(report, Path(args.out), "evaluation")
+
+
+def cmd_run(args):
+    """Train on the RouterBench slice's train split, evaluate on its test split."""
+    args.data = args.models = None
+    args.encoder, args.no_head, args.epochs, args.tag_weight, args.features = None, False, 300, 1.0, "raw+domain"
+    args.out = args.router_out
+    router_dir = cmd_train(args)
+    args.router, args.train_data, args.reference, args.no_baselines = router_dir, None, "gpt-4-1106-preview", False
+    args.out = args.report_out
+    cmd_eval(args)
+
+
+def cmd_ablation(args):
+    from mixllm_jax import encoder, pipeline
+
+    report = pipeline.ablation(args.kind, _load_data(args.data, args.models, "train"),
+                               _load_data(args.data, args.models, "test"), _models(args.models),
+                               encoder.load_encoder(args.encoder), Path(args.out), max_length=args.max_length)
+    print(f"\nablation '{args.kind}': best quality % of {report['reference']} at cost <= each level\n")
+    print(report["cost_levels_table"])
+    print(f"\nreport and plot in {args.out}")
 
 
 def cmd_route(args):
@@ -84,8 +128,35 @@ def main(argv=None):
                    help="which end of a long prompt is cut (left keeps the question at the end)")
     p.add_argument("--epochs", type=int, default=300, help="tag-enhanced head training epochs")
     p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag losses (0: regression only)")
-    p.add_argument("--no-head", action="store_true", help="route on raw encoder embeddings")
+    p.add_argument("--features", choices=("raw+domain", "head", "raw"), default="raw+domain",
+                   help="bandit features: embedding + nearest-domain one-hot (tag-enhanced), the head's "
+                        "features, or the raw embedding")
+    p.add_argument("--no-head", action="store_true", help="train no tag head; route on raw encoder embeddings")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved router and the baselines: table, report.json, plot")
+    data_args(p)
+    p.add_argument("--router", required=True, help="a saved router folder")
+    p.add_argument("--train-data", help="data the baselines are fitted on (default: --data's train split)")
+    p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
+    p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
+    p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("run", help="the main job: train on the RouterBench slice, evaluate on its test split")
+    p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
+    p.add_argument("--truncation", choices=("left", "right"), default="left", help="which end of a long prompt is cut")
+    p.add_argument("--router-out", default="checkpoints/routerbench", help="where the router is saved")
+    p.add_argument("--report-out", default="runs/routerbench", help="where the report goes")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("ablation", help="train variants and compare them: 'head' (tag head vs none) or 'truncation'")
+    data_args(p)
+    p.add_argument("kind", choices=("head", "truncation"))
+    p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
+    p.add_argument("--out", default=None, help="report folder (default runs/ablation-KIND)")
+    p.set_defaults(fn=cmd_ablation)
 
     p = sub.add_parser("route", help="route prompts with a saved router and explain each decision")
     p.add_argument("--router", required=True, help="a saved router folder")
@@ -94,6 +165,8 @@ def main(argv=None):
     p.set_defaults(fn=cmd_route)
 
     args = ap.parse_args(argv)
+    if getattr(args, "kind", None) and args.out is None:
+        args.out = f"runs/ablation-{args.kind}"
     args.fn(args)
 
 

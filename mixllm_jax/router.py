@@ -24,24 +24,42 @@ from mixllm_jax.state import ArmRegistry, RouterState, with_bias
 FORMAT_VERSION = 1
 
 
-def features(head: tags.TrainedHead | None, e) -> jnp.ndarray:
-    """Bandit features of encoder embeddings: e [N, H] -> x [N, d] (head output or e, plus bias)."""
-    return with_bias(e if head is None else tags.apply_head(head, e))
+FEATURE_MODES = ("raw+domain", "head", "raw")
+DOMAIN_SCALE = 3.0  # size of the domain one-hot beside the unit-norm embedding
 
 
-@functools.partial(jax.jit, static_argnames=("enc_config", "head_shape"))
-def route_text_batch(enc_params, head_params, state: RouterState, ids, mask, prompt_tokens,
-                     policy: Policy, valid=None, centroids=None, *, enc_config, head_shape
+def featurize(e, head_params, centroids, *, head_shape, mode: str):
+    """Bandit features of encoder embeddings e [N, H]: (x [N, d], nearest domain [N] or None).
+
+    mode "raw+domain" (default): [e, DOMAIN_SCALE * one-hot of the nearest tag centroid, 1] -- the
+      tag-enhanced embedding: per-domain intercepts plus the per-query embedding;
+    "head": [tag-head features z, 1] (neural-linear);  "raw": [e, 1].
+    head_shape = (hidden, features), or None when there is no head (then mode must be "raw").
+    """
+    if head_shape is None:
+        return with_bias(e), None
+    z = tags.TagHead(*head_shape).apply({"params": head_params}, e)
+    domain = jnp.argmax(tags.unit(z) @ tags.unit(centroids).T, axis=1)
+    if mode == "head":
+        f = z
+    elif mode == "raw":
+        f = e
+    else:
+        f = jnp.concatenate([e, DOMAIN_SCALE * jax.nn.one_hot(domain, centroids.shape[0], dtype=e.dtype)], -1)
+    return with_bias(f), domain
+
+
+@functools.partial(jax.jit, static_argnames=("enc_config", "head_shape", "mode"))
+def route_text_batch(enc_params, head_params, centroids, state: RouterState, ids, mask, prompt_tokens,
+                     policy: Policy, valid=None, *, enc_config, head_shape, mode
                      ) -> tuple[Decision, jnp.ndarray | None]:
     """ids, mask [B, L] -> encoder -> head -> route_batch, fused into one compiled computation.
 
-    head_shape = (hidden, features), or None to route on the raw embedding. With the head's domain
-    centroids [G, F], also returns each query's nearest domain [B] (else None).
+    Returns the Decision and each query's nearest training domain [B] (None without a head).
     """
     e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
-    z = e if head_shape is None else tags.TagHead(*head_shape).apply({"params": head_params}, e)
-    domain = None if centroids is None else jnp.argmax(tags.unit(z) @ tags.unit(centroids).T, axis=1)
-    return route_batch(state, with_bias(z), prompt_tokens, policy, valid), domain
+    x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
+    return route_batch(state, x, prompt_tokens, policy, valid), domain
 
 
 def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
@@ -51,6 +69,9 @@ def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
     if side == "left":
         return ids[:1] + ids[len(ids) - max_length + 1:]
     return ids[: max_length - 1] + ids[-1:]
+
+
+_featurize_jit = jax.jit(featurize, static_argnames=("head_shape", "mode"))
 
 
 @dataclasses.dataclass
@@ -77,6 +98,7 @@ class Router:
     policy: Policy = Policy()
     max_length: int = 256
     truncation_side: str = "left"
+    feature_mode: str = "raw+domain"
     _full_tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
 
     def tokenize(self, texts: Sequence[str]):
@@ -96,16 +118,18 @@ class Router:
         prompt_tokens[: len(seqs)] = [len(f) for f in full]
         return ids, mask, prompt_tokens
 
+    def _head_args(self):
+        h = self.head
+        return ((None, None) if h is None else (h.params, jnp.asarray(h.centroids)),
+                {"head_shape": None if h is None else (h.hidden, h.features), "mode": self.feature_mode})
+
     def decide(self, texts: Sequence[str], policy: Policy | None = None):
         """The fused text-to-decision computation: (Decision, domain [B] | None), padding rows kept."""
         ids, mask, prompt_tokens = self.tokenize(texts)
         valid = np.arange(len(ids)) < len(texts)
-        head = self.head
-        return route_text_batch(
-            self.encoder.params, None if head is None else head.params, self.state,
-            ids, mask, prompt_tokens, policy or self.policy, valid,
-            None if head is None else jnp.asarray(head.centroids),
-            enc_config=self.encoder.config, head_shape=None if head is None else (head.hidden, head.features))
+        (params, centroids), static = self._head_args()
+        return route_text_batch(self.encoder.params, params, centroids, self.state, ids, mask, prompt_tokens,
+                                policy or self.policy, valid, enc_config=self.encoder.config, **static)
 
     def route(self, texts: Sequence[str], policy: Policy | None = None, commit_load: bool = False) -> list[Route]:
         """Choose an LLM for each text, with each LLM's predicted quality, cost, uncertainty, penalty."""
@@ -125,7 +149,8 @@ class Router:
 
     def embed_features(self, e) -> jnp.ndarray:
         """Encoder embeddings [N, H] -> bandit features [N, d]."""
-        return features(self.head, e)
+        (params, centroids), static = self._head_args()
+        return _featurize_jit(jnp.asarray(e), params, centroids, **static)[0]
 
     # ---- plain save / load (format version FORMAT_VERSION) -----------------------------------
 
@@ -142,6 +167,7 @@ class Router:
             "encoder": None if self.encoder is None else {k: v for k, v in self.encoder.identity.items()},
             "max_length": self.max_length,
             "truncation_side": self.truncation_side,
+            "feature_mode": self.feature_mode,
             "head": None if self.head is None else {"hidden": self.head.hidden, "features": self.head.features,
                                                     "tags": list(self.head.tags)},
         }
@@ -173,4 +199,4 @@ class Router:
             encoder = None if meta["encoder"] is None else enc_mod.load_encoder(meta["encoder"]["name"])
         return cls(encoder=encoder, head=head, state=state, registry=ArmRegistry.from_dict(meta["registry"]),
                    policy=Policy(**meta["policy"]), max_length=meta["max_length"],
-                   truncation_side=meta["truncation_side"])
+                   truncation_side=meta["truncation_side"], feature_mode=meta["feature_mode"])

@@ -40,6 +40,8 @@ class HeadConfig(NamedTuple):
     weight_decay: float = 1e-4
     tag_weight: float = 1.0  # 0 trains the regression alone (the ablation without tags)
     margin: float = 1.0
+    val_frac: float = 0.1  # held out for early stopping on the regression loss (0: no stopping)
+    patience: int = 20
     seed: int = 0
 
 
@@ -124,20 +126,34 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), perm)
         return params, opt_state, losses.mean(0)
 
+    @jax.jit
+    def val_loss(params, idx):
+        return loss_fn(params, e_d[idx], t_d[idx], y_d[idx], m_d[idx])[1][0]
+
     e_d, t_d, y_d, m_d = map(jnp.asarray, (e.astype(np.float32), onehot, y, mask))
-    n = len(e)
+    order = np.random.default_rng(config.seed).permutation(len(e))
+    n_val = int(len(e) * config.val_frac) if len(e) >= 50 else 0
+    val_idx, fit_idx = jnp.asarray(order[:n_val]), jnp.asarray(order[n_val:])
+    n = len(fit_idx)
     bs = min(config.batch_size, n)
     steps = n // bs
     epochs = range(config.epochs)
     if progress:
         from tqdm.auto import tqdm
         epochs = tqdm(epochs, desc="train head", unit="epoch")
+    best, best_loss, since = params, np.inf, 0
     for _ in epochs:
         k_perm, k = jax.random.split(k_perm)
-        perm = jax.random.permutation(k, n)[: steps * bs].reshape(steps, bs)
+        perm = fit_idx[jax.random.permutation(k, n)[: steps * bs].reshape(steps, bs)]
         params, opt_state, losses = epoch(params, opt_state, perm)
+        if n_val:
+            vl = float(val_loss(params, val_idx))
+            best, best_loss, since = (params, vl, 0) if vl < best_loss else (best, best_loss, since + 1)
+            if since >= config.patience:
+                break
         if progress:
-            epochs.set_postfix(loss=f"{float(losses[0]):.3f}", reg=f"{float(losses[1]):.3f}")
+            epochs.set_postfix(loss=f"{float(losses[0]):.3f}", val=f"{best_loss:.3f}")
+    params = best if n_val else params
     z = module.apply({"params": params["head"]}, e_d)
     c, _ = centroids(z, t_d)
     return TrainedHead(jax.device_get(params["head"]), config.hidden, config.features, names, np.asarray(c))

@@ -9,7 +9,7 @@ import numpy as np
 from mixllm_jax import cache, engine, tags
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.policy import Policy
-from mixllm_jax.router import Router, features
+from mixllm_jax.router import FEATURE_MODES, Router
 from mixllm_jax.state import ArmRegistry, add_llm, init_state
 
 UPDATE_CHUNK = 8192
@@ -54,20 +54,29 @@ def fill_arms(state, registry: ArmRegistry, x: np.ndarray, dataset: Dataset, wei
 
 def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, *,
                  head_config: tags.HeadConfig | None = tags.HeadConfig(), max_length: int = 256,
-                 truncation_side: str = "left", ridge: float = 1.0, policy: Policy = Policy(),
+                 truncation_side: str = "left", feature_mode: str = "raw+domain", ridge: float = 30.0,
+                 policy: Policy = Policy(),
                  cache_dir=None, embeddings: np.ndarray | None = None, progress: bool = True) -> Router:
-    """Train a Router on logged outcomes. head_config None routes on raw embeddings (no head)."""
+    """Train a Router on logged outcomes (see router.featurize for the feature modes).
+
+    head_config None trains no head (feature_mode must then be "raw").
+    """
     by_name = {s.name: s for s in specs}
     missing = [m for m in dataset.models if m not in by_name]
     if missing:
         raise ValueError(f"models {missing} of the data are not in the models file")
+    if feature_mode not in FEATURE_MODES:
+        raise ValueError(f"feature_mode must be one of {FEATURE_MODES}, got {feature_mode!r}")
+    if head_config is None and feature_mode != "raw":
+        raise ValueError(f"feature_mode {feature_mode!r} needs the tag head (head_config is None)")
     e = embed(encoder, dataset, max_length, truncation_side, cache_dir, progress) if embeddings is None else embeddings
     head = None
     if head_config is not None:
         head = tags.train_head(e, dataset.tags, dataset.quality, log_tokens(dataset.completion_tokens),
                                head_config, progress=progress)
-    x = np.asarray(features(head, e))
-    state, reg = new_state([by_name[m] for m in dataset.models], x.shape[1], ridge)
-    state = fill_arms(state, reg, x, dataset)
-    return Router(encoder=encoder, head=head, state=state, registry=reg, policy=policy,
-                  max_length=max_length, truncation_side=truncation_side)
+    router = Router(encoder=encoder, head=head, state=None, registry=None, policy=policy,
+                    max_length=max_length, truncation_side=truncation_side, feature_mode=feature_mode)
+    x = np.asarray(router.embed_features(e))
+    state, router.registry = new_state([by_name[m] for m in dataset.models], x.shape[1], ridge)
+    router.state = fill_arms(state, router.registry, x, dataset)
+    return router

@@ -4,7 +4,7 @@ import pytest
 
 from mixllm_jax import data, encoder, tags, train
 from mixllm_jax.policy import Policy
-from mixllm_jax.router import Router, features, route_text_batch, truncate
+from mixllm_jax.router import Router, truncate
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_fused_path_equals_step_by_step(small_router, enc):
     texts = ds.prompts[:5] + ["What is the capital of France?"]
     d, domain = router.decide(texts, Policy(cost_weight=10.0))
     ids, mask, p_tok = router.tokenize(texts)
-    x = features(router.head, enc.embed_ids(ids, mask))
+    x = router.embed_features(enc.embed_ids(ids, mask))
     from mixllm_jax import engine
     ref = engine.route(router.state, np.asarray(x)[:6], p_tok[:6], Policy(cost_weight=10.0))
     np.testing.assert_array_equal(np.asarray(d.arm)[:6], np.asarray(ref.arm))
