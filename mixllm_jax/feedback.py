@@ -1,0 +1,95 @@
+"""Binary feedback: the dynamic feedback score f_df (MixLLM's "dynamic feedback", DESIGN.md).
+
+Where only satisfied / not satisfied is observed, a small MLP (3 layers) maps the query features
+x [B, d] to a per-arm score term [B, K] that is added to the decision's score (`route_batch`'s
+`bonus`). It is trained by policy gradient (REINFORCE with a running-mean baseline) on the reward,
+through optax (Adam, lr 1e-3), and every step is scaled by a confidence weight
+
+    kappa = 1 / (1 + var / NOISE_REF)        var: running variance of the recent rewards
+
+so noisy feedback moves the network less. Pure functions over a `FeedbackState` NamedTuple.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+NOISE_REF = 0.05  # reward variance at which kappa = 1/2
+EMA = 0.05  # weight of a new batch in the running reward mean / variance
+
+
+class FeedbackNet(nn.Module):
+    """x [B, d] -> per-arm score term [B, K] in [-scale, scale]."""
+
+    capacity: int
+    hidden: int = 64
+    scale: float = 0.1
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(self.hidden)(x))
+        h = nn.relu(nn.Dense(self.hidden)(h))
+        return self.scale * jnp.tanh(nn.Dense(self.capacity, kernel_init=nn.initializers.zeros)(h))
+
+
+class FeedbackState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    reward_mean: jnp.ndarray  # [] running mean of rewards (the baseline)
+    reward_var: jnp.ndarray  # [] running variance of rewards
+    count: jnp.ndarray  # [] rewards seen
+
+
+def _optimizer(learning_rate: float = 1e-3):
+    return optax.adam(learning_rate)
+
+
+def init_feedback(dim: int, capacity: int, seed: int = 0, hidden: int = 64) -> FeedbackState:
+    """A fresh network (scoring 0 for every arm until it has learned something)."""
+    params = FeedbackNet(capacity, hidden).init(jax.random.PRNGKey(seed), jnp.zeros((1, dim)))["params"]
+    return FeedbackState(params, _optimizer().init(params), jnp.asarray(0.5), jnp.asarray(0.25), jnp.asarray(0.0))
+
+
+def _net(fs: FeedbackState) -> FeedbackNet:
+    return FeedbackNet(capacity=fs.params["Dense_2"]["kernel"].shape[1], hidden=fs.params["Dense_0"]["kernel"].shape[1])
+
+
+@jax.jit
+def bonus(fs: FeedbackState, x) -> jnp.ndarray:
+    """The score term of every arm: x [B, d] -> [B, K]."""
+    return _net(fs).apply({"params": fs.params}, x)
+
+
+def kappa(fs: FeedbackState) -> jnp.ndarray:
+    """Confidence weight in (0, 1]: low when recent rewards are noisy."""
+    return 1.0 / (1.0 + fs.reward_var / NOISE_REF)
+
+
+@jax.jit
+def update(fs: FeedbackState, x, arm, reward, active, valid=None) -> FeedbackState:
+    """One policy-gradient step on binary rewards: x [B, d], arm [B] chosen, reward [B] in {0, 1},
+    active [K] bool (the policy is a softmax over active arms), valid [B] masks padding rows."""
+    valid = jnp.ones(reward.shape, bool) if valid is None else valid
+    w = valid.astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+    batch_mean = (w * reward).sum() / n
+    ema = jnp.where(w.sum() > 0, EMA, 0.0)
+    mean = (1 - ema) * fs.reward_mean + ema * batch_mean
+    var = (1 - ema) * fs.reward_var + ema * (w * (reward - fs.reward_mean) ** 2).sum() / n
+    fs = fs._replace(reward_mean=mean, reward_var=var, count=fs.count + w.sum())
+    advantage = (reward - fs.reward_mean) * kappa(fs)
+
+    def loss(params):
+        logits = jnp.where(active, _net(fs).apply({"params": params}, x), -jnp.inf)
+        logp = jax.nn.log_softmax(logits, axis=1)
+        chosen = jnp.take_along_axis(logp, arm[:, None], axis=1)[:, 0]
+        return -(w * advantage * chosen).sum() / n
+
+    grads = jax.grad(loss)(fs.params)
+    upd, opt_state = _optimizer().update(grads, fs.opt_state, fs.params)
+    return fs._replace(params=optax.apply_updates(fs.params, upd), opt_state=opt_state)
