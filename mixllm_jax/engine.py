@@ -20,10 +20,10 @@ BATCH_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192)
 
 
 def bucket(n: int, buckets=BATCH_BUCKETS) -> int:
-    """Smallest bucket >= n (multiples of the largest bucket past it)."""
+    """Smallest of the (ascending) buckets >= n; past the largest, the next multiple of it."""
     for b in buckets:
         if n <= b:
-            return b
+            return int(b)
     top = buckets[-1]
     return -(-n // top) * top
 

