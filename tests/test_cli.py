@@ -1,0 +1,63 @@
+"""End to end through the command line: JSONL data -> train -> eval (report, plot) -> route."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mixllm_jax import cli, data
+
+
+def subset(split, per_task):
+    ds = data.load_routerbench(split=split)
+    idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:per_task]
+                          for task in sorted({t[0] for t in ds.tags})])
+    return ds.select(idx)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    path = d / "logs.jsonl"
+    data.write_jsonl(subset("train", 40), d / "train.jsonl")
+    data.write_jsonl(subset("test", 20), d / "test.jsonl")
+    path.write_text((d / "train.jsonl").read_text() + (d / "test.jsonl").read_text())
+    return path
+
+
+@pytest.mark.slow
+def test_train_eval_route(jsonl, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIXLLM_CACHE", str(tmp_path / "cache"))
+    models = str(data.routerbench_dir() / "models.json")
+    router = tmp_path / "router"
+    cli.main(["train", "--data", str(jsonl), "--models", models, "--out", str(router),
+              "--max-length", "32", "--epochs", "5"])
+    assert (router / "router.json").exists()
+    cli.main(["eval", "--router", str(router), "--data", str(jsonl), "--models", models,
+              "--out", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert "| mixllm |" in out and "| oracle |" in out
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["reference"] == "gpt-4-1106-preview" and report["n_queries"] == 60
+    for name in ("mixllm", "mixllm_no_exploration", "oracle", "random_mix", "per_task_best", "knn", "mlp"):
+        assert name in report["methods"]
+    pts = report["methods"]["mixllm"]["points"]
+    assert {"cost_weight", "cost_pct", "quality_pct"} <= set(pts[0])
+    # a higher cost weight never makes the router's choices more expensive on average
+    assert pts[-1]["cost_pct"] <= pts[0]["cost_pct"]
+    assert (tmp_path / "eval" / "curves.png").stat().st_size > 10_000
+    cli.main(["route", "--router", str(router), "Write a Python function that reverses a list."])
+    out = capsys.readouterr().out
+    assert "chosen:" in out and "gpt-4-1106-preview" in out
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "mixllm_jax.cli", "--help"], capture_output=True, text=True).stdout
+    for cmd in ("train", "eval", "run", "ablation", "route"):
+        assert cmd in out
+
+
+def test_jsonl_without_models_is_a_clear_error(jsonl):
+    with pytest.raises(SystemExit, match="--models is required"):
+        cli.main(["train", "--data", str(jsonl)])
