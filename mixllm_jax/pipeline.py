@@ -51,18 +51,18 @@ def evaluate_router(router: Router, train_ds: Dataset, test_ds: Dataset, referen
 
 
 def quality_at_cost_levels(report: dict, levels: Sequence[float] = TABLE2_COST_LEVELS) -> str:
-    """Markdown: best quality % of each sweep method at cost % <= each level (the paper's Table 2 shape)."""
+    """Markdown: AIQ and best quality % of each sweep method at cost % <= each level (Table 2's shape)."""
     from mixllm_jax import metrics
 
-    rows = ["| method | " + " | ".join(f"cost <= {l:g}%" for l in levels) + " |",
-            "| --- |" + " --- |" * len(levels)]
+    rows = ["| method | AIQ | " + " | ".join(f"cost <= {l:g}%" for l in levels) + " |",
+            "| --- | --- |" + " --- |" * len(levels)]
     for name, m in report["methods"].items():
         if m["kind"] != "sweep":
             continue
         c = [p["cost_pct"] for p in m["points"]]
         q = [p["quality_pct"] for p in m["points"]]
         cells = [metrics.best_quality_under_cost(c, q, l) for l in levels]
-        rows.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
+        rows.append(f"| {name} | {m['aiq']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
     return "\n".join(rows)
 
 
