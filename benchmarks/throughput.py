@@ -1,18 +1,38 @@
-"""Throughput of the engine's entry points next to a plain numpy implementation, in one run.
+"""Throughput of the engine's entry points next to its peers, measured in one run.
 
-    python -m benchmarks.throughput [--quick] [--out DIR]
+    python -m benchmarks.throughput [--quick] [--out DIR] [--no-peers] [--no-text]
+    mixllm-jax bench [same options]
 
-Times exclude compilation (reported separately) and use block_until_ready(); figures on these
-2-core machines are noisy, so compare the ratios measured in the same run.
+Measures, on jax.devices()[0] (CPU, or a GPU with JAX_PLATFORMS=cuda):
+  - this device's float32 matmul peak (large jnp matmuls, default precision);
+  - route_batch decisions/s sweeping B (1..16384), K (2..256) and d (64..1024) one at a time
+    around K=16, d=384, B=4096, with its achieved GFLOP/s and fraction of that peak, next to a
+    plain numpy LinUCB (same components; the arms it picks are checked against route_batch's) and
+    MABWiser's LinUCB `predict` on the same fitted data;
+  - update_batch updates/s, observations spread over the arms and all on one hot arm, next to numpy
+    Sherman-Morrison and MABWiser `partial_fit`, both one observation at a time;
+  - text to decision per second (a Router trained on RouterBench queries, no head, deciding on
+    RouterBench prompts truncated to max_length 32..256) and encoding alone, next to
+    sentence-transformers (torch CPU) + MABWiser `predict`, and sentence-transformers alone;
+  - compile time of every entry point (first call minus a steady call), apart from run times.
+
+Writes results.json, results.md (tables) and route.png, update.png, text.png into --out. Times use
+block_until_ready() and exclude compilation. Figures on a shared 2-core machine are noisy: the
+ratios of figures measured in the same run are what to compare (see results.md for the targets).
+Peers that are not installed (`pip install -e '.[bench]'`) are skipped, and the output says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,35 +41,108 @@ import numpy as np
 from mixllm_jax import bandit, state as S
 from mixllm_jax.policy import Policy, route_batch
 
+# The timed routing policy (numbers traced; in_batch_load off: the pure scoring that numpy and
+# MABWiser also do; the center configuration is also timed with in_batch_load on).
+ROUTE_POLICY = dict(cost_weight=100.0, alpha=0.01, beta=0.1)
+PEER_ALPHA = 0.01  # MABWiser LinUCB alpha, and route_batch's in the agreement check
+TARGETS = dict(route_vs_mabwiser=5.0, update_vs_mabwiser=300.0, route_peak_fraction=0.70,
+               text_vs_peer=1.0)
 
-def timeit(fn, *, repeat=5, min_time=0.2):
-    """Median seconds per call of fn() (which must block), after one warm-up call."""
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """What one run measures. center = (K, d, B): the sweeps vary one of them at a time."""
+
+    center: tuple = (16, 384, 4096)
+    route_B: tuple = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+    route_K: tuple = (2, 4, 8, 16, 32, 64, 128, 256)
+    route_d: tuple = (64, 128, 256, 384, 512, 768, 1024)
+    update_B: tuple = (256, 1024, 4096, 16384)
+    text_lengths: tuple = (32, 64, 128, 256)
+    text_batch: int = 32  # a Router batch bucket, so no padding rows are encoded
+    text_train: int = 300  # RouterBench queries the benchmark Router is trained on
+    peak_sizes: tuple = (1024, 2048, 4096)  # n of the n x n matmuls (CPU; a GPU uses larger)
+    peer_updates: int = 32  # MABWiser partial_fit calls timed
+    numpy_updates: int = 256  # numpy Sherman-Morrison steps timed
+    min_time: float = 0.2  # seconds per timing sample
+    repeat: int = 5  # samples at most (the best is taken)
+    budget_s: float = 3.0  # steady-state timing time per measured function, about
+
+
+FULL = Suite()
+QUICK = Suite(route_B=(1, 64, 4096), route_K=(4, 16), route_d=(128, 384), update_B=(4096,),
+              text_lengths=(32, 64), text_batch=32, text_train=64, peak_sizes=(2048,),
+              peer_updates=8, numpy_updates=64, min_time=0.05, repeat=3, budget_s=0.6)
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def measure(fn: Callable[[], object], suite: Suite, jitted: bool = True) -> tuple[float, float]:
+    """(seconds per call, seconds of the first call) of fn(), which must block.
+
+    Seconds per call: the best of up to suite.repeat samples, each of >= suite.min_time (several
+    calls) within about suite.budget_s, at least two samples (best-of, not the median: other jobs on
+    a shared machine only ever slow a sample down). jitted: the first call compiles and is no
+    sample; otherwise (numpy, peers) it is one.
+    """
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeat):
+    first = time.perf_counter() - t0
+    times = [] if jitted else [first]
+    deadline = time.perf_counter() + suite.budget_s
+    while len(times) < suite.repeat:
         n, t0 = 0, time.perf_counter()
         while True:
             fn()
             n += 1
-            if time.perf_counter() - t0 >= min_time:
+            elapsed = time.perf_counter() - t0
+            if elapsed >= suite.min_time or time.perf_counter() >= deadline:
                 break
-        times.append((time.perf_counter() - t0) / n)
-    return float(np.median(times))
+        times.append(elapsed / n)
+        if time.perf_counter() >= deadline and len(times) >= 2:
+            break
+    return float(min(times)), first
+
+
+def compile_time(first: float, steady: float) -> float:
+    """Tracing + compilation: the first call less a steady call."""
+    return max(first - steady, 0.0)
+
+
+def timeit(fn, *, repeat=5, min_time=0.2):
+    """Best seconds per call of fn() (which must block), after one warm-up call."""
+    return measure(fn, dataclasses.replace(FULL, repeat=repeat, min_time=min_time, budget_s=1e9))[0]
+
+
+# ---- states and data ---------------------------------------------------------------------------
+
+def random_obs(K, d, n_obs=None, seed=0):
+    """n_obs (default 4K) random observations: x [n, d] (bias last), arm [n], targets [n, 2]."""
+    rng = np.random.default_rng(seed)
+    n = n_obs or 4 * K
+    x = rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
+    x[:, -1] = 1.0
+    y = rng.normal(size=(n, 2)).astype(np.float32)
+    return x, rng.integers(0, K, n).astype(np.int32), y
 
 
 def random_state(K, d, n_obs=None, seed=0):
     """A state with K active arms, each fitted on a few random observations."""
-    rng = np.random.default_rng(seed)
     st = S.init_state(K, d)
     for k in range(K):
         st = S.add_arm(st, k, price_in=1e-6 * (k + 1), price_out=3e-6 * (k + 1))
-    n = n_obs or 4 * K
-    x = rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
-    y = rng.normal(size=(n, 2)).astype(np.float32)
-    return bandit.update_batch(st, jnp.asarray(x), jnp.asarray(rng.integers(0, K, n)), jnp.asarray(y))
+    x, arm, y = random_obs(K, d, n_obs, seed)
+    return bandit.update_batch(st, jnp.asarray(x), jnp.asarray(arm), jnp.asarray(y))
 
 
-# ---- numpy references -------------------------------------------------------------------------
+def queries(B, d, seed=1):
+    """B query feature rows [B, d] (bias last) and their prompt tokens [B]."""
+    x = np.random.default_rng(seed).normal(size=(B, d)).astype(np.float32) / np.sqrt(d)
+    x[:, -1] = 1.0
+    return x, np.full(B, 200.0, np.float32)
+
+
+# ---- numpy references --------------------------------------------------------------------------
 
 def numpy_route(A_inv, B, price_in, price_out, x, p_tok, cost_weight, alpha):
     """Plain numpy LinUCB scoring with the same components: x [B, d] -> arm [B]."""
@@ -70,67 +163,451 @@ def numpy_update(A_inv, B, x, arm, y):
         B[k] += np.outer(xi, y[i])
 
 
-# ---- benchmarks --------------------------------------------------------------------------------
-
-def bench_route(K, d, Bsz, in_batch_load=False):
-    st = random_state(K, d)
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(Bsz, d)).astype(np.float32) / np.sqrt(d)
-    p = np.full(Bsz, 200.0, np.float32)
-    pol = Policy(cost_weight=100.0, alpha=0.01, beta=0.1, in_batch_load=in_batch_load)
-    xj, pj = jnp.asarray(x), jnp.asarray(p)
-    t0 = time.perf_counter()
-    route_batch.lower(st, xj, pj, pol).compile()
-    compile_s = time.perf_counter() - t0
-    jax_s = timeit(lambda: route_batch(st, xj, pj, pol).arm.block_until_ready())
-    A_inv, B = np.asarray(st.A_inv), np.asarray(st.B)
-    pin, pout = np.asarray(st.price_in), np.asarray(st.price_out)
-    np_s = timeit(lambda: numpy_route(A_inv, B, pin, pout, x, p, 100.0, 0.01), repeat=3)
-    flops = 2 * Bsz * K * d * d + 2 * Bsz * K * d * 3  # A_inv x products dominate
-    return dict(K=K, d=d, B=Bsz, in_batch_load=in_batch_load, compile_s=compile_s,
-                jax_decisions_per_s=Bsz / jax_s, numpy_decisions_per_s=Bsz / np_s,
-                speedup_vs_numpy=np_s / jax_s, jax_gflops=flops / jax_s / 1e9)
+def route_flops(K, d, B, T=2):
+    """Multiply-adds x 2 of a route: A_inv x and x.(A_inv x) per arm, predictions, and theta."""
+    return 2 * B * K * d * (d + 1 + T) + 2 * K * d * d * T
 
 
-def bench_update(K, d, Bsz, hot):
-    st = random_state(K, d)
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(Bsz, d)).astype(np.float32) / np.sqrt(d)
-    y = rng.normal(size=(Bsz, 2)).astype(np.float32)
-    arm = np.zeros(Bsz, np.int32) if hot else rng.integers(0, K, Bsz).astype(np.int32)
-    xj, aj, yj = map(jnp.asarray, (x, arm, y))
-    t0 = time.perf_counter()
-    bandit.update_batch.lower(st, xj, aj, yj).compile()
-    compile_s = time.perf_counter() - t0
-    jax_s = timeit(lambda: bandit.update_batch(st, xj, aj, yj).A_inv.block_until_ready())
-    n_np = min(Bsz, 512)
-    A_inv, B = np.array(st.A_inv), np.array(st.B)
-    np_s = timeit(lambda: numpy_update(A_inv, B, x[:n_np], arm[:n_np], y[:n_np]), repeat=3) / n_np * Bsz
-    return dict(K=K, d=d, B=Bsz, hot_arm=hot, compile_s=compile_s, jax_updates_per_s=Bsz / jax_s,
-                numpy_updates_per_s=Bsz / np_s, speedup_vs_numpy=np_s / jax_s)
+# ---- the suite ---------------------------------------------------------------------------------
+
+class Workspace:
+    """Per-run caches (fitted states and peer models per (K, d)), peer availability, progress."""
+
+    def __init__(self, suite: Suite, peers_on: bool = True, text_on: bool = True, progress: bool = True):
+        from benchmarks import peers
+
+        self.suite = suite
+        self.peers: dict[str, dict] = {}
+        for name, find in (("mabwiser", peers.find_mabwiser),
+                           ("sentence-transformers", peers.find_sentence_transformers)):
+            if not peers_on:
+                self.peers[name] = {"version": None, "skipped": "--no-peers"}
+            elif name == "sentence-transformers" and not text_on:
+                self.peers[name] = {"version": None, "skipped": "--no-text"}
+            else:
+                version, why = find()
+                self.peers[name] = {"version": version, "skipped": why}
+        self._states: dict = {}
+        self._bar = None
+        self.progress = progress
+
+    def has(self, peer: str) -> bool:
+        return self.peers[peer]["version"] is not None
+
+    def state(self, K, d):
+        """(state, obs, MABWiser model or None) for (K, d); keeps the center's and the last one's."""
+        key = (K, d)
+        if key not in self._states:
+            for k in [k for k in self._states if k != tuple(self.suite.center[:2])]:
+                del self._states[k]
+            obs = random_obs(K, d)
+            st = random_state(K, d)
+            mab = None
+            if self.has("mabwiser"):
+                from benchmarks import peers
+                mab = peers.mabwiser_linucb(obs[0], obs[1], obs[2][:, 0], K, PEER_ALPHA, 1.0)
+            self._states[key] = (jax.block_until_ready(st), obs, mab)
+        return self._states[key]
+
+    def log(self, line: str):
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def step(self, what: str):
+        if self._bar is not None:
+            self._bar.set_postfix_str(what)
+            self._bar.update(1)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="only the headline configuration")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="where results.json goes")
-    args = ap.parse_args(argv)
+def matmul_peak(suite: Suite) -> dict:
+    """This device's float32 matmul rate (GFLOP/s) on n x n jnp matmuls, default precision."""
     dev = jax.devices()[0]
-    results = {"device": f"{dev.platform}:{dev.device_kind}", "machine": platform.processor() or platform.machine(),
-               "route": [bench_route(16, 384, 4096), bench_route(16, 384, 4096, in_batch_load=True)],
-               "update": [bench_update(16, 384, 4096, hot=False), bench_update(16, 384, 4096, hot=True)]}
-    for r in results["route"]:
-        print(f"route_batch K={r['K']} d={r['d']} B={r['B']} in_batch_load={r['in_batch_load']}: "
-              f"{r['jax_decisions_per_s']:,.0f}/s (numpy {r['numpy_decisions_per_s']:,.0f}/s, "
-              f"x{r['speedup_vs_numpy']:.1f}; {r['jax_gflops']:.1f} GFLOP/s; compile {r['compile_s']:.2f} s)")
-    for r in results["update"]:
-        print(f"update_batch K={r['K']} d={r['d']} B={r['B']} hot_arm={r['hot_arm']}: "
-              f"{r['jax_updates_per_s']:,.0f}/s (numpy one at a time {r['numpy_updates_per_s']:,.0f}/s, "
-              f"x{r['speedup_vs_numpy']:.1f}; compile {r['compile_s']:.2f} s)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out / 'results.json'}")
+    sizes = suite.peak_sizes if dev.platform == "cpu" else tuple(sorted({4096, 8192, 16384} | set(suite.peak_sizes)))
+    mm = jax.jit(lambda a, b: a @ b)
+    by_size = {}
+    for n in sizes:
+        k1, k2 = jax.random.split(jax.random.PRNGKey(n))
+        a = jax.random.normal(k1, (n, n), jnp.float32)
+        b = jax.random.normal(k2, (n, n), jnp.float32)
+        s, _ = measure(lambda: mm(a, b).block_until_ready(), suite)
+        by_size[str(n)] = 2 * n**3 / s / 1e9
+        del a, b
+    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "dtype": "float32",
+            "measured": "at the start of the run",
+            "precision": "default (TF32 on NVIDIA GPUs)" if dev.platform == "gpu" else "default"}
+
+
+def bench_route(ws: Workspace, K, d, B, peak_gflops, in_batch_load=False) -> dict:
+    """One route_batch configuration, with the numpy reference and MABWiser predict beside it."""
+    suite = ws.suite
+    st, _, mab = ws.state(K, d)
+    x, p = queries(B, d)
+    pol = Policy(**ROUTE_POLICY, in_batch_load=in_batch_load)
+    xj, pj = jnp.asarray(x), jnp.asarray(p)
+    steady, first = measure(lambda: route_batch(st, xj, pj, pol).arm.block_until_ready(), suite)
+    jax_arm = np.asarray(route_batch(st, xj, pj, pol).arm)
+    gflops = route_flops(K, d, B) / steady / 1e9
+    row = dict(K=K, d=d, B=B, in_batch_load=in_batch_load, compile_s=compile_time(first, steady),
+               jax_s=steady, jax_decisions_per_s=B / steady, jax_gflops=gflops,
+               peak_fraction=gflops / peak_gflops)
+    if not in_batch_load:
+        A_inv, Bm = np.asarray(st.A_inv), np.asarray(st.B)
+        pin, pout = np.asarray(st.price_in), np.asarray(st.price_out)
+        out = {}
+
+        def np_call():
+            out["arm"] = numpy_route(A_inv, Bm, pin, pout, x, p, ROUTE_POLICY["cost_weight"], ROUTE_POLICY["alpha"])
+
+        np_s, _ = measure(np_call, suite, jitted=False)
+        row.update(numpy_decisions_per_s=B / np_s, speedup_vs_numpy=np_s / steady,
+                   agree_numpy=float(np.mean(out["arm"] == jax_arm)))
+        if mab is not None:
+            from benchmarks import peers
+            x64 = x.astype(np.float64)  # MABWiser's own dtype: no conversion charged to it
+            mab_s, _ = measure(lambda: out.update(mab=peers.mabwiser_predict(mab, x64)), suite, jitted=False)
+            row.update(mabwiser_decisions_per_s=B / mab_s, speedup_vs_mabwiser=mab_s / steady)
+            if (K, d, B) == suite.center:
+                # MABWiser's LinUCB is route_batch with no cost and no latency term: same arms?
+                lin = Policy(cost_weight=0.0, alpha=PEER_ALPHA, beta=0.0, in_batch_load=False)
+                row["agree_mabwiser"] = float(np.mean(np.asarray(route_batch(st, xj, pj, lin).arm) == out["mab"]))
+    return row
+
+
+def bench_update(ws: Workspace, K, d, B, hot) -> dict:
+    """One update_batch configuration, with numpy and MABWiser one observation at a time beside it."""
+    suite = ws.suite
+    st, _, mab = ws.state(K, d)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(B, d)).astype(np.float32) / np.sqrt(d)
+    x[:, -1] = 1.0
+    y = rng.normal(size=(B, 2)).astype(np.float32)
+    arm = np.zeros(B, np.int32) if hot else rng.integers(0, K, B).astype(np.int32)
+    xj, aj, yj = map(jnp.asarray, (x, arm, y))
+    steady, first = measure(lambda: bandit.update_batch(st, xj, aj, yj).A_inv.block_until_ready(), suite)
+    row = dict(K=K, d=d, B=B, hot_arm=hot, compile_s=compile_time(first, steady), jax_s=steady,
+               jax_updates_per_s=B / steady)
+    n_np = min(B, suite.numpy_updates)
+    A_inv, Bm = np.array(st.A_inv), np.array(st.B)
+    np_s, _ = measure(lambda: numpy_update(A_inv, Bm, x[:n_np], arm[:n_np], y[:n_np]), suite, jitted=False)
+    row.update(numpy_updates_per_s=n_np / np_s, speedup_vs_numpy=(np_s / n_np) / (steady / B))
+    if mab is not None:
+        from benchmarks import peers
+        n_pf = min(B, suite.peer_updates)
+        x64 = x[:n_pf].astype(np.float64)
+        pf_s, _ = measure(lambda: peers.mabwiser_partial_fit_each(mab, x64, arm[:n_pf], y[:n_pf, 0]),
+                          suite, jitted=False)
+        row.update(mabwiser_updates_per_s=n_pf / pf_s, speedup_vs_mabwiser=(pf_s / n_pf) / (steady / B))
+    return row
+
+
+# ---- text to decision --------------------------------------------------------------------------
+
+def text_setup(ws: Workspace) -> dict:
+    """Load RouterBench and the encoder, train a Router (no head) and the peers on the same queries.
+
+    Returns {} with "skipped" set when the data or the encoder is not here.
+    """
+    from mixllm_jax import data as data_mod, encoder as enc_mod
+    from mixllm_jax.train import train_router
+
+    suite = ws.suite
+    try:
+        ds = data_mod.load_routerbench(split="train")
+    except (FileNotFoundError, OSError) as e:
+        return {"skipped": f"RouterBench data not found ({e})"}
+    try:
+        enc = enc_mod.load_encoder()
+    except enc_mod.EncoderNotFoundError as e:
+        return {"skipped": f"encoder not found ({str(e).splitlines()[0]})"}
+    # The longest prompts (every one fills the largest max_length) are routed; others train.
+    n_tok = np.array([len(t) for t in enc.encode_ids(ds.prompts, max_length=enc.config.max_position_embeddings)])
+    order = np.argsort(-n_tok, kind="stable")
+    route_rows = order[: suite.text_batch]
+    rest = np.random.default_rng(0).permutation(order[suite.text_batch:])
+    train = ds.select(np.sort(rest[: suite.text_train]))
+    t0 = time.perf_counter()
+    e = enc.embed(train.prompts, batch_size=64, max_length=64)  # not a shape timed below
+    router = train_router(train, ds.specs, enc, head_config=None, feature_mode="raw", embeddings=e,
+                          progress=False)
+    ws.log(f"text: Router trained on {len(train)} RouterBench queries (no head, d={router.state.dim}, "
+           f"{len(ds.models)} LLMs) in {time.perf_counter() - t0:.1f} s")
+    router = dataclasses.replace(
+        router, truncation_side="right",  # sentence-transformers' side: both encode the same tokens
+        policy=Policy(cost_weight=0.0, alpha=PEER_ALPHA, beta=0.0, in_batch_load=False))
+    setup = {"router": router, "encoder": enc, "texts": [ds.prompts[i] for i in route_rows],
+             "full_tokens": n_tok[route_rows], "n_train": len(train), "n_llms": len(ds.models),
+             "encoder_name": enc.identity["name"]}
+    if ws.has("mabwiser") or ws.has("sentence-transformers"):
+        from benchmarks import peers
+        if ws.has("mabwiser"):
+            rows, cols = np.nonzero(np.isfinite(train.quality))
+            ctx = np.hstack([e, np.ones((len(e), 1), np.float32)])[rows]  # the Router's features
+            setup["mab"] = peers.mabwiser_linucb(ctx, cols, train.quality[rows, cols], len(ds.models),
+                                                 PEER_ALPHA, router.state.ridge.item())
+        if ws.has("sentence-transformers"):
+            import transformers
+            transformers.utils.logging.disable_progress_bar()  # its weight-loading bar
+            try:
+                setup["st"] = peers.sentence_transformer(enc.identity["path"])
+            finally:
+                transformers.utils.logging.enable_progress_bar()
+    return setup
+
+
+def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
+    """Texts to decisions at max_length L: the fused Router, encoding alone, and the peers."""
+    from benchmarks import peers
+
+    suite = ws.suite
+    texts = setup["texts"]
+    n = len(texts)
+    router = dataclasses.replace(setup["router"], max_length=L)
+    enc = setup["encoder"]
+    out = {}
+
+    def fused():
+        d, _ = router.decide(texts)
+        out["arm"] = np.asarray(d.arm.block_until_ready())[:n]
+
+    steady, first = measure(fused, suite)
+    enc_s, enc_first = measure(lambda: enc.embed(texts, batch_size=n, max_length=L, truncation_side="right"), suite)
+    tokens = float(np.minimum(setup["full_tokens"], L).mean())
+    row = dict(max_length=L, texts=n, tokens_per_text=tokens, compile_s=compile_time(first, steady),
+               jax_s=steady, jax_texts_per_s=n / steady, encode_compile_s=compile_time(enc_first, enc_s),
+               encode_texts_per_s=n / enc_s)
+    if "st" in setup:
+        st_s, _ = measure(lambda: peers.st_encode(setup["st"], texts, L, n), suite, jitted=False)
+        row.update(st_encode_texts_per_s=n / st_s, encode_vs_st=st_s / enc_s)
+        if "mab" in setup:
+            def peer():
+                e = peers.st_encode(setup["st"], texts, L, n)
+                out["peer"] = peers.mabwiser_predict(setup["mab"], np.hstack([e, np.ones((n, 1), e.dtype)]))
+
+            peer_s, _ = measure(peer, suite, jitted=False)
+            row.update(peer_texts_per_s=n / peer_s, speedup_vs_peer=peer_s / steady,
+                       agree_peer=float(np.mean(out["arm"] == out["peer"])))
+    return row
+
+
+# ---- targets -----------------------------------------------------------------------------------
+
+def targets(results: dict) -> list[dict]:
+    """The issue's acceptance targets, each met / missed / not measured with the measured figure."""
+    K0, d0, B0 = results["suite"]["center"]
+    route = [r for r in results["route"] if not r["in_batch_load"]]
+    center = next((r for r in route if (r["K"], r["d"], r["B"]) == (K0, d0, B0)), None)
+    big_B = max((r for r in route if (r["K"], r["d"]) == (K0, d0)), key=lambda r: r["B"], default=None)
+    upd = next((r for r in results["update"] if (r["K"], r["d"], r["B"], r["hot_arm"]) == (K0, d0, B0, False)),
+               None) or next((r for r in results["update"] if not r["hot_arm"]), None)
+    text = [r for r in results.get("text", []) if "speedup_vs_peer" in r]
+    peers = results["peers"]
+
+    def item(name, goal, value, unit, why_missing, where):
+        if value is None:
+            return dict(target=name, goal=goal, measured=None, status="not measured", why=why_missing, where=where)
+        return dict(target=name, goal=goal, measured=value, unit=unit,
+                    status="met" if value >= goal else "missed", where=where)
+
+    mab_why = peers["mabwiser"]["skipped"]
+    out = [
+        item("route_batch vs MABWiser predict", TARGETS["route_vs_mabwiser"],
+             center and center.get("speedup_vs_mabwiser"), "x", mab_why, f"K={K0} d={d0} B={B0}"),
+        item("update_batch vs MABWiser partial_fit one at a time", TARGETS["update_vs_mabwiser"],
+             upd and upd.get("speedup_vs_mabwiser"), "x", mab_why,
+             upd and f"K={upd['K']} d={upd['d']} B={upd['B']}, spread over arms"),
+        item("route_batch fraction of matmul peak at large B", TARGETS["route_peak_fraction"],
+             big_B and big_B["peak_fraction"], "of peak", "no route rows",
+             big_B and f"K={K0} d={d0} B={big_B['B']}"),
+    ]
+    if text:
+        worst = min(text, key=lambda r: r["speedup_vs_peer"])
+        per = ", ".join(f"L={r['max_length']}: {r['speedup_vs_peer']:.2f}x" for r in text)
+        out.append(item("text to decision vs sentence-transformers + MABWiser", TARGETS["text_vs_peer"],
+                        worst["speedup_vs_peer"], "x (lowest over lengths)", None, per))
+    else:
+        why = results.get("text_skipped") or peers["sentence-transformers"]["skipped"] or mab_why
+        out.append(item("text to decision vs sentence-transformers + MABWiser", TARGETS["text_vs_peer"],
+                        None, "x", why, "-"))
+    return out
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def route_configs(suite: Suite) -> list[tuple]:
+    """(K, d, B) of the three sweeps, each once, center first."""
+    K0, d0, B0 = suite.center
+    cfgs = [suite.center] + [(K0, d0, b) for b in suite.route_B] + [(k, d0, B0) for k in suite.route_K] + \
+        [(K0, d, B0) for d in suite.route_d]
+    return list(dict.fromkeys(cfgs))
+
+
+def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, progress: bool = True,
+        argv: list[str] | None = None) -> dict:
+    """Run the suite; returns the results dict (see results.json)."""
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    ws = Workspace(suite, peers_on, text_on, progress)
+    results = {
+        "device": f"{dev.platform}:{dev.device_kind}",
+        "jax_backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "command": "python -m benchmarks.throughput " + " ".join(argv or []),
+        "load_average_start": _load(),
+        "suite": dataclasses.asdict(suite),
+        "route_policy": dict(ROUTE_POLICY, peer_alpha=PEER_ALPHA),
+        "peers": ws.peers,
+        "compile_note": "compile_s = first call - steady call (tracing + XLA compilation)",
+    }
+    for name, p in ws.peers.items():
+        if p["version"] is None:
+            ws.log(f"peer {name}: skipped ({p['skipped']})")
+        else:
+            ws.log(f"peer {name}: {p['version']}")
+    cfgs = route_configs(suite)
+    upd_cfgs = [(B, hot) for B in suite.update_B for hot in (False, True)]
+    n_steps = 2 + len(cfgs) + 1 + len(upd_cfgs) + (1 + len(suite.text_lengths) if text_on else 0)
+    if progress:
+        from tqdm.auto import tqdm
+        ws._bar = tqdm(total=n_steps, desc="bench", unit="cfg", file=sys.stderr)
+    try:
+        ws.log(f"device {results['device']} ({results['cpu']}, {results['cpu_count']} cores), "
+               f"load average {results['load_average_start']}")
+        results["matmul"] = peak = matmul_peak(suite)
+        ws.log(f"matmul peak: {peak['peak_gflops']:.1f} GFLOP/s float32 "
+               f"({', '.join(f'n={n}: {g:.1f}' for n, g in peak['gflops_by_size'].items())})")
+        ws.step("matmul peak")
+
+        results["route"] = []
+        for K, d, B in cfgs:
+            r = bench_route(ws, K, d, B, peak["peak_gflops"])
+            results["route"].append(r)
+            ws.log(_route_line(r))
+            ws.step(f"route K={K} d={d} B={B}")
+        K0, d0, B0 = suite.center
+        r = bench_route(ws, K0, d0, B0, peak["peak_gflops"], in_batch_load=True)
+        results["route"].append(r)
+        ws.log(_route_line(r))
+        ws.step("route in_batch_load")
+
+        results["update"] = []
+        for B, hot in upd_cfgs:
+            r = bench_update(ws, K0, d0, B, hot)
+            results["update"].append(r)
+            ws.log(_update_line(r))
+            ws.step(f"update B={B} hot={hot}")
+
+        results["text"] = []
+        if text_on:
+            setup = text_setup(ws)
+            ws.step("text setup")
+            if "skipped" in setup:
+                results["text_skipped"] = setup["skipped"]
+                ws.log(f"text: skipped ({setup['skipped']})")
+            else:
+                results["text_setup"] = {k: setup[k] for k in ("n_train", "n_llms", "encoder_name")}
+                for L in suite.text_lengths:
+                    r = bench_text(ws, setup, L)
+                    results["text"].append(r)
+                    ws.log(_text_line(r))
+                    ws.step(f"text L={L}")
+        else:
+            results["text_skipped"] = "--no-text"
+
+        # The peak again at the end (a shared machine's load varies): the best of both runs counts.
+        again = matmul_peak(suite)
+        for n, g in again["gflops_by_size"].items():
+            peak["gflops_by_size"][n] = max(g, peak["gflops_by_size"][n])
+        peak["peak_gflops"] = max(peak["gflops_by_size"].values())
+        peak["measured"] = "at the start and at the end of the run, the best of both"
+        ws.log(f"matmul peak again at the end: {again['peak_gflops']:.1f} GFLOP/s; peak used: "
+               f"{peak['peak_gflops']:.1f}")
+        for r in results["route"]:
+            r["peak_fraction"] = r["jax_gflops"] / peak["peak_gflops"]
+        ws.step("matmul peak again")
+    finally:
+        if ws._bar is not None:
+            ws._bar.close()
+    results["targets"] = targets(results)
+    results["load_average_end"] = _load()
+    results["wall_s"] = time.perf_counter() - t_start
+    return results
+
+
+def _ratio(r, key, label):
+    return f", {label} {r[key]:.1f}x" if key in r else ""
+
+
+def _route_line(r):
+    s = (f"route_batch K={r['K']} d={r['d']} B={r['B']}{' in_batch_load' if r['in_batch_load'] else ''}: "
+         f"{r['jax_decisions_per_s']:,.0f}/s, {r['jax_gflops']:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of peak")
+    if "numpy_decisions_per_s" in r:
+        s += f"; numpy {r['numpy_decisions_per_s']:,.0f}/s ({r['speedup_vs_numpy']:.1f}x)"
+    if "mabwiser_decisions_per_s" in r:
+        s += f"; MABWiser {r['mabwiser_decisions_per_s']:,.0f}/s ({r['speedup_vs_mabwiser']:.1f}x)"
+    return s + f"; compile {r['compile_s']:.2f} s"
+
+
+def _update_line(r):
+    s = (f"update_batch K={r['K']} d={r['d']} B={r['B']} {'hot arm' if r['hot_arm'] else 'spread'}: "
+         f"{r['jax_updates_per_s']:,.0f}/s; numpy one at a time {r['numpy_updates_per_s']:,.0f}/s "
+         f"({r['speedup_vs_numpy']:.1f}x)")
+    if "mabwiser_updates_per_s" in r:
+        s += f"; MABWiser partial_fit {r['mabwiser_updates_per_s']:,.1f}/s ({r['speedup_vs_mabwiser']:.0f}x)"
+    return s + f"; compile {r['compile_s']:.2f} s"
+
+
+def _text_line(r):
+    s = (f"text max_length={r['max_length']} ({r['texts']} texts): Router.decide {r['jax_texts_per_s']:,.1f}/s, "
+         f"encode alone {r['encode_texts_per_s']:,.1f}/s")
+    if "peer_texts_per_s" in r:
+        s += f"; sentence-transformers+MABWiser {r['peer_texts_per_s']:,.1f}/s ({r['speedup_vs_peer']:.2f}x)"
+    if "st_encode_texts_per_s" in r:
+        s += f"; sentence-transformers encode {r['st_encode_texts_per_s']:,.1f}/s ({r['encode_vs_st']:.2f}x)"
+    return s + f"; compile {r['compile_s']:.1f} s"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few configurations (under a minute on 2 cores)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    ap.add_argument("--no-peers", action="store_true", help="skip MABWiser and sentence-transformers")
+    ap.add_argument("--no-text", action="store_true", help="skip text to decision (no encoder or data needed)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    from benchmarks import report
+
+    raw = list(sys.argv[1:] if argv is None else argv)
+    results = run(QUICK if args.quick else FULL, peers_on=not args.no_peers, text_on=not args.no_text,
+                  progress=not args.no_progress, argv=raw)
+    md = report.write(results, args.out)
+    print()
+    print(report.targets_table(results))
+    print(f"\nwrote {', '.join(str(args.out / f) for f in md)} in {results['wall_s']:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

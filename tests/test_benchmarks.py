@@ -1,0 +1,132 @@
+"""The throughput suite on a tiny configuration: well-formed results and reports, not timings."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import peers, report, throughput as T
+from mixllm_jax.policy import Policy, route_batch
+
+TINY = T.Suite(center=(4, 16, 32), route_B=(1, 32), route_K=(2, 4), route_d=(8, 16), update_B=(32,),
+               text_lengths=(16,), text_batch=8, text_train=16, peak_sizes=(64,), peer_updates=2,
+               numpy_updates=4, min_time=0.001, repeat=2, budget_s=0.01)
+
+
+def _positive(v):
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+@pytest.mark.parametrize("K,d,B,seed", [(4, 16, 64, 0), (16, 64, 512, 2)])
+def test_numpy_reference_picks_the_same_arms_as_route_batch(K, d, B, seed):
+    st = T.random_state(K, d, seed=seed)
+    x, p = T.queries(B, d, seed=seed + 10)
+    pol = Policy(**T.ROUTE_POLICY, in_batch_load=False)
+    dec = route_batch(st, jnp.asarray(x), jnp.asarray(p), pol)
+    assert float(jnp.abs(dec.penalty).max()) == 0.0  # a fresh state has no load: numpy omits it
+    ref = T.numpy_route(np.asarray(st.A_inv), np.asarray(st.B), np.asarray(st.price_in),
+                        np.asarray(st.price_out), x, p, T.ROUTE_POLICY["cost_weight"], T.ROUTE_POLICY["alpha"])
+    np.testing.assert_array_equal(ref, np.asarray(dec.arm))
+    assert len(np.unique(ref)) > 1  # the check is not trivially one arm everywhere
+
+
+def test_numpy_update_matches_update_batch():
+    K, d = 4, 8
+    st = T.random_state(K, d)
+    x, arm, y = T.random_obs(K, d, 12, seed=5)
+    A_inv, B = np.array(st.A_inv), np.array(st.B)
+    T.numpy_update(A_inv, B, x, arm, y)
+    new = T.bandit.update_batch(st, jnp.asarray(x), jnp.asarray(arm), jnp.asarray(y))
+    np.testing.assert_allclose(A_inv, np.asarray(new.A_inv), atol=1e-5)
+    np.testing.assert_allclose(B, np.asarray(new.B), atol=1e-5)
+
+
+def test_route_configs_are_the_three_sweeps_once_center_first():
+    cfgs = T.route_configs(TINY)
+    assert cfgs[0] == TINY.center
+    assert len(cfgs) == len(set(cfgs))
+    assert set(cfgs) == {(4, 16, 1), (4, 16, 32), (2, 16, 32), (4, 8, 32)}
+
+
+@pytest.mark.parametrize("peers_on", [False, True])
+def test_tiny_suite_is_well_formed(tmp_path, peers_on):
+    res = T.run(TINY, peers_on=peers_on, text_on=False, progress=False)
+    assert res["device"].startswith(res["jax_backend"]) or ":" in res["device"]
+    assert _positive(res["matmul"]["peak_gflops"])
+    cfgs = T.route_configs(TINY)
+    plain = [r for r in res["route"] if not r["in_batch_load"]]
+    assert [(r["K"], r["d"], r["B"]) for r in plain] == cfgs
+    assert [(r["K"], r["d"], r["B"]) for r in res["route"] if r["in_batch_load"]] == [TINY.center]
+    has_mab = peers_on and peers.find_mabwiser()[0] is not None
+    for r in plain:
+        for k in ("jax_decisions_per_s", "jax_gflops", "peak_fraction", "numpy_decisions_per_s",
+                  "speedup_vs_numpy"):
+            assert _positive(r[k]), (k, r)
+        assert r["compile_s"] >= 0
+        assert r["agree_numpy"] == 1.0
+        assert ("speedup_vs_mabwiser" in r) == has_mab
+    assert len(res["update"]) == 2 and {r["hot_arm"] for r in res["update"]} == {False, True}
+    for r in res["update"]:
+        assert _positive(r["jax_updates_per_s"]) and _positive(r["speedup_vs_numpy"])
+        assert ("speedup_vs_mabwiser" in r) == has_mab
+    if has_mab:
+        center = next(r for r in plain if (r["K"], r["d"], r["B"]) == TINY.center)
+        assert 0.0 <= center["agree_mabwiser"] <= 1.0
+    assert res["text"] == [] and res["text_skipped"] == "--no-text"
+
+    tg = {t["target"]: t for t in res["targets"]}
+    assert len(tg) == 4
+    for t in tg.values():
+        assert t["status"] in ("met", "missed", "not measured")
+        assert (t["measured"] is None) == (t["status"] == "not measured")
+    assert tg["route_batch fraction of matmul peak at large B"]["status"] != "not measured"
+    if not has_mab:
+        assert tg["route_batch vs MABWiser predict"]["status"] == "not measured"
+        assert tg["route_batch vs MABWiser predict"]["why"]
+
+    files = report.write(res, tmp_path)
+    assert {"results.json", "results.md", "route.png", "update.png"} <= set(files)
+    assert json.loads((tmp_path / "results.json").read_text())["device"] == res["device"]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Targets" in md and "## Compile time, apart from run time" in md and res["device"] in md
+    if not peers_on:
+        assert "skipped (--no-peers)" in md
+    for f in files:
+        if f.endswith(".png"):
+            assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_writes_the_outputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(T, "QUICK", TINY)
+    assert T.main(["--quick", "--no-text", "--no-peers", "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "| target |" in out and "matmul peak" in out
+    assert (tmp_path / "b" / "results.md").exists()
+
+
+def _text_ready():
+    from mixllm_jax import data, encoder
+    try:
+        encoder.resolve_encoder()
+    except encoder.EncoderNotFoundError:
+        return False
+    return (data.routerbench_dir() / "models.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _text_ready(), reason="needs the default encoder and RouterBench data")
+def test_text_to_decision_tiny(tmp_path):
+    ws = T.Workspace(TINY, peers_on=True, text_on=True, progress=False)
+    setup = T.text_setup(ws)
+    assert "skipped" not in setup
+    assert setup["n_train"] == TINY.text_train and len(setup["texts"]) == TINY.text_batch
+    r = T.bench_text(ws, setup, 16)
+    assert r["max_length"] == 16 and r["texts"] == TINY.text_batch
+    assert 2 <= r["tokens_per_text"] <= 16
+    for k in ("jax_texts_per_s", "encode_texts_per_s"):
+        assert _positive(r[k])
+    if "st" in setup and "mab" in setup:
+        assert _positive(r["peer_texts_per_s"]) and _positive(r["speedup_vs_peer"])
+        assert 0.0 <= r["agree_peer"] <= 1.0
