@@ -48,9 +48,11 @@ def cmd_train(args) -> Path:
     head = None if args.no_head else tags.HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
     router = train.train_router(ds, _models(args.models), enc, head_config=head, max_length=args.max_length,
                                 truncation_side=args.truncation, feature_mode="raw" if args.no_head else args.features)
-    out = router.save(args.out)
-    print(f"router saved to {out}")
-    return out
+    from mixllm_jax import checkpoint
+
+    step = checkpoint.save_router(router, args.out)
+    print(f"router saved to {args.out} (step {step})")
+    return Path(args.out)
 
 
 def _report_out(report, out: Path, title: str):
@@ -63,11 +65,16 @@ def _report_out(report, out: Path, title: str):
     print(f"\nreport: {files['json']}\ntable:  {files['md']}\nplot:   {files['png']}")
 
 
+def _restore(args):
+    from mixllm_jax import checkpoint
+
+    return checkpoint.restore_router(args.router, step=args.step)[0]
+
+
 def cmd_eval(args):
     from mixllm_jax import pipeline
-    from mixllm_jax.router import Router
 
-    router = Router.load(args.router)
+    router = _restore(args)
     report = pipeline.evaluate_router(router, _load_data(args.train_data or args.data, args.models, "train"),
                                       _load_data(args.data, args.models, "test"), args.reference,
                                       with_baselines=not args.no_baselines)
@@ -80,7 +87,8 @@ def cmd_run(args):
     args.encoder, args.no_head, args.epochs, args.tag_weight, args.features = None, False, 300, 1.0, "raw+domain"
     args.out = args.router_out
     router_dir = cmd_train(args)
-    args.router, args.train_data, args.reference, args.no_baselines = router_dir, None, "gpt-4-1106-preview", False
+    args.router, args.step, args.train_data = router_dir, None, None
+    args.reference, args.no_baselines = "gpt-4-1106-preview", False
     args.out = args.report_out
     cmd_eval(args)
 
@@ -97,9 +105,7 @@ def cmd_ablation(args):
 
 
 def cmd_route(args):
-    from mixllm_jax.router import Router
-
-    router = Router.load(args.router)
+    router = _restore(args)
     if args.cost_weight is not None:
         router.policy = router.policy.replace(cost_weight=args.cost_weight)
     for text, r in zip(args.prompts, router.route(args.prompts)):
@@ -121,7 +127,8 @@ def main(argv=None):
 
     p = sub.add_parser("train", help="train a router on logged outcomes and save it")
     data_args(p)
-    p.add_argument("--out", default="checkpoints/router", help="where the router is saved")
+    p.add_argument("--out", default="checkpoints/router",
+                   help="checkpoint directory; each train adds a numbered step (the last 3 are kept)")
     p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
     p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
     p.add_argument("--truncation", choices=("left", "right"), default="left",
@@ -136,7 +143,8 @@ def main(argv=None):
 
     p = sub.add_parser("eval", help="evaluate a saved router and the baselines: table, report.json, plot")
     data_args(p)
-    p.add_argument("--router", required=True, help="a saved router folder")
+    p.add_argument("--router", required=True, help="a checkpoint directory (see train --out)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--train-data", help="data the baselines are fitted on (default: --data's train split)")
     p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
@@ -159,7 +167,8 @@ def main(argv=None):
     p.set_defaults(fn=cmd_ablation)
 
     p = sub.add_parser("route", help="route prompts with a saved router and explain each decision")
-    p.add_argument("--router", required=True, help="a saved router folder")
+    p.add_argument("--router", required=True, help="a checkpoint directory (see train --out)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
     p.add_argument("prompts", nargs="+")
     p.set_defaults(fn=cmd_route)

@@ -2,17 +2,15 @@
 
 `route_text_batch` runs token ids -> encoder -> head -> route_batch as one jitted computation.
 `Router` is the host-side object users hold: `Router.route(texts)` returns one `Route` per text.
+Checkpoints of a Router: `mixllm_jax.checkpoint` (Orbax).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from pathlib import Path
 from typing import Sequence
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +18,6 @@ import numpy as np
 from mixllm_jax import engine, encoder as enc_mod, tags
 from mixllm_jax.policy import Decision, Policy, book, route_batch
 from mixllm_jax.state import ArmRegistry, RouterState, with_bias
-
-FORMAT_VERSION = 1
 
 
 FEATURE_MODES = ("raw+domain", "head", "raw")
@@ -151,52 +147,3 @@ class Router:
         """Encoder embeddings [N, H] -> bandit features [N, d]."""
         (params, centroids), static = self._head_args()
         return _featurize_jit(jnp.asarray(e), params, centroids, **static)[0]
-
-    # ---- plain save / load (format version FORMAT_VERSION) -----------------------------------
-
-    def save(self, out: str | Path) -> Path:
-        """Write state.npz, head.msgpack and router.json into the folder `out`."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "state.npz", **{f.name: np.asarray(getattr(self.state, f.name))
-                                       for f in dataclasses.fields(self.state)})
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "registry": self.registry.to_dict(),
-            "policy": {f.name: getattr(self.policy, f.name) for f in dataclasses.fields(self.policy)},
-            "encoder": None if self.encoder is None else {k: v for k, v in self.encoder.identity.items()},
-            "max_length": self.max_length,
-            "truncation_side": self.truncation_side,
-            "feature_mode": self.feature_mode,
-            "head": None if self.head is None else {"hidden": self.head.hidden, "features": self.head.features,
-                                                    "tags": list(self.head.tags)},
-        }
-        if self.head is not None:
-            (out / "head.msgpack").write_bytes(flax.serialization.msgpack_serialize(
-                {"params": self.head.params, "centroids": self.head.centroids}))
-        (out / "router.json").write_text(json.dumps(meta, indent=2, default=float))
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path, encoder: enc_mod.Encoder | None | str = "auto") -> "Router":
-        """Load a router saved by `save`; encoder "auto" loads the one it was trained with."""
-        path = Path(path)
-        meta_file = path / "router.json"
-        if not meta_file.exists():
-            raise FileNotFoundError(f"no router.json in {path}: not a saved router")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"router format_version {meta.get('format_version')!r} in {meta_file} "
-                             f"is not supported (expected {FORMAT_VERSION})")
-        with np.load(path / "state.npz") as z:
-            state = RouterState(**{k: jnp.asarray(z[k]) for k in z.files})
-        head = None
-        if meta["head"] is not None:
-            blob = flax.serialization.msgpack_restore((path / "head.msgpack").read_bytes())
-            head = tags.TrainedHead(blob["params"], meta["head"]["hidden"], meta["head"]["features"],
-                                    tuple(meta["head"]["tags"]), np.asarray(blob["centroids"]))
-        if encoder == "auto":
-            encoder = None if meta["encoder"] is None else enc_mod.load_encoder(meta["encoder"]["name"])
-        return cls(encoder=encoder, head=head, state=state, registry=ArmRegistry.from_dict(meta["registry"]),
-                   policy=Policy(**meta["policy"]), max_length=meta["max_length"],
-                   truncation_side=meta["truncation_side"], feature_mode=meta["feature_mode"])

@@ -4,7 +4,7 @@ import pytest
 
 from mixllm_jax import data, encoder, tags, train
 from mixllm_jax.policy import Policy
-from mixllm_jax.router import Router, truncate
+from mixllm_jax.router import truncate
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +59,6 @@ def test_truncate_keeps_specials():
     assert truncate(ids, 4, "left") == [101, 4, 5, 102]
     assert truncate(ids, 4, "right") == [101, 1, 2, 102]
     assert truncate(ids, 10, "left") == ids
-
-
-def test_save_load_round_trip(small_router, enc, tmp_path):
-    router, ds, _ = small_router
-    router.save(tmp_path / "r")
-    back = Router.load(tmp_path / "r", encoder=enc)
-    texts = ds.prompts[:8]
-    a, b = router.decide(texts)[0], back.decide(texts)[0]
-    np.testing.assert_array_equal(np.asarray(a.arm), np.asarray(b.arm))
-    np.testing.assert_array_equal(np.asarray(a.score), np.asarray(b.score))
-    assert back.registry.names == router.registry.names
-
-
-def test_load_rejects_non_router(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a saved router"):
-        Router.load(tmp_path)
 
 
 def test_route_rejects_bad_texts(small_router):
