@@ -5,6 +5,7 @@
     mixllm-jax route --router checkpoints/NAME "some prompt" ["another" ...]
     mixllm-jax run                 # the main job: train on the RouterBench slice, evaluate on its test split
     mixllm-jax ablation head       # tag-enhanced head vs none;  `ablation truncation`: left vs right
+    mixllm-jax bench --quick       # throughput suite (JSON, markdown, plots in runs/bench)
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ def cmd_ablation(args):
     print(f"\nreport and plot in {args.out}")
 
 
+def cmd_bench(args, rest):
+    """The throughput suite (benchmarks/ in the repository): `mixllm-jax bench --help` lists its options."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks" / "throughput.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from benchmarks import throughput
+    except ImportError:
+        raise SystemExit("the benchmark suite lives in the repository's benchmarks/ folder: run from a checkout")
+    return throughput.main(rest)
+
+
 def cmd_route(args):
     router = _restore(args)
     if args.cost_weight is not None:
@@ -173,7 +186,16 @@ def main(argv=None):
     p.add_argument("prompts", nargs="+")
     p.set_defaults(fn=cmd_route)
 
-    args = ap.parse_args(argv)
+    p = sub.add_parser("bench", add_help=False,
+                       help="throughput suite: route/update/text-to-decision rates, peers side by side "
+                            "(options: mixllm-jax bench --help)")
+    p.set_defaults(fn=cmd_bench)
+
+    args, rest = ap.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "kind", None) and args.out is None:
         args.out = f"runs/ablation-{args.kind}"
     args.fn(args)
