@@ -1,0 +1,370 @@
+"""Durable logs of the router service: the journal of state changes and the request-feature log.
+
+Journal (``<log_dir>/journal/journal-<first seq>.jsonl``): one JSON object per line, each with a
+strictly increasing ``seq``. Every change to the router's learned or live state (a quality
+observation, a thumbs up/down, a model added or removed, the usage a proxied call reported) is
+appended and fsync'ed *before* it is acknowledged or applied, by one writer thread that commits
+whatever is queued together (group commit: one fsync for many records). The service applies
+records in ``seq`` order, live exactly as on replay, so a checkpoint that records the last applied
+``seq`` S plus the journal records after S give back the same state: replay is exact and idempotent.
+A line cut short by a crash (never acknowledged, since the fsync had not returned) is dropped and
+the file truncated to its last whole line; a damaged line before the end is an error.
+
+Request-feature log (``<log_dir>/requests/requests-<n>.jsonl``): the features x of every routed
+request, with its arm, so feedback that arrives after a restart can still be applied. Written per
+routed batch (flushed to the OS, not fsync'ed: a killed process loses nothing, a power cut may lose
+the last lines), rotated every ``segment_lines`` lines; the last few segments are kept, enough to
+refill the in-memory LRU (`FeatureStore`) on restart.
+
+Features travel as base64 of little-endian float32 bytes: exact, and about 2 KB for d = 388.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class LogError(RuntimeError):
+    """A log file is damaged in a way that replay cannot safely skip."""
+
+
+def encode_x(x: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_x(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<f4").astype(np.float32)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to `path` atomically (tmp file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_lines(path: Path, *, repair: bool) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a JSONL file; a torn last line is dropped (and cut off if `repair`)."""
+    data = path.read_bytes()
+    good_end = 0
+    pos = 0
+    lineno = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        lineno += 1
+        if nl < 0:  # no newline: a write cut short by a crash
+            log.warning("%s: dropping a torn last line %d (%d bytes, never acknowledged)",
+                        path, lineno, len(data) - pos)
+            break
+        raw = data[pos:nl]
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if data.find(b"\n", nl + 1) < 0 and not data[nl + 1:].strip():
+                log.warning("%s: dropping an unreadable last line %d (%s)", path, lineno, e)
+                break
+            raise LogError(f"{path}:{lineno}: damaged log line ({e}); refusing to replay past it") from e
+        good_end = nl + 1
+        pos = nl + 1
+        yield lineno, rec
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Journal:
+    """Append-only, fsync'ed, sequence-numbered JSONL log with one writer thread (group commit).
+
+    `append(record)` is thread-safe and returns a concurrent Future resolving to the record's seq
+    once it is on disk. `on_durable(records)` is called on the writer thread, in seq order, after
+    each fsync (the service queues the records for application there).
+    """
+
+    SEGMENT_PREFIX = "journal-"
+
+    def __init__(self, directory: str | Path, on_durable: Callable[[list[dict]], None] | None = None,
+                 segment_bytes: int = 64 << 20):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.on_durable = on_durable
+        self.segment_bytes = segment_bytes
+        self.seq = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._file = None
+        self._file_path: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._rotate_requested = False
+        self.fsyncs = 0
+
+    # ---- reading (before the writer starts) ------------------------------------------------
+
+    def segments(self) -> list[Path]:
+        def first_seq(p: Path) -> int:
+            return int(p.stem[len(self.SEGMENT_PREFIX):])
+        return sorted((p for p in self.dir.glob(self.SEGMENT_PREFIX + "*.jsonl")
+                       if p.stem[len(self.SEGMENT_PREFIX):].isdigit()), key=first_seq)
+
+    def read(self) -> list[dict]:
+        """All records, in seq order (torn tails repaired); sets the next seq after the last one."""
+        out: list[dict] = []
+        last = 0
+        for seg in self.segments():
+            for lineno, rec in _read_lines(seg, repair=True):
+                seq = rec.get("seq")
+                if not isinstance(seq, int) or seq <= last:
+                    raise LogError(f"{seg}:{lineno}: seq {seq!r} is not an integer above the previous {last}")
+                last = seq
+                out.append(rec)
+        self.seq = max(self.seq, last)
+        return out
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def start(self, min_seq: int = 0) -> None:
+        """Start the writer; new records get seqs above max(min_seq, the last one read)."""
+        self.seq = max(self.seq, int(min_seq))
+        self._open_segment()
+        self._thread = threading.Thread(target=self._run, name="mixllm-journal", daemon=True)
+        self._thread.start()
+
+    def _open_segment(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file_path = self.dir / f"{self.SEGMENT_PREFIX}{self.seq + 1:012d}.jsonl"
+        self._file = open(self._file_path, "ab")
+        _fsync_dir(self.dir)
+
+    def append(self, record: dict) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._closed:
+            fut.set_exception(RuntimeError("the journal is closed"))
+            return fut
+        self._queue.put((record, fut))
+        return fut
+
+    def rotate(self) -> None:
+        """Start a new segment at the next write (called after a checkpoint)."""
+        self._rotate_requested = True
+
+    def prune(self, upto_seq: int) -> list[Path]:
+        """Delete whole segments whose records all have seq <= upto_seq (never the open one)."""
+        segs = self.segments()
+        removed = []
+        for seg, nxt in zip(segs, segs[1:]):
+            # a segment's last seq is below the next segment's first seq
+            if seg == self._file_path:
+                continue
+            if int(nxt.stem[len(self.SEGMENT_PREFIX):]) - 1 <= upto_seq:
+                seg.unlink(missing_ok=True)
+                removed.append(seg)
+        return removed
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch) -> None:
+        try:
+            if self._rotate_requested or (self._file.tell() > self.segment_bytes):
+                self._rotate_requested = False
+                self._open_segment()
+            records = []
+            lines = []
+            seq = self.seq
+            for rec, _ in batch:
+                seq += 1
+                rec = dict(rec, seq=seq)
+                records.append(rec)
+                lines.append(json.dumps(rec, separators=(",", ":"), allow_nan=False))
+            self._file.write(("\n".join(lines) + "\n").encode())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self.fsyncs += 1
+            self.seq = seq
+        except BaseException as e:  # disk full, bad record: nothing of this batch is acknowledged
+            log.exception("journal write failed")
+            for _, fut in batch:
+                fut.set_exception(e)
+            return
+        if self.on_durable is not None:
+            try:
+                self.on_durable(records)
+            except Exception:  # the records are durable; applying them is the service's business
+                log.exception("journal on_durable callback failed")
+        for rec, (_, fut) in zip(records, batch):
+            fut.set_result(rec["seq"])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclasses.dataclass
+class Entry:
+    """What later feedback on one routed request needs."""
+
+    x: np.ndarray  # [d] features
+    slot: int
+    arm_id: int  # identity of the model that held the slot when routed (see server)
+    model: str
+    prompt_tokens: float
+    log_tokens: float  # predicted log completion tokens of the chosen arm (replaced by observed usage)
+    observed_tokens: float | None = None
+    has_quality: bool = False
+    has_thumbs: bool = False
+
+
+class FeatureStore:
+    """Bounded LRU of request id -> Entry, written through to rotating JSONL segments."""
+
+    PREFIX = "requests-"
+
+    def __init__(self, directory: str | Path | None, capacity: int = 20000, keep_segments: int = 3):
+        if capacity < 1:
+            raise ValueError(f"feature cache capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.keep_segments = max(2, keep_segments)
+        self.segment_lines = max(1, -(-capacity // (self.keep_segments - 1)))
+        self._lru: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.dir = None if directory is None else Path(directory)
+        self._file = None
+        self._lines = 0
+        self._index = 0
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def _segments(self) -> list[Path]:
+        return sorted((p for p in self.dir.glob(self.PREFIX + "*.jsonl")
+                       if p.stem[len(self.PREFIX):].isdigit()), key=lambda p: int(p.stem[len(self.PREFIX):]))
+
+    def load(self) -> int:
+        """Refill the LRU from the kept segments (oldest first); returns the entries loaded."""
+        if self.dir is None:
+            return 0
+        n = 0
+        segs = self._segments()
+        for seg in segs:
+            for lineno, rec in _read_lines(seg, repair=True):
+                try:
+                    self._put(rec["id"], Entry(decode_x(rec["x"]), int(rec["slot"]), int(rec["arm_id"]),
+                                               str(rec["model"]), float(rec["pt"]), float(rec["lt"])))
+                    n += 1
+                except (KeyError, ValueError, TypeError) as e:
+                    log.warning("%s:%d: skipping an unreadable request record (%s)", seg, lineno, e)
+        self._index = int(segs[-1].stem[len(self.PREFIX):]) + 1 if segs else 0
+        return n
+
+    def _put(self, rid: str, entry: Entry) -> None:
+        self._lru[rid] = entry
+        self._lru.move_to_end(rid)
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+
+    def put_many(self, items: Iterable[tuple[str, Entry]]) -> None:
+        items = list(items)
+        lines = []
+        with self._lock:
+            for rid, e in items:
+                self._put(rid, e)
+        if self.dir is None:
+            return
+        for rid, e in items:
+            lines.append(json.dumps({"id": rid, "slot": e.slot, "arm_id": e.arm_id, "model": e.model,
+                                     "pt": e.prompt_tokens, "lt": e.log_tokens, "x": encode_x(e.x)},
+                                    separators=(",", ":")))
+        if self._file is None or self._lines >= self.segment_lines:
+            self._rotate()
+        self._file.write("\n".join(lines) + "\n")
+        self._file.flush()
+        self._lines += len(lines)
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.dir / f"{self.PREFIX}{self._index:09d}.jsonl", "a")
+        self._index += 1
+        self._lines = 0
+        for old in self._segments()[:-self.keep_segments]:
+            old.unlink(missing_ok=True)
+
+    def get(self, rid: str) -> Entry | None:
+        with self._lock:
+            e = self._lru.get(rid)
+            if e is not None:
+                self._lru.move_to_end(rid)
+            return e
+
+    def flush(self, sync: bool = False) -> None:
+        if self._file is not None:
+            self._file.flush()
+            if sync:
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
