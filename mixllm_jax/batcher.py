@@ -67,11 +67,12 @@ class MicroBatcher:
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="micro-batcher")
 
-    async def stop(self) -> None:
-        """Finish what was accepted, then stop."""
+    async def stop(self, timeout_s: float = 120.0) -> None:
+        """Finish what was accepted (waiting at most timeout_s), then stop."""
         if self._task is None:
             return
-        while self.pending:
+        deadline = time.perf_counter() + timeout_s
+        while self.pending and time.perf_counter() < deadline:
             await asyncio.sleep(0.005)
         self._task.cancel()
         try:

@@ -770,8 +770,9 @@ class RouterService:
         results, entries = [], []
         for i, r in enumerate(reqs):
             arm = int(h["arm"][i])
-            if arm not in names:  # cannot happen while one arm is eligible; be loud if it does
-                results.append(RuntimeError(f"routing chose slot {arm}, which holds no LLM"))
+            if arm not in names or not h["eligible"][i, arm]:  # e.g. the LLMs it allowed were removed meanwhile
+                results.append(ApiError(503, "no eligible LLM for this request (the LLMs it may use were "
+                                             "removed); retry", "no_backend", headers={"Retry-After": "1"}))
                 continue
             model = names[arm]
             rid = "req-" + uuid.uuid4().hex

@@ -162,6 +162,91 @@ def stub_requests(env) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# The pieces, without a server
+
+
+def test_journal_group_commit_replay_and_torn_tail(tmp_path):
+    from mixllm_jax.feedback_log import Journal, LogError
+
+    seen = []
+    j = Journal(tmp_path, on_durable=seen.extend)
+    j.start()
+    futs = [j.append({"type": "quality", "i": i}) for i in range(20)]
+    assert [f.result(30) for f in futs] == list(range(1, 21))
+    j.rotate()
+    assert j.append({"type": "usage"}).result(30) == 21
+    j.close()
+    assert [r["seq"] for r in seen] == list(range(1, 22)) and j.fsyncs <= 21
+    assert len(j.segments()) == 2
+    last = j.segments()[-1]
+    with open(last, "ab") as f:
+        f.write(b'{"seq": 22, "type": "qual')  # a crash mid-write: never acknowledged
+    j2 = Journal(tmp_path)
+    recs = j2.read()
+    assert [r["seq"] for r in recs] == list(range(1, 22)) and j2.seq == 21
+    assert last.read_bytes().endswith(b"\n")  # the torn tail was cut off
+    j2.start()
+    assert j2.append({"type": "usage"}).result(30) == 22
+    j2.close()
+    assert len(j2.prune(21)) == 2 and [r["seq"] for r in Journal(tmp_path).read()] == [22]
+    first = Journal(tmp_path).segments()[0]
+    first.write_bytes(b'{"seq": 22}\nnot json\n{"seq": 23}\n')
+    with pytest.raises(LogError, match="damaged log line"):
+        Journal(tmp_path).read()
+
+
+def test_feature_store_is_bounded_and_reloads(tmp_path):
+    from mixllm_jax.feedback_log import Entry, FeatureStore
+
+    fs = FeatureStore(tmp_path, capacity=10)
+    x = np.arange(5, dtype=np.float32)
+    for i in range(25):
+        fs.put_many([(f"r{i}", Entry(x + i, slot=i % 3, arm_id=0, model="m", prompt_tokens=3, log_tokens=1.0))])
+    assert len(fs) == 10 and fs.get("r14") is None and fs.get("r15") is not None
+    fs.close()
+    assert len(list(tmp_path.glob("requests-*.jsonl"))) <= 3
+    again = FeatureStore(tmp_path, capacity=10)
+    assert again.load() >= 10 and len(again) == 10
+    e = again.get("r24")
+    np.testing.assert_array_equal(e.x, x + 24)
+    assert (e.slot, e.model) == (0, "m") and again.get("r14") is None
+
+
+def test_micro_batcher_batches_and_bounds_its_queue():
+    import concurrent.futures
+    import threading
+
+    from mixllm_jax.batcher import MicroBatcher, Overloaded
+
+    gate = threading.Event()
+    sizes = []
+
+    def run(payloads):
+        gate.wait(30)
+        sizes.append(len(payloads))
+        return [p * 2 for p in payloads]
+
+    async def main():
+        ex = concurrent.futures.ThreadPoolExecutor(1)
+        b = MicroBatcher(run, ex, window_s=0.001, max_batch=4, queue_limit=8)
+        b.start()
+        first = asyncio.ensure_future(b.submit([1, 2, 3, 4, 5, 6]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded, match="queue is full"):
+            await b.submit([7, 8, 9])
+        rest = asyncio.ensure_future(b.submit([7, 8]))
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert await first == [2, 4, 6, 8, 10, 12] and await rest == [14, 16]
+        await b.stop()
+        ex.shutdown()
+        return b
+
+    b = asyncio.run(main())
+    assert sum(sizes) == 8 and max(sizes) <= 4 and b.pending == 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def test_healthz_and_models(env, srv):
