@@ -83,9 +83,9 @@ def markdown(results: dict) -> str:
     lines.append(f"- matmul peak: **{peak['peak_gflops']:.1f} GFLOP/s** {peak['dtype']}, precision "
                  f"{peak['precision']}, n x n jnp matmuls measured {peak['measured']} ("
                  + ", ".join(f"n={n}: {g:.1f}" for n, g in peak["gflops_by_size"].items()) + ")")
-    lines.append("- times: best of several timed samples (each after block_until_ready()); compilation "
-                 "excluded and listed apart (first call minus a steady call). Ratios = engine rate / peer "
-                 "rate, measured in this run.")
+    lines.append("- times: each figure is the best of several samples (block_until_ready()), the engine and "
+                 "its peers sampled in turns so that other jobs' load falls on all alike; compilation excluded "
+                 "and listed apart. Ratios = engine rate / peer rate, measured in this run.")
     lines += ["", "## Targets", "", targets_table(results), ""]
 
     route = [r for r in results["route"] if not r["in_batch_load"]]
@@ -110,6 +110,11 @@ def markdown(results: dict) -> str:
             extra = f" ({_x(r['jax_decisions_per_s'] / center['mabwiser_decisions_per_s'])} MABWiser predict)"
         lines += [f"With in_batch_load on (each query sees the load booked by those before it, a scan over B): "
                   f"K={r['K']} d={r['d']} B={r['B']}: {_rate(r['jax_decisions_per_s'])} decisions/s{extra}.", ""]
+    if center and "mabwiser_f32_decisions_per_s" in center:
+        lines += [f"MABWiser predict fed float32 contexts (as embeddings come; MABWiser casts them against its "
+                  f"float64 matrices) at K={K0} d={d0} B={B0}: {_rate(center['mabwiser_f32_decisions_per_s'])} "
+                  f"decisions/s, route_batch {_x(center['speedup_vs_mabwiser_f32'])} that. The table feeds it "
+                  "float64 (its best case).", ""]
     if center and "agree_mabwiser" in center:
         lines += [f"Same work check: route_batch with cost_weight=0, beta=0 picks the same arm as MABWiser's "
                   f"LinUCB on {_pct(center['agree_mabwiser'])} of the {B0} queries (K={K0}, d={d0}).", ""]
@@ -156,7 +161,9 @@ def markdown(results: dict) -> str:
         comp.append(["Encoder.embed", f"{r['texts']} texts, max_length {r['max_length']}",
                      _s(r["encode_compile_s"]), _s(r["texts"] / r["encode_texts_per_s"])])
     lines += ["## Compile time, apart from run time", "",
-              "Seconds (first call minus a steady call: tracing + XLA compilation), beside one steady call.", "",
+              "Seconds of tracing + XLA compilation, beside one steady call: route_batch and update_batch "
+              "timed as jit(...).lower(...).compile(); Router.decide and Encoder.embed as their first call "
+              "minus a steady call (it includes tokenizer set-up).", "",
               _table(["entry point", "configuration", "compile s", "steady call s"], comp), ""]
     return "\n".join(lines)
 

@@ -66,7 +66,7 @@ class Suite:
     numpy_updates: int = 256  # numpy Sherman-Morrison steps timed
     min_time: float = 0.2  # seconds per timing sample
     repeat: int = 5  # samples at most (the best is taken)
-    budget_s: float = 3.0  # steady-state timing time per measured function, about
+    budget_s: float = 2.0  # sampling time per measured function, about
 
 
 FULL = Suite()
@@ -77,36 +77,57 @@ QUICK = Suite(route_B=(1, 64, 4096), route_K=(4, 16), route_d=(128, 384), update
 
 # ---- timing ------------------------------------------------------------------------------------
 
-def measure(fn: Callable[[], object], suite: Suite, jitted: bool = True) -> tuple[float, float]:
-    """(seconds per call, seconds of the first call) of fn(), which must block.
+def measure_all(fns: dict, suite: Suite) -> dict[str, tuple[float, float]]:
+    """{name: (seconds per call, seconds of the first call)} of fns {name: (fn, jitted)}; fn() blocks.
 
-    Seconds per call: the best of up to suite.repeat samples, each of >= suite.min_time (several
-    calls) within about suite.budget_s, at least two samples (best-of, not the median: other jobs on
-    a shared machine only ever slow a sample down). jitted: the first call compiles and is no
-    sample; otherwise (numpy, peers) it is one.
+    The functions are sampled in turns (one sample of each, then again), so the load of other jobs
+    on a shared machine falls on all of them alike, and each keeps its best sample (others only ever
+    slow a sample down): up to suite.repeat samples of >= suite.min_time each, at least two, within
+    about suite.budget_s per function. jitted: the first call compiles and is no sample; otherwise
+    (numpy, peers) it is one.
     """
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = [] if jitted else [first]
-    deadline = time.perf_counter() + suite.budget_s
-    while len(times) < suite.repeat:
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= suite.min_time or time.perf_counter() >= deadline:
-                break
-        times.append(elapsed / n)
-        if time.perf_counter() >= deadline and len(times) >= 2:
+    first, times = {}, {k: [] for k in fns}
+    for k, (fn, jitted) in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[k] = time.perf_counter() - t0
+        if not jitted:
+            times[k].append(first[k])
+    deadline = time.perf_counter() + suite.budget_s * len(fns)
+    while True:
+        todo = [k for k in fns if len(times[k]) < suite.repeat]
+        if time.perf_counter() >= deadline:
+            todo = [k for k in todo if len(times[k]) < 2]
+        if not todo:
             break
-    return float(min(times)), first
+        for k in todo:
+            fn = fns[k][0]
+            n, t0 = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= suite.min_time or time.perf_counter() >= deadline:
+                    break
+            times[k].append(elapsed / n)
+    return {k: (float(min(times[k])), first[k]) for k in fns}
+
+
+def measure(fn: Callable[[], object], suite: Suite, jitted: bool = True) -> tuple[float, float]:
+    """(seconds per call, seconds of the first call) of one function: see measure_all."""
+    return measure_all({"f": (fn, jitted)}, suite)["f"]
 
 
 def compile_time(first: float, steady: float) -> float:
     """Tracing + compilation: the first call less a steady call."""
     return max(first - steady, 0.0)
+
+
+def aot_compile_time(jitted, *args) -> float:
+    """Seconds to trace, lower and compile a jitted function for these arguments (nothing runs)."""
+    t0 = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - t0
 
 
 def timeit(fn, *, repeat=5, min_time=0.2):
@@ -188,6 +209,7 @@ class Workspace:
                 version, why = find()
                 self.peers[name] = {"version": version, "skipped": why}
         self._states: dict = {}
+        self.peak = MatmulPeak(suite)
         self._bar = None
         self.progress = progress
 
@@ -221,57 +243,106 @@ class Workspace:
             self._bar.update(1)
 
 
-def matmul_peak(suite: Suite) -> dict:
-    """This device's float32 matmul rate (GFLOP/s) on n x n jnp matmuls, default precision."""
-    dev = jax.devices()[0]
-    sizes = suite.peak_sizes if dev.platform == "cpu" else tuple(sorted({4096, 8192, 16384} | set(suite.peak_sizes)))
-    mm = jax.jit(lambda a, b: a @ b)
-    by_size = {}
-    for n in sizes:
-        k1, k2 = jax.random.split(jax.random.PRNGKey(n))
-        a = jax.random.normal(k1, (n, n), jnp.float32)
-        b = jax.random.normal(k2, (n, n), jnp.float32)
-        s, _ = measure(lambda: mm(a, b).block_until_ready(), suite)
-        by_size[str(n)] = 2 * n**3 / s / 1e9
-        del a, b
-    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "dtype": "float32",
-            "measured": "at the start of the run",
-            "precision": "default (TF32 on NVIDIA GPUs)" if dev.platform == "gpu" else "default"}
+class MatmulPeak:
+    """This device's float32 matmul rate (GFLOP/s) on n x n jnp matmuls, default precision.
+
+    The best sample of the whole run counts: sizes suite.peak_sizes at the start and the end, and the
+    middle size sampled again beside every route_batch configuration (in the same turns).
+    """
+
+    def __init__(self, suite: Suite):
+        dev = jax.devices()[0]
+        self.suite = suite
+        self.sizes = suite.peak_sizes if dev.platform == "cpu" else \
+            tuple(sorted({4096, 8192, 16384} | set(suite.peak_sizes)))
+        self.precision = "default (TF32 on NVIDIA GPUs)" if dev.platform == "gpu" else "default"
+        self.gflops: dict[str, float] = {}
+        self.samples = 0
+        self._mm = jax.jit(lambda a, b: a @ b)
+        self._args: dict[int, tuple] = {}
+
+    def fn(self, n: int):
+        if n not in self._args:
+            k1, k2 = jax.random.split(jax.random.PRNGKey(n))
+            self._args[n] = (jax.random.normal(k1, (n, n), jnp.float32), jax.random.normal(k2, (n, n), jnp.float32))
+        a, b = self._args[n]
+        return lambda: self._mm(a, b).block_until_ready()
+
+    def record(self, n: int, seconds: float):
+        self.samples += 1
+        self.gflops[str(n)] = max(self.gflops.get(str(n), 0.0), 2 * n**3 / seconds / 1e9)
+
+    def measure_sizes(self):
+        for n in self.sizes:
+            self.record(n, measure(self.fn(n), self.suite)[0])
+
+    @property
+    def side_size(self) -> int:
+        return self.sizes[len(self.sizes) // 2]
+
+    @property
+    def peak(self) -> float:
+        return max(self.gflops.values())
+
+    def to_dict(self) -> dict:
+        return {"gflops_by_size": dict(self.gflops), "peak_gflops": self.peak, "dtype": "float32",
+                "precision": self.precision,
+                "measured": f"at the start and the end of the run and beside every route_batch "
+                            f"configuration (n={self.side_size}); the best sample counts"}
+
+    def release(self):
+        self._args.clear()
 
 
-def bench_route(ws: Workspace, K, d, B, peak_gflops, in_batch_load=False) -> dict:
-    """One route_batch configuration, with the numpy reference and MABWiser predict beside it."""
+def bench_route(ws: Workspace, K, d, B, in_batch_load=False) -> dict:
+    """One route_batch configuration, with the numpy reference and MABWiser predict beside it.
+
+    All of them (and a matmul for the peak) are sampled in turns. peak_fraction is set from the
+    run's best matmul sample at the end of the run.
+    """
     suite = ws.suite
     st, _, mab = ws.state(K, d)
     x, p = queries(B, d)
     pol = Policy(**ROUTE_POLICY, in_batch_load=in_batch_load)
     xj, pj = jnp.asarray(x), jnp.asarray(p)
-    steady, first = measure(lambda: route_batch(st, xj, pj, pol).arm.block_until_ready(), suite)
-    jax_arm = np.asarray(route_batch(st, xj, pj, pol).arm)
-    gflops = route_flops(K, d, B) / steady / 1e9
-    row = dict(K=K, d=d, B=B, in_batch_load=in_batch_load, compile_s=compile_time(first, steady),
-               jax_s=steady, jax_decisions_per_s=B / steady, jax_gflops=gflops,
-               peak_fraction=gflops / peak_gflops)
+    out = {}
+    compile_s = aot_compile_time(route_batch, st, xj, pj, pol)
+    fns = {"jax": (lambda: route_batch(st, xj, pj, pol).arm.block_until_ready(), True),
+           "peak": (ws.peak.fn(ws.peak.side_size), True)}
     if not in_batch_load:
         A_inv, Bm = np.asarray(st.A_inv), np.asarray(st.B)
         pin, pout = np.asarray(st.price_in), np.asarray(st.price_out)
-        out = {}
 
         def np_call():
-            out["arm"] = numpy_route(A_inv, Bm, pin, pout, x, p, ROUTE_POLICY["cost_weight"], ROUTE_POLICY["alpha"])
+            out["numpy"] = numpy_route(A_inv, Bm, pin, pout, x, p, ROUTE_POLICY["cost_weight"], ROUTE_POLICY["alpha"])
 
-        np_s, _ = measure(np_call, suite, jitted=False)
-        row.update(numpy_decisions_per_s=B / np_s, speedup_vs_numpy=np_s / steady,
-                   agree_numpy=float(np.mean(out["arm"] == jax_arm)))
+        fns["numpy"] = (np_call, False)
         if mab is not None:
             from benchmarks import peers
             x64 = x.astype(np.float64)  # MABWiser's own dtype: no conversion charged to it
-            mab_s, _ = measure(lambda: out.update(mab=peers.mabwiser_predict(mab, x64)), suite, jitted=False)
-            row.update(mabwiser_decisions_per_s=B / mab_s, speedup_vs_mabwiser=mab_s / steady)
-            if (K, d, B) == suite.center:
-                # MABWiser's LinUCB is route_batch with no cost and no latency term: same arms?
-                lin = Policy(cost_weight=0.0, alpha=PEER_ALPHA, beta=0.0, in_batch_load=False)
-                row["agree_mabwiser"] = float(np.mean(np.asarray(route_batch(st, xj, pj, lin).arm) == out["mab"]))
+            fns["mabwiser"] = (lambda: out.update(mab=peers.mabwiser_predict(mab, x64)), False)
+            if (K, d, B) == tuple(suite.center):  # as fed float32 embeddings, its dot products cast
+                fns["mabwiser_f32"] = (lambda: peers.mabwiser_predict(mab, x), False)
+    t = measure_all(fns, suite)
+    ws.peak.record(ws.peak.side_size, t["peak"][0])
+    steady = t["jax"][0]
+    gflops = route_flops(K, d, B) / steady / 1e9
+    row = dict(K=K, d=d, B=B, in_batch_load=in_batch_load, compile_s=compile_s,
+               jax_s=steady, jax_decisions_per_s=B / steady, jax_gflops=gflops,
+               peak_fraction=gflops / ws.peak.peak)
+    if "numpy" in t:
+        jax_arm = np.asarray(route_batch(st, xj, pj, pol).arm)
+        row.update(numpy_decisions_per_s=B / t["numpy"][0], speedup_vs_numpy=t["numpy"][0] / steady,
+                   agree_numpy=float(np.mean(out["numpy"] == jax_arm)))
+    if "mabwiser" in t:
+        row.update(mabwiser_decisions_per_s=B / t["mabwiser"][0], speedup_vs_mabwiser=t["mabwiser"][0] / steady)
+        if "mabwiser_f32" in t:
+            row.update(mabwiser_f32_decisions_per_s=B / t["mabwiser_f32"][0],
+                       speedup_vs_mabwiser_f32=t["mabwiser_f32"][0] / steady)
+        if (K, d, B) == tuple(suite.center):
+            # MABWiser's LinUCB is route_batch with no cost and no latency term: same arms?
+            lin = Policy(cost_weight=0.0, alpha=PEER_ALPHA, beta=0.0, in_batch_load=False)
+            row["agree_mabwiser"] = float(np.mean(np.asarray(route_batch(st, xj, pj, lin).arm) == out["mab"]))
     return row
 
 
@@ -285,20 +356,24 @@ def bench_update(ws: Workspace, K, d, B, hot) -> dict:
     y = rng.normal(size=(B, 2)).astype(np.float32)
     arm = np.zeros(B, np.int32) if hot else rng.integers(0, K, B).astype(np.int32)
     xj, aj, yj = map(jnp.asarray, (x, arm, y))
-    steady, first = measure(lambda: bandit.update_batch(st, xj, aj, yj).A_inv.block_until_ready(), suite)
-    row = dict(K=K, d=d, B=B, hot_arm=hot, compile_s=compile_time(first, steady), jax_s=steady,
-               jax_updates_per_s=B / steady)
     n_np = min(B, suite.numpy_updates)
     A_inv, Bm = np.array(st.A_inv), np.array(st.B)
-    np_s, _ = measure(lambda: numpy_update(A_inv, Bm, x[:n_np], arm[:n_np], y[:n_np]), suite, jitted=False)
-    row.update(numpy_updates_per_s=n_np / np_s, speedup_vs_numpy=(np_s / n_np) / (steady / B))
+    compile_s = aot_compile_time(bandit.update_batch, st, xj, aj, yj)
+    fns = {"jax": (lambda: bandit.update_batch(st, xj, aj, yj).A_inv.block_until_ready(), True),
+           "numpy": (lambda: numpy_update(A_inv, Bm, x[:n_np], arm[:n_np], y[:n_np]), False)}
+    n_pf = min(B, suite.peer_updates)
     if mab is not None:
         from benchmarks import peers
-        n_pf = min(B, suite.peer_updates)
         x64 = x[:n_pf].astype(np.float64)
-        pf_s, _ = measure(lambda: peers.mabwiser_partial_fit_each(mab, x64, arm[:n_pf], y[:n_pf, 0]),
-                          suite, jitted=False)
-        row.update(mabwiser_updates_per_s=n_pf / pf_s, speedup_vs_mabwiser=(pf_s / n_pf) / (steady / B))
+        fns["mabwiser"] = (lambda: peers.mabwiser_partial_fit_each(mab, x64, arm[:n_pf], y[:n_pf, 0]), False)
+    t = measure_all(fns, suite)
+    steady = t["jax"][0]
+    row = dict(K=K, d=d, B=B, hot_arm=hot, compile_s=compile_s, jax_s=steady,
+               jax_updates_per_s=B / steady, numpy_updates_per_s=n_np / t["numpy"][0],
+               speedup_vs_numpy=(t["numpy"][0] / n_np) / (steady / B))
+    if "mabwiser" in t:
+        row.update(mabwiser_updates_per_s=n_pf / t["mabwiser"][0],
+                   speedup_vs_mabwiser=(t["mabwiser"][0] / n_pf) / (steady / B))
     return row
 
 
@@ -371,23 +446,27 @@ def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
         d, _ = router.decide(texts)
         out["arm"] = np.asarray(d.arm.block_until_ready())[:n]
 
-    steady, first = measure(fused, suite)
-    enc_s, enc_first = measure(lambda: enc.embed(texts, batch_size=n, max_length=L, truncation_side="right"), suite)
-    tokens = float(np.minimum(setup["full_tokens"], L).mean())
-    row = dict(max_length=L, texts=n, tokens_per_text=tokens, compile_s=compile_time(first, steady),
-               jax_s=steady, jax_texts_per_s=n / steady, encode_compile_s=compile_time(enc_first, enc_s),
-               encode_texts_per_s=n / enc_s)
+    fns = {"jax": (fused, True),
+           "encode": (lambda: enc.embed(texts, batch_size=n, max_length=L, truncation_side="right"), True)}
     if "st" in setup:
-        st_s, _ = measure(lambda: peers.st_encode(setup["st"], texts, L, n), suite, jitted=False)
-        row.update(st_encode_texts_per_s=n / st_s, encode_vs_st=st_s / enc_s)
+        fns["st"] = (lambda: peers.st_encode(setup["st"], texts, L, n), False)
         if "mab" in setup:
             def peer():
                 e = peers.st_encode(setup["st"], texts, L, n)
                 out["peer"] = peers.mabwiser_predict(setup["mab"], np.hstack([e, np.ones((n, 1), e.dtype)]))
 
-            peer_s, _ = measure(peer, suite, jitted=False)
-            row.update(peer_texts_per_s=n / peer_s, speedup_vs_peer=peer_s / steady,
-                       agree_peer=float(np.mean(out["arm"] == out["peer"])))
+            fns["peer"] = (peer, False)
+    t = measure_all(fns, suite)
+    (steady, first), (enc_s, enc_first) = t["jax"], t["encode"]
+    tokens = float(np.minimum(setup["full_tokens"], L).mean())
+    row = dict(max_length=L, texts=n, tokens_per_text=tokens, compile_s=compile_time(first, steady),
+               jax_s=steady, jax_texts_per_s=n / steady, encode_compile_s=compile_time(enc_first, enc_s),
+               encode_texts_per_s=n / enc_s)
+    if "st" in t:
+        row.update(st_encode_texts_per_s=n / t["st"][0], encode_vs_st=t["st"][0] / enc_s)
+    if "peer" in t:
+        row.update(peer_texts_per_s=n / t["peer"][0], speedup_vs_peer=t["peer"][0] / steady,
+                   agree_peer=float(np.mean(out["arm"] == out["peer"])))
     return row
 
 
@@ -413,7 +492,10 @@ def targets(results: dict) -> list[dict]:
     mab_why = peers["mabwiser"]["skipped"]
     out = [
         item("route_batch vs MABWiser predict", TARGETS["route_vs_mabwiser"],
-             center and center.get("speedup_vs_mabwiser"), "x", mab_why, f"K={K0} d={d0} B={B0}"),
+             center and center.get("speedup_vs_mabwiser"), "x", mab_why,
+             f"K={K0} d={d0} B={B0}, contexts float64" + (
+                 f" ({center['speedup_vs_mabwiser_f32']:.2f}x when fed float32)"
+                 if center and "speedup_vs_mabwiser_f32" in center else "")),
         item("update_batch vs MABWiser partial_fit one at a time", TARGETS["update_vs_mabwiser"],
              upd and upd.get("speedup_vs_mabwiser"), "x", mab_why,
              upd and f"K={upd['K']} d={upd['d']} B={upd['B']}, spread over arms"),
@@ -478,7 +560,8 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
         "suite": dataclasses.asdict(suite),
         "route_policy": dict(ROUTE_POLICY, peer_alpha=PEER_ALPHA),
         "peers": ws.peers,
-        "compile_note": "compile_s = first call - steady call (tracing + XLA compilation)",
+        "compile_note": "route_batch, update_batch: jit(...).lower(...).compile() time; Router.decide, "
+                        "Encoder.embed: first call minus a steady call (tracing + XLA compilation)",
     }
     for name, p in ws.peers.items():
         if p["version"] is None:
@@ -494,19 +577,19 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
     try:
         ws.log(f"device {results['device']} ({results['cpu']}, {results['cpu_count']} cores), "
                f"load average {results['load_average_start']}")
-        results["matmul"] = peak = matmul_peak(suite)
-        ws.log(f"matmul peak: {peak['peak_gflops']:.1f} GFLOP/s float32 "
-               f"({', '.join(f'n={n}: {g:.1f}' for n, g in peak['gflops_by_size'].items())})")
+        ws.peak.measure_sizes()
+        ws.log(f"matmul peak: {ws.peak.peak:.1f} GFLOP/s float32 "
+               f"({', '.join(f'n={n}: {g:.1f}' for n, g in ws.peak.gflops.items())})")
         ws.step("matmul peak")
 
         results["route"] = []
         for K, d, B in cfgs:
-            r = bench_route(ws, K, d, B, peak["peak_gflops"])
+            r = bench_route(ws, K, d, B)
             results["route"].append(r)
             ws.log(_route_line(r))
             ws.step(f"route K={K} d={d} B={B}")
         K0, d0, B0 = suite.center
-        r = bench_route(ws, K0, d0, B0, peak["peak_gflops"], in_batch_load=True)
+        r = bench_route(ws, K0, d0, B0, in_batch_load=True)
         results["route"].append(r)
         ws.log(_route_line(r))
         ws.step("route in_batch_load")
@@ -535,20 +618,17 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
         else:
             results["text_skipped"] = "--no-text"
 
-        # The peak again at the end (a shared machine's load varies): the best of both runs counts.
-        again = matmul_peak(suite)
-        for n, g in again["gflops_by_size"].items():
-            peak["gflops_by_size"][n] = max(g, peak["gflops_by_size"][n])
-        peak["peak_gflops"] = max(peak["gflops_by_size"].values())
-        peak["measured"] = "at the start and at the end of the run, the best of both"
-        ws.log(f"matmul peak again at the end: {again['peak_gflops']:.1f} GFLOP/s; peak used: "
-               f"{peak['peak_gflops']:.1f}")
-        for r in results["route"]:
-            r["peak_fraction"] = r["jax_gflops"] / peak["peak_gflops"]
+        # The peak again at the end (a shared machine's load varies): the run's best sample counts.
+        ws.peak.measure_sizes()
+        ws.log(f"matmul peak, best sample of the run: {ws.peak.peak:.1f} GFLOP/s")
         ws.step("matmul peak again")
     finally:
         if ws._bar is not None:
             ws._bar.close()
+        ws.peak.release()
+    results["matmul"] = ws.peak.to_dict()
+    for r in results["route"]:
+        r["peak_fraction"] = r["jax_gflops"] / ws.peak.peak
     results["targets"] = targets(results)
     results["load_average_end"] = _load()
     results["wall_s"] = time.perf_counter() - t_start
@@ -561,7 +641,7 @@ def _ratio(r, key, label):
 
 def _route_line(r):
     s = (f"route_batch K={r['K']} d={r['d']} B={r['B']}{' in_batch_load' if r['in_batch_load'] else ''}: "
-         f"{r['jax_decisions_per_s']:,.0f}/s, {r['jax_gflops']:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of peak")
+         f"{r['jax_decisions_per_s']:,.0f}/s, {r['jax_gflops']:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of the peak so far")
     if "numpy_decisions_per_s" in r:
         s += f"; numpy {r['numpy_decisions_per_s']:,.0f}/s ({r['speedup_vs_numpy']:.1f}x)"
     if "mabwiser_decisions_per_s" in r:
