@@ -1,0 +1,93 @@
+"""Each experiment end to end on a small RouterBench subset with one-hot task features (no encoder)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mixllm_jax import experiments as E
+from mixllm_jax import simulate as sim
+from mixllm_jax.data import routerbench_dir
+
+RB = routerbench_dir()
+pytestmark = pytest.mark.skipif(not (RB / "models.json").exists(), reason=f"RouterBench slice not at {RB}")
+
+
+@pytest.fixture(scope="module")
+def quick():
+    return E.load_data(quick=True, quick_rows=(240, 120))
+
+
+def read(report, name):
+    paths = report["paths"]
+    for k in ("json", "md", "png"):
+        assert paths[k].endswith(f"{name}.{k}")
+    data = json.loads(open(paths["json"]).read())
+    md = open(paths["md"]).read()
+    assert "ASSUMPTIONS" in md and "ASSUMPTIONS" in data["latency_note"]
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return data, md
+
+
+def test_latency_experiment(quick, tmp_path):
+    r = E.run_experiment("latency", tmp_path, quick=True, data=quick, rates=(10.0, 60.0), repeat=2, singles=False)
+    data, md = read(r, "latency")
+    assert [p["rate"] for p in data["per_rate"]] == [10.0, 60.0]
+    for pr in data["per_rate"]:
+        m = pr["methods"]
+        assert {"mixllm", "mixllm_no_penalty", "cascade_frontier", "cascade_cheap_to_ref", "random"} <= set(m)
+        # beta = 0 routing ignores the load: without the deadline it is the unconstrained router
+        assert m["mixllm_no_penalty"]["quality_pct_no_deadline"] == pytest.approx(data["unconstrained"]["quality_pct"], abs=1e-6)
+        assert m["cascade_frontier"]["mean_calls"] > 1.0
+        assert "mixllm_vs_unconstrained_rel_pct" in pr["acceptance"]
+    assert "## Acceptance" in md and "| 60 |" in md
+
+
+def test_continual_experiment(quick, tmp_path):
+    r = E.run_experiment("continual", tmp_path, quick=True, data=quick, splits=(0.5, 0.3))
+    data, md = read(r, "continual")
+    assert [row["split"] for row in data["table"]] == ["50:50", "30:70"]
+    for row in data["table"]:
+        assert row["none"]["gain_rel_pct"] == 0.0
+        for m in ("refined", "binary", "full_information"):
+            assert np.isfinite(row[m]["gain_rel_pct"]) and np.isfinite(row[m]["quality_at_cap"])
+    for run in data["runs"]:
+        assert run["n_offline"] + run["n_online"] == len(quick.train)
+        assert run["modes"]["refined"]["stream"]["n"] == run["n_online"]
+    acc = data["acceptance"]
+    assert acc["shortfall_vs_paper_pct_points"] == pytest.approx(max(0.0, 2.22 - acc["refined_gain_30_70_pct"]))
+    assert "30:70" in md and "[+2.22%]" in md
+
+
+def test_llm_changes_experiment(quick, tmp_path):
+    r = E.run_experiment("llm-changes", tmp_path, quick=True, data=quick)
+    data, md = read(r, "llm-changes")
+    c = data["checks"]
+    assert c["no_recompilation"] is True
+    assert all(v == 0 for k, v in c["recompiles_after_first_event"].items() if k in ("route_batch", "update_batch", "serve"))
+    assert c["nothing_routed_to_removed"] is True and c["removed_share_before_removal"] > 0.0
+    assert [e["event"] for e in data["events"]] == ["AddLLM"] * 3 + ["RemoveLLM", "SetPrice"]
+    assert sum(c["added_llms_share_after_add"].values()) > 0.0  # the new LLMs got traffic
+    assert len(data["phases"]["adaptive"]) == 4
+
+
+def test_out_of_domain_experiment(quick, tmp_path):
+    r = E.run_experiment("out-of-domain", tmp_path, quick=True, data=quick)
+    data, md = read(r, "out-of-domain")
+    assert [e["task"] for e in data["per_task"]] == ["arc-challenge", "mbpp", "winogrande"]
+    for e in data["per_task"]:
+        assert set(e["modes"]) == set(sim.LEARNING_MODES)
+        assert e["modes"]["none"]["drop_rel_pct"] is not None
+    assert set(data["mean_drop_rel_pct"]) == set(sim.LEARNING_MODES)
+    assert "-5.44%" in md
+
+
+def test_unknown_experiment_and_helpers(quick):
+    with pytest.raises(ValueError, match="unknown experiment"):
+        E.run_experiment("nope", "/tmp/unused", data=quick)
+    sub = E.select_models(quick.test, ["claude-v2", "gpt-4-1106-preview"])
+    assert sub.models == ["claude-v2", "gpt-4-1106-preview"] and sub.quality.shape == (len(quick.test), 2)
+    np.testing.assert_array_equal(sub.cost[:, 1], quick.test.cost[:, 0])
+    e_tr, e_te = E.onehot_features(quick.train, quick.test)
+    assert e_tr.shape[1] == 3 and (e_tr.sum(1) == 1).all() and (e_te.sum(1) == 1).all()
