@@ -91,3 +91,11 @@ def test_unknown_experiment_and_helpers(quick):
     np.testing.assert_array_equal(sub.cost[:, 1], quick.test.cost[:, 0])
     e_tr, e_te = E.onehot_features(quick.train, quick.test)
     assert e_tr.shape[1] == 3 and (e_tr.sum(1) == 1).all() and (e_te.sum(1) == 1).all()
+
+
+def test_simulate_main_writes_one_load_report(tmp_path):
+    r = E.simulate_main(out_dir=tmp_path, rate=20.0, arrival="poisson", refresh_s=None, quick=True, progress=False)
+    data, md = read(r, "simulate")
+    assert data["rates"] == [20.0] and data["config"]["arrival"] == "poisson" and data["config"]["refresh_s"] is None
+    m = data["per_rate"][0]["methods"]
+    assert "gpt-4-1106-preview" in m and m["gpt-4-1106-preview"]["cost_pct"] == pytest.approx(100.0, abs=1e-6)
