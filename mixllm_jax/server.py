@@ -56,6 +56,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -985,6 +986,7 @@ class RouterService:
     def health(self) -> dict:
         fn = _serve_route()
         return {"status": "ok", "models": self.registry.names, "queue": self.batcher.pending,
+                "proxy_inflight": self.proxy_inflight,
                 "journal_seq": self.journal.seq, "applied_seq": self.applied_seq,
                 "checkpoint_step": self.ckpt_step, "checkpoint_seq": self.ckpt_seq,
                 "replayed": self.replayed, "features": len(self.features), "capacity": self.state.capacity,
@@ -1291,11 +1293,15 @@ def create_app(checkpoint: str | Path, backends: str | Path | None = None, **opt
             raise ApiError(503, "no live LLM has a backend configured (backends.yaml or POST /v1/models)",
                            "no_backend")
         svc.proxy_inflight += 1
+        handed_off = False  # a streaming answer releases its slot when the stream ends
         try:
             [res] = await svc.route([text], cost_weight=cw, budget=budget, allowed=mask.copy(), kind="chat")
-            return await proxy(body, res, stream)
+            resp = await proxy(body, res, stream)
+            handed_off = isinstance(resp, StreamingResponse)
+            return resp
         finally:
-            svc.proxy_inflight -= 1
+            if not handed_off:
+                svc.proxy_inflight -= 1
 
     async def failed(rid, model, reason, message, status):
         m.backend_fail.labels(model, reason).inc()
@@ -1402,11 +1408,22 @@ def create_app(checkpoint: str | Path, backends: str | Path | None = None, **opt
                 yield ("data: " + json.dumps({"error": {"message": err.message, "type": err.type}})
                        + "\n\n").encode()
             finally:
+                release()
                 await resp.aclose()
                 if ok:
                     svc.record_usage(rid, model, usage, time.perf_counter() - t0, ttft, approx_tokens=deltas)
 
-        return StreamingResponse(relay(), status_code=200, headers=mh,
+        released = False
+
+        def release():  # once: when the stream ends, or when a stream never started is collected
+            nonlocal released
+            if not released:
+                released = True
+                svc.proxy_inflight -= 1
+
+        gen = relay()
+        weakref.finalize(gen, release)
+        return StreamingResponse(gen, status_code=200, headers=mh,
                                  media_type=resp.headers.get("content-type", "text/event-stream"))
 
     async def not_found(request, exc):

@@ -456,7 +456,8 @@ def test_overload_answers_429_with_retry_after(srv):
             break
     assert 429 in statuses and 200 in statuses
     assert srv.metric("mixllm_rejected_total", reason="queue_full") >= 1
-    assert srv.get("/healthz").json()["queue"] == 0
+    h = srv.get("/healthz").json()
+    assert h["queue"] == 0 and h["proxy_inflight"] == 0
 
 
 def test_metrics_text(srv):
