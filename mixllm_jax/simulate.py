@@ -454,6 +454,9 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
             ev = pending.pop(0)
             before = compile_counts()
             state, registry, world = _apply_event(ev, state, registry, world)
+            if fs is not None and state.capacity != fs.params["Dense_2"]["kernel"].shape[1]:
+                raise ValueError(f"{ev} grew the state to {state.capacity} arm slots past the feedback network's "
+                                 "capacity: start from a state with room for every LLM added (state.grow)")
             slot_model = _slot_models(registry, world, state.capacity)
             applied.append({"at": int(ev.at), "row": lo, "time_s": t, "event": type(ev).__name__,
                             **{k: v for k, v in dataclasses.asdict(ev).items() if k != "at"},

@@ -36,7 +36,8 @@ def test_latency_experiment(quick, tmp_path):
     assert [p["rate"] for p in data["per_rate"]] == [10.0, 60.0]
     for pr in data["per_rate"]:
         m = pr["methods"]
-        assert {"mixllm", "mixllm_no_penalty", "cascade_frontier", "cascade_cheap_to_ref", "random"} <= set(m)
+        assert {"mixllm", "mixllm_no_penalty", "mixllm_snapshot_herding", "cascade_frontier", "cascade_cheap_to_ref",
+                "random"} <= set(m)
         # beta = 0 routing ignores the load: without the deadline it is the unconstrained router
         assert m["mixllm_no_penalty"]["quality_pct_no_deadline"] == pytest.approx(data["unconstrained"]["quality_pct"], abs=1e-6)
         assert m["cascade_frontier"]["mean_calls"] > 1.0
