@@ -5,6 +5,8 @@
     mixllm-jax route --router checkpoints/NAME "some prompt" ["another" ...]
     mixllm-jax run                 # the main job: train on the RouterBench slice, evaluate on its test split
     mixllm-jax ablation head       # tag-enhanced head vs none;  `ablation truncation`: left vs right
+    mixllm-jax simulate            # a query stream under load: quality, cost, waits, satisfaction
+    mixllm-jax experiment NAME     # latency | continual | llm-changes | out-of-domain (JSON, table, plot)
     mixllm-jax bench --quick       # throughput suite (JSON, markdown, plots in runs/bench)
 """
 
@@ -105,6 +107,26 @@ def cmd_ablation(args):
     print(f"\nreport and plot in {args.out}")
 
 
+def cmd_simulate(args):
+    from mixllm_jax import experiments
+
+    report = experiments.simulate_main(
+        out_dir=args.out, rate=args.rate, arrival=args.arrival, batch_s=args.batch_s,
+        refresh_s=args.refresh_s, tolerance_s=args.tolerance, cost_weight=args.cost_weight,
+        beta=args.beta, tau=args.tau, alpha=args.alpha, repeat=args.repeat, seed=args.seed,
+        router_path=args.router, quick=args.quick)
+    print(Path(report["paths"]["md"]).read_text())
+    print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
+
+
+def cmd_experiment(args):
+    from mixllm_jax import experiments
+
+    report = experiments.run_experiment(args.name, args.out, quick=args.quick)
+    print(Path(report["paths"]["md"]).read_text())
+    print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
+
+
 def cmd_bench(args, rest):
     """The throughput suite (benchmarks/ in the repository): `mixllm-jax bench --help` lists its options."""
     root = Path(__file__).resolve().parent.parent
@@ -185,6 +207,30 @@ def main(argv=None):
     p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
     p.add_argument("prompts", nargs="+")
     p.set_defaults(fn=cmd_route)
+
+    p = sub.add_parser("simulate", help="stream the test split through a router under load (latency model; "
+                                        "RouterBench latency profiles are assumptions)")
+    p.add_argument("--router", help="a checkpoint directory (default: train one on the RouterBench slice)")
+    p.add_argument("--rate", type=float, default=10.0, help="queries per second (default 100 per 10 s)")
+    p.add_argument("--arrival", choices=("uniform", "poisson"), default="uniform", help="arrival process")
+    p.add_argument("--batch-s", type=float, default=1.0, help="routing window in seconds")
+    p.add_argument("--refresh-s", type=float, default=10.0, help="waiting times refresh interval (0: continuous)")
+    p.add_argument("--tolerance", type=float, default=30.0, help="a query waiting longer scores quality 0")
+    p.add_argument("--cost-weight", type=float, help="lambda (default: calibrated to 24.18%% of GPT-4's cost)")
+    p.add_argument("--beta", type=float, default=0.1, help="latency penalty weight")
+    p.add_argument("--tau", type=float, default=10.0, help="wait (s) above which the penalty starts")
+    p.add_argument("--alpha", type=float, default=0.01, help="LinUCB exploration weight")
+    p.add_argument("--repeat", type=int, default=1, help="stream the test split this many times")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
+    p.add_argument("--out", default="runs/simulate", help="folder for simulate.json/.md/.png")
+    p.set_defaults(fn=cmd_simulate)
+
+    p = sub.add_parser("experiment", help="reproduce a paper experiment: latency, continual, llm-changes, out-of-domain")
+    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"))
+    p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
+    p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
+    p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("bench", add_help=False,
                        help="throughput suite: route/update/text-to-decision rates, peers side by side "

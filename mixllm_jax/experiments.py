@@ -411,7 +411,7 @@ def simulate_main(*, out_dir: str | Path = "runs/simulate", rate: float = 10.0, 
                   router_path: str | Path | None = None, quick: bool = False, progress: bool = True) -> dict:
     """`mixllm-jax simulate`: one stream at one load; writes simulate.json / .md / .png in out_dir.
 
-    Trains a router on the RouterBench train split (or loads `router_path`, a saved Router, and
+    Trains a router on the RouterBench train split (or restores `router_path`, a checkpoint, and
     embeds with its encoder), streams the test split (shuffled, `repeat` times) at `rate` queries/s
     (`arrival` "uniform" or "poisson"; routing windows of `batch_s` s; load snapshot refreshed every
     `refresh_s` s, None/0 = continuously; quality 0 past `tolerance_s`), and reports the router with
@@ -422,7 +422,9 @@ def simulate_main(*, out_dir: str | Path = "runs/simulate", rate: float = 10.0, 
     config = sim.StreamConfig(rate=rate, arrival=arrival, batch_s=batch_s, refresh_s=refresh_s,
                               tolerance_s=tolerance_s, seed=seed)
     if router_path is not None:
-        router = Router.load(router_path)
+        from mixllm_jax import checkpoint
+
+        router = checkpoint.restore_router(router_path)[0]
         d = load_data(quick, features="onehot" if router.encoder is None else "encoder",
                       max_length=router.max_length, progress=progress)
         if router.encoder is not None:

@@ -54,7 +54,7 @@ def test_train_eval_route(jsonl, tmp_path, capsys, monkeypatch):
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "mixllm_jax.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("train", "eval", "run", "ablation", "route", "bench"):
+    for cmd in ("train", "eval", "run", "ablation", "route", "simulate", "experiment", "bench"):
         assert cmd in out
 
 
