@@ -937,8 +937,12 @@ class RouterService:
                 "max_concurrency": int(st.max_concurrency[s]), "observations": float(st.count[s]),
                 "backend": None if b is None else {k: v for k, v in b.public().items() if k != "api_key_env"}}
 
-    def models(self) -> list[dict]:
+    def _models(self) -> list[dict]:
+        self._drain()  # read your writes: acknowledged feedback is counted
         return [self.model_info(n) for n in self.registry.names]
+
+    async def models(self) -> list[dict]:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._models)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -1222,7 +1226,7 @@ def create_app(checkpoint: str | Path, backends: str | Path | None = None, **opt
 
     @endpoint("models")
     async def models_list(request):
-        return JSONResponse({"object": "list", "data": svc.models()})
+        return JSONResponse({"object": "list", "data": await svc.models()})
 
     @endpoint("models_add")
     async def models_add(request):

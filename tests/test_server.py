@@ -483,6 +483,7 @@ def test_kill9_restart_loses_no_acknowledged_feedback(env, srv):
         assert fb.status_code == 200, fb.text
         acked[rt["model"]] = acked.get(rt["model"], 0) + 1
     seq = srv.get("/healthz").json()["applied_seq"]
+    live = srv.route(book_load=False)["explanation"]
     srv.stop(signal.SIGKILL)
     srv.start()
     h = srv.get("/healthz").json()
@@ -491,6 +492,10 @@ def test_kill9_restart_loses_no_acknowledged_feedback(env, srv):
     assert "durable-llm" in after
     for m, n in obs.items():
         assert after[m] == n + acked.get(m, 0), m
+    replayed = srv.route(book_load=False)["explanation"]  # the replayed state predicts as the live one did
+    for m in live:
+        for k in ("quality", "uncertainty", "feedback"):
+            assert replayed[m][k] == pytest.approx(live[m][k], rel=1e-3, abs=1e-4), (m, k)
     # a request routed before the crash still takes feedback (its features were logged)
     late = srv.post("/v1/feedback", {"request_id": routes[3]["request_id"], "quality": 1.0})
     assert late.status_code == 200, late.text
