@@ -7,6 +7,7 @@
     mixllm-jax ablation head       # tag-enhanced head vs none;  `ablation truncation`: left vs right
     mixllm-jax simulate            # a query stream under load: quality, cost, waits, satisfaction
     mixllm-jax experiment NAME     # latency | continual | llm-changes | out-of-domain (JSON, table, plot)
+    mixllm-jax serve --checkpoint checkpoints/NAME --backends backends.yaml   # HTTP router + proxy
     mixllm-jax bench --quick       # throughput suite (JSON, markdown, plots in runs/bench)
 """
 
@@ -231,6 +232,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
     p.set_defaults(fn=cmd_experiment)
+
+    p = sub.add_parser("serve", help="HTTP router: /v1/route, OpenAI-compatible /v1/chat/completions proxy, "
+                                     "feedback, live LLM add/remove, /metrics")
+    from mixllm_jax import server  # light: the web stack is imported when the server starts
+
+    server.add_serve_arguments(p)
+    p.set_defaults(fn=server.run_from_args)
 
     p = sub.add_parser("bench", add_help=False,
                        help="throughput suite: route/update/text-to-decision rates, peers side by side "

@@ -1497,20 +1497,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeConfig(checkpoint="")
     p.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory (restored, and saved into)")
     p.add_argument("--backends", default=None, help="backends.yaml: LLM name -> OpenAI-compatible base_url")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--host", default=d.host, help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port")
     p.add_argument("--window-ms", type=float, default=d.window_ms, help="micro-batch window (ms)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per routing call, at most")
     p.add_argument("--queue-limit", type=int, default=d.queue_limit, help="prompts waiting, at most (then 429)")
     p.add_argument("--log-dir", default=None, help="journal and request logs (default: <checkpoint>.serve)")
-    p.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s)
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars)
+    p.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
+                   help="seconds between periodic Orbax checkpoints (also saved on SIGTERM)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoint steps kept")
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help="longer prompts are refused with 413")
     p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts per /v1/route request")
     p.add_argument("--feature-cache", type=int, default=d.feature_cache,
                    help="routed requests whose features are kept for feedback")
-    p.add_argument("--max-inflight-proxy", type=int, default=d.max_inflight_proxy)
-    p.add_argument("--route-on", choices=ROUTE_ON, default=d.route_on)
+    p.add_argument("--max-inflight-proxy", type=int, default=d.max_inflight_proxy,
+                   help="proxied calls in flight, at most (then 503)")
+    p.add_argument("--route-on", choices=ROUTE_ON, default=d.route_on,
+                   help="what of a chat request is routed on: the last user message or the whole conversation")
     p.add_argument("--no-book-load", dest="book_load", action="store_false",
                    help="decisions do not book predicted load on the live load model")
     p.add_argument("--warmup", action="store_true", help="compile every batch/length shape before serving")
