@@ -29,7 +29,7 @@ def _pct(v) -> str:
 
 def _s(v) -> str:
     if v is None:
-        return "-"
+        return "same shapes as the row above: compiled once"
     return f"{v:.2f}" if v >= 0.01 else f"{v * 1e3:.2f} ms"
 
 

@@ -68,6 +68,8 @@ def test_tiny_suite_is_well_formed(tmp_path, peers_on):
         assert r["agree_numpy"] == 1.0
         assert ("speedup_vs_mabwiser" in r) == has_mab
     assert len(res["update"]) == 2 and {r["hot_arm"] for r in res["update"]} == {False, True}
+    spread, hot = sorted(res["update"], key=lambda r: r["hot_arm"])
+    assert spread["compile_s"] >= 0 and hot["compile_s"] is None  # same shapes: compiled once
     for r in res["update"]:
         assert _positive(r["jax_updates_per_s"]) and _positive(r["speedup_vs_numpy"])
         assert ("speedup_vs_mabwiser" in r) == has_mab
