@@ -117,9 +117,8 @@ class BertLayer(nn.Module):
         q = heads(dense(width, name="query")(h))
         k = heads(dense(width, name="key")(h))
         v = heads(dense(width, name="value")(h))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=c.precision) / math.sqrt(hd) + bias
-        p = jax.nn.softmax(s, axis=-1)
-        a = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=c.precision).reshape(b, l, width)
+        with jax.default_matmul_precision(c.precision):  # attention's matmuls at the configured precision
+            a = jax.nn.dot_product_attention(q, k, v, bias=bias).reshape(b, l, width)
         h = ln(name="attention_ln")(h + dense(width, name="attention_out")(a))
         f = _ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, name="intermediate")(h))
         h = ln(name="output_ln")(h + dense(width, name="output")(f))
