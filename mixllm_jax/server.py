@@ -122,13 +122,20 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _absent(obj: dict, key: str, default, name: str) -> bool:
+    """True when the field is missing or null and has a default (``...`` = required: a 422)."""
+    if key in obj and obj[key] is not None:
+        return False
+    if default is ...:
+        raise ApiError(422, f"field {name!r} is required", param=name)
+    return True
+
+
 def get_number(obj: dict, key: str, *, default=None, lo=None, hi=None, lo_open=False,
                integer=False, where: str = "") -> Any:
     """A finite number field (or the default when absent/null), range-checked, or a 422 naming it."""
     name = where + key
-    if key not in obj or obj[key] is None:
-        if default is ...:
-            raise ApiError(422, f"field {name!r} is required", param=name)
+    if _absent(obj, key, default, name):
         return default
     v = obj[key]
     if integer:
@@ -147,9 +154,7 @@ def get_number(obj: dict, key: str, *, default=None, lo=None, hi=None, lo_open=F
 
 def get_string(obj: dict, key: str, *, default=None, max_len: int = MAX_NAME, where: str = "") -> Any:
     name = where + key
-    if key not in obj or obj[key] is None:
-        if default is ...:
-            raise ApiError(422, f"field {name!r} is required", param=name)
+    if _absent(obj, key, default, name):
         return default
     v = obj[key]
     if not isinstance(v, str) or not v:
