@@ -20,10 +20,11 @@ def theta(state: RouterState) -> jnp.ndarray:
 def predict(state: RouterState, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Targets and LinUCB widths for a batch x [B, d].
 
-    Returns (y_hat [B, K, T], width [B, K]) with width = sqrt(x^T A_inv_k x).
+    Returns (y_hat [B, K, T], width [B, K]) with width = noise_k * sqrt(x^T A_inv_k x), the
+    posterior s.d. of the predicted quality.
     """
     y_hat = jnp.einsum("bi,kit->bkt", x, theta(state))
-    return y_hat, jnp.sqrt(jnp.maximum(_quadratic_forms(x, state.A_inv), 0.0))
+    return y_hat, state.noise * jnp.sqrt(jnp.maximum(_quadratic_forms(x, state.A_inv), 0.0))
 
 
 WIDTH_CHUNK = 256  # rows per block of the width computation: keeps [rows, K, d] cache-sized

@@ -49,6 +49,8 @@ import jax
 import numpy as np
 
 from mixllm_jax import tags
+from mixllm_jax.budget import OperatingCurve
+from mixllm_jax.config import RouterConfig
 from mixllm_jax.policy import Policy
 from mixllm_jax.state import ArmRegistry, RouterState, grow
 
@@ -56,7 +58,7 @@ if TYPE_CHECKING:  # router.py imports this module: import Router lazily at run 
     from mixllm_jax.router import Router
 
 DEFAULT_DIR = Path("checkpoints")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RouterConfig under one key, operating curve, per-feature ridge, arm noise
 ARRAY_ITEMS = ("state", "head", "extras")
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -230,23 +232,6 @@ def _embedding_dim(head: tags.TrainedHead | None, state: RouterState) -> int:
     return int(np.shape(head.params["Dense_0"]["kernel"])[0])
 
 
-# Router fields saved on their own (arrays, registry, policy, encoder) or not at all (caches)
-_ROUTER_PARTS = ("encoder", "head", "state", "registry", "policy")
-
-
-def _router_config(router) -> dict:
-    """The Router's remaining plain settings (max_length, truncation_side, feature_mode, ...)."""
-    out = {}
-    for f in dataclasses.fields(router):
-        if f.name in _ROUTER_PARTS or f.name.startswith("_"):
-            continue
-        v = getattr(router, f.name)
-        if not isinstance(v, (str, int, float, bool, type(None))):
-            raise ValueError(f"Router.{f.name} = {v!r} cannot be saved: not a plain JSON value")
-        out[f.name] = v
-    return out
-
-
 def _feature_dim(router, emb_dim: int) -> int:
     """The feature dimension the router's own featurization gives embeddings of size emb_dim."""
     e = jax.ShapeDtypeStruct((1, emb_dim), np.float32)
@@ -275,7 +260,6 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
     if _feature_dim(router, emb_dim) != state.dim:
         raise ValueError(f"router is inconsistent: its features have dimension {_feature_dim(router, emb_dim)}, "
                          f"its state dimension {state.dim}")
-    config = _router_config(router)
 
     items = {"state": _to_host({f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, "state")}
     if head is not None:
@@ -289,9 +273,8 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
         "registry": router.registry.to_dict(),
         "policy": _policy_dict(router.policy),
         "encoder": None if router.encoder is None else dict(router.encoder.identity),
-        "max_length": int(router.max_length),
-        "truncation_side": router.truncation_side,
-        "router_config": config,
+        "router_config": router.config.to_dict(),
+        "curve": None if router.curve is None else router.curve.to_dict(),
         "state": {"capacity": state.capacity, "dim": state.dim, "n_targets": state.n_targets,
                   "load_slots": state.load_slots},
         "embedding_dim": emb_dim,
@@ -372,7 +355,7 @@ def _read_meta(mngr, directory: Path, step: int) -> dict:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{where} has format version {version!r}, which this mixllm_jax cannot read "
                               f"(it reads format version {FORMAT_VERSION})")
-    needed = ("registry", "policy", "encoder", "max_length", "truncation_side", "router_config", "state",
+    needed = ("registry", "policy", "encoder", "router_config", "curve", "state",
               "embedding_dim", "head", "arrays")
     missing = [k for k in needed if k not in meta]
     if missing:
@@ -447,11 +430,12 @@ def restore_router(directory: str | Path = DEFAULT_DIR / "router", step: int | N
             if saved_name is not None and getattr(encoder, "identity", {}).get("name") != saved_name:
                 warnings.warn(f"{where} was saved with encoder {saved_name!r}, restoring with "
                               f"{encoder.identity.get('name')!r}", stacklevel=2)
-        router_fields = {f.name for f in dataclasses.fields(Router)}
-        unknown = sorted(set(meta["router_config"]) - router_fields)
-        if unknown:
-            raise CheckpointError(f"{where} is incompatible: it sets router options {unknown} "
-                                  f"this mixllm_jax does not have")
+        try:
+            config = RouterConfig.from_dict(meta["router_config"])
+            curve = None if meta["curve"] is None else OperatingCurve.from_dict(meta["curve"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{where} is incompatible or corrupted: bad router config or operating "
+                                  f"curve in its metadata ({e})") from e
 
         manifest = meta["arrays"]
         present = [k for k in ARRAY_ITEMS if k in manifest]
@@ -510,9 +494,8 @@ def restore_router(directory: str | Path = DEFAULT_DIR / "router", step: int | N
         if _embedding_dim(head, state) != emb_dim:
             raise CheckpointError(f"{where} is corrupted: head input dim {_embedding_dim(head, state)} "
                                   f"!= embedding dim {emb_dim}")
-    config = dict(meta["router_config"], max_length=int(meta["max_length"]),
-                  truncation_side=meta["truncation_side"])
-    router = Router(encoder=encoder, head=head, state=state, registry=registry, policy=policy, **config)
+    router = Router(encoder=encoder, head=head, state=state, registry=registry, policy=policy,
+                    config=config, curve=curve)
     try:
         feat_dim = _feature_dim(router, emb_dim)
     except Exception as e:

@@ -1,10 +1,10 @@
 """mixllm-jax command line: train, evaluate and query routers.
 
-    mixllm-jax train --data DIR_OR_JSONL --models models.json --out checkpoints/NAME
+    mixllm-jax train --data DIR_OR_JSONL --models models.json --budget 25% --out checkpoints/NAME
     mixllm-jax eval  --router checkpoints/NAME --data ... --reference gpt-4-1106-preview --out runs/eval
     mixllm-jax route --router checkpoints/NAME "some prompt" ["another" ...]
     mixllm-jax run                 # the main job: train on the RouterBench slice, evaluate on its test split
-    mixllm-jax ablation head       # tag-enhanced head vs none;  `ablation truncation`: left vs right
+    mixllm-jax ablation features   # feature variants on a validation part of train (also domains, ridge, truncation)
     mixllm-jax simulate            # a query stream under load: quality, cost, waits, satisfaction
     mixllm-jax experiment NAME     # latency | continual | llm-changes | out-of-domain (JSON, table, plot)
     mixllm-jax serve --checkpoint checkpoints/NAME --backends backends.yaml   # HTTP router + proxy
@@ -43,18 +43,33 @@ def _models(path: str | None):
     return data.load_models(path or data.routerbench_dir() / "models.json")
 
 
+def router_config(args):
+    """The RouterConfig of train-style options (one place: train, run, ablation)."""
+    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
+
+    head = None if args.no_head else HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
+    if args.cost_weight is not None:
+        budget = Budget("cost_weight", args.cost_weight)
+    elif args.budget_usd is not None:
+        budget = Budget("usd", args.budget_usd)
+    else:
+        budget = Budget.parse(args.budget, args.budget_reference)
+    return RouterConfig(max_length=args.max_length, truncation_side=args.truncation,
+                        features="raw" if args.no_head else args.features, domains=args.domains,
+                        head=head, budget=budget)
+
+
 def cmd_train(args) -> Path:
-    from mixllm_jax import encoder, tags, train
+    from mixllm_jax import checkpoint, encoder, train
 
     ds = _load_data(args.data, args.models, "train")
-    print(f"training on {len(ds)} queries x {len(ds.models)} LLMs")
-    enc = encoder.load_encoder(args.encoder)
-    head = None if args.no_head else tags.HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
-    router = train.train_router(ds, _models(args.models), enc, head_config=head, max_length=args.max_length,
-                                truncation_side=args.truncation, feature_mode="raw" if args.no_head else args.features)
-    from mixllm_jax import checkpoint
-
+    config = router_config(args)
+    print(f"training on {len(ds)} queries x {len(ds.models)} LLMs; budget: {config.budget.describe()}")
+    router = train.train_router(ds, _models(args.models), encoder.load_encoder(args.encoder), config)
     step = checkpoint.save_router(router, args.out)
+    p = router.policy
+    print(f"operating point: cost weight {p.cost_weight:.4g}"
+          + (f", {100 * p.mix:.1f}% of queries at {p.mix_cost_weight:.4g}" if p.mix else ""))
     print(f"router saved to {args.out} (step {step})")
     return Path(args.out)
 
@@ -79,9 +94,10 @@ def cmd_eval(args):
     from mixllm_jax import pipeline
 
     router = _restore(args)
-    report = pipeline.evaluate_router(router, _load_data(args.train_data or args.data, args.models, "train"),
-                                      _load_data(args.data, args.models, "test"), args.reference,
-                                      with_baselines=not args.no_baselines)
+    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g})")
+    train_ds = None if args.no_baselines else _load_data(args.train_data or args.data, args.models, "train")
+    report = pipeline.evaluate_router(router, train_ds, _load_data(args.data, args.models, args.split),
+                                      args.reference, with_baselines=not args.no_baselines)
     _report_out(report, Path(args.out), "evaluation")
 
 
@@ -89,9 +105,10 @@ def cmd_run(args):
     """Train on the RouterBench slice's train split, evaluate on its test split."""
     args.data = args.models = None
     args.encoder, args.no_head, args.epochs, args.tag_weight, args.features = None, False, 300, 1.0, "raw+domain"
+    args.domains, args.cost_weight, args.budget_usd, args.budget_reference = None, None, None, "gpt-4-1106-preview"
     args.out = args.router_out
     router_dir = cmd_train(args)
-    args.router, args.step, args.train_data = router_dir, None, None
+    args.router, args.step, args.train_data, args.split = router_dir, None, None, "test"
     args.reference, args.no_baselines = "gpt-4-1106-preview", False
     args.out = args.report_out
     cmd_eval(args)
@@ -100,10 +117,11 @@ def cmd_run(args):
 def cmd_ablation(args):
     from mixllm_jax import encoder, pipeline
 
-    report = pipeline.ablation(args.kind, _load_data(args.data, args.models, "train"),
-                               _load_data(args.data, args.models, "test"), _models(args.models),
-                               encoder.load_encoder(args.encoder), Path(args.out), max_length=args.max_length)
-    print(f"\nablation '{args.kind}': best quality % of {report['reference']} at cost <= each level\n")
+    report = pipeline.ablation(args.kind, _load_data(args.data, args.models, "train"), _models(args.models),
+                               encoder.load_encoder(args.encoder), Path(args.out), args.reference,
+                               router_config(args))
+    print(f"\nablation '{args.kind}' on a validation part of train: best quality % of {report['reference']} "
+          "at cost <= each level\n")
     print(report["cost_levels_table"])
     print(f"\nreport and plot in {args.out}")
 
@@ -141,9 +159,15 @@ def cmd_bench(args, rest):
 
 
 def cmd_route(args):
+    from mixllm_jax.config import Budget
+
     router = _restore(args)
     if args.cost_weight is not None:
-        router.policy = router.policy.replace(cost_weight=args.cost_weight)
+        router.policy = router.policy_for(Budget("cost_weight", args.cost_weight))
+    elif args.budget is not None:
+        router.policy = router.policy_for(Budget.parse(args.budget))
+    print(f"policy: cost weight {router.policy.cost_weight:.4g}"
+          + (f", {100 * router.policy.mix:.1f}% at {router.policy.mix_cost_weight:.4g}" if router.policy.mix else ""))
     for text, r in zip(args.prompts, router.route(args.prompts)):
         print(f"> {text[:100]!r}\n  chosen: {r.model}" + (f"   (nearest domain: {r.domain})" if r.domain else ""))
         print(f"  {'LLM':40s} {'quality':>8s} {'cost $':>10s} {'uncert.':>8s} {'penalty':>8s} {'score':>9s}")
@@ -161,20 +185,35 @@ def main(argv=None):
         p.add_argument("--data", help="RouterBench folder or long-format JSONL (default: the shared RouterBench slice)")
         p.add_argument("--models", help="models file (prices per million tokens; default: RouterBench's models.json)")
 
-    p = sub.add_parser("train", help="train a router on logged outcomes and save it")
+    def config_args(p):
+        from mixllm_jax.config import FEATURE_MODES
+
+        p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
+        p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
+        p.add_argument("--truncation", choices=("left", "right"), default="left",
+                       help="which end of a long prompt is cut (left keeps the question at the end)")
+        p.add_argument("--epochs", type=int, default=300, help="tag-enhanced head training epochs")
+        p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag losses (0: regression only)")
+        p.add_argument("--features", choices=FEATURE_MODES, default="raw+domain",
+                       help="bandit features: embedding + nearest-domain one-hot (tag-enhanced), + soft domain "
+                            "membership, the head's features, or the raw embedding")
+        p.add_argument("--domains", type=int, default=None,
+                       help="derive N domains by k-means of the embeddings (default: the data's tags; "
+                            "20 k-means domains when it has none)")
+        p.add_argument("--no-head", action="store_true", help="train no tag head; route on raw encoder embeddings")
+        p.add_argument("--budget", default="25%",
+                       help="operating point: mean cost per query as a share of the reference LLM's "
+                            "(default 25%%), met on a held-out part of train with a mixture of two settings")
+        p.add_argument("--budget-reference", default=None,
+                       help="the LLM of --budget (default: the most expensive one)")
+        p.add_argument("--budget-usd", type=float, default=None, help="operating point: mean USD per query")
+        p.add_argument("--cost-weight", type=float, default=None, help="operating point: lambda (quality per USD)")
+
+    p = sub.add_parser("train", help="train a router on logged outcomes and save it with its budget")
     data_args(p)
+    config_args(p)
     p.add_argument("--out", default="checkpoints/router",
                    help="checkpoint directory; each train adds a numbered step (the last 3 are kept)")
-    p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
-    p.add_argument("--truncation", choices=("left", "right"), default="left",
-                   help="which end of a long prompt is cut (left keeps the question at the end)")
-    p.add_argument("--epochs", type=int, default=300, help="tag-enhanced head training epochs")
-    p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag losses (0: regression only)")
-    p.add_argument("--features", choices=("raw+domain", "head", "raw"), default="raw+domain",
-                   help="bandit features: embedding + nearest-domain one-hot (tag-enhanced), the head's "
-                        "features, or the raw embedding")
-    p.add_argument("--no-head", action="store_true", help="train no tag head; route on raw encoder embeddings")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved router and the baselines: table, report.json, plot")
@@ -184,21 +223,24 @@ def main(argv=None):
     p.add_argument("--train-data", help="data the baselines are fitted on (default: --data's train split)")
     p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
-    p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone")
+    p.add_argument("--split", default="test", help="the split of --data evaluated on (e.g. ood)")
+    p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone (no train split needed)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("run", help="the main job: train on the RouterBench slice, evaluate on its test split")
     p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
     p.add_argument("--truncation", choices=("left", "right"), default="left", help="which end of a long prompt is cut")
+    p.add_argument("--budget", default="24.18%", help="operating point, share of GPT-4's cost (the paper's 24.18%%)")
     p.add_argument("--router-out", default="checkpoints/routerbench", help="where the router is saved")
     p.add_argument("--report-out", default="runs/routerbench", help="where the report goes")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("ablation", help="train variants and compare them: 'head' (tag head vs none) or 'truncation'")
+    p = sub.add_parser("ablation", help="train variants of a config on part of train, compare them on the rest: "
+                                        "features, domains, ridge or truncation")
     data_args(p)
-    p.add_argument("kind", choices=("head", "truncation"))
-    p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
+    config_args(p)
+    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"))
+    p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
     p.add_argument("--out", default=None, help="report folder (default runs/ablation-KIND)")
     p.set_defaults(fn=cmd_ablation)
 
@@ -206,6 +248,7 @@ def main(argv=None):
     p.add_argument("--router", required=True, help="a checkpoint directory (see train --out)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
+    p.add_argument("--budget", help="override the operating point: share of the most expensive LLM's cost, e.g. 30%%")
     p.add_argument("prompts", nargs="+")
     p.set_defaults(fn=cmd_route)
 

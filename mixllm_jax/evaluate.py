@@ -14,6 +14,8 @@ Report schema (``report.json``)::
      "methods": {NAME: {
          "kind": "sweep" | "single",          # single: one LLM (or any one-point method)
          "knob": "cost_weight" | "mix_prob" | null,
+         "task_mean_quality": x,               # mean over tasks of mean quality x 100, first point
+                                               # (cost weight 0 for a router): RouterDC's metric
          "aiq": x,                             # quality %, shared c_max
          "points": [{"cost_weight": l | null, "cost_pct": c, "quality_pct": q, ("mix_prob": p)}],
          "best_quality_at_cost_pct": {"24.18": q | null},   # best achieved point with cost <= 24.18
@@ -80,7 +82,8 @@ def task_keys(tags: Sequence[Sequence[str]]) -> list[str]:
 
 
 def choose_by_score(q_hat, c_hat, cost_weights) -> np.ndarray:
-    """The shared decision rule: per query, argmax_m ``q_hat - lambda * c_hat``, ties to lower cost.
+    """The one offline decision rule: per query, argmax_m ``q_hat - lambda * c_hat``, ties to lower
+    cost, every lambda scored in one pass (route_batch is the same rule with exploration and load).
 
     Args: q_hat [N, M], c_hat [N, M] (NaN quality = never chosen), cost_weights [L] (or a scalar).
     Returns: chosen [L, N] int32 ([N] for a scalar cost weight).
@@ -91,15 +94,13 @@ def choose_by_score(q_hat, c_hat, cost_weights) -> np.ndarray:
         raise ValueError(f"q_hat and c_hat must both be [N, M], got {q.shape} and {c.shape}")
     q = np.where(np.isnan(q), -np.inf, q)
     c = np.where(np.isnan(c), np.inf, c)
-    scalar = np.ndim(cost_weights) == 0
     lams = np.atleast_1d(np.asarray(cost_weights, np.float64))
-    out = np.empty((lams.size, q.shape[0]), np.int32)
-    for i, lam in enumerate(lams):  # [N, M] per lambda keeps memory at N * M
-        s = q - lam * c if lam else q
-        best = s.max(axis=1, keepdims=True)
-        tie = s >= best - 1e-12 * np.maximum(1.0, np.abs(best))
-        out[i] = np.argmin(np.where(tie, c, np.inf), axis=1)
-    return out[0] if scalar else out
+    s = q[None] - lams[:, None, None] * np.where(np.isinf(c), 0.0, c)[None]  # [L, N, M]
+    s = np.where(np.isinf(c)[None], -np.inf, s)
+    best = s.max(axis=2, keepdims=True)
+    tie = s >= best - 1e-12 * np.maximum(1.0, np.abs(best))
+    out = np.argmin(np.where(tie, c[None], np.inf), axis=2).astype(np.int32)
+    return out[0] if np.ndim(cost_weights) == 0 else out
 
 
 def _check_outcomes(quality, cost) -> tuple[np.ndarray, np.ndarray]:
@@ -240,10 +241,13 @@ def evaluate(methods: Mapping[str, MethodLike], dataset, reference_name: str,
                        for name, s in sweeps.items()}
         task_info[t]["c_max_pct"] = max(p["cost_pct"] for ps in task_pts[t].values() for p in ps)
 
+    task_rows = [keys == t for t in tasks]
     out_methods = {}
     for name, s in sweeps.items():
+        got = q[np.arange(q.shape[0]), s.chosen[0]]
         entry = {"kind": "single" if s.chosen.shape[0] == 1 and s.knob is None else "sweep",
-                 "knob": s.knob}
+                 "knob": s.knob,
+                 "task_mean_quality": float(100 * np.mean([np.nanmean(got[r]) for r in task_rows]))}
         entry.update(_summary(pts[name], c_max, budgets))
         entry["per_task"] = {t: _summary(task_pts[t][name], task_info[t]["c_max_pct"], budgets)
                              if t in task_pts else _EMPTY_TASK for t in tasks}
@@ -251,6 +255,54 @@ def evaluate(methods: Mapping[str, MethodLike], dataset, reference_name: str,
     return {"reference": reference_name, "n_queries": int(q.shape[0]), "models": models,
             "c_max_pct": float(c_max), "budgets_pct": [float(b) for b in budgets],
             "cost_weights": [float(x) for x in cws], "tasks": task_info, "methods": out_methods}
+
+
+def calibration(q_hat, quality, bins: int = 10) -> dict[str, Any]:
+    """Predicted vs observed quality over every observed (query, LLM) pair: q_hat, quality [N, M].
+
+    Returns {"ece": expected calibration error (bin-weighted mean |predicted - observed|),
+    "bins": [{"lo", "hi", "n", "predicted", "observed"}]} over equal-width bins of [0, 1]
+    (predictions clipped into it).
+    """
+    p, y = np.asarray(q_hat, np.float64), np.asarray(quality, np.float64)
+    ok = np.isfinite(y) & np.isfinite(p)
+    p, y = np.clip(p[ok], 0.0, 1.0), y[ok]
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    out, ece = [], 0.0
+    for b in range(bins):
+        m = idx == b
+        if not m.any():
+            continue
+        gap = abs(p[m].mean() - y[m].mean())
+        ece += m.sum() / p.size * gap
+        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": int(m.sum()),
+                    "predicted": float(p[m].mean()), "observed": float(y[m].mean())})
+    return {"ece": float(ece), "bins": out}
+
+
+def plot_reliability(cal: Mapping[str, Any], path: str | Path) -> Path:
+    """Reliability diagram of :func:`calibration`: observed vs predicted quality per bin."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    b = cal["bins"]
+    ax.plot([0, 1], [0, 1], ":", color="gray", lw=1)
+    ax.plot([x["predicted"] for x in b], [x["observed"] for x in b], "o-")
+    for x in b:
+        ax.annotate(str(x["n"]), (x["predicted"], x["observed"]), fontsize=6, xytext=(3, -8),
+                    textcoords="offset points")
+    ax.set_xlabel("predicted quality (bin mean)")
+    ax.set_ylabel("observed quality (bin mean)")
+    ax.set_title(f"Calibration, ECE {cal['ece']:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def single_llm_methods(models: Sequence[str], n: int) -> dict[str, np.ndarray]:
@@ -278,7 +330,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     head = ["method", "AIQ"]
     for b in budgets:
         head.append(f"quality% @ cost<={b:g}% (cost%)")
-    head += ["top quality% (cost%)", "cheapest cost% (quality%)"]
+    head += ["top quality% (cost%)", "cheapest cost% (quality%)", "task-mean quality"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
     for name in _order(report):
         m = report["methods"][name]
@@ -290,6 +342,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         low = min(m["points"], key=lambda p: (p["cost_pct"], -p["quality_pct"]))
         row.append(f"{top['quality_pct']:.2f} ({top['cost_pct']:.2f})")
         row.append(f"{low['cost_pct']:.2f} ({low['quality_pct']:.2f})")
+        row.append(_fmt(m.get("task_mean_quality")))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -309,6 +362,16 @@ def format_task_table(report: Mapping[str, Any]) -> str:
     counts = ", ".join(f"{t}: {v['n_queries']}" for t, v in report["tasks"].items())
     return "\n".join(lines) + f"\n\nQueries per task: {counts}. Percentages are of the reference " \
         "on that task's queries."
+
+
+def format_budget_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: each budget's target, realised cost % and quality %, and its mixture."""
+    lines = ["| budget (% of ref cost) | realised cost % | quality % | cost weights (share at the 2nd) |",
+             "| --- | --- | --- | --- |"]
+    for r in rows:
+        mix = f"{r['cost_weight']:.4g}" + (f", {r['mix_cost_weight']:.4g} ({100 * r['mix']:.1f}%)" if r["mix"] else "")
+        lines.append(f"| {r['budget_pct']:g} | {r['cost_pct']:.2f} | {r['quality_pct']:.2f} | {mix} |")
+    return "\n".join(lines)
 
 
 def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -373,8 +436,19 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
           f"mean of the non-decreasing convex hull over cost 0..{report['c_max_pct']:.2f}% "
           "(the largest cost of any point, shared by all methods; RouterBench's definition). "
           "`quality% @ cost<=B%`: the best point actually run within the budget.", "",
-          format_table(report), "", "## Per task", "", format_task_table(report), "",
-          "![curves](curves.png)", ""]
+          format_table(report), "", "task-mean quality: mean over tasks of each task's mean quality "
+          "(x 100) at a method's first point (cost weight 0 for a router).", ""]
+    if "policy" in report:
+        p = report["policy"]
+        md += [f"Saved operating point (`mixllm@budget`): budget {p['budget']}, cost weight "
+               f"{p['cost_weight']:.4g}, {100 * p['mix']:.1f}% of queries at {p['mix_cost_weight']:.4g}.", ""]
+    if "budgets" in report:
+        md += ["## Budgets met on the held-out curve", "", format_budget_table(report["budgets"]), ""]
+    if "calibration" in report:
+        paths["reliability"] = plot_reliability(report["calibration"], out / "reliability.png")
+        md += [f"Calibration of predicted quality: ECE {report['calibration']['ece']:.4f} "
+               "![reliability](reliability.png)", ""]
+    md += ["## Per task", "", format_task_table(report), "", "![curves](curves.png)", ""]
     paths["md"].write_text("\n".join(md))
     plot_curves(report, paths["png"])
     return paths

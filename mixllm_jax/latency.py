@@ -12,6 +12,11 @@ import jax.numpy as jnp
 
 MAX_EXPONENT = 30.0  # caps exp() in the penalty so extreme waits stay finite
 
+# An LLM's latency profile when its models file says nothing
+DEFAULT_TTFT_S = 0.5
+DEFAULT_TOKENS_PER_S = 50.0
+DEFAULT_CONCURRENCY = 8
+
 
 def service_time(ttft, tokens_per_s, n_tokens):
     """Seconds to serve n_tokens: broadcasts ttft [K], tokens_per_s [K] against n_tokens [..., K]."""

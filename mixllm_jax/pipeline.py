@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax import baselines, engine, evaluate, tags, train
+from mixllm_jax import baselines, budget as budget_mod, evaluate, train
+from mixllm_jax.config import Budget, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset
 from mixllm_jax.policy import Policy
 from mixllm_jax.router import Router
@@ -16,38 +17,59 @@ REFERENCE = "gpt-4-1106-preview"
 TABLE2_COST_LEVELS = (10.0, 15.0, 20.0, 24.18, 30.0, 50.0)  # cost % of the reference
 
 
-def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: Sequence[float],
-                 alpha: float | None = None) -> evaluate.Sweep:
+def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: Sequence[float]) -> evaluate.Sweep:
     """Choices [L, N] (as dataset model indices) of `router` on embeddings e [N, H] over a lambda grid.
 
-    Offline evaluation: no latency penalty, recorded prompt tokens; alpha defaults to the router's.
+    Offline evaluation: no latency penalty or exploration, recorded prompt tokens.
     """
-    x = np.asarray(router.embed_features(e))
-    slot_to_model = np.full(router.state.capacity, -1)
-    for j, m in enumerate(dataset.models):
-        slot_to_model[router.registry.slot(m)] = j
-    alpha = router.policy.alpha if alpha is None else alpha
-    chosen = []
-    for cw in cost_weights:
-        pol = Policy(cost_weight=float(cw), alpha=alpha, beta=0.0, in_batch_load=False)
-        chosen.append(slot_to_model[np.asarray(engine.route(router.state, x, dataset.prompt_tokens, pol).arm)])
-    return evaluate.Sweep(np.stack(chosen), list(map(float, cost_weights)), "cost_weight")
+    return evaluate.Sweep(train.sweep_choices(router, e, dataset, cost_weights), list(map(float, cost_weights)),
+                          "cost_weight")
 
 
-def evaluate_router(router: Router, train_ds: Dataset, test_ds: Dataset, reference: str = REFERENCE,
+BUDGET_LEVELS_PCT = (5.0, 10.0, 15.0, 20.0, 24.18, 30.0, 40.0, 50.0, 60.0)
+
+
+def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
+                levels_pct: Sequence[float] = BUDGET_LEVELS_PCT) -> list[dict]:
+    """Each budget (% of the reference's cost) met on the router's curve and run on `dataset`:
+    target, realised cost % and quality % of the reference, and the policy's mixture."""
+    q, c = dataset.quality, dataset.cost
+    ref = list(dataset.models).index(reference)
+    rows = []
+    for level in levels_pct:
+        pol = router.policy_for(Budget("share", level / 100.0, reference))
+        ch = train.policy_choices(router, e, dataset, pol)
+        got = np.arange(len(ch))
+        rows.append({"budget_pct": float(level), "cost_pct": float(100 * c[got, ch].sum() / c[:, ref].sum()),
+                     "quality_pct": float(100 * np.nansum(q[got, ch]) / np.nansum(q[:, ref])),
+                     "cost_weight": pol.cost_weight, "mix_cost_weight": pol.mix_cost_weight, "mix": pol.mix})
+    return rows
+
+
+def evaluate_router(router: Router, train_ds: Dataset | None, test_ds: Dataset, reference: str = REFERENCE,
                     with_baselines: bool = True, cache_dir=None, progress: bool = True,
                     extra: dict | None = None) -> dict:
-    """The report of `router` (as `mixllm`, and `mixllm_no_exploration` with alpha = 0) beside the
-    baselines fitted on train_ds, all on the same embeddings and test split."""
+    """The report of `router` beside the baselines fitted on train_ds, on the same embeddings and test
+    split: its lambda sweep (`mixllm`), its saved operating point (`mixllm@budget`), budgets met on
+    its curve (`budgets`), and the calibration of its quality predictions (`calibration`)."""
     emb = lambda ds: train.embed(router.encoder, ds, router.max_length, router.truncation_side, cache_dir, progress)
     e_test = emb(test_ds)
-    cws = evaluate.COST_WEIGHTS
+    cws = budget_mod.CALIBRATION_GRID
     methods = {"mixllm": router_sweep(router, e_test, test_ds, cws),
-               "mixllm_no_exploration": router_sweep(router, e_test, test_ds, cws, alpha=0.0)}
+               "mixllm@budget": evaluate.Sweep(train.policy_choices(router, e_test, test_ds, router.policy), None, None)}
     methods.update(extra or {})
     if with_baselines:
         methods.update(baselines.run_baselines(emb(train_ds), train_ds, e_test, test_ds, cws))
-    return evaluate.evaluate(methods, test_ds, reference)
+    else:
+        methods.update(evaluate.single_llm_methods(test_ds.models, len(test_ds)))
+    report = evaluate.evaluate(methods, test_ds, reference, cost_weights=cws)
+    q_hat, _, _ = train.predictions(router, e_test, test_ds.prompt_tokens, test_ds.models)
+    report["calibration"] = evaluate.calibration(q_hat, test_ds.quality)
+    report["policy"] = {"budget": router.config.budget.describe(), "cost_weight": router.policy.cost_weight,
+                        "mix_cost_weight": router.policy.mix_cost_weight, "mix": router.policy.mix}
+    if router.curve is not None:
+        report["budgets"] = budget_hits(router, e_test, test_ds, reference)
+    return report
 
 
 def quality_at_cost_levels(report: dict, levels: Sequence[float] = TABLE2_COST_LEVELS) -> str:
@@ -66,32 +88,34 @@ def quality_at_cost_levels(report: dict, levels: Sequence[float] = TABLE2_COST_L
     return "\n".join(rows)
 
 
-def ablation(kind: str, train_ds: Dataset, test_ds: Dataset, specs, encoder, out: Path,
-             max_length: int = 128, cache_dir=None, progress: bool = True) -> dict:
-    """Train variants and evaluate them side by side.
+ABLATIONS = {
+    "features": {"raw+domain": {}, "soft-domain": {"features": "soft-domain"}, "head": {"features": "head"},
+                 "head-no-tag-loss": {"features": "head", "head": HeadConfig(tag_weight=0.0)},
+                 "raw": {"features": "raw", "head": None}},
+    "domains": {"tags": {}, "kmeans-20": {"domains": 20}, "kmeans-8": {"domains": 8}},
+    "ridge": {"evidence": {}, "fixed-1": {"ridges": (1.0,)}, "fixed-30": {"ridges": (30.0,)}},
+    "truncation": {"left": {}, "right": {"truncation_side": "right"}},
+}
 
-    kind "head": tag-enhanced embedding (raw + domain) vs the head's features (with and without the
-      tag losses) vs the raw embedding;
-    kind "truncation": left vs right truncation of long prompts (both with the head).
-    """
-    if kind == "head":
-        variants = {"mixllm_tag_enhanced": dict(feature_mode="raw+domain"),
-                    "mixllm_head_features": dict(feature_mode="head"),
-                    "mixllm_head_features_no_tag_loss": dict(feature_mode="head",
-                                                             head_config=tags.HeadConfig(tag_weight=0.0)),
-                    "mixllm_raw_embedding": dict(feature_mode="raw", head_config=None)}
-    elif kind == "truncation":
-        variants = {"mixllm_left_truncation": dict(truncation_side="left"),
-                    "mixllm_right_truncation": dict(truncation_side="right")}
-    else:
-        raise ValueError(f"ablation kind must be 'head' or 'truncation', got {kind!r}")
+
+def ablation(kind: str, train_ds: Dataset, specs, encoder, out: Path, reference: str = REFERENCE,
+             config: RouterConfig = RouterConfig(), val_frac: float = 0.2, cache_dir=None,
+             progress: bool = True) -> dict:
+    """Train variants of `config` on part of train and evaluate them on the rest (validation: the
+    test split is never used to choose). kinds: see ABLATIONS. Writes the report to `out`."""
+    if kind not in ABLATIONS:
+        raise ValueError(f"ablation kind must be one of {sorted(ABLATIONS)}, got {kind!r}")
+    perm = np.random.default_rng(1).permutation(len(train_ds))
+    n_val = int(val_frac * len(train_ds))
+    fit_ds, val_ds = train_ds.select(perm[n_val:]), train_ds.select(perm[:n_val])
     methods = {}
-    for name, kw in variants.items():
-        kw = {"max_length": max_length, **kw}
-        router = train.train_router(train_ds, specs, encoder, cache_dir=cache_dir, progress=progress, **kw)
-        e_test = train.embed(encoder, test_ds, router.max_length, router.truncation_side, cache_dir, progress)
-        methods[name] = router_sweep(router, e_test, test_ds, evaluate.COST_WEIGHTS)
-    report = evaluate.evaluate(methods, test_ds, REFERENCE)
+    for name, kw in ABLATIONS[kind].items():
+        cfg = config.replace(**kw)
+        router = train.train_router(fit_ds, specs, encoder, cfg, cache_dir=cache_dir, progress=progress)
+        e_val = train.embed(encoder, val_ds, cfg.max_length, cfg.truncation_side, cache_dir, progress)
+        methods[f"mixllm_{name}"] = router_sweep(router, e_val, val_ds, budget_mod.CALIBRATION_GRID)
+    methods.update(evaluate.single_llm_methods(val_ds.models, len(val_ds)))
+    report = evaluate.evaluate(methods, val_ds, reference, cost_weights=budget_mod.CALIBRATION_GRID)
     evaluate.write_report(report, out)
     table = quality_at_cost_levels(report)
     (Path(out) / "cost_levels.md").write_text(table + "\n")

@@ -1,10 +1,13 @@
 """The meta-decision: score every arm for every query and pick one, in one jitted computation.
 
-score_k = q_k - cost_weight * c_k + alpha * u_k - beta * pen_k   (inactive arms: -inf)
+score_k = q_k - lambda * c_k + alpha * u_k - beta * pen_k   (inactive arms: -inf)
 
 q_k predicted quality, c_k = prompt_tokens * price_in_k + n_k * price_out_k the predicted cost in
 USD with n_k = exp(predicted log completion tokens), u_k = sqrt(x^T A_inv_k x) the LinUCB width and
-pen_k the latency penalty of the arm's predicted wait (see latency.py).
+pen_k the latency penalty of the arm's predicted wait (see latency.py). lambda is the policy's
+cost_weight, or for a share `mix` of queries its mix_cost_weight: a randomised mixture of two
+operating points that meets a budget between them (budget.py). Which queries take the mixture is
+decided by a hash of the query's features, so the same query always gets the same decision.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ MAX_LOG_TOKENS = 12.0  # exp(12) ~ 160k tokens: caps a wild length extrapolation
 class Policy:
     """The decision's knobs. Numbers are traced (changing them never recompiles).
 
-    cost_weight: lambda, quality traded per USD.  alpha: LinUCB exploration weight.
-    beta: latency-penalty weight.  tau: wait tolerance (s) before the penalty starts.
+    cost_weight: lambda, quality traded per USD.  alpha: LinUCB exploration weight (in posterior
+      s.d. of the predicted quality).  beta: latency-penalty weight.  tau: wait tolerance (s)
+      before the penalty starts.  mix_cost_weight, mix: a share `mix` of the queries (by feature
+      hash) is scored with mix_cost_weight instead of cost_weight.
     in_batch_load: static; when True each query of a batch sees the load booked by the queries
       before it (a lax.scan), so a batch does not herd onto one LLM.
     """
@@ -33,6 +38,8 @@ class Policy:
     alpha: float = 0.01
     beta: float = 0.1
     tau: float = 30.0
+    mix_cost_weight: float = 0.0
+    mix: float = 0.0
     in_batch_load: bool = flax.struct.field(pytree_node=False, default=True)
 
 
@@ -55,6 +62,25 @@ class Decision:
     free_at: jnp.ndarray
 
 
+_HASH_MULT = 0x9E3779B1  # odd multipliers per feature: golden-ratio sequence
+
+
+def query_uniform(x: jnp.ndarray) -> jnp.ndarray:
+    """A deterministic uniform number in [0, 1) per query from its features' bits: x [B, d] -> [B]."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    mult = (jnp.arange(x.shape[1], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(_HASH_MULT)
+    h = (bits * mult).sum(axis=1, dtype=jnp.uint32)
+    for shift, m in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3 finaliser
+        h = (h ^ (h >> shift)) * jnp.uint32(m)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+def cost_weights(policy: Policy, x: jnp.ndarray) -> jnp.ndarray:
+    """Each query's lambda under the policy's mixture: [B]."""
+    return jnp.where(query_uniform(x) < policy.mix, policy.mix_cost_weight, policy.cost_weight)
+
+
 @jax.jit
 def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, policy: Policy,
                 valid: jnp.ndarray | None = None, bonus: jnp.ndarray | None = None) -> Decision:
@@ -70,7 +96,7 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
     quality = y_hat[..., QUALITY]
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
     cost = prompt_tokens[:, None] * state.price_in + tokens * state.price_out
-    base = quality - policy.cost_weight * cost + policy.alpha * width
+    base = quality - cost_weights(policy, x)[:, None] * cost + policy.alpha * width
     if bonus is not None:
         base = base + bonus
     base = jnp.where(state.active, base, -jnp.inf)

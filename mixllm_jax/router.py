@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixllm_jax import engine, encoder as enc_mod, tags
+from mixllm_jax.budget import OperatingCurve
+from mixllm_jax.config import RouterConfig
 from mixllm_jax.policy import Decision, Policy, book, route_batch
 from mixllm_jax.state import ArmRegistry, RouterState, with_bias
 
-
-FEATURE_MODES = ("raw+domain", "head", "raw")
 DOMAIN_SCALE = 3.0  # size of the domain one-hot beside the unit-norm embedding
+SOFT_DOMAIN_TEMPERATURE = 20.0  # soft membership = softmax(T * cosine to each domain centroid)
 
 
 def featurize(e, head_params, centroids, *, head_shape, mode: str):
@@ -29,20 +30,31 @@ def featurize(e, head_params, centroids, *, head_shape, mode: str):
 
     mode "raw+domain" (default): [e, DOMAIN_SCALE * one-hot of the nearest tag centroid, 1] -- the
       tag-enhanced embedding: per-domain intercepts plus the per-query embedding;
+    "soft-domain": [e, DOMAIN_SCALE * softmax(T * cosine to each centroid), 1];
     "head": [tag-head features z, 1] (neural-linear);  "raw": [e, 1].
     head_shape = (hidden, features), or None when there is no head (then mode must be "raw").
+    The first `penalized_features` columns are shrunk by the ridge, the rest (intercepts) are not.
     """
     if head_shape is None:
         return with_bias(e), None
     z = tags.TagHead(*head_shape).apply({"params": head_params}, e)
-    domain = jnp.argmax(tags.unit(z) @ tags.unit(centroids).T, axis=1)
+    cos = tags.unit(z) @ tags.unit(centroids).T
+    domain = jnp.argmax(cos, axis=1)
     if mode == "head":
         f = z
     elif mode == "raw":
         f = e
+    elif mode == "soft-domain":
+        f = jnp.concatenate([e, DOMAIN_SCALE * jax.nn.softmax(SOFT_DOMAIN_TEMPERATURE * cos, axis=1)], -1)
     else:
         f = jnp.concatenate([e, DOMAIN_SCALE * jax.nn.one_hot(domain, centroids.shape[0], dtype=e.dtype)], -1)
     return with_bias(f), domain
+
+
+def penalized_features(mode: str, embedding_dim: int, head_features: int | None, dim: int) -> np.ndarray:
+    """[dim] bool: which features the ridge shrinks (embedding or head features, not intercepts)."""
+    n = head_features if mode == "head" else embedding_dim
+    return np.arange(dim) < n
 
 
 @functools.partial(jax.jit, static_argnames=("enc_config", "head_shape", "mode"))
@@ -92,10 +104,27 @@ class Router:
     state: RouterState
     registry: ArmRegistry
     policy: Policy = Policy()
-    max_length: int = 256
-    truncation_side: str = "left"
-    feature_mode: str = "raw+domain"
+    config: RouterConfig = RouterConfig()
+    curve: OperatingCurve | None = None  # held-out cost-quality curve: budgets -> policies
     _full_tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def truncation_side(self) -> str:
+        return self.config.truncation_side
+
+    @property
+    def feature_mode(self) -> str:
+        return self.config.features
+
+    def policy_for(self, budget) -> Policy:
+        """The router's policy moved to another operating point (a config.Budget) on its curve."""
+        if self.curve is None:
+            raise ValueError("this router has no operating curve (train it with a holdout > 0)")
+        return self.curve.policy(budget, self.policy)
 
     def tokenize(self, texts: Sequence[str]):
         """texts -> ids, mask [B, L] (bucketed, truncated), prompt_tokens [B] (untruncated counts)."""

@@ -24,7 +24,7 @@ DEFAULT_TARGETS = ("quality", "log_tokens")
 class RouterState:
     """All router arrays. K = arm capacity, d = feature dim, T = targets, C = load slots.
 
-    A: [K, d, d] ridge precision matrices r I + sum w x x^T (kept to refresh A_inv exactly).
+    A: [K, d, d] ridge precision matrices diag(r) + sum w x x^T (kept to refresh A_inv exactly).
     A_inv: [K, d, d] their inverses, updated by Sherman-Morrison steps.
     B: [K, d, T] sums of w * x * y for the T targets (quality, log completion tokens).
     count: [K] observations per arm.  active: [K] bool, slot holds a live LLM.
@@ -33,7 +33,9 @@ class RouterState:
     max_concurrency: [K] int, requests served at once (<= C).
     free_at: [K, C] time (s) each serving slot frees; slots past max_concurrency are +inf.
     clock: [] the current time (s) queries arrive at.
-    ridge: [] the ridge r of a fresh arm.
+    ridge: [d] the prior precision r of each feature in a fresh arm (small on intercept features,
+      so they are not shrunk towards 0; see docs/architecture.md, "Predictors").
+    noise: [K] each arm's quality noise scale (s.d.); the LinUCB width is noise * sqrt(x^T A_inv x).
     """
 
     A: jnp.ndarray
@@ -49,6 +51,7 @@ class RouterState:
     free_at: jnp.ndarray
     clock: jnp.ndarray
     ridge: jnp.ndarray
+    noise: jnp.ndarray
 
     @property
     def capacity(self) -> int:
@@ -74,8 +77,11 @@ def with_bias(e):
 
 
 def init_state(capacity: int, dim: int, n_targets: int = 2, load_slots: int = 32,
-               ridge: float = 1.0) -> RouterState:
-    """An empty state: `capacity` inactive arm slots over `dim` features (bias included)."""
+               ridge: float | np.ndarray = 1.0) -> RouterState:
+    """An empty state: `capacity` inactive arm slots over `dim` features (bias included).
+
+    ridge: the prior precision of a fresh arm, one number or one per feature [dim].
+    """
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     if dim < 2:
@@ -84,13 +90,14 @@ def init_state(capacity: int, dim: int, n_targets: int = 2, load_slots: int = 32
         raise ValueError(f"n_targets must be >= 2 (quality, log_tokens), got {n_targets}")
     if load_slots < 1:
         raise ValueError(f"load_slots must be >= 1, got {load_slots}")
-    if not (np.isfinite(ridge) and ridge > 0):
-        raise ValueError(f"ridge must be a positive finite number, got {ridge}")
-    eye = jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (capacity, dim, dim))
+    r = np.broadcast_to(np.asarray(ridge, np.float32), (dim,)) if np.ndim(ridge) == 0 else np.asarray(ridge, np.float32)
+    if r.shape != (dim,) or not (np.all(np.isfinite(r)) and np.all(r > 0)):
+        raise ValueError(f"ridge must be a positive finite number or [{dim}] such numbers, got {ridge!r:.80}")
     zeros = jnp.zeros((capacity,), jnp.float32)
+    prior = jnp.broadcast_to(jnp.diag(jnp.asarray(r)), (capacity, dim, dim))
     return RouterState(
-        A=eye * ridge,
-        A_inv=eye / ridge,
+        A=prior,
+        A_inv=jnp.broadcast_to(jnp.diag(jnp.asarray(1.0 / r)), (capacity, dim, dim)),
         B=jnp.zeros((capacity, dim, n_targets), jnp.float32),
         count=zeros,
         active=jnp.zeros((capacity,), bool),
@@ -101,7 +108,8 @@ def init_state(capacity: int, dim: int, n_targets: int = 2, load_slots: int = 32
         max_concurrency=jnp.zeros((capacity,), jnp.int32),
         free_at=jnp.full((capacity, load_slots), jnp.inf, jnp.float32),
         clock=jnp.zeros((), jnp.float32),
-        ridge=jnp.asarray(ridge, jnp.float32),
+        ridge=jnp.asarray(r),
+        noise=jnp.ones((capacity,), jnp.float32),
     )
 
 
@@ -129,7 +137,8 @@ def add_arm(state: RouterState, slot: int, *, price_in: float, price_out: float,
             prior: str | float | np.ndarray = "uninformative") -> RouterState:
     """Activate a free slot with an LLM's prices (USD/token) and latency profile.
 
-    prior: the arm's starting belief, weighted like `ridge` pseudo-observations:
+    prior: the arm's starting belief, weighted like `ridge` pseudo-observations (noise scale: the
+      mean of the active arms', 1 when none):
       "uninformative": theta = 0 (predicted quality 0, uncertainty 1/sqrt(ridge) per unit x):
           explored through the LinUCB bonus, never blindly preferred;
       "mean": theta = mean theta of the active arms (warm start);
@@ -166,12 +175,14 @@ def add_arm(state: RouterState, slot: int, *, price_in: float, price_out: float,
         else:
             raise ValueError(f"prior array must be finite with shape ({T},), got {p!r}")
 
-    eye = jnp.eye(d, dtype=jnp.float32)
+    w = state.active.astype(jnp.float32)
+    noise = jnp.where(w.sum() > 0, (w * state.noise).sum() / jnp.maximum(w.sum(), 1.0), 1.0)
     return state.replace(
-        A=state.A.at[slot].set(eye * r),
-        A_inv=state.A_inv.at[slot].set(eye / r),
-        B=state.B.at[slot].set(r * theta),
+        A=state.A.at[slot].set(jnp.diag(r)),
+        A_inv=state.A_inv.at[slot].set(jnp.diag(1.0 / r)),
+        B=state.B.at[slot].set(r[:, None] * theta),
         count=state.count.at[slot].set(0.0),
+        noise=state.noise.at[slot].set(noise),
         active=state.active.at[slot].set(True),
         price_in=state.price_in.at[slot].set(price_in),
         price_out=state.price_out.at[slot].set(price_out),
@@ -211,7 +222,7 @@ def grow(state: RouterState, capacity: int) -> RouterState:
     if capacity < K:
         raise ValueError(f"capacity must be >= the current {K}, got {capacity}")
     fresh = init_state(capacity - K, state.dim, state.n_targets, state.load_slots,
-                       float(state.ridge)) if capacity > K else None
+                       np.asarray(state.ridge)) if capacity > K else None
     if fresh is None:
         return state
     cat = lambda a, b: jnp.concatenate([a, b], axis=0)
@@ -236,6 +247,10 @@ class ArmRegistry:
         if name not in self.slots:
             raise ValueError(f"model {name!r} is not registered (known: {self.names})")
         return self.slots[name]
+
+    def columns(self, models) -> np.ndarray:
+        """The slot of each of `models`: [M] int32 (maps data columns to arm slots)."""
+        return np.array([self.slot(m) for m in models], np.int32)
 
     def name(self, slot: int) -> str:
         for n, s in self.slots.items():

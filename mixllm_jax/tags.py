@@ -6,10 +6,12 @@ Trained with optax on cached embeddings e [N, H] and domain tags (multi-hot [N, 
   - intra-domain: each query's unit feature vector is pulled toward its domain's centroid;
   - inter-domain: domain centroids are pushed at least `margin` apart.
 Tags are needed only in training; `nearest_domain` explains a query by its closest centroid.
+A log without tags gets domains from spherical k-means over its embeddings (`kmeans_domains`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from mixllm_jax.config import HeadConfig
 
 
 class TagHead(nn.Module):
@@ -29,20 +33,6 @@ class TagHead(nn.Module):
     def __call__(self, e):
         h = nn.gelu(nn.Dense(self.hidden)(e))
         return nn.LayerNorm(use_scale=False, use_bias=False)(nn.Dense(self.features)(h))
-
-
-class HeadConfig(NamedTuple):
-    hidden: int = 256
-    features: int = 64
-    epochs: int = 300
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    tag_weight: float = 1.0  # 0 trains the regression alone (the ablation without tags)
-    margin: float = 1.0
-    val_frac: float = 0.1  # held out for early stopping on the regression loss (0: no stopping)
-    patience: int = 20
-    seed: int = 0
 
 
 class TrainedHead(NamedTuple):
@@ -180,3 +170,38 @@ def separation_ratio(z, tag_onehot) -> float:
     off = ~jnp.eye(g, dtype=bool)
     inter = jnp.where(off, jnp.sqrt(((c[:, None] - c[None]) ** 2).sum(-1)), 0).sum() / off.sum()
     return float(intra / inter)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iters"))
+def kmeans(x, key, *, k: int, iters: int = 50):
+    """Spherical k-means (k-means++ seeding, cosine assignment): x [N, H] -> (centroids [k, H] unit,
+    labels [N] int32)."""
+    u = unit(x)
+    n = u.shape[0]
+
+    def seed(i, c):
+        d = jnp.maximum(jnp.min(1.0 - u @ c.T, axis=1), 0.0)  # rows past i still hold the first
+
+        j = jax.random.choice(jax.random.fold_in(key, i), n, p=d / jnp.maximum(d.sum(), 1e-12))
+        return c.at[i].set(u[j])
+
+    first = u[jax.random.randint(key, (), 0, n)]
+    c = jnp.zeros((k, u.shape[1]), u.dtype).at[:].set(first)
+    c = jax.lax.fori_loop(1, k, seed, c)
+
+    def lloyd(_, c):
+        lab = jnp.argmax(u @ c.T, axis=1)
+        s = jax.ops.segment_sum(u, lab, num_segments=k)
+        return jnp.where((jnp.linalg.norm(s, axis=1) > 0)[:, None], unit(s), c)
+
+    c = jax.lax.fori_loop(0, iters, lloyd, c)
+    return c, jnp.argmax(u @ c.T, axis=1).astype(jnp.int32)
+
+
+def kmeans_domains(e: np.ndarray, n_domains: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """One derived domain tag per query (``("domain-07",)``) from k-means of e [N, H] into
+    min(n_domains, N) clusters."""
+    k = max(1, min(int(n_domains), len(e)))
+    _, labels = kmeans(jnp.asarray(e, jnp.float32), jax.random.PRNGKey(seed), k=k)
+    width = len(str(k - 1))
+    return [(f"domain-{int(l):0{width}d}",) for l in np.asarray(labels)]

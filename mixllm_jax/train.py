@@ -1,4 +1,5 @@
-"""Offline training: encode (cached), train the tag-enhanced head, fill every arm from logged outcomes."""
+"""Offline training: encode (cached), derive or read domains, train the tag-enhanced head, fit every
+arm (evidence-chosen ridge, unshrunk intercepts), and calibrate the budget on held-out train data."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax import cache, engine, tags
+from mixllm_jax import budget as budget_mod, cache, engine, fit, tags
+from mixllm_jax.config import DEFAULT_DOMAINS, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
-from mixllm_jax.policy import Policy
-from mixllm_jax.router import FEATURE_MODES, Router
+from mixllm_jax.evaluate import choose_by_score
+from mixllm_jax.latency import DEFAULT_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
+from mixllm_jax.policy import Policy, query_uniform
+from mixllm_jax.router import Router, penalized_features
 from mixllm_jax.state import ArmRegistry, add_llm, init_state
 
 UPDATE_CHUNK = 8192
@@ -20,30 +24,32 @@ def log_tokens(completion_tokens: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(completion_tokens, 1.0)).astype(np.float32)
 
 
-def embed(encoder, dataset: Dataset, max_length: int = 256, truncation_side: str = "left",
+def embed(encoder, dataset: Dataset, max_length: int = 128, truncation_side: str = "left",
           cache_dir=None, progress: bool = True) -> np.ndarray:
     """Encoder embeddings of the dataset's prompts [N, H], through the on-disk cache."""
     return cache.embed_cached(encoder, dataset.prompts, max_length=max_length,
                               truncation_side=truncation_side, cache_dir=cache_dir, progress=progress)
 
 
-def new_state(specs: Sequence[ModelSpec], dim: int, ridge: float = 1.0):
+def new_state(specs: Sequence[ModelSpec], dim: int, ridge: float | np.ndarray = 1.0):
     """An empty state and registry holding `specs` in order, capacity the next power of two."""
     capacity = 1 << max(1, (len(specs) - 1).bit_length())
-    slots = max([s.max_concurrency or 8 for s in specs] + [32])
+    slots = max([s.max_concurrency or DEFAULT_CONCURRENCY for s in specs] + [32])
     state, reg = init_state(capacity, dim, load_slots=slots, ridge=ridge), ArmRegistry(capacity)
     for s in specs:
         state, reg = add_llm(state, reg, s.name, price_in=s.price_in, price_out=s.price_out,
-                             ttft=s.ttft_s if s.ttft_s is not None else 0.5,
-                             tokens_per_s=s.tokens_per_s or 50.0, max_concurrency=s.max_concurrency or 8)
+                             ttft=s.ttft_s if s.ttft_s is not None else DEFAULT_TTFT_S,
+                             tokens_per_s=s.tokens_per_s or DEFAULT_TOKENS_PER_S,
+                             max_concurrency=s.max_concurrency or DEFAULT_CONCURRENCY)
     return state, reg
 
 
 def fill_arms(state, registry: ArmRegistry, x: np.ndarray, dataset: Dataset, weight: float = 1.0):
-    """Full-information fit: every (query, LLM) outcome with a known quality updates that LLM's arm."""
+    """Online-style fit: every (query, LLM) outcome with a known quality is one Sherman-Morrison
+    update of that LLM's arm (what the continual-learning stream does, in bulk)."""
     q, lt = dataset.quality, log_tokens(dataset.completion_tokens)
     rows, cols = np.nonzero(np.isfinite(q))
-    slots = np.array([registry.slot(m) for m in dataset.models], np.int32)
+    slots = registry.columns(dataset.models)
     targets = np.stack([q[rows, cols], lt[rows, cols]], 1)
     for i in range(0, len(rows), UPDATE_CHUNK):
         sl = slice(i, i + UPDATE_CHUNK)
@@ -52,31 +58,84 @@ def fill_arms(state, registry: ArmRegistry, x: np.ndarray, dataset: Dataset, wei
     return state
 
 
-def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, *,
-                 head_config: tags.HeadConfig | None = tags.HeadConfig(), max_length: int = 256,
-                 truncation_side: str = "left", feature_mode: str = "raw+domain", ridge: float = 30.0,
-                 policy: Policy = Policy(),
-                 cache_dir=None, embeddings: np.ndarray | None = None, progress: bool = True) -> Router:
-    """Train a Router on logged outcomes (see router.featurize for the feature modes).
+def domain_tags(dataset: Dataset, e: np.ndarray, config: RouterConfig) -> list[tuple[str, ...]]:
+    """The domains the head learns: the data's tags, or k-means clusters of e when the config asks
+    for them or the log has no tags."""
+    if config.domains is None and any(dataset.tags):
+        return list(dataset.tags)
+    return tags.kmeans_domains(e, config.domains or DEFAULT_DOMAINS,
+                               seed=config.head.seed if config.head else 0)
 
-    head_config None trains no head (feature_mode must then be "raw").
+
+def _fit(dataset: Dataset, e: np.ndarray, specs: dict, encoder, config: RouterConfig, progress: bool) -> Router:
+    head = None
+    if config.head is not None:
+        head = tags.train_head(e, domain_tags(dataset, e, config), dataset.quality,
+                               log_tokens(dataset.completion_tokens), config.head, progress=progress)
+    router = Router(encoder=encoder, head=head, state=None, registry=None, config=config)
+    x = np.asarray(router.embed_features(e))
+    state, router.registry = new_state([specs[m] for m in dataset.models], x.shape[1])
+    pen = penalized_features(config.features, e.shape[1], head and head.features, x.shape[1])
+    router.state, _ = fit.fit_state(state, router.registry.columns(dataset.models), x, dataset.quality,
+                                    log_tokens(dataset.completion_tokens), pen, config.ridges)
+    return router
+
+
+def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str]):
+    """Predicted quality and cost (USD) of each LLM of `models` for embeddings e [N, H]: ([N, M], [N, M]),
+    and each query's mixture draw u [N] (policy.query_uniform)."""
+    x = router.embed_features(e)
+    d = engine.route(router.state, x, prompt_tokens, Policy(alpha=0.0, beta=0.0, in_batch_load=False))
+    cols = router.registry.columns(models)
+    return np.asarray(d.quality)[:, cols], np.asarray(d.cost)[:, cols], np.asarray(query_uniform(x))
+
+
+def sweep_choices(router: Router, e: np.ndarray, dataset: Dataset, cost_weights) -> np.ndarray:
+    """Choices [L, N] (dataset columns) of the router over a lambda grid, no exploration or load:
+    one prediction pass, every lambda scored at once (evaluate.choose_by_score)."""
+    q, c, _ = predictions(router, e, dataset.prompt_tokens, dataset.models)
+    return choose_by_score(q, c, np.asarray(cost_weights, np.float64))
+
+
+def policy_choices(router: Router, e: np.ndarray, dataset: Dataset, policy: Policy) -> np.ndarray:
+    """Choices [N] (dataset columns) of one policy, its budget mixture included (offline: no load)."""
+    q, c, u = predictions(router, e, dataset.prompt_tokens, dataset.models)
+    a, b = choose_by_score(q, c, np.array([policy.cost_weight, policy.mix_cost_weight]))
+    return np.where(u < policy.mix, b, a)
+
+
+def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: RouterConfig = RouterConfig(), *,
+                 policy: Policy = Policy(), cache_dir=None, embeddings: np.ndarray | None = None,
+                 progress: bool = True) -> Router:
+    """Train a Router on logged outcomes and set its policy to the config's budget.
+
+    With config.holdout > 0, a router fitted on the rest of train is swept over the held-out part
+    to build the OperatingCurve (budget.py); the returned router is then refitted on all of train.
     """
     by_name = {s.name: s for s in specs}
     missing = [m for m in dataset.models if m not in by_name]
     if missing:
         raise ValueError(f"models {missing} of the data are not in the models file")
-    if feature_mode not in FEATURE_MODES:
-        raise ValueError(f"feature_mode must be one of {FEATURE_MODES}, got {feature_mode!r}")
-    if head_config is None and feature_mode != "raw":
-        raise ValueError(f"feature_mode {feature_mode!r} needs the tag head (head_config is None)")
-    e = embed(encoder, dataset, max_length, truncation_side, cache_dir, progress) if embeddings is None else embeddings
-    head = None
-    if head_config is not None:
-        head = tags.train_head(e, dataset.tags, dataset.quality, log_tokens(dataset.completion_tokens),
-                               head_config, progress=progress)
-    router = Router(encoder=encoder, head=head, state=None, registry=None, policy=policy,
-                    max_length=max_length, truncation_side=truncation_side, feature_mode=feature_mode)
-    x = np.asarray(router.embed_features(e))
-    state, router.registry = new_state([by_name[m] for m in dataset.models], x.shape[1], ridge)
-    router.state = fill_arms(state, router.registry, x, dataset)
+    e = embed(encoder, dataset, config.max_length, config.truncation_side, cache_dir, progress) \
+        if embeddings is None else np.asarray(embeddings)
+    curve = None
+    n_out = int(round(config.holdout * len(dataset)))
+    if n_out >= 10:
+        perm = np.random.default_rng(0).permutation(len(dataset))
+        out, keep = perm[:n_out], perm[n_out:]
+        part = _fit(dataset.select(keep), e[keep], by_name, encoder, config, progress=False)
+        held = dataset.select(out)
+        chosen = sweep_choices(part, e[out], held, budget_mod.CALIBRATION_GRID)
+        curve = budget_mod.curve_from_choices(chosen, budget_mod.CALIBRATION_GRID, held.quality, held.cost,
+                                              dataset.models)
+    router = _fit(dataset, e, by_name, encoder, config, progress)
+    router.curve = curve
+    budget = config.budget
+    if curve is not None:
+        router.policy = curve.policy(budget, policy)
+    elif budget.kind == "cost_weight":
+        router.policy = policy.replace(cost_weight=budget.value)
+    else:
+        raise ValueError(f"a {budget.kind!r} budget needs a holdout to calibrate on "
+                         f"({n_out} held-out queries of {len(dataset)}); give a cost weight instead")
     return router

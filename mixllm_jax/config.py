@@ -1,0 +1,136 @@
+"""One configuration for a router: how it reads text, what it learns, and where it operates.
+
+`RouterConfig` is what `train_router`, the CLI, ablations and experiments share; a checkpoint
+saves it as one key. Light to import (no JAX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+FEATURE_MODES = ("raw+domain", "soft-domain", "head", "raw")
+DEFAULT_RIDGES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+DEFAULT_DOMAINS = 20  # k-means clusters when a log has no tags (the paper derives ~20 domains)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The tag-enhanced head (tags.py): sizes, optimiser and the weight of the domain losses."""
+
+    hidden: int = 256
+    features: int = 64
+    epochs: int = 300
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    tag_weight: float = 1.0  # 0 trains the regression alone (the ablation without tags)
+    margin: float = 1.0
+    val_frac: float = 0.1  # held out for early stopping on the regression loss (0: no stopping)
+    patience: int = 20
+    seed: int = 0
+
+
+_BUDGET = re.compile(r"^\s*(?P<v>[0-9.eE+-]+)\s*(?P<pct>%?)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Where on its cost-quality curve a router operates.
+
+    kind "share": mean cost per query at most `value` (a fraction) of the reference LLM's;
+      "usd": mean cost per query at most `value` USD;  "cost_weight": lambda = `value` directly.
+    reference: the LLM of a "share" budget (None: the most expensive one).
+    """
+
+    kind: str = "share"
+    value: float = 0.25
+    reference: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("share", "usd", "cost_weight"):
+            raise ValueError(f"budget kind must be 'share', 'usd' or 'cost_weight', got {self.kind!r}")
+        v = self.value
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 <= v < 1e9):
+            raise ValueError(f"budget value must be a finite number >= 0, got {v!r}")
+        if self.kind == "share" and not 0 < v <= 10:
+            raise ValueError(f"a budget share must be in (0, 10] (a fraction; 25% is 0.25), got {v!r}")
+
+    @classmethod
+    def parse(cls, text: str, reference: str | None = None) -> "Budget":
+        """`"25%"` -> share 0.25 of the reference LLM's cost (a bare number is also a share)."""
+        m = _BUDGET.match(str(text))
+        if not m:
+            raise ValueError(f"--budget must look like 25% or 0.25, got {text!r}")
+        v = float(m["v"])
+        return cls("share", v / 100.0 if m["pct"] else v, reference)
+
+    def describe(self) -> str:
+        if self.kind == "share":
+            return f"{100 * self.value:g}% of {self.reference or 'the most expensive LLM'}'s cost"
+        if self.kind == "usd":
+            return f"{self.value:g} USD per query"
+        return f"cost weight {self.value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """Every setting of a trained router (see docs/architecture.md for what each one does).
+
+    max_length, truncation_side: tokens kept per prompt and which end is cut.
+    features: bandit features, see router.featurize ("raw+domain" default).
+    ridges: candidate ridges of the embedding coefficients; each arm takes the one of highest
+      Bayesian evidence (fit.py). Intercepts (bias, domain terms) are not shrunk.
+    domains: None uses the data's tags as domains (k-means into DEFAULT_DOMAINS when it has none);
+      an int N clusters the embeddings into N domains (k-means) whatever the tags.
+    head: the tag head (None: no head, features must be "raw").
+    budget: the operating point saved in the checkpoint and used by route, serve, eval, simulate.
+    holdout: share of train held out to calibrate the budget (the final fit uses all of train).
+    """
+
+    max_length: int = 128
+    truncation_side: str = "left"
+    features: str = "raw+domain"
+    ridges: tuple[float, ...] = DEFAULT_RIDGES
+    domains: int | None = None
+    head: HeadConfig | None = HeadConfig()
+    budget: Budget = Budget()
+    holdout: float = 0.2
+
+    def __post_init__(self):
+        if self.features not in FEATURE_MODES:
+            raise ValueError(f"features must be one of {FEATURE_MODES}, got {self.features!r}")
+        if self.head is None and self.features != "raw":
+            raise ValueError(f"features {self.features!r} need the tag head (head is None)")
+        if self.truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
+        if not isinstance(self.max_length, int) or not 8 <= self.max_length <= 512:
+            raise ValueError(f"max_length must be an integer in [8, 512], got {self.max_length!r}")
+        if not self.ridges or not all(0 < r < 1e9 for r in self.ridges):
+            raise ValueError(f"ridges must be positive numbers, got {self.ridges!r}")
+        if self.domains is not None and not (isinstance(self.domains, int) and 2 <= self.domains <= 1000):
+            raise ValueError(f"domains must be an integer in [2, 1000] or None, got {self.domains!r}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
+
+    def replace(self, **kw) -> "RouterConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RouterConfig":
+        """Inverse of to_dict; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown router config keys {unknown}")
+        d = dict(d)
+        if d.get("head") is not None:
+            d["head"] = HeadConfig(**d["head"])
+        if "budget" in d:
+            d["budget"] = Budget(**d["budget"])
+        if "ridges" in d:
+            d["ridges"] = tuple(float(r) for r in d["ridges"])
+        return cls(**d)

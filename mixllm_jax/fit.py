@@ -1,0 +1,80 @@
+"""Offline fit of every arm from logged outcomes, with the ridge of each arm chosen by evidence.
+
+Bayesian linear regression per arm: y = x^T theta + noise (s.d. sigma), prior theta ~ N(0, sigma^2
+diag(r)^-1). Embedding coefficients get the ridge r of highest marginal likelihood (evidence) from a
+grid; intercept features (bias, domain terms) get a tiny precision, so they are not shrunk towards 0
+and each arm's predictions are unbiased per domain. sigma^2 at the chosen ridge is the arm's noise
+scale, which makes the LinUCB width a posterior s.d. See docs/architecture.md, "Predictors".
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixllm_jax.bandit import refresh
+from mixllm_jax.state import QUALITY, RouterState
+
+INTERCEPT_PRECISION = 0.1  # prior precision of intercept features: ~0.1 pseudo-observations
+
+
+def sufficient_stats(x, y, observed):
+    """Per-arm statistics of the log. x [N, d], y [N, M, T] targets, observed [N, M] 0/1 weights.
+
+    Returns S = X^T W X [M, d, d], b = X^T W Y [M, d, T], yy = sum w y^2 [M, T], n [M].
+    """
+    xw = observed[:, :, None] * x[:, None, :]  # [N, M, d]
+    return (jnp.einsum("nmi,nj->mij", xw, x), jnp.einsum("nmi,nmt->mit", xw, y),
+            jnp.einsum("nm,nmt->mt", observed, y * y), observed.sum(0))
+
+
+def log_evidence(S, b, yy, n, prior):
+    """Log marginal likelihood of one arm's quality target at prior precision [d], sigma profiled.
+
+    With A = diag(prior) + S and theta = A^-1 b: rss + theta^T diag(prior) theta = yy - theta.b, so
+    sigma^2 = (yy - theta.b) / n and log p = -n/2 log sigma^2 + 1/2 log|diag(prior)| - 1/2 log|A|
+    (constants dropped). Returns (log evidence, sigma^2).
+    """
+    ev, V = jnp.linalg.eigh(jnp.diag(prior) + S)
+    theta = (V / ev) @ (V.T @ b[:, QUALITY])
+    s2 = jnp.maximum(yy[QUALITY] - theta @ b[:, QUALITY], 1e-6) / jnp.maximum(n, 1.0)
+    return -0.5 * n * jnp.log(s2) + 0.5 * jnp.log(prior).sum() - 0.5 * jnp.log(ev).sum(), s2
+
+
+@jax.jit
+def choose_ridge(S, b, yy, n, penalized, ridges):
+    """Per arm, the ridge of highest evidence. penalized [d] bool, ridges [R].
+
+    Returns (ridge index [M], prior precision [M, d], sigma^2 [M]).
+    """
+    priors = jnp.where(penalized[None, :], ridges[:, None], INTERCEPT_PRECISION)  # [R, d]
+    ev, s2 = jax.vmap(lambda p: jax.vmap(log_evidence, (0, 0, 0, 0, None))(S, b, yy, n, p))(priors)
+    best = jnp.argmax(ev, axis=0)  # [M]
+    return best, priors[best], s2[best, jnp.arange(S.shape[0])]
+
+
+def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,
+              log_tokens: np.ndarray, penalized: np.ndarray, ridges: Sequence[float]) -> tuple[RouterState, np.ndarray]:
+    """Fill the arms at `slots` (one per data column) from a whole log, exactly and at once.
+
+    x [N, d] features; quality, log_tokens [N, M] (NaN quality = not observed); penalized [d] bool.
+    Each arm gets A = diag(prior) + X^T X, B = X^T Y, its count and noise; A_inv is computed from A.
+    The state's fresh-arm prior becomes the median chosen ridge. Returns (state, chosen ridge [M]).
+    """
+    obs = np.isfinite(quality)
+    y = np.stack([np.where(obs, quality, 0.0), np.where(obs, log_tokens, 0.0)], -1).astype(np.float32)
+    S, b, yy, n = sufficient_stats(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(obs, jnp.float32))
+    r = jnp.asarray(ridges, jnp.float32)
+    idx, prior, s2 = choose_ridge(S, b, yy, n, jnp.asarray(penalized), r)
+    sl = jnp.asarray(np.asarray(slots, np.int32))
+    T = state.n_targets
+    b = jnp.pad(b, ((0, 0), (0, 0), (0, T - b.shape[2])))
+    A = state.A.at[sl].set(jax.vmap(jnp.diag)(prior) + S)
+    fresh = jnp.where(jnp.asarray(penalized), jnp.median(r[idx]), INTERCEPT_PRECISION)
+    state = state.replace(A=A, B=state.B.at[sl].set(b), count=state.count.at[sl].set(n),
+                          noise=state.noise.at[sl].set(jnp.sqrt(s2)), ridge=fresh)
+    which = jnp.zeros((state.capacity,), bool).at[sl].set(True)
+    return refresh(state, which), np.asarray(r[idx])
