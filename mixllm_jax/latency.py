@@ -12,6 +12,11 @@ import jax.numpy as jnp
 
 MAX_EXPONENT = 30.0  # caps exp() in the penalty so extreme waits stay finite
 
+# The latency profile of an LLM whose figures are not given (models file, POST /v1/models, add_arm).
+DEFAULT_TTFT_S = 0.5  # seconds to first token
+DEFAULT_TOKENS_PER_S = 50.0  # decode speed
+DEFAULT_MAX_CONCURRENCY = 8  # requests served at once
+
 
 def service_time(ttft, tokens_per_s, n_tokens):
     """Seconds to serve n_tokens: broadcasts ttft [K], tokens_per_s [K] against n_tokens [..., K]."""

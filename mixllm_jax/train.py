@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from mixllm_jax import cache, engine, tags
+from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.policy import Policy
 from mixllm_jax.router import FEATURE_MODES, Router
@@ -30,12 +31,13 @@ def embed(encoder, dataset: Dataset, max_length: int = 256, truncation_side: str
 def new_state(specs: Sequence[ModelSpec], dim: int, ridge: float = 1.0):
     """An empty state and registry holding `specs` in order, capacity the next power of two."""
     capacity = 1 << max(1, (len(specs) - 1).bit_length())
-    slots = max([s.max_concurrency or 8 for s in specs] + [32])
+    slots = max([s.max_concurrency or DEFAULT_MAX_CONCURRENCY for s in specs] + [32])
     state, reg = init_state(capacity, dim, load_slots=slots, ridge=ridge), ArmRegistry(capacity)
     for s in specs:
         state, reg = add_llm(state, reg, s.name, price_in=s.price_in, price_out=s.price_out,
-                             ttft=s.ttft_s if s.ttft_s is not None else 0.5,
-                             tokens_per_s=s.tokens_per_s or 50.0, max_concurrency=s.max_concurrency or 8)
+                             ttft=s.ttft_s if s.ttft_s is not None else DEFAULT_TTFT_S,
+                             tokens_per_s=s.tokens_per_s or DEFAULT_TOKENS_PER_S,
+                             max_concurrency=s.max_concurrency or DEFAULT_MAX_CONCURRENCY)
     return state, reg
 
 
