@@ -342,7 +342,8 @@ class RouterService:
     # ---- routing (worker thread) -----------------------------------------------------------
 
     def _decide(self, ids, mask, reqs: list[RouteReq], commit: bool = True):
-        """Run the fused computation on a padded batch; returns host arrays."""
+        """serve_route on ids, mask [B, L] (reqs fill the first rows) -> host arrays: arm, domain [B];
+        quality, tokens, cost, uncertainty, wait, penalty, score, fb, eligible [B, K]; x [B, d]."""
         n = len(reqs)
         pol = self.router.policy
         pt, cw, budget, allowed, book = batch_inputs(reqs, ids.shape[0], self.state.capacity,
@@ -364,6 +365,7 @@ class RouterService:
         return host
 
     def _route_batch(self, reqs: list[RouteReq]) -> list:
+        """The batcher's call: a route result (or a 503 ApiError) per request; features kept for feedback."""
         self._drain()
         n = len(reqs)
         B = pow2_bucket(n, self.cfg.max_batch)
@@ -412,11 +414,13 @@ class RouterService:
     # ---- async API used by the endpoints ------------------------------------------------------
 
     def tokenize(self, texts: list[str]) -> list[tuple[list, int]]:
+        """Each text's (ids truncated to the router's max_length, token count before truncation)."""
         enc = self._tokenizer.encode_batch(texts)
         return [(truncate(e.ids, self.router.max_length, self.router.truncation_side), len(e.ids)) for e in enc]
 
     async def route(self, texts: list[str], *, cost_weight=None, budget=None, allowed=None, book=True,
                     kind="route") -> list[dict]:
+        """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full."""
         b = self.batcher
         if b.pending + len(texts) > b.queue_limit:  # refuse before tokenizing
             self.metrics.rejected.labels("queue_full").inc()
@@ -438,6 +442,7 @@ class RouterService:
         return await asyncio.wrap_future(self.journal.append(record))
 
     def entry_live(self, e) -> bool:
+        """Whether the LLM that served feature entry `e` still holds its slot (not removed since)."""
         reg, arm_id = self.registry, self.arm_id
         return reg.slots.get(e.model) == e.slot and int(arm_id[e.slot]) == e.arm_id
 
