@@ -4,7 +4,7 @@
                                  [--duration-s 30] [--max-batch 32] [--out runs/loadgen]
 
 It starts a stub OpenAI-compatible backend (tests/stub_backend.py) and the router service
-(`python -m mixllm_jax.server`) as child processes on 127.0.0.1, then for each concurrency c runs
+(`python -m mixllm_jax.serve`) as child processes on 127.0.0.1, then for each concurrency c runs
 a closed loop of c clients (keep-alive connections, each sending its next request when the last one
 is answered) until `--requests` requests are answered or `--duration-s` passes, against
   * POST /v1/route (one RouterBench test prompt per request), and
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
         cache = out / "jax-cache"
         t = time.perf_counter()
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mixllm_jax.server", "--checkpoint", str(ck), "--backends",
+            [sys.executable, "-m", "mixllm_jax.serve", "--checkpoint", str(ck), "--backends",
              str(tmp / "backends.yaml"), "--port", str(port), "--log-dir", str(tmp / "serve"),
              "--max-batch", str(a.max_batch), "--window-ms", str(a.window_ms),
              "--queue-limit", str(max(4096, 2 * max(levels))), "--checkpoint-every-s", "3600",

@@ -146,6 +146,12 @@ def cmd_experiment(args):
     print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
 
 
+def cmd_serve(args) -> None:
+    from mixllm_jax.serve import app, config
+
+    app.run(config.config_from_args(args))
+
+
 def cmd_bench(args, rest):
     """The throughput suite (benchmarks/ in the repository): `mixllm-jax bench --help` lists its options."""
     root = Path(__file__).resolve().parent.parent
@@ -278,10 +284,10 @@ def main(argv=None):
 
     p = sub.add_parser("serve", help="HTTP router: /v1/route, OpenAI-compatible /v1/chat/completions proxy, "
                                      "feedback, live LLM add/remove, /metrics")
-    from mixllm_jax import server  # light: the web stack is imported when the server starts
+    from mixllm_jax.serve import config  # light: the web stack is imported when the server starts
 
-    server.add_serve_arguments(p)
-    p.set_defaults(fn=server.run_from_args)
+    config.add_serve_arguments(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("bench", add_help=False,
                        help="throughput suite: route/update/text-to-decision rates, peers side by side "

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 
 MAX_EXPONENT = 30.0  # caps exp() in the penalty so extreme waits stay finite
 
-# An LLM's latency profile when its models file says nothing
-DEFAULT_TTFT_S = 0.5
-DEFAULT_TOKENS_PER_S = 50.0
-DEFAULT_CONCURRENCY = 8
+# The latency profile of an LLM whose figures are not given (models file, POST /v1/models, add_arm).
+DEFAULT_TTFT_S = 0.5  # seconds to first token
+DEFAULT_TOKENS_PER_S = 50.0  # decode speed
+DEFAULT_MAX_CONCURRENCY = 8  # requests served at once
 
 
 def service_time(ttft, tokens_per_s, n_tokens):

@@ -81,6 +81,12 @@ def cost_weights(policy: Policy, x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(query_uniform(x) < policy.mix, policy.mix_cost_weight, policy.cost_weight)
 
 
+def predict_cost(prompt_tokens, tokens, price_in, price_out):
+    """Predicted cost in USD: prompt_tokens [B], tokens [B, K], price_in/price_out [K] (USD per
+    token) -> [B, K]. The one cost formula (routing, serving and the explanation all use it)."""
+    return prompt_tokens[:, None] * price_in + tokens * price_out
+
+
 @jax.jit
 def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, policy: Policy,
                 valid: jnp.ndarray | None = None, bonus: jnp.ndarray | None = None) -> Decision:
@@ -95,7 +101,7 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
     y_hat, width = bandit.predict(state, x)
     quality = y_hat[..., QUALITY]
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
-    cost = prompt_tokens[:, None] * state.price_in + tokens * state.price_out
+    cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
     base = quality - cost_weights(policy, x)[:, None] * cost + policy.alpha * width
     if bonus is not None:
         base = base + bonus

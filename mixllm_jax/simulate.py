@@ -2,7 +2,7 @@
 
 The logs are full-information (every LLM's answer to every query was recorded), so whichever LLM a
 method picks, its quality score and completion tokens are looked up. Around that, a discrete-event
-model of a deployment (DESIGN.md, "Latency model"):
+model of a deployment (docs/architecture.md, "Latency model"):
 
 * Queries arrive at `StreamConfig.rate` per second (default 10: "100 queries per 10 s"), evenly
   spaced or as a Poisson process. Every `batch_s` seconds the queries that arrived in that window
@@ -49,6 +49,7 @@ import numpy as np
 from mixllm_jax import bandit, engine, feedback, train
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import task_keys
+from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.policy import Policy, advance_clock, book, route_batch
 from mixllm_jax.state import ArmRegistry, RouterState, add_llm, remove_llm, set_prices
 
@@ -113,8 +114,9 @@ class World:
     max_concurrency: np.ndarray
 
     @classmethod
-    def from_specs(cls, specs: Sequence[ModelSpec], ttft: float = 0.5, tokens_per_s: float = 50.0,
-                   max_concurrency: int = 8) -> "World":
+    def from_specs(cls, specs: Sequence[ModelSpec], ttft: float = DEFAULT_TTFT_S,
+                   tokens_per_s: float = DEFAULT_TOKENS_PER_S,
+                   max_concurrency: int = DEFAULT_MAX_CONCURRENCY) -> "World":
         """Missing latency figures take the given defaults (the same ones train.new_state uses)."""
         f = lambda vals: np.asarray(vals, np.float64)  # noqa: E731
         return cls(models=[s.name for s in specs],

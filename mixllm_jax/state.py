@@ -16,6 +16,8 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
+from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
+
 QUALITY, LOG_TOKENS = 0, 1  # target columns of B: quality, log completion tokens
 DEFAULT_TARGETS = ("quality", "log_tokens")
 
@@ -133,7 +135,8 @@ def _check_nonneg(name: str, value, *, positive: bool = False) -> float:
 
 
 def add_arm(state: RouterState, slot: int, *, price_in: float, price_out: float,
-            ttft: float = 0.5, tokens_per_s: float = 50.0, max_concurrency: int = 8,
+            ttft: float = DEFAULT_TTFT_S, tokens_per_s: float = DEFAULT_TOKENS_PER_S,
+            max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
             prior: str | float | np.ndarray = "uninformative") -> RouterState:
     """Activate a free slot with an LLM's prices (USD/token) and latency profile.
 

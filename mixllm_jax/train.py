@@ -11,7 +11,7 @@ from mixllm_jax import budget as budget_mod, cache, engine, fit, tags
 from mixllm_jax.config import DEFAULT_DOMAINS, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import choose_by_score
-from mixllm_jax.latency import DEFAULT_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
+from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.policy import Policy, query_uniform
 from mixllm_jax.router import Router, penalized_features
 from mixllm_jax.state import ArmRegistry, add_llm, init_state
@@ -34,13 +34,13 @@ def embed(encoder, dataset: Dataset, max_length: int = 128, truncation_side: str
 def new_state(specs: Sequence[ModelSpec], dim: int, ridge: float | np.ndarray = 1.0):
     """An empty state and registry holding `specs` in order, capacity the next power of two."""
     capacity = 1 << max(1, (len(specs) - 1).bit_length())
-    slots = max([s.max_concurrency or DEFAULT_CONCURRENCY for s in specs] + [32])
+    slots = max([s.max_concurrency or DEFAULT_MAX_CONCURRENCY for s in specs] + [32])
     state, reg = init_state(capacity, dim, load_slots=slots, ridge=ridge), ArmRegistry(capacity)
     for s in specs:
         state, reg = add_llm(state, reg, s.name, price_in=s.price_in, price_out=s.price_out,
                              ttft=s.ttft_s if s.ttft_s is not None else DEFAULT_TTFT_S,
                              tokens_per_s=s.tokens_per_s or DEFAULT_TOKENS_PER_S,
-                             max_concurrency=s.max_concurrency or DEFAULT_CONCURRENCY)
+                             max_concurrency=s.max_concurrency or DEFAULT_MAX_CONCURRENCY)
     return state, reg
 
 

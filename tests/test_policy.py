@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax import engine, latency, state as S
-from mixllm_jax.policy import Policy, book, route_batch
+from mixllm_jax.policy import Policy, book, predict_cost, route_batch
 from conftest import make_state, numpy_ridge, random_obs
 
 GREEDY = Policy(cost_weight=0.0, alpha=0.0, beta=0.0)
@@ -96,3 +96,11 @@ def test_padding_rows_book_no_load(rng):
     d = route_batch(st, jnp.asarray(x), jnp.zeros(3), Policy(), jnp.array([True, False, False]))
     booked = np.isfinite(np.asarray(d.free_at)) & (np.asarray(d.free_at) > 0)
     assert booked.sum() == 1
+
+
+def test_predict_cost_broadcasts_prompt_tokens_against_prices():
+    pt = jnp.array([10.0, 1000.0])  # [B]
+    tokens = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # [B, K]
+    pin, pout = jnp.array([1e-6, 2e-6, 3e-6]), jnp.array([1e-5, 2e-5, 3e-5])  # [K]
+    want = np.asarray(pt)[:, None] * np.asarray(pin) + np.asarray(tokens) * np.asarray(pout)
+    np.testing.assert_allclose(np.asarray(predict_cost(pt, tokens, pin, pout)), want, rtol=1e-6)

@@ -65,7 +65,7 @@ class ServerProc:
     def start(self) -> None:
         self.starts += 1
         self.log = self.tmp / f"server-{self.starts}.log"
-        cmd = [sys.executable, "-m", "mixllm_jax.server", "--checkpoint", str(self.checkpoint),
+        cmd = [sys.executable, "-m", "mixllm_jax.serve", "--checkpoint", str(self.checkpoint),
                "--backends", str(self.backends), "--port", str(self.port), "--log-dir", str(self.tmp / "serve"),
                "--max-batch", "8", "--queue-limit", "8", "--window-ms", "2", "--max-prompt-chars", "4000",
                "--checkpoint-every-s", "3600"]

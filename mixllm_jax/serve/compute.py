@@ -1,0 +1,157 @@
+"""The fused, jitted serving computation, its inputs, and the array helpers of the service's state.
+
+`serve_route` is `router.route_text_batch` (text to decision in one jitted call) plus what serving
+needs: the binary-feedback network's score term, per-request cost weights, per-request budgets and
+eligibility (chat goes only to LLMs with a backend), and the features x kept for later feedback.
+`batch_inputs` turns a batch of RouteReq into its per-row arrays. The helpers below it resize and
+reset the state the service keeps beside the router (load model, feedback network, arm ids) and
+read the checkpoint extras it saves. The math is in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixllm_jax import bandit, encoder as enc_mod, feedback
+from mixllm_jax.policy import MAX_LOG_TOKENS, Policy, predict_cost, route_batch
+from mixllm_jax.router import featurize
+from mixllm_jax.state import LOG_TOKENS
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RouteReq:
+    """One prompt waiting to be routed (built on the event loop, consumed by the worker)."""
+
+    ids: list  # token ids, truncated to the router's max_length
+    prompt_tokens: int  # before truncation (what the LLM is billed for)
+    cost_weight: float | None  # None: the router's
+    budget: float | None  # USD; None: no budget
+    allowed: np.ndarray | None  # [K'] bool (slots past K' are not allowed), or None for every active arm
+    book: bool
+    kind: str  # "route" or "chat"
+
+
+def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, book_load: bool):
+    """Host inputs of `serve_route` for reqs padded to B rows: (prompt_tokens [B] f32, cost_weight
+    [B] f32, mix [B] f32, budget [B] f32 (+inf = none), allowed [B, K] bool, book [B] bool). Rows
+    without their own cost weight take the policy's, budget mixture included (padding rows too);
+    padding rows book nothing."""
+    pt = np.zeros(B, np.float32)
+    cw = np.full(B, policy.cost_weight, np.float32)
+    mix = np.full(B, policy.mix, np.float32)
+    budget = np.full(B, np.inf, np.float32)
+    allowed = np.ones((B, K), bool)
+    book = np.zeros(B, bool)
+    for i, r in enumerate(reqs):
+        pt[i] = r.prompt_tokens
+        if r.cost_weight is not None:
+            cw[i], mix[i] = r.cost_weight, 0.0
+        if r.budget is not None:
+            budget[i] = r.budget
+        if r.allowed is not None:
+            allowed[i, :len(r.allowed)] = r.allowed
+            allowed[i, len(r.allowed):] = False
+        book[i] = r.book and book_load
+    return pt, cw, mix, budget, allowed, book
+
+
+def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask, prompt_tokens,
+                 book, cost_weight, mix, mix_cost_weight, budget, allowed, alpha, beta, tau, *, enc_config, head_shape,
+                 mode, fb_hidden):
+    """ids, mask [B, L] -> (Decision, domain [B] or None, x [B, d], fb [B, K], eligible [B, K]).
+
+    prompt_tokens, cost_weight, mix, budget [B] (budget +inf = none; a share `mix` of the queries is
+    scored with the scalar mix_cost_weight, policy.py); book [B] bool: rows that book load
+    (padding rows do not); allowed [B, K] bool. An arm is eligible when allowed, active and its
+    predicted cost is within the budget -- or it is the cheapest allowed arm, so a too-small budget
+    still gets the cheapest LLM. Ineligible arms score -inf.
+    """
+    e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
+    x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
+    fb = feedback.FeedbackNet(state.capacity, fb_hidden).apply({"params": fb_params}, x)
+    y_hat, _ = bandit.predict(state, x)
+    tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
+    cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
+    ok = allowed & state.active
+    cheapest = jnp.min(jnp.where(ok, cost, jnp.inf), axis=1, keepdims=True)
+    eligible = ok & (cost <= jnp.maximum(budget[:, None], cheapest))
+    bonus = jnp.where(eligible, fb, -jnp.inf)
+    policy = Policy(cost_weight=cost_weight, mix_cost_weight=mix_cost_weight, mix=mix, alpha=alpha, beta=beta, tau=tau, in_batch_load=True)
+    d = route_batch(state, x, prompt_tokens, policy, book, bonus)
+    return d, domain, x, fb, eligible
+
+
+serve_route = jax.jit(_serve_route, static_argnames=("enc_config", "head_shape", "mode", "fb_hidden"))
+
+
+def pow2_bucket(n: int, top: int) -> int:
+    """The batch size n is padded to: the next power of two, at most max(top, n)."""
+    return min(1 << max(0, (n - 1).bit_length()), max(top, n))
+
+
+def reset_load(state, clock: float):
+    """Fresh load model at `clock`: every live arm's serving slots free now (free_at [K, C])."""
+    C = state.load_slots
+    free = jnp.where(jnp.arange(C)[None, :] < state.max_concurrency[:, None], jnp.float32(clock), jnp.inf)
+    free = jnp.where(state.active[:, None], free, jnp.inf)
+    return state.replace(clock=jnp.asarray(clock, jnp.float32), free_at=free.astype(jnp.float32))
+
+
+def fit_arm_id(arm_id: np.ndarray, K: int) -> np.ndarray:
+    """arm_id [K'] int64 padded with -1 (no LLM) to [K] when K' < K."""
+    arm_id = np.asarray(arm_id, np.int64)
+    if len(arm_id) < K:
+        arm_id = np.concatenate([arm_id, np.full(K - len(arm_id), -1, np.int64)])
+    return arm_id
+
+
+def fit_feedback(fs, K: int):
+    """Pad the feedback network's output layer (and reset its optimizer) to K arms."""
+    k2 = fs.params["Dense_2"]
+    have = k2["kernel"].shape[1]
+    if have == K:
+        return fs
+    if have > K:
+        raise ValueError(f"feedback network has {have} arms, more than the state's {K}")
+    params = dict(fs.params)
+    params["Dense_2"] = {"kernel": jnp.pad(jnp.asarray(k2["kernel"]), ((0, 0), (0, K - have))),
+                         "bias": jnp.pad(jnp.asarray(k2["bias"]), (0, K - have))}
+    return fs._replace(params=params, opt_state=feedback._optimizer().init(params))
+
+
+def reset_feedback_slot(fs, slot: int):
+    """A new LLM in a reused slot starts with a zero feedback term."""
+    params = dict(fs.params)
+    k2 = params["Dense_2"]
+    params["Dense_2"] = {"kernel": k2["kernel"].at[:, slot].set(0.0), "bias": k2["bias"].at[slot].set(0.0)}
+    return fs._replace(params=params)
+
+
+def extras_template(meta: dict):
+    """A template for a checkpoint's extras, from its metadata, and its kind: the server's
+    (feedback, journal_seq, arm_id) -> (like, "server"), the feedback network alone -> (like,
+    "feedback"), anything else -> (None, None) (ignored: a fresh feedback network)."""
+    man = meta["arrays"].get("extras")
+    if not man:
+        return None, None
+    tops = {k.split("/")[0] for k in man}
+    if not tops <= {"feedback", "journal_seq", "arm_id"} or "feedback" not in tops:
+        log.warning("checkpoint extras %s are not the server's; starting a fresh feedback network", sorted(tops))
+        return None, None
+    k0, k2 = man.get("feedback/params/Dense_0/kernel"), man.get("feedback/params/Dense_2/kernel")
+    if k0 is None or k2 is None:
+        return None, None
+    fs = feedback.init_feedback(k0["shape"][0], k2["shape"][1], hidden=k0["shape"][1])
+    like = {"feedback": fs}
+    if tops == {"feedback", "journal_seq", "arm_id"}:
+        like["journal_seq"] = np.zeros((), np.int64)
+        like["arm_id"] = np.zeros(man["arm_id"]["shape"], np.int64)
+        return like, "server"
+    return (like, "feedback") if tops == {"feedback"} else (None, None)

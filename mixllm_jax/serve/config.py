@@ -1,0 +1,95 @@
+"""Serve options: one dataclass, and the command-line options generated from its fields.
+
+Light to import (no JAX, no web stack): `mixllm-jax --help` and `mixllm-jax serve --help` read it.
+Each field's metadata holds its help text and, where the flag is not the plain ``--field-name``
+with a value, how the command line spells it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+ROUTE_ON = ("last_user", "conversation")
+
+
+def _opt(default, help: str, **cli):
+    """A field with its help text; `cli`: flag, choices, action, type (argparse keywords)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+def _off_is_none(value: str) -> str | None:
+    return None if value == "off" else value
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Every option of the router service (`mixllm-jax serve`, `python -m mixllm_jax.serve`)."""
+
+    checkpoint: str | Path = dataclasses.field(metadata={
+        "help": "Orbax checkpoint directory (restored, and saved into)", "required": True})
+    backends: str | Path | None = _opt(None, "backends.yaml: LLM name -> OpenAI-compatible base_url")
+    host: str = _opt("127.0.0.1", "address to bind")
+    port: int = _opt(8000, "TCP port")
+    window_ms: float = _opt(3.0, "micro-batch window (ms)")
+    max_batch: int = _opt(64, "prompts per routing call, at most")
+    queue_limit: int = _opt(1024, "prompts waiting, at most (then 429)")
+    log_dir: str | Path | None = _opt(None, "journal and request logs (default: <checkpoint>.serve)")
+    checkpoint_every_s: float = _opt(60.0, "seconds between periodic Orbax checkpoints (also saved on SIGTERM)")
+    keep_checkpoints: int = _opt(3, "checkpoint steps kept")
+    max_prompt_chars: int = _opt(100_000, "longer prompts are refused with 413")
+    max_prompts: int = _opt(256, "prompts per /v1/route request")
+    max_body_bytes: int = _opt(4 << 20, "larger request bodies are refused with 413")
+    feature_cache: int = _opt(20000, "routed requests whose features are kept for feedback")
+    max_inflight_proxy: int = _opt(256, "proxied calls in flight, at most (then 503)")
+    route_on: str = _opt("last_user", "what of a chat request is routed on: the last user message or the "
+                                      "whole conversation", choices=ROUTE_ON)
+    book_load: bool = _opt(True, "decisions do not book predicted load on the live load model",
+                           flag="--no-book-load", action="store_false")
+    warmup: bool = _opt(False, "compile every batch/length shape before serving", action="store_true")
+    compilation_cache: str | Path | None = _opt(
+        "auto", "JAX persistent compilation cache dir ('auto': <log-dir>/jax-cache; 'off')", type=_off_is_none)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option out of range."""
+        if not self.window_ms >= 0:
+            raise ValueError(f"window_ms must be >= 0, got {self.window_ms}")
+        for k in ("max_batch", "queue_limit", "max_prompt_chars", "max_prompts", "max_body_bytes",
+                  "feature_cache", "max_inflight_proxy", "keep_checkpoints"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        if self.queue_limit < self.max_batch:
+            raise ValueError(f"queue_limit ({self.queue_limit}) must be >= max_batch ({self.max_batch})")
+        if self.route_on not in ROUTE_ON:
+            raise ValueError(f"route_on must be one of {ROUTE_ON}, got {self.route_on!r}")
+        if not self.checkpoint_every_s > 0:
+            raise ValueError(f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
+
+    @property
+    def log_path(self) -> Path:
+        """The journal, request-feature and compilation-cache folder."""
+        if self.log_dir is not None:
+            return Path(self.log_dir)
+        ck = Path(self.checkpoint).absolute()
+        return ck.with_name(ck.name + ".serve")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per ServeConfig field: ``--field-name`` (or the field's `flag`), its help and default."""
+    for f in dataclasses.fields(ServeConfig):
+        meta = dict(f.metadata)
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        kw = {"dest": f.name, "help": meta.pop("help"), **meta}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+            if "action" not in kw and f.default is not None:
+                kw["help"] += " (default: %(default)s)"
+        if "action" not in kw and "type" not in kw and isinstance(f.default, (int, float)):
+            kw["type"] = type(f.default)
+        p.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of options parsed by a parser given `add_serve_arguments`."""
+    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})

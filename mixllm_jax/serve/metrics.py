@@ -1,0 +1,47 @@
+"""Prometheus metrics of the router service (GET /metrics), in a registry of their own."""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """Counters, gauges and histograms of one service (HTTP, routing batches, feedback, backends,
+    overload, journal and checkpoints)."""
+
+    def __init__(self):
+        prometheus_client.disable_created_metrics()  # no *_created series beside every counter
+        r = self.registry = CollectorRegistry()
+        lat = LATENCY_BUCKETS
+        self.http = Counter("mixllm_http_requests_total", "HTTP requests by endpoint and status",
+                            ["endpoint", "status"], registry=r)
+        self.http_s = Histogram("mixllm_http_request_seconds", "time to answer (first byte when streaming)",
+                                ["endpoint"], buckets=lat, registry=r)
+        self.batch = Histogram("mixllm_route_batch_size", "prompts per routing call", buckets=BATCH_BUCKETS,
+                               registry=r)
+        self.batch_s = Histogram("mixllm_route_batch_seconds", "seconds per routing call", buckets=lat, registry=r)
+        self.decisions = Counter("mixllm_decisions_total", "routing decisions by chosen LLM", ["model"], registry=r)
+        self.feedback = Counter("mixllm_feedback_total", "feedback records journaled, by kind", ["kind"], registry=r)
+        self.dropped = Counter("mixllm_feedback_dropped_total",
+                               "feedback not applied because its LLM was removed meanwhile", registry=r)
+        self.backend_s = Histogram("mixllm_backend_seconds", "backend call latency by LLM", ["model"],
+                                   buckets=lat, registry=r)
+        self.backend_fail = Counter("mixllm_backend_failures_total", "failed backend calls", ["model", "reason"],
+                                    registry=r)
+        self.rejected = Counter("mixllm_rejected_total", "requests refused for overload", ["reason"], registry=r)
+        self.queue = Gauge("mixllm_queue_prompts", "prompts accepted and not yet routed", registry=r)
+        self.models = Gauge("mixllm_models", "live LLMs", registry=r)
+        self.journal_seq = Gauge("mixllm_journal_seq", "last journaled sequence number", registry=r)
+        self.applied_seq = Gauge("mixllm_applied_seq", "last applied sequence number", registry=r)
+        self.ckpt_step = Gauge("mixllm_checkpoint_step", "last checkpoint step saved or restored", registry=r)
+        self.ckpts = Counter("mixllm_checkpoints_total", "checkpoints saved", registry=r)
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,600 @@
+"""The router service: one worker thread owning the router, its live state and every change to it.
+
+* Every JAX computation and every state change runs on the worker thread, so routing calls never
+  overlap and the state needs no lock. A micro-batcher (batcher.py) feeds it batches of RouteReq;
+  `compute.serve_route` decides a whole batch in one jitted call.
+* Every state change (feedback, usage, LLM added or removed) is journaled and fsync'ed before it
+  is acknowledged (feedback_log.Journal) and applied in journal order; the Orbax checkpoint records
+  the last applied sequence number (extras["journal_seq"]) so a restart replays exactly the records
+  after it.
+* The live load model runs on the wall clock: state.clock is seconds since the server started;
+  each decision books its predicted service time (`book_load`). The load is reset on restart.
+* arm_id [K] int64 names the LLM generation in each slot (the journal seq of its add_model record,
+  0 for the first checkpoint's LLMs, -1 for none), so feedback for a removed LLM is never applied to
+  a newer LLM in its slot.
+
+The math is in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import Tokenizer
+
+from mixllm_jax import batcher, encoder as enc_mod, engine, feedback, feedback_log
+from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
+from mixllm_jax.router import truncate
+from mixllm_jax.serve.backends import Backend, load_backends, parse_backend, read_live_backends
+from mixllm_jax.serve.compute import (RouteReq, batch_inputs, extras_template, fit_arm_id, fit_feedback,
+                                      pow2_bucket, reset_feedback_slot, reset_load, serve_route)
+from mixllm_jax.serve.config import ServeConfig
+from mixllm_jax.serve.http import ApiError, is_num
+from mixllm_jax.serve.metrics import Metrics
+from mixllm_jax.state import ArmRegistry, add_llm, remove_llm
+
+log = logging.getLogger(__name__)
+
+
+class RouterService:
+    """Owns the router, its live state, the logs, and the worker thread. See the module docstring."""
+
+    def __init__(self, config: ServeConfig):
+        config.check()
+        self.cfg = config
+        self.metrics = Metrics()
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mixllm-worker")
+        self.aux = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="mixllm-aux")  # tokenize, save
+        self.router = None
+        self.state = None
+        self.registry = None
+        self.fs = None
+        self.arm_id = None  # [K] int64: identity of the model in each slot (0 = from the first checkpoint)
+        self.applied_seq = 0
+        self.ckpt_seq = 0
+        self.prev_ckpt_seq = 0
+        self.ckpt_step = None
+        self.backends: dict[str, Backend] = {}
+        self.file_backends: dict[str, Backend] = {}
+        self.live_backends: dict[str, Backend] = {}
+        self.backend_mask = None  # [K] bool: the slot's LLM has a backend (chat may go there)
+        self._active = None  # [K] bool: host copy of state.active
+        self._pending: collections.deque | None = None  # journaled records not yet applied
+        self.journal = None
+        self.features = None
+        self.batcher = None
+        self.http = None
+        self.t0 = time.monotonic()
+        self.proxy_inflight = 0
+        self.started = self.ever_started = False
+        self.replayed = 0
+        self._ckpt_lock = None
+        self._periodic = None
+        self._tokenizer = None
+
+    # ---- start / stop ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending = collections.deque()
+        self._ckpt_lock = asyncio.Lock()
+        logdir = self.cfg.log_path
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
+        self.features = feedback_log.FeatureStore(logdir / "requests", self.cfg.feature_cache)
+        self.file_backends = load_backends(self.cfg.backends)
+        await loop.run_in_executor(self.worker, self._load)
+        self.journal.start(min_seq=self.applied_seq)
+        self.metrics.journal_seq.set(self.journal.seq)
+        self.batcher = batcher.MicroBatcher(self._route_batch, self.worker, self.cfg.window_ms / 1000.0,
+                                            self.cfg.max_batch, self.cfg.queue_limit, on_batch=self._on_batch)
+        self.batcher.start()
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.cfg.max_inflight_proxy,
+                                                          max_keepalive_connections=64),
+                                      timeout=60.0, trust_env=False)
+        self._periodic = loop.create_task(self._checkpoint_loop(), name="checkpointer")
+        self.started = self.ever_started = True
+        log.info("ready: %d LLMs, checkpoint step %s, replayed %d journal records, %d request features",
+                 len(self.registry.slots), self.ckpt_step, self.replayed, len(self.features))
+
+    async def stop(self) -> None:
+        """Graceful stop (SIGTERM): finish queued routing, checkpoint, close the logs."""
+        if not self.started:
+            return
+        self.started = False
+        if self._periodic is not None:
+            self._periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic
+        await self.batcher.stop()
+        try:
+            await self.checkpoint(force=False)
+        except Exception:
+            log.exception("final checkpoint failed; the journal still holds every acknowledged record")
+        self.journal.close()
+        await asyncio.get_running_loop().run_in_executor(self.worker, self._drain)
+        self.features.flush(sync=True)
+        self.features.close()
+        await self.http.aclose()
+        self.worker.shutdown(wait=True)
+        self.aux.shutdown(wait=True)
+        log.info("stopped at journal seq %d (checkpoint step %s)", self.journal.seq, self.ckpt_step)
+
+    # ---- loading and replay (worker thread) ---------------------------------------------------
+
+    def _load(self) -> None:
+        if self.cfg.compilation_cache is not None:
+            cache = (self.cfg.log_path / "jax-cache") if self.cfg.compilation_cache == "auto" \
+                else Path(self.cfg.compilation_cache)
+            with contextlib.suppress(Exception):
+                jax.config.update("jax_compilation_cache_dir", str(cache))
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        ck = Path(self.cfg.checkpoint)
+        meta = read_metadata(ck)
+        like, extras_kind = extras_template(meta)
+        router, extras = restore_router(ck, step=meta["step"], extras_like=like)
+        if router.encoder is None:
+            raise ValueError(f"checkpoint {ck} has no encoder: the server routes text and needs one")
+        self.router = router
+        self.ckpt_step = meta["step"]
+        self.metrics.ckpt_step.set(self.ckpt_step)
+        K, d = router.state.capacity, router.state.dim
+        fs = arm_id = None
+        seq = 0
+        if extras is not None and extras_kind == "server":
+            fs, seq, arm_id = extras["feedback"], int(extras["journal_seq"]), np.asarray(extras["arm_id"], np.int64)
+        elif extras is not None and extras_kind == "feedback":
+            fs = extras["feedback"]
+        if fs is None:
+            fs = feedback.init_feedback(d, K)
+        if arm_id is None:
+            arm_id = np.zeros(K, np.int64)
+        self.fs = fit_feedback(fs, K)
+        self.arm_id = fit_arm_id(arm_id, K)
+        self.applied_seq = self.ckpt_seq = self.prev_ckpt_seq = seq
+        self.state = reset_load(router.state, 0.0)
+        self.registry = router.registry
+        self.live_backends = read_live_backends(self.cfg.log_path / "live_models.json")
+        self._refresh_backends()
+
+        tok = Tokenizer.from_str(router.encoder.tokenizer.backend_tokenizer.to_str())
+        tok.no_truncation()
+        tok.no_padding()
+        self._tokenizer = tok
+
+        n_feat = self.features.load()
+        records = self.journal.read()
+        older = [r for r in records if r["seq"] <= seq]
+        newer = [r for r in records if r["seq"] > seq]
+        if records and records[0]["seq"] > seq + 1:
+            raise RuntimeError(f"journal starts at seq {records[0]['seq']} but checkpoint step {self.ckpt_step} "
+                               f"holds records up to seq {seq}: records {seq + 1}..{records[0]['seq'] - 1} "
+                               f"are missing from {self.journal.dir}")
+        self._apply(older, replay_flags_only=True)
+        self._apply(newer)
+        self.replayed = len(newer)
+        log.info("restored step %s (journal seq %d), %d request features, replayed %d records",
+                 self.ckpt_step, seq, n_feat, len(newer))
+        if self.cfg.warmup:
+            self._warmup()
+        self._update_gauges()
+
+    def _refresh_backends(self) -> None:
+        b = dict(self.file_backends)
+        b.update(self.live_backends)
+        self.backends = b
+        K = self.state.capacity
+        mask = np.zeros(K, bool)
+        for name, slot in self.registry.slots.items():
+            mask[slot] = name in b
+        self.backend_mask = mask
+
+    def _warmup(self) -> None:
+        t = time.perf_counter()
+        sizes = sorted({pow2_bucket(n, self.cfg.max_batch) for n in range(1, self.cfg.max_batch + 1)})
+        lengths = [L for L in enc_mod.LENGTH_BUCKETS if L < self.router.max_length] + [self.router.max_length]
+        for B in sizes:
+            for L in lengths:
+                self._decide(np.zeros((B, L), np.int32), np.ones((B, L), np.int32), [], commit=False)
+        log.info("warm-up: compiled %d shapes in %.1f s", len(sizes) * len(lengths), time.perf_counter() - t)
+
+    # ---- journal application (worker thread) ------------------------------------------------
+
+    def _on_durable(self, records: list[dict]) -> None:
+        """Journal writer thread: records are on disk; queue them, in order, for the worker."""
+        self._pending.extend(records)
+        self.metrics.journal_seq.set(records[-1]["seq"])
+        with contextlib.suppress(RuntimeError):  # shutting down
+            self.worker.submit(self._drain)
+
+    def _drain(self) -> None:
+        recs = []
+        while True:
+            try:
+                recs.append(self._pending.popleft())
+            except IndexError:
+                break
+        if recs:
+            self._apply(recs)
+
+    def _live(self, slot: int, arm_id: int) -> bool:
+        return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.arm_id[slot]) == arm_id
+
+    def _apply(self, records: list[dict], replay_flags_only: bool = False) -> None:
+        """Apply journal records in seq order (live and on replay alike)."""
+        self._active = np.asarray(self.state.active)
+        i = 0
+        while i < len(records):
+            rec = records[i]
+            typ = rec.get("type")
+            if typ in ("quality", "thumbs"):
+                j = i
+                while j < len(records) and records[j].get("type") == typ:
+                    j += 1
+                group = records[i:j]
+                for r in group:
+                    e = self.features.get(r["rid"]) if self.features is not None else None
+                    if e is not None:
+                        if typ == "quality":
+                            e.has_quality = True
+                        else:
+                            e.has_thumbs = True
+                if not replay_flags_only:
+                    live = [r for r in group if self._live(int(r["slot"]), int(r["arm_id"]))]
+                    if len(live) < len(group):
+                        self.metrics.dropped.inc(len(group) - len(live))
+                    if live:
+                        x = np.stack([feedback_log.decode_x(r["x"]) for r in live])
+                        slots = np.array([int(r["slot"]) for r in live], np.int32)
+                        if typ == "quality":
+                            self._update_bandit(x, slots, live)
+                        else:
+                            self._update_feedback(x, slots, np.array([float(r["reward"]) for r in live], np.float32))
+                self.applied_seq = max(self.applied_seq, group[-1]["seq"])
+                i = j
+                continue
+            if typ == "usage":
+                e = self.features.get(rec["rid"]) if self.features is not None else None
+                if e is not None and rec.get("completion_tokens") is not None:
+                    e.observed_tokens = float(rec["completion_tokens"])
+            elif typ == "add_model" and not replay_flags_only:
+                self._apply_add(rec)
+            elif typ == "remove_model" and not replay_flags_only:
+                self._apply_remove(rec)
+            elif typ not in ("usage", "add_model", "remove_model"):
+                log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
+            self.applied_seq = max(self.applied_seq, rec["seq"])
+            i += 1
+        self.metrics.applied_seq.set(self.applied_seq)
+
+    def _update_bandit(self, x, slots, recs) -> None:
+        targets = np.array([[float(r["quality"]), float(r["log_tokens"])] for r in recs], np.float32)
+        if self.state.n_targets > 2:
+            targets = np.pad(targets, ((0, 0), (0, self.state.n_targets - 2)))
+        weight = np.array([float(r.get("weight", 1.0)) for r in recs], np.float32)
+        self.state = engine.update(self.state, x, slots, targets, weight)
+
+    def _update_feedback(self, x, slots, reward) -> None:
+        n = len(slots)
+        B = pow2_bucket(n, max(n, 1))
+        pad = B - n
+        valid = np.arange(B) < n
+        self.fs = feedback.update(self.fs, jnp.asarray(np.pad(x, ((0, pad), (0, 0)))),
+                                  jnp.asarray(np.pad(slots, (0, pad))), jnp.asarray(np.pad(reward, (0, pad))),
+                                  self.state.active, jnp.asarray(valid))
+
+    def _apply_add(self, rec: dict) -> None:
+        name = rec["name"]
+        if name in self.registry.slots:
+            log.warning("journal seq %d: model %r already registered; add skipped", rec["seq"], name)
+            return
+        prior = rec["prior"]
+        state, reg = add_llm(self.state, self.registry, name, price_in=rec["price_in"], price_out=rec["price_out"],
+                             ttft=rec["ttft_s"], tokens_per_s=rec["tokens_per_s"],
+                             max_concurrency=rec["max_concurrency"], prior=prior)
+        slot = reg.slots[name]
+        if state.capacity != self.state.capacity:
+            log.info("capacity grew from %d to %d arms (one recompile)", self.state.capacity, state.capacity)
+        self.fs = reset_feedback_slot(fit_feedback(self.fs, state.capacity), slot)
+        arm_id = fit_arm_id(self.arm_id, state.capacity).copy()
+        arm_id[slot] = rec["seq"]
+        self.state, self.registry, self.arm_id = state, reg, arm_id
+        self._active = np.asarray(state.active)
+        if rec.get("backend"):
+            self.live_backends[name] = parse_backend(rec["backend"], f"model {name!r} backend")
+        else:
+            self.live_backends.pop(name, None)
+        self._refresh_backends()
+        self._update_gauges()
+
+    def _apply_remove(self, rec: dict) -> None:
+        name = rec["name"]
+        if name not in self.registry.slots:
+            log.warning("journal seq %d: model %r not registered; remove skipped", rec["seq"], name)
+            return
+        slot = self.registry.slots[name]
+        self.state, self.registry = remove_llm(self.state, self.registry, name)
+        arm_id = self.arm_id.copy()
+        arm_id[slot] = -1
+        self.arm_id = arm_id
+        self._active = np.asarray(self.state.active)
+        self.live_backends.pop(name, None)
+        self._refresh_backends()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.models.set(len(self.registry.slots))
+
+    # ---- routing (worker thread) -----------------------------------------------------------
+
+    def _decide(self, ids, mask, reqs: list[RouteReq], commit: bool = True):
+        """serve_route on ids, mask [B, L] (reqs fill the first rows) -> host arrays: arm, domain [B];
+        quality, tokens, cost, uncertainty, wait, penalty, score, fb, eligible [B, K]; x [B, d]."""
+        n = len(reqs)
+        pol = self.router.policy
+        pt, cw, mix, budget, allowed, book = batch_inputs(reqs, ids.shape[0], self.state.capacity,
+                                                          pol, self.cfg.book_load)
+        h = self.router.head
+        state = self.state.replace(clock=np.float32(time.monotonic() - self.t0))
+        out = serve_route(
+            self.router.encoder.params, None if h is None else h.params,
+            None if h is None else np.asarray(h.centroids), self.fs.params, state, ids, mask, pt, book, cw,
+            mix, float(pol.mix_cost_weight), budget, allowed, float(pol.alpha), float(pol.beta), float(pol.tau),
+            enc_config=self.router.encoder.config, head_shape=None if h is None else (h.hidden, h.features),
+            mode=self.router.feature_mode, fb_hidden=int(self.fs.params["Dense_0"]["kernel"].shape[1]))
+        d, domain, x, fb, eligible = out
+        if commit and n and book.any():
+            self.state = state.replace(free_at=d.free_at)
+        host = jax.device_get({"arm": d.arm, "quality": d.quality, "tokens": d.tokens, "cost": d.cost,
+                               "uncertainty": d.uncertainty, "wait": d.wait, "penalty": d.penalty,
+                               "score": d.score, "domain": domain, "x": x, "fb": fb, "eligible": eligible})
+        return host
+
+    def _route_batch(self, reqs: list[RouteReq]) -> list:
+        """The batcher's call: a route result (or a 503 ApiError) per request; features kept for feedback."""
+        self._drain()
+        n = len(reqs)
+        B = pow2_bucket(n, self.cfg.max_batch)
+        L = enc_mod.padded_length(max(len(r.ids) for r in reqs), self.router.max_length, enc_mod.LENGTH_BUCKETS)
+        ids, mask, _ = enc_mod.pad_batch([r.ids for r in reqs], L, B, self.router.encoder.pad_id)
+        h = self._decide(ids, mask, reqs)
+        names = {s: nm for nm, s in self.registry.slots.items()}
+        slots = sorted(names)
+        tags = self.router.head.tags if self.router.head is not None else None
+        results, entries = [], []
+        for i, r in enumerate(reqs):
+            arm = int(h["arm"][i])
+            if arm not in names or not h["eligible"][i, arm]:  # e.g. the LLMs it allowed were removed meanwhile
+                results.append(ApiError(503, "no eligible LLM for this request (the LLMs it may use were "
+                                             "removed); retry", "no_backend", headers={"Retry-After": "1"}))
+                continue
+            model = names[arm]
+            rid = "req-" + uuid.uuid4().hex
+            expl = {}
+            for s in slots:
+                score = float(h["score"][i, s])
+                expl[names[s]] = {
+                    "quality": float(h["quality"][i, s]), "tokens": float(h["tokens"][i, s]),
+                    "cost": float(h["cost"][i, s]), "uncertainty": float(h["uncertainty"][i, s]),
+                    "wait": float(h["wait"][i, s]), "penalty": float(h["penalty"][i, s]),
+                    "feedback": float(h["fb"][i, s]), "score": score if math.isfinite(score) else None,
+                    "eligible": bool(h["eligible"][i, s])}
+            res = {"request_id": rid, "model": model,
+                   "domain": None if tags is None or h["domain"] is None else tags[int(h["domain"][i])],
+                   "explanation": expl}
+            if r.kind == "chat":
+                res["_backend"] = self.backends.get(model)
+            results.append(res)
+            entries.append((rid, feedback_log.Entry(
+                x=np.asarray(h["x"][i], np.float32), slot=arm, arm_id=int(self.arm_id[arm]), model=model,
+                prompt_tokens=float(r.prompt_tokens),
+                log_tokens=float(np.log(max(float(h["tokens"][i, arm]), 1.0))))))
+            self.metrics.decisions.labels(model).inc()
+        self.features.put_many(entries)
+        return results
+
+    def _on_batch(self, n: int, seconds: float) -> None:
+        self.metrics.batch.observe(n)
+        self.metrics.batch_s.observe(seconds)
+
+    # ---- async API used by the endpoints ------------------------------------------------------
+
+    def tokenize(self, texts: list[str]) -> list[tuple[list, int]]:
+        """Each text's (ids truncated to the router's max_length, token count before truncation)."""
+        enc = self._tokenizer.encode_batch(texts)
+        return [(truncate(e.ids, self.router.max_length, self.router.truncation_side), len(e.ids)) for e in enc]
+
+    async def route(self, texts: list[str], *, cost_weight=None, budget=None, allowed=None, book=True,
+                    kind="route") -> list[dict]:
+        """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full."""
+        b = self.batcher
+        if b.pending + len(texts) > b.queue_limit:  # refuse before tokenizing
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, f"request queue is full ({b.pending} of {b.queue_limit} prompts waiting); "
+                                f"retry later", "overloaded", headers={"Retry-After": str(int(b.retry_after()))})
+        loop = asyncio.get_running_loop()
+        toks = await loop.run_in_executor(self.aux, self.tokenize, texts)
+        reqs = [RouteReq(ids, pt, cost_weight, budget, allowed, book, kind) for ids, pt in toks]
+        try:
+            self.metrics.queue.set(b.pending + len(reqs))
+            return await b.submit(reqs)
+        except batcher.Overloaded as e:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, str(e), "overloaded", headers={"Retry-After": str(int(e.retry_after))}) from None
+        finally:
+            self.metrics.queue.set(b.pending)
+
+    async def journal_append(self, record: dict) -> int:
+        return await asyncio.wrap_future(self.journal.append(record))
+
+    def entry_live(self, e) -> bool:
+        """Whether the LLM that served feature entry `e` still holds its slot (not removed since)."""
+        reg, arm_id = self.registry, self.arm_id
+        return reg.slots.get(e.model) == e.slot and int(arm_id[e.slot]) == e.arm_id
+
+    async def record_quality(self, rid: str, e, quality: float, source: str,
+                             completion_tokens: float | None = None) -> int:
+        tokens = completion_tokens if completion_tokens is not None else e.observed_tokens
+        lt = float(np.log(max(tokens, 1.0))) if tokens is not None else e.log_tokens
+        e.has_quality = True
+        try:
+            seq = await self.journal_append({"type": "quality", "rid": rid, "model": e.model, "slot": e.slot,
+                                             "arm_id": e.arm_id, "quality": float(quality), "log_tokens": lt,
+                                             "source": source, "x": feedback_log.encode_x(e.x)})
+        except BaseException:
+            e.has_quality = False
+            raise
+        self.metrics.feedback.labels("backend_failure" if source == "backend_failure" else "quality").inc()
+        return seq
+
+    async def record_thumbs(self, rid: str, e, up: bool) -> int:
+        e.has_thumbs = True
+        try:
+            seq = await self.journal_append({"type": "thumbs", "rid": rid, "model": e.model, "slot": e.slot,
+                                             "arm_id": e.arm_id, "reward": 1.0 if up else 0.0,
+                                             "x": feedback_log.encode_x(e.x)})
+        except BaseException:
+            e.has_thumbs = False
+            raise
+        self.metrics.feedback.labels("thumbs").inc()
+        return seq
+
+    def record_usage(self, rid: str, model: str, usage: dict | None, latency_s: float, ttft_s: float | None,
+                     approx_tokens: int | None = None) -> None:
+        """Observed usage of a proxied call: journaled (not awaited: nobody waits on it)."""
+        e = self.features.get(rid)
+        ct = pt = None
+        if isinstance(usage, dict):
+            ct = usage.get("completion_tokens") if is_num(usage.get("completion_tokens")) else None
+            pt = usage.get("prompt_tokens") if is_num(usage.get("prompt_tokens")) else None
+        approx = ct is None and approx_tokens is not None
+        if approx:
+            ct = approx_tokens
+        if e is not None and ct is not None:
+            e.observed_tokens = float(ct)
+        self.metrics.feedback.labels("usage").inc()
+        self.metrics.backend_s.labels(model).observe(latency_s)
+        rec = {"type": "usage", "rid": rid, "model": model, "completion_tokens": ct, "prompt_tokens": pt,
+               "tokens_approximate": approx, "latency_s": round(latency_s, 6),
+               "ttft_s": None if ttft_s is None else round(ttft_s, 6)}
+        fut = self.journal.append(rec)
+        fut.add_done_callback(lambda f: f.exception() and log.error("usage record lost: %s", f.exception()))
+
+    async def add_model(self, spec: dict) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._add_model, spec)
+
+    def _add_model(self, spec: dict) -> dict:
+        self._drain()
+        name = spec["name"]
+        if name in self.registry.slots:
+            raise ApiError(409, f"model {name!r} is already registered (slot {self.registry.slots[name]}); "
+                                f"DELETE it first to replace it", param="name")
+        try:  # dry run: the state functions check prices, latency profile and prior
+            add_llm(self.state, self.registry, name, price_in=spec["price_in"], price_out=spec["price_out"],
+                    ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
+                    max_concurrency=spec["max_concurrency"], prior=spec["prior"])
+        except ValueError as e:
+            raise ApiError(422, f"cannot add model {name!r}: {e}") from None
+        self.journal.append(dict(spec, type="add_model")).result()
+        self._drain()
+        return self.model_info(name)
+
+    async def remove_model(self, name: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.worker, self._remove_model, name)
+
+    def _remove_model(self, name: str) -> None:
+        self._drain()
+        if name not in self.registry.slots:
+            raise ApiError(404, f"model {name!r} is not registered (known: {self.registry.names})",
+                           "not_found", param="name")
+        if len(self.registry.slots) == 1:
+            raise ApiError(409, f"model {name!r} is the last one; the router needs at least one LLM")
+        self.journal.append({"type": "remove_model", "name": name}).result()
+        self._drain()
+
+    def model_info(self, name: str) -> dict:
+        st, reg = self.state, self.registry
+        s = reg.slots[name]
+        b = self.backends.get(name)
+        return {"id": name, "object": "model", "owned_by": "mixllm-jax", "slot": s,
+                "price_in_per_mtok": _f32(float(st.price_in[s]) * 1e6),
+                "price_out_per_mtok": _f32(float(st.price_out[s]) * 1e6),
+                "ttft_s": _f32(st.ttft[s]), "tokens_per_s": _f32(st.tokens_per_s[s]),
+                "max_concurrency": int(st.max_concurrency[s]), "observations": float(st.count[s]),
+                "backend": None if b is None else {k: v for k, v in b.public().items() if k != "api_key_env"}}
+
+    def _models(self) -> list[dict]:
+        self._drain()  # read your writes: acknowledged feedback is counted
+        return [self.model_info(n) for n in self.registry.names]
+
+    async def models(self) -> list[dict]:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._models)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def _snapshot(self):
+        self._drain()
+        registry = ArmRegistry.from_dict(self.registry.to_dict())
+        router = dataclasses.replace(self.router, state=self.state, registry=registry)
+        return router, {"feedback": self.fs, "journal_seq": np.asarray(self.applied_seq, np.int64),
+                        "arm_id": np.asarray(self.arm_id, np.int64)}, self.applied_seq
+
+    async def checkpoint(self, force: bool = False) -> int | None:
+        """Save a checkpoint if anything was applied since the last one (or `force`); returns the step."""
+        loop = asyncio.get_running_loop()
+        async with self._ckpt_lock:
+            router, extras, seq = await loop.run_in_executor(self.worker, self._snapshot)
+            if seq == self.ckpt_seq and not force:
+                return None
+            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
+                                       self.cfg.log_path / "live_models.json",
+                                       {n: b.public() for n, b in self.live_backends.items()})
+            step = await loop.run_in_executor(self.aux, functools.partial(
+                save_router, router, self.cfg.checkpoint, keep=self.cfg.keep_checkpoints, extras=extras))
+            self.features.flush()
+            self.journal.rotate()
+            self.journal.prune(self.prev_ckpt_seq)  # one checkpoint of slack
+            self.prev_ckpt_seq, self.ckpt_seq, self.ckpt_step = self.ckpt_seq, seq, step
+            self.metrics.ckpts.inc()
+            self.metrics.ckpt_step.set(step)
+            log.info("checkpoint step %d saved at journal seq %d", step, seq)
+            return step
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.checkpoint_every_s)
+            try:
+                await self.checkpoint()
+            except Exception:
+                log.exception("periodic checkpoint failed (the journal keeps every record; retrying later)")
+
+    def health(self) -> dict:
+        fn = serve_route
+        return {"status": "ok", "models": self.registry.names, "queue": self.batcher.pending,
+                "proxy_inflight": self.proxy_inflight,
+                "journal_seq": self.journal.seq, "applied_seq": self.applied_seq,
+                "checkpoint_step": self.ckpt_step, "checkpoint_seq": self.ckpt_seq,
+                "replayed": self.replayed, "features": len(self.features), "capacity": self.state.capacity,
+                "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
+                "uptime_s": round(time.monotonic() - self.t0, 3)}
+
+
+def _f32(v) -> float:
+    """A float32 state value shown without float32 noise (7 significant digits)."""
+    return float(f"{float(v):.7g}")
+
+

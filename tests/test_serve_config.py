@@ -1,0 +1,51 @@
+"""ServeConfig and the `serve` options generated from it (no server, no JAX)."""
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
+
+# the flags `mixllm-jax serve` had before they were generated from the fields
+FLAGS = ("--checkpoint", "--backends", "--host", "--port", "--window-ms", "--max-batch", "--queue-limit",
+         "--log-dir", "--checkpoint-every-s", "--keep-checkpoints", "--max-prompt-chars", "--max-prompts",
+         "--feature-cache", "--max-inflight-proxy", "--route-on", "--no-book-load", "--warmup",
+         "--compilation-cache")
+
+
+def parser():
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    return p
+
+
+def test_every_field_has_help_and_an_option():
+    p = parser()
+    dests = {a.dest: a for a in p._actions}
+    for f in dataclasses.fields(ServeConfig):
+        assert f.metadata["help"], f.name
+        assert dests[f.name].help, f.name
+    for flag in FLAGS:
+        assert flag in p._option_string_actions, flag
+
+
+def test_defaults_round_trip():
+    cfg = config_from_args(parser().parse_args(["--checkpoint", "ck"]))
+    assert cfg == ServeConfig(checkpoint="ck")
+    cfg.check()
+
+
+def test_flags_set_fields():
+    cfg = config_from_args(parser().parse_args([
+        "--checkpoint", "ck", "--port", "9", "--window-ms", "0.5", "--no-book-load", "--warmup",
+        "--route-on", "conversation", "--compilation-cache", "off", "--max-body-bytes", "100"]))
+    assert (cfg.port, cfg.window_ms, cfg.book_load, cfg.warmup) == (9, 0.5, False, True)
+    assert (cfg.route_on, cfg.compilation_cache, cfg.max_body_bytes) == ("conversation", None, 100)
+
+
+def test_config_is_light_to_import():
+    code = ("import sys, mixllm_jax.serve, mixllm_jax.serve.config; "
+            "print(sorted(m for m in ('jax', 'flax', 'starlette', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
