@@ -132,7 +132,8 @@ async def closed_loop(port: int, path: str, bodies: list[bytes], concurrency: in
 
 def small_checkpoint(folder: Path) -> Path:
     """The server tests' router: 100 RouterBench train queries, tiny head, max_length 64."""
-    from mixllm_jax import checkpoint, data, encoder, tags, train
+    from mixllm_jax import checkpoint, data, encoder, train
+    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
 
     enc = encoder.load_encoder()
     ds = data.load_routerbench(split="train")
@@ -140,7 +141,8 @@ def small_checkpoint(folder: Path) -> Path:
                           for task in sorted({t[0] for t in ds.tags})])
     ds = ds.select(idx)
     router = train.train_router(ds, data.load_models(data.routerbench_dir() / "models.json"), enc,
-                                head_config=tags.HeadConfig(hidden=32, features=8, epochs=5), max_length=64,
+                                RouterConfig(head=HeadConfig(hidden=32, features=8, epochs=5), max_length=64,
+                                             budget=Budget("cost_weight", 0.0)),
                                 progress=False)
     ck = folder / "ck"
     checkpoint.save_router(router, ck)

@@ -401,6 +401,7 @@ def text_setup(ws: Workspace) -> dict:
     Returns {} with "skipped" set when the data or the encoder is not here.
     """
     from mixllm_jax import data as data_mod, encoder as enc_mod
+    from mixllm_jax.config import Budget, RouterConfig
     from mixllm_jax.train import train_router
 
     suite = ws.suite
@@ -420,7 +421,8 @@ def text_setup(ws: Workspace) -> dict:
     train = ds.select(np.sort(rest[: suite.text_train]))
     t0 = time.perf_counter()
     e = enc.embed(train.prompts, batch_size=64, max_length=64)  # not a shape timed below
-    router = train_router(train, ds.specs, enc, head_config=None, feature_mode="raw", embeddings=e,
+    router = train_router(train, ds.specs, enc, RouterConfig(head=None, features="raw", budget=Budget("cost_weight", 0.0)),
+                          embeddings=e,
                           progress=False)
     ws.log(f"text: Router trained on {len(train)} RouterBench queries (no head, d={router.state.dim}, "
            f"{len(ds.models)} LLMs) in {time.perf_counter() - t0:.1f} s")
@@ -436,7 +438,7 @@ def text_setup(ws: Workspace) -> dict:
             rows, cols = np.nonzero(np.isfinite(train.quality))
             ctx = np.hstack([e, np.ones((len(e), 1), np.float32)])[rows]  # the Router's features
             setup["mab"] = peers.mabwiser_linucb(ctx, cols, train.quality[rows, cols], len(ds.models),
-                                                 PEER_ALPHA, router.state.ridge.item())
+                                                 PEER_ALPHA, float(router.state.ridge[0]))
         if ws.has("sentence-transformers"):
             import transformers
             transformers.utils.logging.disable_progress_bar()  # its weight-loading bar

@@ -52,6 +52,16 @@ class OperatingCurve:
                             np.asarray(self.quality), self.target_usd(budget))
         return base.replace(cost_weight=lo, mix_cost_weight=hi, mix=p)
 
+    def score(self, points: int = 50) -> float:
+        """Mean quality of the curve's hull over its spend range (a normalised AIQ), or its best
+        quality when spend does not vary (LLMs of one price): higher is better."""
+        spend, quality = np.asarray(self.spend), np.asarray(self.quality)
+        hc, hq = metrics.non_decreasing_convex_hull(spend, quality)
+        if spend.max() - spend.min() <= 1e-9 * max(spend.max(), 1e-30):
+            return float(hq.max())
+        grid = np.linspace(spend.min(), spend.max(), points)
+        return float(np.interp(grid, hc, hq, left=hq[0]).mean())
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -10,7 +10,8 @@ import dataclasses
 import re
 
 FEATURE_MODES = ("raw+domain", "soft-domain", "head", "raw")
-DEFAULT_RIDGES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+DEFAULT_RIDGES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+RIDGE_SELECTION = ("validation", "evidence")
 DEFAULT_DOMAINS = 20  # k-means clusters when a log has no tags (the paper derives ~20 domains)
 
 
@@ -79,23 +80,28 @@ class RouterConfig:
 
     max_length, truncation_side: tokens kept per prompt and which end is cut.
     features: bandit features, see router.featurize ("raw+domain" default).
-    ridges: candidate ridges of the embedding coefficients; each arm takes the one of highest
-      Bayesian evidence (fit.py). Intercepts (bias, domain terms) are not shrunk.
+    ridges: candidate ridges of the embedding coefficients. Intercepts (bias, domain terms) are
+      not shrunk (fit.py).
+    ridge_selection: "validation" (default) takes the one ridge whose held-out cost-quality curve
+      is best (budget.OperatingCurve.score); "evidence" lets each arm take the ridge of highest
+      Bayesian evidence. Either way each arm's noise scale is its evidence estimate.
     domains: None uses the data's tags as domains (k-means into DEFAULT_DOMAINS when it has none);
       an int N clusters the embeddings into N domains (k-means) whatever the tags.
     head: the tag head (None: no head, features must be "raw").
     budget: the operating point saved in the checkpoint and used by route, serve, eval, simulate.
-    holdout: share of train held out to calibrate the budget (the final fit uses all of train).
+    folds: cross-fitting folds of train that calibrate the budget and choose the ridge (the final
+      fit uses all of train); < 2 turns calibration off (then only cost_weight budgets work).
     """
 
     max_length: int = 128
     truncation_side: str = "left"
     features: str = "raw+domain"
     ridges: tuple[float, ...] = DEFAULT_RIDGES
+    ridge_selection: str = "validation"
     domains: int | None = None
     head: HeadConfig | None = HeadConfig()
     budget: Budget = Budget()
-    holdout: float = 0.2
+    folds: int = 5
 
     def __post_init__(self):
         if self.features not in FEATURE_MODES:
@@ -108,10 +114,12 @@ class RouterConfig:
             raise ValueError(f"max_length must be an integer in [8, 512], got {self.max_length!r}")
         if not self.ridges or not all(0 < r < 1e9 for r in self.ridges):
             raise ValueError(f"ridges must be positive numbers, got {self.ridges!r}")
+        if self.ridge_selection not in RIDGE_SELECTION:
+            raise ValueError(f"ridge_selection must be one of {RIDGE_SELECTION}, got {self.ridge_selection!r}")
         if self.domains is not None and not (isinstance(self.domains, int) and 2 <= self.domains <= 1000):
             raise ValueError(f"domains must be an integer in [2, 1000] or None, got {self.domains!r}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        if not isinstance(self.folds, int) or not 0 <= self.folds <= 100:
+            raise ValueError(f"folds must be an integer in [0, 100], got {self.folds!r}")
 
     def replace(self, **kw) -> "RouterConfig":
         return dataclasses.replace(self, **kw)

@@ -123,7 +123,7 @@ class Router:
     def policy_for(self, budget) -> Policy:
         """The router's policy moved to another operating point (a config.Budget) on its curve."""
         if self.curve is None:
-            raise ValueError("this router has no operating curve (train it with a holdout > 0)")
+            raise ValueError("this router has no operating curve (train it with folds >= 2)")
         return self.curve.policy(budget, self.policy)
 
     def tokenize(self, texts: Sequence[str]):

@@ -180,7 +180,7 @@ def kmeans(x, key, *, k: int, iters: int = 50):
     n = u.shape[0]
 
     def seed(i, c):
-        d = jnp.maximum(jnp.min(1.0 - u @ c.T, axis=1), 0.0)  # rows past i still hold the first
+        d = jnp.maximum(jnp.min(1.0 - u @ c.T, axis=1), 0.0) ** 2  # D^2; rows past i hold the first
 
         j = jax.random.choice(jax.random.fold_in(key, i), n, p=d / jnp.maximum(d.sum(), 1e-12))
         return c.at[i].set(u[j])

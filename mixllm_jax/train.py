@@ -3,6 +3,7 @@ arm (evidence-chosen ridge, unshrunk intercepts), and calibrate the budget on he
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -67,18 +68,23 @@ def domain_tags(dataset: Dataset, e: np.ndarray, config: RouterConfig) -> list[t
                                seed=config.head.seed if config.head else 0)
 
 
-def _fit(dataset: Dataset, e: np.ndarray, specs: dict, encoder, config: RouterConfig, progress: bool) -> Router:
+def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, progress: bool) -> Router:
+    """A Router with its tag head trained (no arms yet)."""
     head = None
     if config.head is not None:
         head = tags.train_head(e, domain_tags(dataset, e, config), dataset.quality,
                                log_tokens(dataset.completion_tokens), config.head, progress=progress)
-    router = Router(encoder=encoder, head=head, state=None, registry=None, config=config)
+    return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
+
+
+def _fit_arms(router: Router, dataset: Dataset, e: np.ndarray, specs: dict, ridges: Sequence[float]) -> Router:
+    """A copy of `router` with every arm fitted on the log (fit.fit_state; ridges as candidates)."""
     x = np.asarray(router.embed_features(e))
-    state, router.registry = new_state([specs[m] for m in dataset.models], x.shape[1])
-    pen = penalized_features(config.features, e.shape[1], head and head.features, x.shape[1])
-    router.state, _ = fit.fit_state(state, router.registry.columns(dataset.models), x, dataset.quality,
-                                    log_tokens(dataset.completion_tokens), pen, config.ridges)
-    return router
+    state, registry = new_state([specs[m] for m in dataset.models], x.shape[1])
+    pen = penalized_features(router.config.features, e.shape[1], router.head and router.head.features, x.shape[1])
+    state, _ = fit.fit_state(state, registry.columns(dataset.models), x, dataset.quality,
+                             log_tokens(dataset.completion_tokens), pen, ridges)
+    return dataclasses.replace(router, state=state, registry=registry)
 
 
 def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str]):
@@ -109,8 +115,10 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
                  progress: bool = True) -> Router:
     """Train a Router on logged outcomes and set its policy to the config's budget.
 
-    With config.holdout > 0, a router fitted on the rest of train is swept over the held-out part
-    to build the OperatingCurve (budget.py); the returned router is then refitted on all of train.
+    The tag head is trained on all of train. With config.folds >= 2 the arms are cross-fitted: each
+    fold is swept by arms fitted on the other folds (for each candidate ridge when the ridge is
+    chosen on validation); the pooled curve of the best ridge is the OperatingCurve (budget.py), and
+    the returned router's arms are fitted on all of train with that ridge.
     """
     by_name = {s.name: s for s in specs}
     missing = [m for m in dataset.models if m not in by_name]
@@ -118,17 +126,26 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
         raise ValueError(f"models {missing} of the data are not in the models file")
     e = embed(encoder, dataset, config.max_length, config.truncation_side, cache_dir, progress) \
         if embeddings is None else np.asarray(embeddings)
-    curve = None
-    n_out = int(round(config.holdout * len(dataset)))
-    if n_out >= 10:
-        perm = np.random.default_rng(0).permutation(len(dataset))
-        out, keep = perm[:n_out], perm[n_out:]
-        part = _fit(dataset.select(keep), e[keep], by_name, encoder, config, progress=False)
-        held = dataset.select(out)
-        chosen = sweep_choices(part, e[out], held, budget_mod.CALIBRATION_GRID)
-        curve = budget_mod.curve_from_choices(chosen, budget_mod.CALIBRATION_GRID, held.quality, held.cost,
-                                              dataset.models)
-    router = _fit(dataset, e, by_name, encoder, config, progress)
+    router = _with_head(dataset, e, encoder, config, progress)
+    curve, ridges = None, config.ridges
+    if config.folds >= 2 and len(dataset) >= 5 * config.folds:
+        fold = np.random.default_rng(0).permutation(len(dataset)) % config.folds
+        candidates = [(r,) for r in config.ridges] if config.ridge_selection == "validation" else [config.ridges]
+        curves = []
+        for rs in candidates:  # cross-fitted choices: each fold routed by arms fitted on the others
+            chosen = np.zeros((len(budget_mod.CALIBRATION_GRID), len(dataset)), np.int32)
+            for f in range(config.folds):
+                part = _fit_arms(router, dataset.select(fold != f), e[fold != f], by_name, rs)
+                chosen[:, fold == f] = sweep_choices(part, e[fold == f], dataset.select(fold == f),
+                                                     budget_mod.CALIBRATION_GRID)
+            curves.append(budget_mod.curve_from_choices(chosen, budget_mod.CALIBRATION_GRID, dataset.quality,
+                                                        dataset.cost, dataset.models))
+        best = int(np.argmax([c.score() for c in curves]))
+        curve, ridges = curves[best], candidates[best]
+    elif config.ridge_selection == "validation":
+        raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
+                         f"few for {config.folds} folds; use ridge_selection='evidence'")
+    router = _fit_arms(router, dataset, e, by_name, ridges)
     router.curve = curve
     budget = config.budget
     if curve is not None:
@@ -136,6 +153,6 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     elif budget.kind == "cost_weight":
         router.policy = policy.replace(cost_weight=budget.value)
     else:
-        raise ValueError(f"a {budget.kind!r} budget needs a holdout to calibrate on "
-                         f"({n_out} held-out queries of {len(dataset)}); give a cost weight instead")
+        raise ValueError(f"a {budget.kind!r} budget needs cross-fitting to calibrate on (folds >= 2 and "
+                         f"5 queries per fold, {len(dataset)} queries); give a cost weight instead")
     return router

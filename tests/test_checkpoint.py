@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from mixllm_jax.config import HeadConfig, RouterConfig
 from mixllm_jax import checkpoint as ckpt
 from mixllm_jax import engine, tags
 from mixllm_jax import state as S
@@ -23,6 +24,10 @@ from mixllm_jax.router import Router
 
 H, F, N, M = 12, 8, 64, 3  # embedding dim, head features, queries, LLMs
 CHILD = Path(__file__).with_name("checkpoint_kill_child.py")
+
+
+def head_config(head):
+    return None if head is None else HeadConfig(hidden=head.hidden, features=head.features)
 
 
 def build_router(head: tags.TrainedHead | None, seed=0) -> tuple[Router, np.ndarray, np.ndarray]:
@@ -36,7 +41,8 @@ def build_router(head: tags.TrainedHead | None, seed=0) -> tuple[Router, np.ndar
                             ttft=0.2 * (k + 1), tokens_per_s=40.0 + 10 * k, max_concurrency=2 + k)
     router = Router(encoder=None, head=head, state=st, registry=reg,
                     policy=Policy(cost_weight=2e3, alpha=0.05, beta=0.3, tau=5.0, in_batch_load=False),
-                    max_length=64, truncation_side="right")
+                    config=RouterConfig(max_length=64, truncation_side="right", head=head_config(head),
+                                        features="raw+domain" if head is not None else "raw"))
     x = np.asarray(router.embed_features(e))
     y = np.stack([rng.random(N), rng.normal(size=N) + 5.0], 1).astype(np.float32)
     router.state = engine.update(st, x, rng.integers(0, M, N).astype(np.int32), y)
@@ -110,7 +116,7 @@ def test_round_trip_is_bit_identical(built, tmp_path):
     assert back.registry.to_dict() == router.registry.to_dict()
     assert back.policy == router.policy and back.policy.in_batch_load is False
     assert (back.max_length, back.truncation_side, back.encoder) == (64, "right", None)
-    assert ckpt._router_config(back) == ckpt._router_config(router)  # feature_mode etc.
+    assert back.config == router.config and back.curve == router.curve
     h0, h1 = router.head, back.head
     assert (h1.hidden, h1.features, h1.tags) == (h0.hidden, h0.features, h0.tags)
     assert_same_leaves(h0.params, h1.params)
@@ -366,12 +372,12 @@ def test_incompatible_format_version(saved):
     meta = json.loads(meta_file.read_text())
     meta["format_version"] = 999
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format version 999.*reads format version 1"):
+    with pytest.raises(CheckpointError, match="format version 999.*reads format version 2"):
         restore_router(directory)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["router_config"].update(future_option=1), r"incompatible: it sets router options \['future_option'\]"),
+    (lambda m: m["router_config"].update(future_option=1), r"unknown router config keys \['future_option'\]"),
     (lambda m: m["registry"]["slots"].update(ghost=3), "corrupted: registry"),
     (lambda m: m["state"].update(load_slots=8), "corrupted: state arrays have shape"),
     (lambda m: m.pop("registry"), r"corrupted: its metadata lacks \['registry'\]"),

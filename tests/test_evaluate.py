@@ -132,3 +132,13 @@ def test_write_report_files_and_tables(tmp_path):
     lines = table.splitlines()
     assert len(lines) == 2 + 4 and lines[2].startswith("| oracle |")  # best AIQ first
     assert "m0 (ref)" in table and "t1 AIQ" in format_task_table(rep)
+
+
+def test_calibration_ece_by_hand():
+    q_hat = np.array([[0.05, 0.95], [0.15, 0.85], [np.nan, 0.9]])
+    quality = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, np.nan]])
+    cal = evaluate.calibration(q_hat, quality, bins=10)
+    # bins: 0 -> pred .05 obs 0; 1 -> pred .15 obs 1; 8 -> pred .85 obs 0; 9 -> pred .95 obs 1
+    expected = (0.05 + 0.85 + 0.85 + 0.05) / 4
+    assert cal["ece"] == pytest.approx(expected)
+    assert [b["n"] for b in cal["bins"]] == [1, 1, 1, 1]

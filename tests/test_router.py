@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from mixllm_jax.config import HeadConfig, RouterConfig
 from mixllm_jax import data, encoder, tags, train
 from mixllm_jax.policy import Policy
 from mixllm_jax.router import truncate
@@ -20,8 +21,8 @@ def small_router(enc):
     ds = ds.select(idx)
     e = enc.embed(ds.prompts, max_length=64)
     return train.train_router(ds, data.load_models(data.routerbench_dir() / "models.json"), enc,
-                              head_config=tags.HeadConfig(hidden=64, features=16, epochs=20),
-                              max_length=64, embeddings=e, progress=False), ds, e
+                              RouterConfig(head=HeadConfig(hidden=64, features=16, epochs=20), max_length=64),
+                              embeddings=e, progress=False), ds, e
 
 
 def test_fused_path_equals_step_by_step(small_router, enc):

@@ -117,7 +117,8 @@ class ServerProc:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from mixllm_jax import checkpoint, data, encoder, tags, train
+    from mixllm_jax import checkpoint, data, encoder, train
+    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
 
     tmp = tmp_path_factory.mktemp("serve")
     enc = encoder.load_encoder()
@@ -127,7 +128,8 @@ def env(tmp_path_factory):
     ds = ds.select(idx)
     e = enc.embed(ds.prompts, max_length=64)
     router = train.train_router(ds, data.load_models(data.routerbench_dir() / "models.json"), enc,
-                                head_config=tags.HeadConfig(hidden=32, features=8, epochs=5), max_length=64,
+                                RouterConfig(head=HeadConfig(hidden=32, features=8, epochs=5), max_length=64,
+                                             budget=Budget("cost_weight", 0.0)),
                                 embeddings=e, progress=False)
     ck = tmp / "ck"
     checkpoint.save_router(router, ck)

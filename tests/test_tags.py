@@ -43,3 +43,15 @@ def test_multi_hot_handles_several_tags():
     m, names = tags.multi_hot([("a",), ("a", "b"), ()])
     assert names == ("a", "b")
     np.testing.assert_array_equal(m, [[1, 0], [1, 1], [0, 0]])
+
+
+def test_kmeans_recovers_separated_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.eye(8)[:4] * 5
+    labels = rng.integers(0, 4, 400)
+    e = centers[labels] + 0.3 * rng.normal(size=(400, 8))
+    got = tags.kmeans_domains(e, 4)
+    names = sorted({t for (t,) in got})
+    assert len(names) == 4 and all(n.startswith("domain-") for n in names)
+    for k in range(4):  # each true cluster maps to one derived domain
+        assert len({got[i] for i in np.flatnonzero(labels == k)}) == 1
