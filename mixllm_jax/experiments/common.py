@@ -36,7 +36,8 @@ that starts only at the tolerance reacts after queries already time out; see the
 
 @dataclasses.dataclass
 class ExperimentData:
-    """Train / test datasets with their encoder embeddings (or stand-in features) and how to train."""
+    """Train / test (/ ood) datasets with their encoder embeddings (or stand-in features), how to
+    train, and the reference LLM whose logged totals are 100% in every table."""
 
     train: Dataset
     test: Dataset
@@ -46,6 +47,34 @@ class ExperimentData:
     feature_mode: str = "raw+domain"
     max_length: int = 128
     features: str = "encoder"  # "encoder" | "onehot" (for the notes)
+    reference: str = REFERENCE
+    ood: Dataset | None = None  # the data's `ood` split (tasks never seen in train), if it has one
+    e_ood: np.ndarray | None = None  # [N_ood, H]
+    name: str = "RouterBench"  # where the data came from (for the notes)
+
+    def __post_init__(self):
+        check_reference(self.train.models, self.reference)
+
+    def info(self) -> dict:
+        """What the reports say about the data."""
+        return {"name": self.name, "reference": self.reference, "features": self.features,
+                "n_train": len(self.train), "n_test": len(self.test),
+                "n_ood": None if self.ood is None else len(self.ood), "models": list(self.train.models),
+                "cost_blind": cost_blind(self.train)}
+
+
+def check_reference(models: Sequence[str], reference: str) -> str:
+    """`reference` if it is one of `models`, else a ValueError that lists them."""
+    if reference not in models:
+        raise ValueError(f"reference LLM {reference!r} is not a model of the data; choose one of "
+                         f"{', '.join(models)} (--reference)")
+    return reference
+
+
+def cost_blind(ds: Dataset) -> bool:
+    """True when every query's logged cost is the same for every LLM (e.g. equal prices and token
+    counts): cost cannot separate the LLMs, so routing is on quality alone (cost weight 0)."""
+    return bool(len(ds)) and bool(np.allclose(ds.cost, ds.cost[:, :1], rtol=1e-6, atol=0.0))
 
 
 def onehot_features(*datasets: Dataset) -> list[np.ndarray]:
@@ -55,32 +84,69 @@ def onehot_features(*datasets: Dataset) -> list[np.ndarray]:
     return [np.eye(len(names), dtype=np.float32)[[names.index(k) for k in ks]] for ks in keys]
 
 
+def load_splits(data_path: str | Path | None = None,
+                models: str | Path | None = None) -> tuple[Dataset, Dataset, Dataset | None, str]:
+    """(train, test, ood or None, name) of a RouterBench folder (default: the shared slice; it
+    brings its own models.json) or a long-format JSONL file (`models`: its models file, required)
+    with splits `train` and `test`, and optionally `ood`. Every query needs every LLM's outcome
+    (the simulator looks up whichever LLM a method picks)."""
+    if data_path is None or Path(data_path).is_dir():
+        root = Path(data_path) if data_path is not None else data_mod.routerbench_dir()
+        if models is not None and Path(models).resolve() != (root / "models.json").resolve():
+            raise ValueError(f"a RouterBench folder brings its own models.json ({root / 'models.json'}); "
+                             "models (--models) goes with a JSONL file")
+        return (data_mod.load_routerbench(data_path, split="train"),
+                data_mod.load_routerbench(data_path, split="test"), None, "RouterBench")
+    if models is None:
+        raise ValueError(f"{data_path}: a JSONL data file needs its models file (models=, --models)")
+    parts = data_mod.load_jsonl(data_path, models).by_split()
+    missing = [s for s in ("train", "test") if s not in parts]
+    if missing:
+        raise ValueError(f"{data_path} has no rows with split {missing[0]!r} (splits: {sorted(parts)}); "
+                         "the experiments need train and test (and use ood when present)")
+    for split, ds in parts.items():
+        bad = np.isnan(ds.quality).any(1) | np.isnan(ds.completion_tokens).any(1) | np.isnan(ds.cost).any(1)
+        if bad.any():
+            raise ValueError(f"{data_path}: {int(bad.sum())} {split} queries lack some LLM's quality, cost or "
+                             f"completion tokens (e.g. {ds.query_ids[int(np.argmax(bad))]!r}); the experiments "
+                             "need every LLM's outcome of every query")
+    return parts["train"], parts["test"], parts.get("ood"), str(data_path)
+
+
 def load_data(quick: bool = False, *, features: str | None = None, max_length: int = 128,
-              quick_rows: tuple[int, int] = (360, 180), seed: int = 0, data_dir=None,
-              encoder_name=None, progress: bool = True) -> ExperimentData:
-    """The RouterBench slice (train and test splits) with features.
+              quick_rows: tuple[int, int] = (360, 180), seed: int = 0, data_path: str | Path | None = None,
+              models: str | Path | None = None, reference: str | None = None, encoder_name=None,
+              progress: bool = True) -> ExperimentData:
+    """Train and test splits (and `ood` when the data has it) with features: the RouterBench slice
+    by default, or `data_path` (see `load_splits`); `reference` (default gpt-4-1106-preview) is the
+    LLM whose logged totals are 100%.
 
     features "encoder" (default; quick: "onehot"): cached embeddings of the default encoder at
     `max_length` (left truncation) and the tag-enhanced head; "onehot": the task's one-hot, no head
-    (a routing-by-task stand-in that needs no encoder). quick keeps a random `quick_rows` subset.
+    (a routing-by-task stand-in that needs no encoder). quick keeps a random `quick_rows` subset
+    (train, test; the ood split keeps as many rows as test).
     """
     features = features or ("onehot" if quick else "encoder")
     if features not in ("encoder", "onehot"):
         raise ValueError(f"features must be 'encoder' or 'onehot', got {features!r}")
-    tr = data_mod.load_routerbench(data_dir, split="train")
-    te = data_mod.load_routerbench(data_dir, split="test")
+    tr, te, ood, name = load_splits(data_path, models)
+    reference = check_reference(tr.models, reference or REFERENCE)
     if quick:
         rng = np.random.default_rng(seed)
         tr = tr.select(np.sort(rng.permutation(len(tr))[: quick_rows[0]]))
         te = te.select(np.sort(rng.permutation(len(te))[: quick_rows[1]]))
+        if ood is not None:
+            ood = ood.select(np.sort(rng.permutation(len(ood))[: quick_rows[1]]))
+    parts = [tr, te] + ([ood] if ood is not None else [])
     if features == "onehot":
-        e_tr, e_te = onehot_features(tr, te)
-        return ExperimentData(tr, te, e_tr, e_te, head_config=None, feature_mode="raw",
-                              max_length=max_length, features="onehot")
+        es = onehot_features(*parts)
+        return ExperimentData(tr, te, es[0], es[1], head_config=None, feature_mode="raw", max_length=max_length,
+                              features="onehot", reference=reference, ood=ood,
+                              e_ood=es[2] if ood is not None else None, name=name)
     enc = encoder.load_encoder(encoder_name)
-    e_tr = train.embed(enc, tr, max_length=max_length, progress=progress)
-    e_te = train.embed(enc, te, max_length=max_length, progress=progress)
-    return ExperimentData(tr, te, e_tr, e_te, max_length=max_length, features="encoder")
+    es = [train.embed(enc, ds, max_length=max_length, progress=progress) for ds in parts]
+    return ExperimentData(tr, te, es[0], es[1], max_length=max_length, features="encoder", reference=reference,
+                          ood=ood, e_ood=es[2] if ood is not None else None, name=name)
 
 
 def select_models(ds: Dataset, names: Sequence[str]) -> Dataset:
@@ -94,6 +160,7 @@ def select_models(ds: Dataset, names: Sequence[str]) -> Dataset:
 
 
 def concat(parts: Sequence[Dataset]) -> Dataset:
+    """The rows of `parts` (same LLM columns) one after the other; no latency_s, an empty report."""
     f = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
     lst = lambda name: [v for p in parts for v in getattr(p, name)]  # noqa: E731
     return Dataset(query_ids=lst("query_ids"), prompts=lst("prompts"), tags=lst("tags"), models=list(parts[0].models),
@@ -108,7 +175,7 @@ def concat(parts: Sequence[Dataset]) -> Dataset:
 
 
 def fit_offline(ds: Dataset, e: np.ndarray, d: ExperimentData, capacity: int | None = None,
-           progress: bool = True) -> Router:
+                progress: bool = True) -> Router:
     """Full-information offline training (train.train_router) on cached embeddings, no encoder."""
     router = train.train_router(ds, ds.specs, None, head_config=d.head_config, max_length=d.max_length,
                                 feature_mode=d.feature_mode, embeddings=e, progress=progress)
@@ -121,31 +188,49 @@ def fit_offline(ds: Dataset, e: np.ndarray, d: ExperimentData, capacity: int | N
 
 
 def router_features(router: Router, e: np.ndarray) -> np.ndarray:
+    """The router's bandit features [N, d] of embeddings (or stand-in features) e [N, H]."""
     return np.asarray(router.embed_features(e))
 
 
-def sweep(state, registry, x, ds: Dataset, alpha: float, extra_weights=(), bonus=None) -> tuple[list, list]:
-    """(cost weights, points) of a no-load lambda sweep of a router state on ds."""
+def sweep(state, registry, x, ds: Dataset, alpha: float, extra_weights=(), bonus=None,
+          reference: str = REFERENCE) -> tuple[list, list]:
+    """(cost weights, points) of a no-load lambda sweep of a router state on ds (% of `reference`)."""
     cws = sorted(set(map(float, evaluate.COST_WEIGHTS)) | set(map(float, extra_weights)))
     ch = sim.offline_choices(state, registry, x, ds.prompt_tokens, ds.models, cws, alpha, bonus)
-    return cws, sim.points(ch, ds)
+    return cws, sim.points(ch, ds, reference)
 
 
-def calibrate(router: Router, x: np.ndarray, ds: Dataset, budget_pct: float, alpha: float) -> float:
-    cws, pts = sweep(router.state, router.registry, x, ds, alpha)
+def calibrate(router: Router, x: np.ndarray, ds: Dataset, budget_pct: float, alpha: float,
+              reference: str = REFERENCE) -> float:
+    """The cost weight whose sweep on ds spends at most `budget_pct`% of the reference's cost
+    (`simulate.calibrate_cost_weight`); 0 on cost-blind data (`cost_blind`), where no cost weight
+    changes the spend and a positive one would only route on noise in the predicted costs."""
+    if cost_blind(ds):
+        return 0.0
+    cws, pts = sweep(router.state, router.registry, x, ds, alpha, reference=reference)
     return sim.calibrate_cost_weight(pts, cws, budget_pct)
 
 
+def calibration_note(d: ExperimentData, budget_pct: float, on: str) -> str:
+    """How the cost weight was chosen, for the reports."""
+    if cost_blind(d.train):
+        return "the LLMs' logged costs are equal on every query: cost-blind data, quality only"
+    return f"calibrated on {on} to {budget_pct}% cost"
+
+
 def point_at(cws, pts, lam) -> dict:
+    """The sweep point at cost weight lam (one of cws)."""
     return pts[cws.index(float(lam))]
 
 
 def best_under(pts, cap) -> float:
+    """The best quality % of a sweep point at cost % <= cap (no mixing)."""
     return metrics.best_quality_under_cost([p["cost_pct"] for p in pts], [p["quality_pct"] for p in pts],
                                            cap * (1 + 1e-9) + 1e-12)
 
 
 def stream_order(n: int, seed: int, repeat: int = 1) -> np.ndarray:
+    """`repeat` random permutations of range(n), one after the other."""
     rng = np.random.default_rng(seed)
     return np.concatenate([rng.permutation(n) for _ in range(repeat)])
 
@@ -158,6 +243,7 @@ def split_idx(n: int, frac_offline: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def stream_policy(lam, beta=STREAM_BETA, tau=STREAM_TAU, alpha=STREAM_ALPHA) -> Policy:
+    """The stream router's policy: cost weight lam, latency penalty (beta, tau), in-batch load on."""
     return Policy(cost_weight=float(lam), alpha=float(alpha), beta=float(beta), tau=float(tau), in_batch_load=True)
 
 
@@ -176,6 +262,14 @@ def band_quality(pts: list[dict], band: tuple[float, float] = (5.0, 30.0)) -> fl
 # ----------------------------------------------------------------------------------------------
 # Results: numbers, tables and files
 # ----------------------------------------------------------------------------------------------
+
+
+def data_note(r: dict) -> str:
+    """One line for a report's markdown: which data, how much of it, and the 100% reference."""
+    i = r["data"]
+    ood = f" / {i['n_ood']} ood" if i["n_ood"] is not None else ""
+    return (f"Data: {i['name']} ({i['n_train']} train / {i['n_test']} test{ood} queries, {len(i['models'])} LLMs, "
+            f"{i['features']} features); 100% = {i['reference']}'s logged totals.")
 
 
 def rel_pct(a, b) -> float | None:
@@ -203,20 +297,24 @@ def json_safe(o):
 
 
 def fmt(v, nd=2, signed=False) -> str:
+    """A number for a table (nd decimals, optionally signed); "-" for None / NaN."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
 
 
 def short(name: str) -> str:
+    """An LLM name without its organisation prefix."""
     return name.split("/")[-1]
 
 
 def config_dict(c: sim.StreamConfig) -> dict:
+    """A stream configuration as a JSON-able dict."""
     return dataclasses.asdict(c)
 
 
 def write_outputs(out_dir, name: str, report: dict, md: str, fig) -> dict[str, Path]:
+    """Write NAME.json (the report, JSON-safe), NAME.md (the tables, linking the plot) and NAME.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}

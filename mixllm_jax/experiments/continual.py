@@ -10,10 +10,10 @@ import numpy as np
 
 from mixllm_jax import feedback, simulate as sim, train
 from mixllm_jax.experiments import plots
-from mixllm_jax.experiments.common import (BUDGET_PCT, PAPER_TABLE1, REFERENCE, STREAM_ALPHA, STREAM_BETA, STREAM_TAU,
-                                           ExperimentData, band_quality, best_under, calibrate, config_dict,
-                                           fit_offline, fmt, hull_at, point_at, rel_pct, router_features, split_idx,
-                                           stream_policy, sweep, write_outputs)
+from mixllm_jax.experiments.common import (BUDGET_PCT, PAPER_TABLE1, STREAM_ALPHA, STREAM_BETA, STREAM_TAU,
+                                           ExperimentData, band_quality, best_under, calibrate, calibration_note,
+                                           config_dict, data_note, fit_offline, fmt, hull_at, point_at, rel_pct,
+                                           router_features, split_idx, stream_policy, sweep, write_outputs)
 
 
 def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8, 0.5, 0.3),
@@ -42,9 +42,9 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
             off, on = d.train.select(off_i), d.train.select(on_i)
             router = fit_offline(off, d.e_train[off_i], d, progress=progress)
             x_off, x_on, x_te = (router_features(router, e) for e in (d.e_train[off_i], d.e_train[on_i], d.e_test))
-            lam = calibrate(router, x_off, off, budget_pct, alpha)
+            lam = calibrate(router, x_off, off, budget_pct, alpha, d.reference)
             cfg = dataclasses.replace(config, seed=seed)
-            stream = sim.make_stream(on, x_on, cfg)
+            stream = sim.make_stream(on, x_on, cfg, d.reference)
             entry = {"offline_frac": frac, "seed": seed, "n_offline": len(off), "n_online": len(on),
                      "cost_weight": lam, "modes": {}}
             runs = {}
@@ -55,7 +55,7 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
                 bonus = None
                 if mode == "binary":
                     bonus = np.asarray(feedback.bonus(res.feedback_state, x_te))
-                cws, pts = sweep(res.state, res.registry, x_te, d.test, alpha, [lam], bonus)
+                cws, pts = sweep(res.state, res.registry, x_te, d.test, alpha, [lam], bonus, d.reference)
                 entry["modes"][mode] = {"test_at_cost_weight": point_at(cws, pts, lam), "test_points": pts,
                                         "stream": res.summary()}
                 if bonus is not None:
@@ -63,7 +63,7 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
                         np.abs(bonus[:, np.asarray(res.state.active)]).mean())
                 runs[mode] = res
             full_state = train.fill_arms(router.state, router.registry, x_on, on)
-            cws, pts = sweep(full_state, router.registry, x_te, d.test, alpha, [lam])
+            cws, pts = sweep(full_state, router.registry, x_te, d.test, alpha, [lam], reference=d.reference)
             entry["full_information"] = {"test_at_cost_weight": point_at(cws, pts, lam), "test_points": pts}
             cap = entry["modes"]["none"]["test_at_cost_weight"]["cost_pct"]
             entry["cost_cap_pct"] = cap
@@ -87,7 +87,7 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
                "supplementary": frac not in splits, "n_offline": es[0]["n_offline"], "n_online": es[0]["n_online"]}
         for key in [*modes, "full_information"]:
             get = (lambda e: e["modes"][key]) if key in modes else (lambda e: e["full_information"])
-            mean = lambda k: float(np.mean([get(e)[k] for e in es]))  # noqa: E731
+            mean = lambda k: _mean([get(e)[k] for e in es])  # noqa: E731
             row[key] = {"quality_at_cap": mean("quality_at_cap"), "gain_rel_pct": mean("gain_rel_pct"),
                         "gain_rel_pct_per_seed": [get(e)["gain_rel_pct"] for e in es],
                         "band_quality": mean("band_quality"), "band_gain_rel_pct": mean("band_gain_rel_pct"),
@@ -109,11 +109,11 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
             acc["paper_refined_gain_30_70_pct"] = PAPER_TABLE1["refined"][0.3]
             acc["shortfall_vs_paper_pct_points"] = max(0.0, PAPER_TABLE1["refined"][0.3] - r30["refined"]["gain_rel_pct"])
             acc["full_information_gain_30_70_pct"] = r30["full_information"]["gain_rel_pct"]
-    report = {"experiment": "continual", "latency_note": sim.LATENCY_NOTE, "reference": REFERENCE,
+    report = {"experiment": "continual", "latency_note": sim.LATENCY_NOTE, "reference": d.reference, "data": d.info(),
               "features": d.features, "config": config_dict(config), "splits": list(splits),
               "extra_splits": [f for f in extra_splits if f not in splits], "seeds": list(seeds), "band_pct": list(band),
               "modes": list(modes), "policy": {"beta": beta, "tau": tau, "alpha": alpha,
-                                               "cost_weight_from": f"calibrated on the offline part to {budget_pct}% cost"},
+                                               "cost_weight_from": calibration_note(d, budget_pct, "the offline part")},
               "table": table, "runs": rows, "acceptance": acc, "paper_table1": {k: {str(f): v for f, v in m.items()}
                                                                                   for k, m in PAPER_TABLE1.items()},
               "seconds": time.time() - t_start}
@@ -123,11 +123,18 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
     return report
 
 
+def _mean(vals) -> float | None:
+    """Mean over seeds; None when a seed has none (e.g. a band gain where the band is below every
+    cost of the sweep, as on cost-blind data)."""
+    return None if any(v is None for v in vals) else float(np.mean(vals))
+
+
 def _continual_md(r: dict) -> str:
     modes = r["modes"]
     lo, hi = r["band_pct"]
     lines = ["# continual: online learning from feedback (the paper's Table 1 setup)", "", f"> {r['latency_note']}", "",
-             "Per split of the RouterBench train split (offline:online, random, seeds " + ", ".join(map(str, r["seeds"])) +
+             data_note(r), "",
+             f"Per split of the {r['data']['name']} train split (offline:online, random, seeds " + ", ".join(map(str, r["seeds"])) +
              "): train offline with full information on the offline part; stream the online part at "
              f"{r['config']['rate']:g} queries/s with load; `refined` updates the chosen LLM's arm with its observed "
              "quality and completion tokens (bandit feedback), `binary` trains the dynamic feedback network on "

@@ -9,17 +9,35 @@ from typing import Sequence
 import numpy as np
 
 from mixllm_jax import simulate as sim
+from mixllm_jax.data import Dataset
 from mixllm_jax.experiments import plots
-from mixllm_jax.experiments.common import (BUDGET_PCT, REFERENCE, STREAM_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData,
-                                           calibrate, concat, config_dict, fit_offline, fmt, router_features,
-                                           select_models, short, split_idx, stream_policy, write_outputs)
+from mixllm_jax.experiments.common import (BUDGET_PCT, STREAM_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData, calibrate,
+                                           calibration_note, concat, config_dict, data_note, fit_offline, fmt,
+                                           router_features, select_models, short, split_idx, stream_policy,
+                                           write_outputs)
 
 DEFAULT_ADDED = ("zero-one-ai/Yi-34B-Chat", "mistralai/mixtral-8x7b-chat", "claude-v2")
 DEFAULT_REMOVED = "gpt-3.5-turbo-1106"
 
 
-def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] = DEFAULT_ADDED,
-                    removed: str = DEFAULT_REMOVED, repriced: str | None = None, price_factor: float = 10.0,
+def default_changes(ds: Dataset, reference: str) -> tuple[list[str], str]:
+    """(added, removed) LLMs of the experiment on `ds`: DEFAULT_ADDED and DEFAULT_REMOVED where the
+    data has them (RouterBench), else chosen from the data: the LLMs other than the reference,
+    best mean quality on ds first; the best min(3, M - 3) join mid-stream (the best first: the one
+    that should win traffic, and is repriced) and the best of the rest is removed."""
+    if all(m in ds.models and m != reference for m in [*DEFAULT_ADDED, DEFAULT_REMOVED]):
+        return list(DEFAULT_ADDED), DEFAULT_REMOVED
+    if len(ds.models) < 4:
+        raise ValueError(f"llm-changes needs at least 4 LLMs (the reference, one to remove, one to keep, one "
+                         f"to add); the data has {len(ds.models)}")
+    mean_q = np.nanmean(ds.quality, 0)
+    others = sorted((m for m in ds.models if m != reference), key=lambda m: -mean_q[ds.models.index(m)])
+    k = min(3, len(ds.models) - 3)
+    return others[:k], others[k]
+
+
+def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] | None = None,
+                    removed: str | None = None, repriced: str | None = None, price_factor: float = 10.0,
                     at: tuple[float, float, float] = (0.2, 0.45, 0.7), frac_offline: float = 0.3,
                     prior: str | float = "mean", seed: int = 0, config: sim.StreamConfig = sim.StreamConfig(),
                     budget_pct: float = BUDGET_PCT, beta: float = STREAM_BETA, tau: float = STREAM_TAU,
@@ -28,8 +46,13 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] = DEFAUL
     and d.test (shuffled) with refined feedback; at fractions `at` of the stream add `added` (cold
     start from `prior`), remove `removed`, and multiply `repriced`'s prices (default added[0]) by
     price_factor. Compared with the same router without online learning and with a router that had
-    every LLM from the start (same removal and price change)."""
+    every LLM from the start (same removal and price change). added / removed None: see
+    `default_changes`; the reference LLM must stay (it is the 100% of every figure)."""
     t_start = time.time()
+    if added is None or removed is None:
+        auto_added, auto_removed = default_changes(d.train, d.reference)
+        added = auto_added if added is None else added
+        removed = auto_removed if removed is None else removed
     repriced = repriced or added[0]
     models = list(d.train.models)
     initial = [m for m in models if m not in added]
@@ -38,6 +61,8 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] = DEFAUL
         raise ValueError(f"models {missing} are not in the data ({models})")
     if removed not in initial:
         raise ValueError(f"the removed LLM {removed!r} must be one of the initial LLMs")
+    if d.reference not in initial or d.reference == removed:
+        raise ValueError(f"the reference LLM {d.reference!r} must be an initial LLM that is not removed")
     off_i, on_i = split_idx(len(d.train), frac_offline, seed)
     off = d.train.select(off_i)
     rng = np.random.default_rng(seed + 1)
@@ -49,9 +74,9 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] = DEFAUL
     router = fit_offline(select_models(off, initial), d.e_train[off_i], d, capacity=capacity, progress=progress)
     router_all = fit_offline(off, d.e_train[off_i], d, capacity=capacity, progress=progress)
     x_off = router_features(router, d.e_train[off_i])
-    lam = calibrate(router, x_off, select_models(off, initial), budget_pct, alpha)
+    lam = calibrate(router, x_off, select_models(off, initial), budget_pct, alpha, d.reference)
     world = sim.World.from_specs(d.train.specs)
-    stream = sim.make_stream(stream_ds, router_features(router, e_stream), config)
+    stream = sim.make_stream(stream_ds, router_features(router, e_stream), config, d.reference)
     stream_all = dataclasses.replace(stream, x=router_features(router_all, e_stream))
     n = len(stream)
     t_add, t_rm, t_price = (int(round(f * n)) for f in at)
@@ -105,10 +130,11 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] = DEFAUL
     checks["new_llm_share_grows"] = checks["new_llm_share_by_quarter_after_add"][-1] > checks["new_llm_share_by_quarter_after_add"][0]
     checks["nothing_routed_to_removed"] = all(v == 0.0 for v in checks["removed_share_after_removal"].values())
     checks["price_change_moves_traffic"] = checks["repriced_share_after_price_change"] < checks["repriced_share_before_price_change"]
-    report = {"experiment": "llm-changes", "latency_note": sim.LATENCY_NOTE, "reference": REFERENCE,
+    report = {"experiment": "llm-changes", "latency_note": sim.LATENCY_NOTE, "reference": d.reference, "data": d.info(),
               "features": d.features, "config": config_dict(config), "n_offline": len(off), "n_stream": n,
               "initial": initial, "added": list(added), "removed": removed, "repriced": repriced,
               "price_factor": price_factor, "prior": prior, "cost_weight": lam,
+              "cost_weight_from": calibration_note(d, budget_pct, "the offline part"),
               "events": ad.info["events"], "event_rows": {"add": t_add, "remove": t_rm, "price": t_price},
               "phases": phases, "checks": checks, "compiles": {k: v.info["compiles"] for k, v in runs.items()},
               "timeline": {k: v.timeline(n_windows) for k, v in runs.items()}, "seconds": time.time() - t_start}
@@ -123,6 +149,7 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] = DEFAUL
 def _changes_md(r: dict) -> str:
     c = r["checks"]
     lines = ["# llm-changes: LLMs added, removed and repriced mid-stream", "", f"> {r['latency_note']}", "",
+             data_note(r), "",
              f"Offline: {r['n_offline']} train queries with the {len(r['initial'])} initial LLMs (full information). "
              f"Stream: {r['n_stream']} queries (rest of train + test, shuffled) at {r['config']['rate']:g} q/s with "
              f"refined feedback. At query {r['event_rows']['add']} add " + ", ".join(short(m) for m in r["added"]) +

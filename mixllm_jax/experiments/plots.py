@@ -11,10 +11,12 @@ from mixllm_jax.experiments.common import PAPER_TABLE1, short
 
 
 def window_mid(tl: list[dict]) -> np.ndarray:
+    """The middle time of each window of a timeline."""
     return np.array([(w["t0"] + w["t1"]) / 2 for w in tl])
 
 
 def share_plot(ax, res: sim.StreamResult, n_windows: int, title: str, events=()):
+    """Stacked traffic share per LLM over stream time; events: [(time, label)] as dotted lines."""
     tl = res.timeline(n_windows)
     t = window_mid(tl)
     names = [m for m in res.stream.models if any(w["share"].get(m, 0) > 0 for w in tl)]
@@ -33,6 +35,7 @@ def share_plot(ax, res: sim.StreamResult, n_windows: int, title: str, events=())
 
 
 def line_plot(ax, results: dict[str, sim.StreamResult], key: str, n_windows: int, ylabel: str, title: str, events=()):
+    """One line per result: timeline[key] per window over stream time."""
     for label, res in results.items():
         tl = res.timeline(n_windows)
         ax.plot(window_mid(tl), [w[key] if w[key] is not None else np.nan for w in tl], marker=".", label=label)
@@ -46,6 +49,7 @@ def line_plot(ax, results: dict[str, sim.StreamResult], key: str, n_windows: int
 
 
 def latency_fig(r: dict, results_by_rate: dict, n_windows: int):
+    """Quality and p95 wait vs rate; traffic share and mean wait over time at the highest rate."""
     fig = Figure(figsize=(14, 9))
     axes = fig.subplots(2, 2)
     rates = [pr["rate"] for pr in r["per_rate"]]
@@ -71,6 +75,7 @@ def latency_fig(r: dict, results_by_rate: dict, n_windows: int):
 
 
 def continual_fig(r: dict, last_runs: dict, n_windows: int):
+    """The smallest split's stream (quality, cost, shares) and the gains per split vs the paper's."""
     fig = Figure(figsize=(14, 9))
     axes = fig.subplots(2, 2)
     frac = min(last_runs)
@@ -100,6 +105,7 @@ def continual_fig(r: dict, last_runs: dict, n_windows: int):
 
 
 def changes_fig(r: dict, runs: dict, n_windows: int, ev_t, gi: int):
+    """Traffic shares, the new LLM's share, quality and cost over time, with the events marked."""
     fig = Figure(figsize=(14, 9))
     axes = fig.subplots(2, 2)
     share_plot(axes[0, 0], runs["adaptive"], n_windows, "adaptive router: traffic share over time", ev_t)
@@ -119,21 +125,27 @@ def changes_fig(r: dict, runs: dict, n_windows: int, ev_t, gi: int):
 
 
 def ood_fig(r: dict, last: dict, n_windows: int):
+    """Drops per held-out task (and the ood split) vs the paper's; one stream's quality, cost and shares
+    (the ood split's when there is one, else the last held-out task's)."""
     fig = Figure(figsize=(14, 9))
     axes = fig.subplots(2, 2)
     ax = axes[0, 0]
-    modes = list(r["mean_drop_rel_pct"])
+    modes = list(r["modes"])
     w = 0.8 / len(modes)
-    tasks = [e["task"] for e in r["per_task"]]
+    entries = [(e["task"], e["modes"]) for e in r["per_task"]]
+    if r.get("ood_split") is not None:
+        entries.append(("ood split", r["ood_split"]["modes"]))
+    labels = [t for t, _ in entries]
     for i, m in enumerate(modes):
-        ax.bar(np.arange(len(tasks)) + i * w, [e["modes"][m]["drop_rel_pct"] for e in r["per_task"]], w, label=m)
+        ax.bar(np.arange(len(labels)) + i * w, [np.nan if em[m]["drop_rel_pct"] is None else em[m]["drop_rel_pct"]
+                                                 for _, em in entries], w, label=m)
     ax.axhline(r["paper"]["none"], color="red", ls=":", label="paper, no online")
     ax.axhline(r["paper"]["online"], color="green", ls=":", label="paper, online")
-    ax.set_xticks(np.arange(len(tasks)) + w * (len(modes) - 1) / 2, tasks)
+    ax.set_xticks(np.arange(len(labels)) + w * (len(modes) - 1) / 2, labels)
     ax.set(ylabel="quality change vs in-domain (% rel.)", title="out-of-domain drop at equal or lower cost")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    task = r["per_task"][-1]["task"]
+    task = "ood split" if r.get("ood_split") is not None else r["per_task"][-1]["task"]
     runs = last[task]
     line_plot(axes[0, 1], runs, "quality_pct", n_windows, "quality % (30 s deadline)", f"stream of {task}: quality over time")
     line_plot(axes[1, 0], runs, "cost_pct", n_windows, "cost %", f"stream of {task}: cost over time")
