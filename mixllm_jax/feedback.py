@@ -1,4 +1,4 @@
-"""Binary feedback: the dynamic feedback score f_df (MixLLM's "dynamic feedback", DESIGN.md).
+"""Binary feedback: the dynamic feedback score f_df (MixLLM's "dynamic feedback", docs/architecture.md).
 
 Where only satisfied / not satisfied is observed, a small MLP (3 layers) maps the query features
 x [B, d] to a per-arm score term [B, K] that is added to the decision's score (`route_batch`'s

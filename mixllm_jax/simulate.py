@@ -2,7 +2,7 @@
 
 The logs are full-information (every LLM's answer to every query was recorded), so whichever LLM a
 method picks, its quality score and completion tokens are looked up. Around that, a discrete-event
-model of a deployment (DESIGN.md, "Latency model"):
+model of a deployment (docs/architecture.md, "Latency model"):
 
 * Queries arrive at `StreamConfig.rate` per second (default 10: "100 queries per 10 s"), evenly
   spaced or as a Poisson process. Every `batch_s` seconds the queries that arrived in that window
