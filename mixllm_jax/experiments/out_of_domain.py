@@ -35,9 +35,10 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
             alpha: float = STREAM_ALPHA, seed: int = 0, held_out_tasks: bool = True, ood_stream_frac: float = 0.5,
             n_windows: int = 20, progress: bool = True) -> dict:
     """Held-out tasks (unless held_out_tasks=False): for each task T of `tasks` (default every task
-    of d.train that has test queries), a router trained on the other tasks' train queries streams T's train queries
-    (learning per mode) and is evaluated on T's test queries, against the in-domain router (trained
-    on every task's train queries) at the same cost cap (its cost on T at its lambda).
+    of d.train that has test queries), a router trained on the other tasks' train queries streams
+    T's train queries (learning per mode) and is evaluated on T's test queries, against the
+    in-domain router (trained on every task's train queries) at the same cost cap (its cost on T at
+    its lambda).
 
     The `ood` split (when d.ood is set): the in-domain router (trained on all of d.train) streams
     `ood_stream_frac` of each ood task's queries (tasks interleaved) and is evaluated on the rest,
