@@ -126,6 +126,13 @@ def cmd_ablation(args):
     print(f"\nreport and plot in {args.out}")
 
 
+def _experiment_data(args) -> dict:
+    """The data options of `simulate` and `experiment` (--data, --models, --reference) as keywords."""
+    if args.data is not None and not Path(args.data).is_dir() and args.models is None:
+        raise SystemExit("--models is required with a JSONL data file")
+    return {"data_path": args.data, "models": args.models, "reference": args.reference}
+
+
 def cmd_simulate(args):
     from mixllm_jax import experiments
 
@@ -133,7 +140,7 @@ def cmd_simulate(args):
         out_dir=args.out, rate=args.rate, arrival=args.arrival, batch_s=args.batch_s,
         refresh_s=args.refresh_s, tolerance_s=args.tolerance, cost_weight=args.cost_weight,
         beta=args.beta, tau=args.tau, alpha=args.alpha, repeat=args.repeat, seed=args.seed,
-        router_path=args.router, quick=args.quick)
+        router_path=args.router, quick=args.quick, **_experiment_data(args))
     print(Path(report["paths"]["md"]).read_text())
     print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
 
@@ -141,7 +148,7 @@ def cmd_simulate(args):
 def cmd_experiment(args):
     from mixllm_jax import experiments
 
-    report = experiments.run_experiment(args.name, args.out, quick=args.quick)
+    report = experiments.run_experiment(args.name, args.out, quick=args.quick, **_experiment_data(args))
     print(Path(report["paths"]["md"]).read_text())
     print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
 
@@ -258,8 +265,14 @@ def main(argv=None):
     p.add_argument("prompts", nargs="+")
     p.set_defaults(fn=cmd_route)
 
+    def experiment_data_args(p):  # simulate, experiment: train / test (/ ood) splits of any log
+        data_args(p)
+        p.add_argument("--reference", default=None,
+                       help="the LLM whose logged totals are 100%% (default gpt-4-1106-preview)")
+
     p = sub.add_parser("simulate", help="stream the test split through a router under load (latency model; "
                                         "RouterBench latency profiles are assumptions)")
+    experiment_data_args(p)
     p.add_argument("--router", help="a checkpoint directory (default: train one on the RouterBench slice)")
     p.add_argument("--rate", type=float, default=10.0, help="queries per second (default 100 per 10 s)")
     p.add_argument("--arrival", choices=("uniform", "poisson"), default="uniform", help="arrival process")
@@ -278,6 +291,7 @@ def main(argv=None):
 
     p = sub.add_parser("experiment", help="reproduce a paper experiment: latency, continual, llm-changes, out-of-domain")
     p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"))
+    experiment_data_args(p)
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
     p.set_defaults(fn=cmd_experiment)

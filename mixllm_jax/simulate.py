@@ -48,7 +48,7 @@ import numpy as np
 
 from mixllm_jax import bandit, engine, feedback, train
 from mixllm_jax.data import Dataset, ModelSpec
-from mixllm_jax.evaluate import task_keys
+from mixllm_jax.evaluate import choose_by_score, task_keys
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.policy import Policy, advance_clock, book, route_batch
 from mixllm_jax.state import ArmRegistry, RouterState, add_llm, remove_llm, set_prices
@@ -609,21 +609,22 @@ def offline_choices(state: RouterState, registry: ArmRegistry, x: np.ndarray, pr
                     models: Sequence[str], cost_weights: Sequence[float], alpha: float = 0.01,
                     bonus: np.ndarray | None = None) -> np.ndarray:
     """Model columns [L, N] the router picks for x [N, d] at each cost weight, ignoring load
-    (beta = 0): one jitted scoring pass, then argmax of q - lambda c + alpha u (+ bonus) per lambda."""
+    (beta = 0): one jitted prediction pass, then evaluate.choose_by_score on q + alpha u (+ bonus)
+    and c over the registered, active LLMs."""
     d = engine.route(state, x, prompt_tokens, Policy(cost_weight=0.0, alpha=0.0, beta=0.0, in_batch_load=False))
     q, c, u = (np.asarray(getattr(d, k), np.float64) for k in ("quality", "cost", "uncertainty"))
     base = q + alpha * u + (0.0 if bonus is None else np.asarray(bonus, np.float64))
+    unknown = [n for n in registry.slots if n not in models]
+    if unknown:
+        raise ValueError(f"registered LLMs {unknown} are not models of the data")
     active = np.asarray(state.active)
-    slot_col = np.full(state.capacity, -1)
-    for name, slot in registry.slots.items():
-        if name not in models:
-            raise ValueError(f"registered LLM {name!r} is not a model of the data")
-        slot_col[slot] = list(models).index(name)
-    out = np.empty((len(cost_weights), len(x)), np.int64)
-    for i, lam in enumerate(cost_weights):
-        s = np.where(active, base - lam * c, -np.inf)
-        out[i] = slot_col[s.argmax(1)]
-    return out
+    q_cols = np.full((len(x), len(models)), np.nan)
+    c_cols = np.full((len(x), len(models)), np.nan)
+    for j, name in enumerate(models):
+        slot = registry.slots.get(name)
+        if slot is not None and active[slot]:
+            q_cols[:, j], c_cols[:, j] = base[:, slot], c[:, slot]
+    return choose_by_score(q_cols, c_cols, np.asarray(cost_weights, np.float64)).astype(np.int64)
 
 
 def points(chosen: np.ndarray, dataset: Dataset, reference: str = REFERENCE) -> list[dict]:
