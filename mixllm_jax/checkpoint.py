@@ -15,8 +15,8 @@ Each step is written by an Orbax ``CheckpointManager`` as a composite of items:
     meta    JSON: format version, arm registry, policy (static field too),
             encoder identity, max_length, truncation side (and any other
             plain Router setting), head sizes and tag names, feature dim,
-            capacity, and a manifest of every array
-            (shape, dtype, CRC-32 of its bytes)                               JsonSave
+            capacity, a manifest of every array (shape, dtype, CRC-32 of
+            its bytes), and the SHA-256 of all of the above               JsonSave
 
 Atomicity: Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>``
 only when every item is written (``AtomicityMode.ATOMIC_RENAME``; a rename is atomic on a POSIX
@@ -27,7 +27,10 @@ unfinished step folder it finds, including another process's save in progress).
 
 Arrays are saved from host memory (numpy), so a checkpoint written on a GPU restores on a CPU and
 vice versa. Every array is checked against the manifest on restore, so a garbled file gives a
-`CheckpointError` naming the array even where the storage format would not notice.
+`CheckpointError` naming the array even where the storage format would not notice; the metadata
+(manifest included) is covered by its own SHA-256 (``meta_sha256``, over its canonical JSON), so
+an edited or damaged metadata file (a renamed model, swapped slots, another cost weight, one
+flipped bit) is a `CheckpointError` too, never a router restored different from the one saved.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import hashlib
+import hmac
 import json
 import logging
 import sys
@@ -58,7 +63,8 @@ if TYPE_CHECKING:  # router.py imports this module: import Router lazily at run 
     from mixllm_jax.router import Router
 
 DEFAULT_DIR = Path("checkpoints")
-FORMAT_VERSION = 2  # 2: RouterConfig under one key, operating curve, per-feature ridge, arm noise
+FORMAT_VERSION = 3  # 3: metadata checksum; 2: RouterConfig under one key, operating curve, per-feature ridge
+META_CHECKSUM = "meta_sha256"
 ARRAY_ITEMS = ("state", "head", "extras")
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -283,6 +289,7 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
         "arrays": {name: _manifest(tree) for name, tree in items.items()},
     }
     meta = json.loads(json.dumps(meta, default=_json_default))  # fail here, not half-way through a save
+    meta[META_CHECKSUM] = meta_checksum(meta)
 
     import orbax.checkpoint as ocp
 
@@ -298,6 +305,14 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
         mngr.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
         mngr.wait_until_finished()
     return int(step)
+
+
+def meta_checksum(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata as canonical JSON (sorted keys, no spaces, ASCII), the
+    checksum itself and the "step" read_metadata adds left out."""
+    body = {k: v for k, v in meta.items() if k not in (META_CHECKSUM, "step")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _json_default(o):
@@ -353,8 +368,18 @@ def _read_meta(mngr, directory: Path, step: int) -> dict:
         raise CheckpointError(f"{where} is corrupted: its metadata {meta_file} is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{where} has format version {version!r}, which this mixllm_jax cannot read "
-                              f"(it reads format version {FORMAT_VERSION})")
+        old = (" (saved without a metadata checksum by an older mixllm_jax: train or save it again)"
+               if version in (1, 2) else "")
+        raise CheckpointError(f"{where} has format version {repr(version)[:20]}, which this mixllm_jax cannot "
+                              f"read (it reads format version {FORMAT_VERSION}){old}")
+    want = meta.get(META_CHECKSUM)
+    try:
+        got = meta_checksum(meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} is corrupted: its metadata {meta_file} cannot be checked ({e})") from e
+    if not isinstance(want, str) or not hmac.compare_digest(want, got):
+        raise CheckpointError(f"{where} is corrupted: its metadata {meta_file} fails its checksum (it was "
+                              f"edited or damaged after the save)")
     needed = ("registry", "policy", "encoder", "router_config", "curve", "state",
               "embedding_dim", "head", "arrays")
     missing = [k for k in needed if k not in meta]
@@ -402,6 +427,17 @@ def restore_router(directory: str | Path = DEFAULT_DIR / "router", step: int | N
     truncated step, an incompatible format version, a feature dimension other than expected, a
     capacity smaller than saved.
     """
+    try:
+        return _restore_router(directory, step, encoder, capacity, expected_dim, extras_like)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError) as e:  # never a raw KeyError from metadata
+        raise CheckpointError(f"checkpoint in {directory} (step {step if step is not None else 'latest'}) is "
+                              f"corrupted or incompatible: unexpected metadata ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from e
+
+
+def _restore_router(directory, step, encoder, capacity, expected_dim, extras_like):
     import orbax.checkpoint as ocp
     from mixllm_jax.router import Router
 

@@ -372,7 +372,11 @@ def test_incompatible_format_version(saved):
     meta = json.loads(meta_file.read_text())
     meta["format_version"] = 999
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format version 999.*reads format version 2"):
+    with pytest.raises(CheckpointError, match="format version 999.*reads format version 3"):
+        restore_router(directory)
+    meta["format_version"] = 2
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="without a metadata checksum by an older mixllm_jax"):
         restore_router(directory)
 
 
@@ -383,13 +387,96 @@ def test_incompatible_format_version(saved):
     (lambda m: m.pop("registry"), r"corrupted: its metadata lacks \['registry'\]"),
 ])
 def test_inconsistent_metadata(saved, edit, message):
+    """Metadata edited and its checksum recomputed (a bug, not an attack) is still caught by the
+    consistency checks."""
+    directory, step_dir = saved
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta[ckpt.META_CHECKSUM] = ckpt.meta_checksum(meta)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        restore_router(directory)
+
+
+def _swap_slots(m):
+    slots = m["registry"]["slots"]
+    a, b = list(slots)[:2]
+    slots[a], slots[b] = slots[b], slots[a]
+
+
+def _rename(m):
+    slots = m["registry"]["slots"]
+    name = next(iter(slots))
+    slots["renamed"] = slots.pop(name)
+
+
+@pytest.mark.parametrize("edit", [_swap_slots, _rename, lambda m: m["policy"].update(cost_weight=1e6),
+                                  lambda m: m["arrays"]["state"]["B"].update(crc32=0),
+                                  lambda m: m.pop(ckpt.META_CHECKSUM),
+                                  lambda m: m.update({ckpt.META_CHECKSUM: "0" * 64})])
+def test_edited_metadata_fails_its_checksum(saved, edit):
+    """Issue 12 #6: an edited metadata file (swapped slots, a renamed model, another cost weight,
+    a forged manifest) restored silently as a different router; now it is a CheckpointError."""
     directory, step_dir = saved
     meta_file = step_dir / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     edit(meta)
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match="metadata .* fails its checksum"):
         restore_router(directory)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        ckpt.read_metadata(directory)
+
+
+def test_metadata_bit_flips_never_restore_silently(built, saved):
+    """Issue 12 #6: 200 single-bit flips of the metadata file: each one is a CheckpointError (the
+    file unreadable, or its checksum fails), never a different router nor a raw KeyError."""
+    directory, step_dir = saved
+    meta_file = step_dir / "meta" / "metadata"
+    blob = meta_file.read_bytes()
+    rng = np.random.default_rng(12)
+    outcomes = {}
+    for pos, bit in zip(rng.integers(0, len(blob), 200), rng.integers(0, 8, 200)):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 1 << int(bit)
+        meta_file.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError) as e:
+            ckpt.read_metadata(directory)
+        key = "checksum" if "fails its checksum" in str(e.value) else "unreadable"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    meta_file.write_bytes(blob)
+    assert sum(outcomes.values()) == 200 and outcomes.get("checksum", 0) > 50, outcomes
+    assert restore_router(directory)[0].registry.slots == built[0].registry.slots
+
+
+@pytest.mark.slow
+def test_bit_flips_anywhere_in_a_step_are_caught_or_harmless(built, saved):
+    """60 single-bit flips in any file of a step (arrays, Orbax's own metadata, ours): each restore
+    either raises CheckpointError or gives back exactly the saved router."""
+    router, x, p_tok = built
+    directory, step_dir = saved
+    files = sorted(f for f in step_dir.rglob("*") if f.is_file() and f.stat().st_size)
+    rng = np.random.default_rng(7)
+    caught = same = 0
+    for _ in range(60):
+        f = files[int(rng.integers(len(files)))]
+        blob = f.read_bytes()
+        flipped = bytearray(blob)
+        flipped[int(rng.integers(len(blob)))] ^= 1 << int(rng.integers(8))
+        f.write_bytes(bytes(flipped))
+        try:
+            got, _ = restore_router(directory)
+        except CheckpointError:
+            caught += 1
+        else:
+            assert got.registry.slots == router.registry.slots and got.policy == router.policy
+            assert_same_leaves({k: getattr(got.state, k) for k in ("A", "A_inv", "B", "price_in", "active")},
+                               {k: getattr(router.state, k) for k in ("A", "A_inv", "B", "price_in", "active")})
+            same += 1
+        finally:
+            f.write_bytes(blob)
+    assert caught + same == 60 and caught > 0
 
 
 def test_wrong_feature_dimension(built, saved):
