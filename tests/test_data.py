@@ -298,3 +298,96 @@ def test_split_offline_online():
     assert split_offline_online(d, 0.3, seed=1)[1].query_ids == on.query_ids  # seeded
     with pytest.raises(ValueError, match="frac_offline"):
         split_offline_online(d, 1.5)
+
+
+# ------------------------------------------------------------------------------ malformed inputs (issue 12 #7)
+
+HUGE = "1" * 401  # a 401-digit integer literal
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"query_id": "q9", "prompt": "\xff\xfe", "model": "big", "quality": 1.0, "cost": 0.01}', None),  # not UTF-8
+    (('{"query_id": "q9", "prompt": "p", "model": "big", "quality": 1.0, "cost": %s}' % HUGE).encode(), None),
+    (('{"query_id": %s, "prompt": "p", "model": "big", "quality": 1.0, "cost": 0.01}' % HUGE).encode(), None),
+    (b'{"query_id": "q9", "prompt": "p", "model": "big", "quality": 1.0, "cost": 1e400}', None),  # inf
+    (b'{"query_id": "q9", "prompt": "p", "model": "big", "quality": 1.0, "cost": 1e30}', "cost"),
+    (b'{"query_id": "q9", "prompt": "p", "model": "big", "quality": 1.0, "cost": 0.1, "prompt_tokens": 1e30}',
+     "prompt_tokens"),
+    (b'{"query_id": "q9", "prompt": "p", "model": "big", "quality": 1.0, "cost": 0.1, '
+     b'"completion_tokens": 1e12}', "completion_tokens"),
+    (b'{"query_id": "q9", "prompt": "p", "model": "big", "quality": 1.0, "cost": 0.1, "latency_s": 1e9}',
+     "latency_s"),
+    (b'{"query_id": "q9", "prompt": "\\ud800", "model": "big", "quality": 1.0, "cost": 0.01}', "prompt"),
+    (b'[' * 5000 + b']' * 5000, None),
+    (b'{"query_id": "q9", "prompt": "p", "model": "big", "quality": ' + HUGE.encode() + b', "cost": 0.01}', None),
+])
+def test_malformed_jsonl_is_a_data_error_naming_file_line_field(tmp_path, models_file, raw, field):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" + raw + b"\n" + json.dumps(GOOD[2]).encode() + b"\n")
+    with pytest.raises(DataError) as e:
+        load_jsonl(path, models_file)
+    assert "log.jsonl:2:" in str(e.value) and e.value.line == 2 and len(str(e.value)) < 400
+    if field is not None:
+        assert f"field '{field}'" in str(e.value)
+
+
+def test_truncated_gzip_jsonl_is_a_data_error(tmp_path, models_file):
+    import gzip
+
+    blob = gzip.compress("".join(json.dumps(x) + "\n" for x in GOOD * 50).encode())
+    path = tmp_path / "log.jsonl.gz"
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="log.jsonl.gz:.*cannot be read"):
+        load_jsonl(path, models_file)
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"models": [{"name": "big", "price_in_per_mtok": 1.0, "price_out_per_mtok": 1.0, "x": "\xff"}]}', None),
+    (('{"models": [{"name": "big", "price_in_per_mtok": %s, "price_out_per_mtok": 1}]}' % HUGE).encode(), None),
+    (b'{"models": [{"name": "big", "price_in_per_mtok": 1e30, "price_out_per_mtok": 1}]}', "price_in_per_mtok"),
+    (b'{"models": [{"name": "big", "price_in_per_mtok": 1, "price_out_per_mtok": 1e400}]}', None),
+    (b'{"models": [{"name": "big", "price_in_per_mtok": 1, "price_out_per_mtok": 1, "max_concurrency": 1e9}]}',
+     "max_concurrency"),
+    (b'{"models": [{"name": "big", "price_in_per_mtok": 1, "price_out_per_mtok": 1, "ttft_s": 1e20}]}', "ttft_s"),
+    (b'{"models": [{"name": "big", "price_in_per_mtok": 1, "price_out_per_mtok": 1, "tokens_per_s": '
+     + ("9" * 39).encode() + b'}]}', "tokens_per_s"),
+    (b'{"models": [{"name": "\\ud800", "price_in_per_mtok": 1, "price_out_per_mtok": 1}]}', "name"),
+    (b'{"models": ' + b'[' * 5000 + b']' * 5000 + b'}', None),
+])
+def test_malformed_models_file_is_a_data_error(tmp_path, raw, field):
+    path = tmp_path / "m.json"
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        load_models(path)
+    assert "m.json" in str(e.value) and len(str(e.value)) < 400
+    if field is not None:
+        assert f"'{field}'" in str(e.value)
+
+
+def _rb_dir(tmp_path, csv_bytes: bytes):
+    """A RouterBench-like folder with one task file (train) and the two-model models.json."""
+    d = tmp_path / "rb"
+    d.mkdir()
+    _write_models(d / "models.json", TWO)
+    (d / "task_train.csv").write_bytes(csv_bytes)
+    return d
+
+
+RB_HEADER = b"sample_id,prompt,eval_name,big,big|total_cost,big|model_response,small,small|total_cost,small|model_response\n"
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"", "header but no rows"),
+    (b's1,"[\'q\']",task,1,0.001,A,0,0.0001,B\ns2,"[\'\xff\']",task,1,0.001,A,0,0.0001,B\n', "not UTF-8"),
+    (b's1,"[\'q\']",task,1,1e30,A,0,0.0001,B\n', "cost must be a finite number"),
+    (b's1,"[\'q\']",task,1,' + HUGE.encode() + b',A,0,0.0001,B\n', "cost must be a finite number"),
+    (b's1,"[\'q\']",task,1,inf,A,0,0.0001,B\n', "cost must be a finite number"),
+    (b's1,"[\'\\ud800\']",task,1,0.001,A,0,0.0001,B\n', "surrogate"),
+    (b's1,"[\'q\']",task,1,0.001,A\n', "different number of fields"),
+    (b's1,"' + b'[' * 5000 + b'",task,1,0.001,A,0,0.0001,B\n', "prompt"),
+])
+def test_malformed_routerbench_csv_is_a_data_error(tmp_path, body, needle):
+    d = _rb_dir(tmp_path, RB_HEADER + body)
+    with pytest.raises(DataError) as e:
+        load_routerbench(d, split="train")
+    assert "task_train.csv" in str(e.value) and needle in str(e.value) and len(str(e.value)) < 500

@@ -21,7 +21,9 @@ field                  shape       meaning
 
 Loaders never fix or drop data silently: everything they drop or estimate is counted in
 ``Dataset.report``, and bad input raises :class:`DataError` (a ``ValueError``) naming the file,
-the line or row, the field and the value.
+the line or row, the field and the value: invalid UTF-8 or gzip, malformed JSON or CSV, integers
+of more than 40 digits, and numbers outside the accepted ranges of ``LIMITS`` (non-finite or
+absurd costs, token counts, prices, latency figures, concurrency).
 """
 
 from __future__ import annotations
@@ -29,11 +31,37 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+LIMITS = {  # accepted range of every number the loaders read: finite, and far from float32's limits
+    "price_in_per_mtok": (0.0, 1e5), "price_out_per_mtok": (0.0, 1e5),  # USD per million tokens
+    "ttft_s": (0.0, 3600.0), "tokens_per_s": (0.0, 1e6), "max_concurrency": (0, 4096),  # ttft, tps, concurrency: > 0
+    "cost": (0.0, 1e4),  # USD per call
+    "prompt_tokens": (0.0, 1e8), "completion_tokens": (0.0, 1e8), "latency_s": (0.0, 86400.0),
+}
+MAX_INT_DIGITS = 40
+
+
+def in_range(key: str, v: Any, *, positive: bool = False) -> bool:
+    """Whether the number `v` (int or float; no overflow for huge ints) is in LIMITS[key]."""
+    lo, hi = LIMITS[key]
+    return is_number(v) and (v > lo if positive else v >= lo) and v <= hi
+
+
+def range_text(key: str, positive: bool = False) -> str:
+    lo, hi = LIMITS[key]
+    return f"{'(' if positive else '['}{lo:g}, {hi:g}]"
+
+
+def bounded_int(s: str) -> int:
+    """``parse_int`` hook of ``json.loads``: integers of more than MAX_INT_DIGITS digits are errors."""
+    if len(s.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(s.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(s)
+
 
 CHARS_PER_TOKEN = 4.0
 """Rule-of-thumb characters per token, used only where a token count must be estimated (and reported)."""
@@ -95,7 +123,13 @@ def load_models(path: str | Path) -> list[ModelSpec]:
     """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(), parse_constant=reject_constant)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        raw = json.loads(text, parse_constant=reject_constant, parse_int=bounded_int)
+    except RecursionError:
+        raise DataError(path, None, None, "not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as e:
         raise DataError(path, None, None, f"not valid JSON: {e}") from None
     entries = raw.get("models") if isinstance(raw, dict) else raw
@@ -117,21 +151,23 @@ def load_models(path: str | Path) -> list[ModelSpec]:
         if unknown:
             raise DataError(path, None, unknown[0], f"{label}: unknown field (allowed: "
                             f"{', '.join(_SPEC_REQUIRED + _SPEC_OPTIONAL)})")
-        if not isinstance(name, str) or not name:
-            raise DataError(path, None, "name", f"{label}: must be a non-empty string", name)
+        if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+            raise DataError(path, None, "name", f"{label}: must be a printable string of 1-200 characters",
+                            name if not isinstance(name, str) else name[:80])
         if name in seen:
             raise DataError(path, None, "name", "duplicate model name", name)
         seen.add(name)
         for key in ("price_in_per_mtok", "price_out_per_mtok"):
             v = e[key]
-            if not is_number(v) or not math.isfinite(v) or v < 0:
-                raise DataError(path, None, key, f"{label}: must be a finite number >= 0", v)
+            if not in_range(key, v):
+                raise DataError(path, None, key, f"{label}: must be a finite number in {range_text(key)}", _short(v))
         for key in _SPEC_OPTIONAL:
             v = e.get(key)
-            if v is not None and (not is_number(v) or not math.isfinite(v) or v <= 0
+            if v is not None and (not in_range(key, v, positive=True)
                                   or (key == "max_concurrency" and v != int(v))):
-                raise DataError(path, None, key, f"{label}: must be a positive "
-                                f"{'integer' if key == 'max_concurrency' else 'number'} or absent", v)
+                raise DataError(path, None, key, f"{label}: must be a "
+                                f"{'integer' if key == 'max_concurrency' else 'number'} in "
+                                f"{range_text(key, positive=True)} or absent", _short(v))
         specs.append(ModelSpec(
             name=name,
             price_in_per_mtok=float(e["price_in_per_mtok"]),
@@ -141,6 +177,13 @@ def load_models(path: str | Path) -> list[ModelSpec]:
             max_concurrency=None if e.get("max_concurrency") is None else int(e["max_concurrency"]),
         ))
     return specs
+
+
+def _short(v: Any) -> Any:
+    """A value for an error message: a huge int or long string cut short."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10 ** 20:
+        return f"{str(v)[:12]}... ({len(str(v))} digits)"
+    return v[:80] if isinstance(v, str) else v
 
 
 def reject_constant(name: str) -> Any:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from mixllm_jax.data.dataset import (CHARS_PER_TOKEN, DataError, Dataset, ModelSpec, is_number, load_models,
-                                     open_text, reject_constant)
+from mixllm_jax.data.dataset import (CHARS_PER_TOKEN, DataError, Dataset, ModelSpec, _short, bounded_int,
+                                     in_range, is_number, load_models, range_text, reject_constant)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -17,6 +19,18 @@ from mixllm_jax.data.dataset import (CHARS_PER_TOKEN, DataError, Dataset, ModelS
 # ----------------------------------------------------------------------------------------------
 
 _JSONL_NUMBERS = ("cost", "prompt_tokens", "completion_tokens", "latency_s")
+
+
+def _byte_lines(path: Path):
+    """(line number, bytes) of a file, gunzipped when its name ends in .gz; a file that cannot be
+    read or unzipped is a DataError naming the line reached."""
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(path, lineno + 1, None, f"cannot be read ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _as_specs(models: str | Path | Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -83,50 +97,57 @@ def load_jsonl(
 
     queries: dict[str, dict] = {}
     n_lines = 0
-    with open_text(path) as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
+    for lineno, raw in _byte_lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            fail(lineno, None, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+            continue
+        if not text.strip():
+            continue
+        n_lines += 1
+        try:
+            obj = json.loads(text, parse_constant=reject_constant, parse_int=bounded_int)
+        except RecursionError:
+            fail(lineno, None, "invalid JSON: nested too deeply")
+            continue
+        except (json.JSONDecodeError, ValueError) as e:
+            fail(lineno, None, f"invalid JSON: {e}", text.strip()[:80])
+            continue
+        if not isinstance(obj, dict):
+            fail(lineno, None, "each line must be a JSON object", text.strip()[:80])
+            continue
+        rec = _check_line(obj, col, lineno, fail)
+        if rec is None:
+            continue
+        q = queries.get(rec["query_id"])
+        if q is None:
+            q = queries[rec["query_id"]] = {
+                "prompt": rec["prompt"], "tags": rec["tags"], "split": rec["split"] or default_split,
+                "first_line": lineno, "lines": {}, "prompt_tokens": None,
+            }
+        else:
+            if rec["prompt"] != q["prompt"]:
+                fail(lineno, "prompt", f"differs from the prompt of query {rec['query_id']!r} "
+                     f"on line {q['first_line']}", rec["prompt"][:80])
                 continue
-            n_lines += 1
-            try:
-                obj = json.loads(text, parse_constant=reject_constant)
-            except (json.JSONDecodeError, ValueError) as e:
-                fail(lineno, None, f"invalid JSON: {e}", text.strip()[:80])
+            if (rec["split"] or default_split) != q["split"]:
+                fail(lineno, "split", f"differs from split {q['split']!r} of query "
+                     f"{rec['query_id']!r} on line {q['first_line']}", rec["split"])
                 continue
-            if not isinstance(obj, dict):
-                fail(lineno, None, "each line must be a JSON object", text.strip()[:80])
+            if rec["tags"] is not None and q["tags"] is not None and rec["tags"] != q["tags"]:
+                fail(lineno, "tags", f"differ from tags {list(q['tags'])!r} of query "
+                     f"{rec['query_id']!r} on line {q['first_line']}", list(rec["tags"]))
                 continue
-            rec = _check_line(obj, col, lineno, fail)
-            if rec is None:
-                continue
-            q = queries.get(rec["query_id"])
-            if q is None:
-                q = queries[rec["query_id"]] = {
-                    "prompt": rec["prompt"], "tags": rec["tags"], "split": rec["split"] or default_split,
-                    "first_line": lineno, "lines": {}, "prompt_tokens": None,
-                }
-            else:
-                if rec["prompt"] != q["prompt"]:
-                    fail(lineno, "prompt", f"differs from the prompt of query {rec['query_id']!r} "
-                         f"on line {q['first_line']}", rec["prompt"][:80])
-                    continue
-                if (rec["split"] or default_split) != q["split"]:
-                    fail(lineno, "split", f"differs from split {q['split']!r} of query "
-                         f"{rec['query_id']!r} on line {q['first_line']}", rec["split"])
-                    continue
-                if rec["tags"] is not None and q["tags"] is not None and rec["tags"] != q["tags"]:
-                    fail(lineno, "tags", f"differ from tags {list(q['tags'])!r} of query "
-                         f"{rec['query_id']!r} on line {q['first_line']}", list(rec["tags"]))
-                    continue
-                if q["tags"] is None:
-                    q["tags"] = rec["tags"]
-            if rec["model"] in q["lines"]:
-                fail(lineno, "model", f"duplicate outcome for query {rec['query_id']!r} (first on line "
-                     f"{q['lines'][rec['model']]['line']})", rec["model"])
-                continue
-            q["lines"][rec["model"]] = rec
-            if q["prompt_tokens"] is None and rec["prompt_tokens"] is not None:
-                q["prompt_tokens"] = rec["prompt_tokens"]
+            if q["tags"] is None:
+                q["tags"] = rec["tags"]
+        if rec["model"] in q["lines"]:
+            fail(lineno, "model", f"duplicate outcome for query {rec['query_id']!r} (first on line "
+                 f"{q['lines'][rec['model']]['line']})", rec["model"])
+            continue
+        q["lines"][rec["model"]] = rec
+        if q["prompt_tokens"] is None and rec["prompt_tokens"] is not None:
+            q["prompt_tokens"] = rec["prompt_tokens"]
 
     skipped_queries = 0
     kept_ids = []
@@ -192,6 +213,15 @@ def load_jsonl(
     )
 
 
+def _is_text(s: str) -> bool:
+    """Whether `s` is Unicode text (no lone surrogates, which JSON escapes can make)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _check_line(obj: dict, col: dict, lineno: int, fail) -> dict | None:
     """Validate one JSONL object; return a normalised record or None after calling ``fail``."""
     for key in ("query_id", "prompt", "model", "quality"):
@@ -199,9 +229,12 @@ def _check_line(obj: dict, col: dict, lineno: int, fail) -> dict | None:
             return fail(lineno, key, "missing required field")
     qid = obj["query_id"]
     if isinstance(qid, bool) or not isinstance(qid, (str, int)) or qid == "":
-        return fail(lineno, "query_id", "must be a non-empty string or an integer", qid)
+        return fail(lineno, "query_id", "must be a non-empty string or an integer", _short(qid))
     if not isinstance(obj["prompt"], str):
         return fail(lineno, "prompt", "must be a string", obj["prompt"])
+    for key in ("query_id", "prompt", "model", "split"):
+        if isinstance(obj.get(key), str) and not _is_text(obj[key]):
+            return fail(lineno, key, "holds a lone UTF-16 surrogate escape (e.g. \\ud800): not Unicode text")
     model = obj["model"]
     if not isinstance(model, str) or model not in col:
         known = ", ".join(col) if len(col) <= 12 else ", ".join(list(col)[:12]) + ", ..."
@@ -211,7 +244,7 @@ def _check_line(obj: dict, col: dict, lineno: int, fail) -> dict | None:
         if not is_number(quality):
             return fail(lineno, "quality", "must be a number in [0, 1] or null", quality)
         if not 0.0 <= quality <= 1.0:
-            return fail(lineno, "quality", "outside [0, 1]", quality)
+            return fail(lineno, "quality", "outside [0, 1]", _short(quality))
     nums = {}
     for key in _JSONL_NUMBERS:
         v = obj.get(key)
@@ -219,7 +252,9 @@ def _check_line(obj: dict, col: dict, lineno: int, fail) -> dict | None:
             if not is_number(v):
                 return fail(lineno, key, "must be a number", v)
             if v < 0:
-                return fail(lineno, key, "must be >= 0", v)
+                return fail(lineno, key, "must be >= 0", _short(v))
+            if not in_range(key, v):
+                return fail(lineno, key, f"outside the accepted range {range_text(key)}", _short(v))
         nums[key] = None if v is None else float(v)
     if quality is not None and nums["cost"] is None and (
             nums["prompt_tokens"] is None or nums["completion_tokens"] is None):
@@ -228,7 +263,7 @@ def _check_line(obj: dict, col: dict, lineno: int, fail) -> dict | None:
     if tags is not None:
         if isinstance(tags, str):
             tags = [tags]
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        if not isinstance(tags, list) or not all(isinstance(t, str) and _is_text(t) for t in tags):
             return fail(lineno, "tags", "must be a string or a list of strings", obj.get("tags"))
         tags = tuple(tags)
     sp = obj.get("split")

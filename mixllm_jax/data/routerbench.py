@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import ast
 import csv
-import math
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mixllm_jax.data.dataset import CHARS_PER_TOKEN, DataError, Dataset, load_models, open_text
+from mixllm_jax.data.dataset import (CHARS_PER_TOKEN, DataError, Dataset, in_range, load_models, open_text,
+                                     range_text)
 from mixllm_jax.paths import shared_dir
 
 
@@ -135,50 +136,68 @@ def _read_routerbench_csv(path: Path, models: list[str]) -> list[dict]:
     """Parse one wide CSV into rows {sample_id, eval_name, prompt_list, quality [M], cost [M], responses [M]}."""
     csv.field_size_limit(sys.maxsize)
     rows = []
-    with open_text(path) as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        need = ["sample_id", "prompt", "eval_name"] + [c for m in models
-                                                       for c in (m, f"{m}|total_cost", f"{m}|model_response")]
-        missing = [c for c in need if c not in header]
-        if missing:
-            raise DataError(path, 1, missing[0], "column missing from the CSV header")
-        end = reader.line_num  # the header's last line
-        for rec in reader:
-            start, end = end + 1, reader.line_num  # a record may span several lines
-            where = (path, f"line {start} (sample_id {rec.get('sample_id')!r})")
-            try:
-                prompt = ast.literal_eval(rec["prompt"])
-            except (ValueError, SyntaxError):
-                raise DataError(*where, "prompt", "not a Python-literal list of strings",
-                                rec["prompt"][:80]) from None
-            if isinstance(prompt, str):
-                prompt = [prompt]
-            if not isinstance(prompt, list) or not prompt or not all(isinstance(s, str) for s in prompt):
-                raise DataError(*where, "prompt", "expected a non-empty list of strings", rec["prompt"][:80])
-            q = np.full(len(models), np.nan)
-            c = np.full(len(models), np.nan)
-            for j, m in enumerate(models):
-                sq, sc = rec[m].strip(), rec[f"{m}|total_cost"].strip()
-                if sq:
-                    try:
-                        q[j] = float(sq)
-                    except ValueError:
-                        raise DataError(*where, m, "quality is not a number", sq) from None
-                    if not 0.0 <= q[j] <= 1.0:
-                        raise DataError(*where, m, "quality outside [0, 1]", sq)
-                try:
-                    c[j] = float(sc)
-                except ValueError:
-                    raise DataError(*where, f"{m}|total_cost", "cost is not a number", sc) from None
-                if not math.isfinite(c[j]) or c[j] < 0:
-                    raise DataError(*where, f"{m}|total_cost", "cost must be finite and >= 0", sc)
-            rows.append({
-                "sample_id": rec["sample_id"], "eval_name": rec["eval_name"], "prompt_list": prompt,
-                "quality": q, "cost": c, "responses": [rec[f"{m}|model_response"] for m in models],
-                "line": start,
-            })
+    line = 1
+    try:
+        with open_text(path) as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            need = ["sample_id", "prompt", "eval_name"] + [c for m in models
+                                                           for c in (m, f"{m}|total_cost", f"{m}|model_response")]
+            missing = [c for c in need if c not in header]
+            if missing:
+                raise DataError(path, 1, missing[0], "column missing from the CSV header")
+            end = reader.line_num  # the header's last line
+            for rec in reader:
+                start, end = end + 1, reader.line_num  # a record may span several lines
+                line = start
+                rows.append(_routerbench_row(path, rec, models, start))
+            line = end + 1
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile: OSError
+        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({type(e).__name__})"
+        raise DataError(path, f"line {line} or after", None, f"{what}: {str(e)[:100]}") from None
+    if not rows:
+        raise DataError(path, 2, None, "the CSV has a header but no rows")
     return rows
+
+
+def _routerbench_row(path: Path, rec: dict, models: list[str], start: int) -> dict:
+    """One CSV record -> {sample_id, eval_name, prompt_list, quality [M], cost [M], responses [M]}."""
+    where = (path, f"line {start} (sample_id {str(rec.get('sample_id'))[:40]!r})")
+    if None in rec or any(v is None for v in rec.values()):
+        raise DataError(*where, None, "the record has a different number of fields than the header")
+    try:
+        prompt = ast.literal_eval(rec["prompt"])
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        raise DataError(*where, "prompt", "not a Python-literal list of strings",
+                        rec["prompt"][:80]) from None
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(s, str) for s in prompt):
+        raise DataError(*where, "prompt", "expected a non-empty list of strings", rec["prompt"][:80])
+    try:
+        "".join(prompt).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(*where, "prompt", "holds a lone UTF-16 surrogate escape: not Unicode text") from None
+    q = np.full(len(models), np.nan)
+    c = np.full(len(models), np.nan)
+    for j, m in enumerate(models):
+        sq, sc = rec[m].strip(), rec[f"{m}|total_cost"].strip()
+        if sq:
+            try:
+                q[j] = float(sq)
+            except ValueError:
+                raise DataError(*where, m, "quality is not a number", sq[:80]) from None
+            if not 0.0 <= q[j] <= 1.0:
+                raise DataError(*where, m, "quality outside [0, 1]", sq[:80])
+        try:
+            c[j] = float(sc)
+        except ValueError:
+            raise DataError(*where, f"{m}|total_cost", "cost is not a number", sc[:80]) from None
+        if not in_range("cost", c[j]):
+            raise DataError(*where, f"{m}|total_cost", f"cost must be a finite number in {range_text('cost')} USD",
+                            sc[:80])
+    return {"sample_id": rec["sample_id"], "eval_name": rec["eval_name"], "prompt_list": prompt,
+            "quality": q, "cost": c, "responses": [rec[f"{m}|model_response"] for m in models], "line": start}
 
 
 def _task_files(root: Path, split: str, tasks: Iterable[str] | None) -> list[tuple[str, Path]]:
@@ -340,6 +359,9 @@ def load_routerbench(
 
 def _read_ids(path: Path) -> list[str]:
     csv.field_size_limit(sys.maxsize)
-    with open_text(path) as f:
-        return [rec["sample_id"] for rec in csv.DictReader(f)]
+    try:
+        with open_text(path) as f:
+            return [str(rec.get("sample_id")) for rec in csv.DictReader(f)]
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError, zlib.error) as e:
+        raise DataError(path, None, "sample_id", f"cannot be read ({type(e).__name__}: {str(e)[:100]})") from None
 
