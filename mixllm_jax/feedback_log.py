@@ -14,7 +14,8 @@ Request-feature log (``<log_dir>/requests/requests-<n>.jsonl``): the features x 
 request, with its arm, so feedback that arrives after a restart can still be applied. Written per
 routed batch (flushed to the OS, not fsync'ed: a killed process loses nothing, a power cut may lose
 the last lines), rotated every ``segment_lines`` lines; the last few segments are kept, enough to
-refill the in-memory LRU (`FeatureStore`) on restart.
+refill the in-memory store (`FeatureStore`, first-in first-out: the last `capacity` routed
+requests, the same set before and after a restart) on restart.
 
 Features travel as base64 of little-endian float32 bytes: exact, and about 2 KB for d = 388.
 """
@@ -48,6 +49,13 @@ def encode_x(x: np.ndarray) -> str:
 
 def decode_x(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype="<f4").astype(np.float32)
+
+
+def _check_json(rec: dict) -> None:
+    try:
+        json.dumps(rec, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"journal record is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,11 +180,25 @@ class Journal:
         _fsync_dir(self.dir)
 
     def append(self, record: dict) -> concurrent.futures.Future:
+        """Queue one record; the Future resolves to its seq once it is on disk. A record that is not
+        valid JSON (NaN, inf, a lone surrogate, a non-string key) raises ValueError here, alone,
+        instead of failing the group commit it would have joined."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        inner = self.append_many([record])
+        inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
+                                else fut.set_result(f.result()[0]))
+        return fut
+
+    def append_many(self, records: list[dict]) -> concurrent.futures.Future:
+        """Queue records written together (one write and fsync: all of them or none); the Future
+        resolves to their seqs. ValueError here for a record that is not valid JSON."""
+        for rec in records:
+            _check_json(rec)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if self._closed:
             fut.set_exception(RuntimeError("the journal is closed"))
             return fut
-        self._queue.put((record, fut))
+        self._queue.put((list(records), fut))
         return fut
 
     def rotate(self) -> None:
@@ -224,11 +246,12 @@ class Journal:
             records = []
             lines = []
             seq = self.seq
-            for rec, _ in batch:
-                seq += 1
-                rec = dict(rec, seq=seq)
-                records.append(rec)
-                lines.append(json.dumps(rec, separators=(",", ":"), allow_nan=False))
+            for recs, _ in batch:
+                for rec in recs:
+                    seq += 1
+                    rec = dict(rec, seq=seq)
+                    records.append(rec)
+                    lines.append(json.dumps(rec, separators=(",", ":"), allow_nan=False))
             self._file.write(("\n".join(lines) + "\n").encode())
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -244,8 +267,10 @@ class Journal:
                 self.on_durable(records)
             except Exception:  # the records are durable; applying them is the service's business
                 log.exception("journal on_durable callback failed")
-        for rec, (_, fut) in zip(records, batch):
-            fut.set_result(rec["seq"])
+        i = 0
+        for recs, fut in batch:
+            fut.set_result([r["seq"] for r in records[i:i + len(recs)]])
+            i += len(recs)
 
     def close(self) -> None:
         if self._closed:
@@ -270,12 +295,15 @@ class Entry:
     prompt_tokens: float
     log_tokens: float  # predicted log completion tokens of the chosen arm (replaced by observed usage)
     observed_tokens: float | None = None
-    has_quality: bool = False
+    has_quality: bool = False  # a quality observation is journaled (or being journaled)
     has_thumbs: bool = False
+    applied: int = 0  # feedback kinds applied from the journal (bits: 1 quality, 2 thumbs), checkpointed
 
 
 class FeatureStore:
-    """Bounded LRU of request id -> Entry, written through to rotating JSONL segments."""
+    """Bounded first-in first-out map of request id -> Entry (the last `capacity` routed requests),
+    written through to rotating JSONL segments. First-in first-out, not least-recently-used, so
+    the entries in memory are exactly those a restart reloads (the last `capacity` lines)."""
 
     PREFIX = "requests-"
 
@@ -353,10 +381,11 @@ class FeatureStore:
 
     def get(self, rid: str) -> Entry | None:
         with self._lock:
-            e = self._lru.get(rid)
-            if e is not None:
-                self._lru.move_to_end(rid)
-            return e
+            return self._lru.get(rid)
+
+    def items(self) -> list[tuple[str, Entry]]:
+        with self._lock:
+            return list(self._lru.items())
 
     def flush(self, sync: bool = False) -> None:
         if self._file is not None:
