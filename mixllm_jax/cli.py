@@ -9,6 +9,10 @@
     mixllm-jax experiment NAME     # latency | continual | llm-changes | out-of-domain (JSON, table, plot)
     mixllm-jax serve --checkpoint checkpoints/NAME --backends backends.yaml   # HTTP router + proxy
     mixllm-jax bench --quick       # throughput suite (JSON, markdown, plots in runs/bench)
+    mixllm-jax hash-key [--generate]   # the SHA-256 of an API key, for serve --api-keys
+
+An error prints one line ("mixllm-jax: error: ...") and exits with status 2; --debug (before the
+command) shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ def _load_data(path: str | None, models: str | None, split: str):
     if path is None or Path(path).is_dir():
         return data.load_routerbench(path, split=split)
     if models is None:
-        raise SystemExit("--models is required with a JSONL data file")
+        raise ValueError("--models is required with a JSONL data file")
     ds = data.load_jsonl(path, models)
     parts = ds.by_split()
     if split not in parts:
-        raise SystemExit(f"{path} has no rows with split {split!r} (splits: {sorted(parts)})")
+        raise ValueError(f"{path} has no rows with split {split!r} (splits: {sorted(parts)})")
     return parts[split]
 
 
@@ -156,7 +160,52 @@ def cmd_experiment(args):
 def cmd_serve(args) -> None:
     from mixllm_jax.serve import app, config
 
-    app.run(config.config_from_args(args))
+    app.run(config.config_from_args(args), debug=args.debug)
+
+
+def cmd_hash_key(args) -> None:
+    """Print the SHA-256 of an API key read from stdin (or of a new key with --generate) as a
+    keys-file entry."""
+    from mixllm_jax.serve import auth
+
+    if args.generate:
+        key = auth.new_key()
+        print(f"key (give it to the client; it is not stored anywhere): {key}")
+    else:
+        if sys.stdin.isatty():
+            import getpass
+
+            key = getpass.getpass("API key: ")
+        else:
+            key = sys.stdin.readline()
+        key = key.strip()
+        if not key:
+            raise ValueError("no key given on stdin")
+    print(f"- name: {args.name}\n  sha256: {auth.hash_key(key)}\n  roles: [{', '.join(args.roles)}]")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 1000 else msg[:1000] + " ..."
+
+
+def run_command(fn, debug: bool = False, prog: str = "mixllm-jax"):
+    """Run `fn`; an error becomes one line on stderr and exit status 2 (with `debug`: raised, so the
+    traceback shows). Ctrl-C exits 130."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 -- DataError, CheckpointError, ValueError, OSError, ...
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_bench(args, rest):
@@ -192,6 +241,7 @@ def cmd_route(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="mixllm-jax", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line, exit 2)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def data_args(p):
@@ -303,6 +353,13 @@ def main(argv=None):
     config.add_serve_arguments(p)
     p.set_defaults(fn=cmd_serve)
 
+    p = sub.add_parser("hash-key", help="the SHA-256 of an API key (read from stdin) as a serve --api-keys entry")
+    p.add_argument("--generate", action="store_true", help="make a new random key and print it with its hash")
+    p.add_argument("--name", default="client", help="the entry's name (default: client)")
+    p.add_argument("--roles", nargs="+", default=["route", "feedback"], choices=("route", "feedback", "admin"),
+                   help="the entry's roles (default: route feedback)")
+    p.set_defaults(fn=cmd_hash_key)
+
     p = sub.add_parser("bench", add_help=False,
                        help="throughput suite: route/update/text-to-decision rates, peers side by side "
                             "(options: mixllm-jax bench --help)")
@@ -315,7 +372,7 @@ def main(argv=None):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "kind", None) and args.out is None:
         args.out = f"runs/ablation-{args.kind}"
-    args.fn(args)
+    return run_command(lambda: args.fn(args), debug=args.debug)
 
 
 if __name__ == "__main__":

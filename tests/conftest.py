@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -34,3 +37,89 @@ def numpy_ridge(x, arm, y, k, dim, ridge=1.0, w=None):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---- the HTTP service (test_server.py, test_security.py, test_fuzz.py): see serve_helpers.py
+
+TEST_KEYS = {  # plaintext API keys of the secured test server (only their SHA-256 is in its keys file)
+    "admin": "mxk_test-admin-key", "route": "mxk_test-route-key", "feedback": "mxk_test-feedback-key",
+    "client": "mxk_test-client-key"}
+BACKEND_KEY_ENV, BACKEND_KEY = "MIXLLM_TEST_BACKEND_KEY", "sk-test-backend-key"  # the allow-list's key for the stub
+SERVER_SECRET = "sk-server-secret-never-sent"  # in the server's environment; no request may send it anywhere
+TEST_ROLES = {"admin": ["admin"], "route": ["route"], "feedback": ["feedback"], "client": ["route", "feedback"]}
+
+
+@pytest.fixture(scope="session")
+def served_router(tmp_path_factory):
+    """(checkpoint dir, model names) of one small router, trained once per session
+    (MIXLLM_TEST_ROUTER=DIR: a checkpoint saved by serve_helpers.train_small_router instead: saves
+    minutes when iterating on the service tests)."""
+    pytest.importorskip("httpx")
+    from serve_helpers import train_small_router
+
+    given = os.environ.get("MIXLLM_TEST_ROUTER")
+    if given:
+        from mixllm_jax.checkpoint import read_metadata
+
+        slots = read_metadata(given)["registry"]["slots"]
+        return Path(given), sorted(slots, key=slots.get)
+    return train_small_router(tmp_path_factory.mktemp("router"))
+
+
+@pytest.fixture(scope="session")
+def stub_backend(tmp_path_factory):
+    """The URL of one stub OpenAI-compatible backend process (tests/stub_backend.py)."""
+    pytest.importorskip("httpx")
+    from serve_helpers import start_stub
+
+    proc, url = start_stub(tmp_path_factory.mktemp("stub"))
+    try:
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def secure_env(tmp_path_factory, served_router, stub_backend):
+    """One server with API keys (TEST_KEYS), the stub on its allow-list, --max-llms 14 and 2 s
+    header/body timeouts, shared by test_fuzz.py and test_security.py (requests default to the
+    admin key)."""
+    import json
+
+    from mixllm_jax.serve.auth import hash_key
+    from serve_helpers import ServerProc, write_backends
+
+    ck, models = served_router
+    tmp = tmp_path_factory.mktemp("secure")
+    keys = tmp / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": n, "sha256": hash_key(k), "roles": TEST_ROLES[n]}
+                                         for n, k in TEST_KEYS.items()]}))
+    from serve_helpers import free_port
+
+    closed = f"127.0.0.1:{free_port()}"  # on the allow-list, nothing listening: a backend that cannot be reached
+    backends = write_backends(tmp / "backends.yaml", stub_backend, models, key_env=BACKEND_KEY_ENV,
+                              more_allowed=[closed])
+    server = ServerProc.from_router(tmp, ck, backends, key=TEST_KEYS["admin"], env={
+        BACKEND_KEY_ENV: BACKEND_KEY, "MIXLLM_TEST_SERVER_SECRET": SERVER_SECRET}, extra_args=[
+        "--api-keys", str(keys), "--max-llms", "14", "--body-timeout-s", "2", "--header-timeout-s", "2"])
+    try:
+        server.start()
+        yield {"server": server, "stub": stub_backend, "models": models, "keys": TEST_KEYS, "tmp": tmp,
+               "closed": closed}
+    finally:
+        server.kill()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The fuzz suite's counts of generated cases by status code or outcome (test_fuzz.py)."""
+    counts = getattr(config, "_mixllm_fuzz_counts", None)
+    if counts:
+        terminalreporter.section("fuzz cases by status code / outcome")
+        total = 0
+        for suite in sorted(counts):
+            c = counts[suite]
+            total += sum(c.values())
+            terminalreporter.write_line(f"{suite}: {sum(c.values())} cases: "
+                                        + ", ".join(f"{k}: {v}" for k, v in sorted(c.items(), key=str)))
+        terminalreporter.write_line(f"total: {total} generated cases")

@@ -47,7 +47,8 @@ def build_app(delay_s: float = 0.0, hang_s: float = 30.0) -> Starlette:
             await asyncio.sleep(delay_s)
         model = body.get("model", "stub")
         words = ANSWER.split(" ")
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])
+                            if isinstance(m, dict))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                  "total_tokens": prompt_tokens + len(words)}
         cid = f"chatcmpl-stub-{time.monotonic_ns()}"
@@ -56,7 +57,8 @@ def build_app(delay_s: float = 0.0, hang_s: float = 30.0) -> Starlette:
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
                                               "finish_reason": "stop"}],
                                  "usage": usage})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
 
         async def events():
             def chunk(delta, finish=None):

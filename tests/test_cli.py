@@ -58,6 +58,29 @@ def test_help_lists_every_command():
         assert cmd in out
 
 
-def test_jsonl_without_models_is_a_clear_error(jsonl):
-    with pytest.raises(SystemExit, match="--models is required"):
+def test_jsonl_without_models_is_a_clear_error(jsonl, capsys):
+    with pytest.raises(SystemExit) as e:
         cli.main(["train", "--data", str(jsonl)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "mixllm-jax: error: --models is required with a JSONL data file"
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path):
+    """Issue 12: a bad input file (or checkpoint, keys file, ...) is one line on stderr and exit 2;
+    --debug shows the traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"query_id": "q1", "prompt": "\xff", "model": "x", "quality": 1}\n')
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"models": [{"name": "x", "price_in_per_mtok": 1, "price_out_per_mtok": 1}]}))
+    cmd = [sys.executable, "-m", "mixllm_jax.cli", "train", "--data", str(bad), "--models", str(models),
+           "--out", str(tmp_path / "r")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mixllm-jax: error: ") and "bad.jsonl:1:" in lines[0], r.stderr
+    assert "not UTF-8" in lines[0]
+    r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "DataError" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mixllm_jax.cli", "route", "--router", str(tmp_path / "none"), "hi"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no checkpoint" in r.stderr, r.stderr

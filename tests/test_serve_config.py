@@ -11,7 +11,8 @@ from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_fro
 FLAGS = ("--checkpoint", "--backends", "--host", "--port", "--window-ms", "--max-batch", "--queue-limit",
          "--log-dir", "--checkpoint-every-s", "--keep-checkpoints", "--max-prompt-chars", "--max-prompts",
          "--feature-cache", "--max-inflight-proxy", "--route-on", "--no-book-load", "--warmup",
-         "--compilation-cache")
+         "--compilation-cache", "--api-keys", "--insecure", "--max-llms", "--header-timeout-s", "--body-timeout-s",
+         "--max-connections")
 
 
 def parser():
@@ -42,6 +43,18 @@ def test_flags_set_fields():
         "--route-on", "conversation", "--compilation-cache", "off", "--max-body-bytes", "100"]))
     assert (cfg.port, cfg.window_ms, cfg.book_load, cfg.warmup) == (9, 0.5, False, True)
     assert (cfg.route_on, cfg.compilation_cache, cfg.max_body_bytes) == ("conversation", None, 100)
+
+
+def test_non_loopback_needs_keys_or_insecure():
+    import pytest
+
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        ServeConfig(checkpoint="ck", host=host).check()
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.com"):
+        with pytest.raises(ValueError, match="without API keys"):
+            ServeConfig(checkpoint="ck", host=host).check()
+        ServeConfig(checkpoint="ck", host=host, insecure=True).check()
+        ServeConfig(checkpoint="ck", host=host, api_keys="keys.yaml").check()
 
 
 def test_config_is_light_to_import():

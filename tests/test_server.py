@@ -1,21 +1,17 @@
 """End-to-end tests of the HTTP router service: the real server and stub backends as processes.
 
 One small router (100 RouterBench queries, a tiny head, max_length 64) is trained and saved with
-Orbax once; the server restores it with the real MiniLM encoder. Everything runs on 127.0.0.1.
-The tests share one server and run in file order; the last ones kill and restart it.
+Orbax once per session (conftest.py, serve_helpers.py); the server restores it with the real
+MiniLM encoder. Everything runs on 127.0.0.1, without API keys (loopback). The tests share one
+server and run in file order; the last ones kill and restart it. The security findings of issue
+12 have their regression tests in test_security.py, the fuzz suite in test_fuzz.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,134 +20,21 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from serve_helpers import PROMPT, ServerProc, write_backends  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-PROMPT = "Which of these animals is a mammal? (A) shark (B) whale (C) trout (D) eel"
-START_TIMEOUT_S = 180  # a bound on waiting for startup, not a performance assertion
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(proc: subprocess.Popen, url: str, log: Path, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} before answering {url}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-class ServerProc:
-    """The router service as a child process; restartable on the same port and folders."""
-
-    def __init__(self, tmp: Path, checkpoint: Path, backends: Path):
-        self.tmp, self.checkpoint, self.backends = tmp, checkpoint, backends
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.log = self.tmp / f"server-{self.starts}.log"
-        cmd = [sys.executable, "-m", "mixllm_jax.serve", "--checkpoint", str(self.checkpoint),
-               "--backends", str(self.backends), "--port", str(self.port), "--log-dir", str(self.tmp / "serve"),
-               "--max-batch", "8", "--queue-limit", "8", "--window-ms", "2", "--max-prompt-chars", "4000",
-               "--checkpoint-every-s", "3600"]
-        env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", JAX_PLATFORMS="cpu")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
-        wait_http(self.proc, self.url + "/healthz", self.log)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            pytest.fail(f"server did not stop within {timeout} s after {sig!r}:\n{self.log.read_text()[-3000:]}")
-
-    def get(self, path, **kw):
-        return httpx.get(self.url + path, timeout=60, **kw)
-
-    def post(self, path, body=None, **kw):
-        if body is not None:
-            kw["json"] = body
-        return httpx.post(self.url + path, timeout=60, **kw)
-
-    def delete(self, path):
-        return httpx.delete(self.url + path, timeout=60)
-
-    def route(self, prompt=PROMPT, **extra):
-        r = self.post("/v1/route", {"prompt": prompt, **extra})
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def observations(self) -> dict:
-        return {m["id"]: m["observations"] for m in self.get("/v1/models").json()["data"]}
-
-    def metric(self, name: str, **labels) -> float:
-        """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        total = 0.0
-        for fam in text_string_to_metric_families(self.get("/metrics").text):
-            for s in fam.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from mixllm_jax import checkpoint, data, encoder, train
-    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
-
+def env(tmp_path_factory, served_router, stub_backend):
+    ck, models = served_router
     tmp = tmp_path_factory.mktemp("serve")
-    enc = encoder.load_encoder()
-    ds = data.load_routerbench(split="train")
-    idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:34]
-                          for task in sorted({t[0] for t in ds.tags})])
-    ds = ds.select(idx)
-    e = enc.embed(ds.prompts, max_length=64)
-    router = train.train_router(ds, data.load_models(data.routerbench_dir() / "models.json"), enc,
-                                RouterConfig(head=HeadConfig(hidden=32, features=8, epochs=5), max_length=64,
-                                             budget=Budget("cost_weight", 0.0)),
-                                embeddings=e, progress=False)
-    ck = tmp / "ck"
-    checkpoint.save_router(router, ck)
-
-    stub_port = free_port()
-    stub_log = tmp / "stub.log"
-    stub = subprocess.Popen([sys.executable, str(REPO / "tests" / "stub_backend.py"), "--port", str(stub_port),
-                             "--hang-s", "20"], stdout=open(stub_log, "w"), stderr=subprocess.STDOUT)
-    stub_url = f"http://127.0.0.1:{stub_port}"
-    backends = {m: {"base_url": f"{stub_url}/ok/v1"} for m in ds.models}
-    backends[ds.models[0]]["model"] = "renamed-at-backend"
-    (tmp / "backends.yaml").write_text(json.dumps({"backends": backends}))  # JSON is YAML
-    server = ServerProc(tmp, ck, tmp / "backends.yaml")
+    server = ServerProc.from_router(tmp, ck, write_backends(tmp / "backends.yaml", stub_backend, models))
     try:
-        wait_http(stub, stub_url + "/_health", stub_log)
         server.start()
-        yield {"server": server, "stub": stub_url, "models": list(ds.models), "ck": ck, "tmp": tmp}
+        yield {"server": server, "stub": stub_backend, "models": models, "ck": server.checkpoint, "tmp": tmp}
     finally:
-        for p in (server.proc, stub):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        server.kill()
 
 
 @pytest.fixture
@@ -258,7 +141,7 @@ def test_healthz_and_models(env, srv):
     assert [m["id"] for m in data] == env["models"]
     gpt4 = data[0]
     assert gpt4["price_in_per_mtok"] == 10.0 and gpt4["price_out_per_mtok"] == 30.0
-    assert gpt4["backend"]["model"] == "renamed-at-backend" and "api_key_env" not in gpt4["backend"]
+    assert gpt4["backend"] == {"model": "renamed-at-backend", "timeout_s": 60.0}  # no URL, no key variable
 
 
 def test_route_one_and_many(env, srv):
@@ -296,12 +179,12 @@ def test_cost_weight_and_budget(env, srv):
     ("/v1/route", {"prompt": ["ok", 3]}, 422, "prompt[1]"),
     ("/v1/route", {"prompt": "x" * 4001}, 413, "4001 characters"),
     ("/v1/route", {"prompt": ["a"] * 9}, 413, "9 prompts"),
-    ("/v1/route", {"prompt": "x", "cost_weight": -1}, 422, "'cost_weight' must be >= 0"),
+    ("/v1/route", {"prompt": "x", "cost_weight": -1}, 422, "'cost_weight' must be in [0, 1e+12]"),
     ("/v1/route", {"prompt": "x", "cost_weight": "high"}, 422, "'cost_weight' must be a number"),
-    ("/v1/route", {"prompt": "x", "budget": 0}, 422, "'budget' must be > 0"),
+    ("/v1/route", {"prompt": "x", "budget": 0}, 422, "'budget' must be in (0, 1e+06]"),
     ("/v1/feedback", {"request_id": "req-nope", "quality": 0.5}, 404, "unknown request id 'req-nope'"),
     ("/v1/feedback", {"quality": 0.5}, 422, "'request_id' is required"),
-    ("/v1/feedback", {"request_id": "req-nope", "quality": 1.5}, 422, "'quality' must be <= 1"),
+    ("/v1/feedback", {"request_id": "req-nope", "quality": 1.5}, 422, "'quality' must be in [0, 1]"),
     ("/v1/feedback", {"request_id": "req-nope", "thumbs": "sideways"}, 422, "'thumbs'"),
     ("/v1/feedback", {"request_id": "req-nope"}, 422, "give 'quality'"),
     ("/v1/models", {"name": "m", "price_in_per_mtok": 1}, 422, "'price_out_per_mtok' is required"),
@@ -427,7 +310,7 @@ def test_backend_failures(env, srv, behaviour, status, needle, recorded):
     try:
         for stream in (False, True):
             fails = srv.metric("mixllm_backend_failures_total", model=name)
-            resp = srv.post("/v1/chat/completions", {"stream": stream,
+            resp = srv.post("/v1/chat/completions", {"stream": stream, "cost_weight": 1e9,  # the free LLM wins
                                                      "messages": [{"role": "user", "content": PROMPT}]})
             assert resp.status_code == status, resp.text
             assert resp.headers["x-mixllm-model"] == name

@@ -1,103 +1,137 @@
 """HTTP router service: micro-batched routing, an OpenAI-compatible proxy, live feedback and live LLMs.
 
-    mixllm-jax serve --checkpoint checkpoints/router --backends backends.yaml [--port 8000]
+    mixllm-jax serve --checkpoint checkpoints/router --backends backends.yaml [--api-keys keys.yaml]
     python -m mixllm_jax.serve --checkpoint ... (the same)
 
-Endpoints (JSON; errors are ``{"error": {"message", "type", "param"}}`` with a 4xx/5xx status):
+Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"error": {"message",
+"type", "param", "code"}}`` with a 4xx/5xx status). With --api-keys each needs a key
+(``Authorization: Bearer <key>``) with the role in brackets (auth.py); admin may call all:
 
-  POST /v1/route             {"prompt": str | [str], "cost_weight"?: float >= 0, "budget"?: USD > 0,
-                              "book_load"?: bool}
+  POST /v1/route [route]     {"prompt": str | [str], "cost_weight"?: [0, 1e12], "budget"?: USD in
+                              (0, 1e6], "book_load"?: bool}
                              -> one route object, or {"routes": [route, ...]} for a list:
                              {"request_id", "model", "domain", "explanation": {llm: {"quality",
                               "tokens", "cost", "uncertainty", "wait", "penalty", "feedback",
                               "score", "eligible"}}}
-  POST /v1/chat/completions  OpenAI body (+ optional "cost_weight", "budget"); routes the last user
-                             message (or the conversation, see route_on), forwards to the chosen
-                             LLM's backend, streaming (SSE) passed through. The answer carries headers
-                             x-mixllm-request-id / x-mixllm-model (and a "mixllm" field when not
-                             streaming). Usage and latency are recorded for that request.
-  POST /v1/feedback          {"request_id", "quality"?: [0, 1], "thumbs"?: "up" | "down",
-                              "completion_tokens"?: int} -> {"request_id", "model", "recorded": [...]}
-  GET  /v1/models            {"object": "list", "data": [model, ...]}
-  POST /v1/models            {"name", "price_in_per_mtok", "price_out_per_mtok", "ttft_s"?,
-                              "tokens_per_s"?, "max_concurrency"?, "prior"?, "backend"?: {"base_url",
-                              "model"?, "api_key_env"?, "timeout_s"?}} -> 201 model
-  DELETE /v1/models/{name}   -> {"removed": name}
-  GET  /metrics              Prometheus text format
-  GET  /healthz              {"status": "ok", ...}
+  POST /v1/chat/completions [route]  OpenAI body (+ optional "cost_weight", "budget"); routes the
+                             last user message (or the conversation, see route_on), forwards to the
+                             chosen LLM's backend, streaming (SSE) passed through. The answer carries
+                             headers x-mixllm-request-id / x-mixllm-model (and a "mixllm" field when
+                             not streaming). Usage and latency are recorded for that request.
+  POST /v1/feedback [feedback]  {"request_id", "quality"?: [0, 1], "thumbs"?: "up" | "down",
+                              "completion_tokens"?: int} -> {"request_id", "model", "recorded": [...]};
+                             each request takes one quality and one thumbs, ever (409 after).
+  GET  /v1/models [route]    {"object": "list", "data": [model, ...]} (backend URLs are not shown)
+  POST /v1/models [admin]    {"name", "price_in_per_mtok", "price_out_per_mtok", "ttft_s"?,
+                              "tokens_per_s"?, "max_concurrency"?, "prior"?, "backend"?: {"base_url"
+                              (a host on the backends file's allow_hosts), "model"?, "timeout_s"?}}
+                             -> 201 model
+  DELETE /v1/models/{name} [admin]  -> {"removed": name}
+  GET  /metrics [admin]      Prometheus text format
+  GET  /healthz              {"status": "ok"}; with a valid key (or no keys file) the details, and
+                             with ?digest=1 [admin] a SHA-256 of the learned state
 
-The package: config.py (ServeConfig and its CLI options), http.py (errors, request fields),
-backends.py (backends, proxy, SSE relay), metrics.py, compute.py (the fused jitted computation),
-service.py (the worker thread, journal, feedback, live LLMs, checkpoints) and this module (the
-Starlette app and the entry point). The design and the math: docs/architecture.md.
+The package: config.py (ServeConfig and its CLI options), auth.py (API keys), http.py (errors,
+request fields), backends.py (backends, allow-list, proxy, SSE relay), metrics.py, compute.py (the
+fused jitted computation), service.py (the worker thread, journal, feedback, live LLMs,
+checkpoints) and this module (the Starlette app, connection timeouts and the entry point). The
+design and the math: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import threading
 import time
+import uuid
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
-from mixllm_jax.serve.backends import parse_backend, proxy
+from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
+from mixllm_jax.serve.backends import proxy, request_backend
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
 from mixllm_jax.serve.http import (ApiError, check_prompt, error_response, get_bool, get_number, get_string,
-                                   is_num, policy_fields, read_json_object, reject_unknown, routing_text)
+                                   policy_fields, read_json_object, reject_unknown, require_json, routing_text,
+                                   model_spec)
 from mixllm_jax.serve.metrics import CONTENT_TYPE_LATEST
-from mixllm_jax.serve.service import RouterService
+from mixllm_jax.serve.service import MAX_TOKENS, MODEL_DEFAULTS, RouterService
 
 log = logging.getLogger(__name__)
+
+AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="mixllm-jax"'}
+
+
+class ServeStartupError(RuntimeError):
+    """The service could not start (e.g. its checkpoint cannot be restored); the message says why."""
 
 
 def create_app(cfg: ServeConfig) -> Starlette:
     """The ASGI app. The router is restored, and the journal replayed, at startup (the lifespan),
     before the server accepts connections; shutdown checkpoints. app.state.service: the service."""
     cfg.check()
+    auth = Authenticator(load_keys(cfg.api_keys) if cfg.api_keys is not None else None)
     svc = RouterService(cfg)
     m = svc.metrics
 
-    def endpoint(label: str):
-        """Answer ApiError as an OpenAI-style error, anything else as a 500; count and time each call."""
+    def endpoint(label: str, role: str | None, json_body: bool = False):
+        """Check the caller's key for `role` (401/403) and, for a JSON endpoint, the content type
+        (415) before anything is read; answer ApiError as an OpenAI-style error and anything else
+        as a 500 that says no more than a reference into the log; count and time each call."""
         def wrap(fn):
             @functools.wraps(fn)
             async def handler(request):
                 t = time.perf_counter()
                 status = 500
                 try:
+                    if role is not None:
+                        request.state.key = auth.check(request.headers.get("authorization"), role)
                     if not svc.started:
                         raise ApiError(503, "the router is starting or stopping", "unavailable",
                                        headers={"Retry-After": "1"})
+                    if json_body:
+                        require_json(request)
                     resp = await fn(request)
                     status = resp.status_code
                     return resp
+                except AuthError as e:
+                    status = e.status
+                    kind, code = (("authentication_error", "invalid_api_key") if e.status == 401
+                                  else ("permission_error", "insufficient_permissions"))
+                    return error_response(e.status, e.message, kind, None,
+                                          AUTH_HEADERS if e.status == 401 else None, code)
                 except ApiError as e:
                     status = e.status
-                    return error_response(e.status, e.message, e.type, e.param, e.headers)
-                except Exception as e:  # noqa: BLE001
-                    log.exception("%s failed", label)
-                    return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+                    return error_response(e.status, e.message, e.type, e.param, e.headers, e.code)
+                except Exception:  # noqa: BLE001
+                    ref = uuid.uuid4().hex[:12]
+                    log.exception("%s failed (reference %s)", label, ref)
+                    return error_response(500, f"internal error (reference {ref} in the server log)",
+                                          "server_error")
                 finally:
                     m.http.labels(label, str(status)).inc()
                     m.http_s.labels(label).observe(time.perf_counter() - t)
             return handler
         return wrap
 
-    @endpoint("route")
+    def body_of(request):
+        return read_json_object(request, cfg.max_body_bytes, cfg.body_timeout_s)
+
+    @endpoint("route", "route", json_body=True)
     async def route(request):
-        body = await read_json_object(request, cfg.max_body_bytes)
+        body = await body_of(request)
         reject_unknown(body, {"prompt", "cost_weight", "budget", "book_load"})
         if "prompt" not in body:
             raise ApiError(422, "field 'prompt' is required (a string or a list of strings)", param="prompt")
@@ -121,13 +155,13 @@ def create_app(cfg: ServeConfig) -> Starlette:
         out = await svc.route(prompts, cost_weight=cw, budget=budget, book=book)
         return JSONResponse(out[0] if single else {"routes": out})
 
-    @endpoint("feedback")
+    @endpoint("feedback", "feedback", json_body=True)
     async def feedback(request):
-        body = await read_json_object(request, cfg.max_body_bytes)
+        body = await body_of(request)
         reject_unknown(body, {"request_id", "quality", "thumbs", "completion_tokens"})
         rid = get_string(body, "request_id", default=..., max_len=200)
         quality = get_number(body, "quality", lo=0, hi=1)
-        ct = get_number(body, "completion_tokens", lo=0, integer=True)
+        ct = get_number(body, "completion_tokens", lo=0, hi=MAX_TOKENS, integer=True)
         thumbs = body.get("thumbs")
         if thumbs is not None and thumbs not in ("up", "down"):
             raise ApiError(422, f"field 'thumbs' must be \"up\" or \"down\", got {json.dumps(thumbs)[:40]}",
@@ -136,7 +170,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
             raise ApiError(422, "give 'quality' (a number in [0, 1]) or 'thumbs' (\"up\"/\"down\")")
         e = svc.features.get(rid)
         if e is None:
-            raise ApiError(404, f"unknown request id {rid!r}: never issued, or older than the last "
+            raise ApiError(404, f"unknown request id {rid[:80]!r}: never issued, or older than the last "
                                 f"{cfg.feature_cache} routed requests", "not_found", param="request_id")
         if not svc.entry_live(e):
             raise ApiError(409, f"model {e.model!r} that served request {rid!r} has been removed; "
@@ -145,66 +179,55 @@ def create_app(cfg: ServeConfig) -> Starlette:
             raise ApiError(409, f"request {rid!r} already has a quality observation", param="quality")
         if thumbs is not None and e.has_thumbs:
             raise ApiError(409, f"request {rid!r} already has a thumbs up/down", param="thumbs")
-        recorded = []
+        records = []  # every check is done: the records are journaled together, or not at all
         if quality is not None:
-            seq = await svc.record_quality(rid, e, quality, "user", None if ct is None else float(ct))
-            recorded.append({"kind": "quality", "seq": seq})
+            records.append(svc.quality_record(rid, e, quality, "user", None if ct is None else float(ct)))
         if thumbs is not None:
-            seq = await svc.record_thumbs(rid, e, thumbs == "up")
-            recorded.append({"kind": "thumbs", "seq": seq})
-        return JSONResponse({"request_id": rid, "model": e.model, "recorded": recorded})
+            records.append(svc.thumbs_record(rid, e, thumbs == "up"))
+        seqs = await svc.record_feedback(rid, e, records)
+        return JSONResponse({"request_id": rid, "model": e.model,
+                             "recorded": [{"kind": r["type"], "seq": q} for r, q in zip(records, seqs)]})
 
-    @endpoint("models")
+    @endpoint("models", "route")
     async def models_list(request):
         return JSONResponse({"object": "list", "data": await svc.models()})
 
-    @endpoint("models_add")
+    @endpoint("models_add", "admin", json_body=True)
     async def models_add(request):
-        body = await read_json_object(request, cfg.max_body_bytes)
-        known = {"name", "price_in_per_mtok", "price_out_per_mtok", "ttft_s", "tokens_per_s", "max_concurrency",
-                 "prior", "backend"}
-        reject_unknown(body, known)
-        name = get_string(body, "name", default=...)
-        pin = get_number(body, "price_in_per_mtok", default=..., lo=0)
-        pout = get_number(body, "price_out_per_mtok", default=..., lo=0)
-        ttft = get_number(body, "ttft_s", default=DEFAULT_TTFT_S, lo=0)
-        tps = get_number(body, "tokens_per_s", default=DEFAULT_TOKENS_PER_S, lo=0, lo_open=True)
-        conc = get_number(body, "max_concurrency", default=DEFAULT_MAX_CONCURRENCY, lo=1, hi=svc.state.load_slots,
-                          integer=True)
-        prior = body.get("prior", "uninformative")
-        if not (prior in ("uninformative", "mean") or (is_num(prior) and math.isfinite(prior))):
-            raise ApiError(422, f"field 'prior' must be \"uninformative\", \"mean\" or a finite number (the "
-                                f"prior quality), got {json.dumps(prior)[:40]}", param="prior")
-        backend = None
+        body = await body_of(request)
+        spec = model_spec(body, svc.state.load_slots, MODEL_DEFAULTS)
+        spec["backend"] = None
         if body.get("backend") is not None:
-            try:
-                backend = parse_backend(body["backend"], "backend").public()
-            except ValueError as e:
-                raise ApiError(422, str(e), param="backend") from None
-        spec = {"name": name, "price_in": pin * 1e-6, "price_out": pout * 1e-6, "ttft_s": float(ttft),
-                "tokens_per_s": float(tps), "max_concurrency": int(conc),
-                "prior": prior if isinstance(prior, str) else float(prior), "backend": backend}
+            spec["backend"] = request_backend(body["backend"], svc.backends_file).record()
         info = await svc.add_model(spec)
         return JSONResponse(info, status_code=201)
 
-    @endpoint("models_remove")
+    @endpoint("models_remove", "admin")
     async def models_remove(request):
         name = request.path_params["name"]
         await svc.remove_model(name)
         return JSONResponse({"removed": name})
 
-    @endpoint("metrics")
+    @endpoint("metrics", "admin")
     async def metrics(request):
         m.queue.set(svc.batcher.pending)
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @endpoint("healthz")
+    @endpoint("healthz", None)
     async def healthz(request):
-        return JSONResponse(svc.health())
+        key = auth.identify(request.headers.get("authorization"))
+        if auth.enabled and key is None:
+            return JSONResponse({"status": "ok"})
+        out = svc.health()
+        if request.query_params.get("digest") in ("1", "true"):
+            if auth.enabled and "admin" not in key.roles:
+                raise AuthError(403, "the state digest needs the 'admin' role")
+            out["state_digest"] = await svc.digest()
+        return JSONResponse(out)
 
-    @endpoint("chat")
+    @endpoint("chat", "route", json_body=True)
     async def chat(request):
-        body = await read_json_object(request, cfg.max_body_bytes)
+        body = await body_of(request)
         if "messages" not in body:
             raise ApiError(422, "field 'messages' is required", param="messages")
         text = routing_text(body["messages"], cfg.route_on)
@@ -236,15 +259,21 @@ def create_app(cfg: ServeConfig) -> Starlette:
 
     async def not_found(request, exc):
         if isinstance(exc, HTTPException):
-            msg = {404: f"no endpoint {request.url.path}", 405: f"method {request.method} not allowed on "
-                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+            path = request.url.path[:200]
+            msg = {404: f"no endpoint {path}", 405: f"method {request.method[:20]} not allowed on "
+                   f"{path}"}.get(exc.status_code, "bad request")
             return error_response(exc.status_code, msg, "not_found" if exc.status_code == 404 else
                                   "invalid_request_error", headers=getattr(exc, "headers", None))
         return error_response(500, "internal error", "server_error")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await svc.start()
+        try:
+            await svc.start()
+        except Exception as e:
+            svc.start_error = e
+            log.error("the router could not start: %s", e)
+            raise
         try:
             yield
         finally:
@@ -261,34 +290,131 @@ def create_app(cfg: ServeConfig) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.service = svc
+    app.state.auth = auth
     return app
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the two timeouts it lacks: a request's headers must all arrive
+    within `header_timeout_s` of its first byte (or of the connection, for the first request), and
+    its body within `body_timeout_s` (+1 s, after which the app has answered 408) of its headers;
+    otherwise the connection is closed. Idle keep-alive connections are closed by uvicorn's
+    timeout_keep_alive. Together they bound how long a slow client holds a connection."""
+
+    header_timeout_s = 10.0
+    body_timeout_s = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._phase, self._timer = None, None
+        self._arm("headers", self.header_timeout_s)
+
+    def _arm(self, phase: str | None, after: float | None) -> None:
+        if phase == self._phase:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._phase, self._timer = phase, None
+        if phase is not None:
+            self._timer = self.loop.call_later(after, self._expired, phase)
+
+    def _expired(self, phase: str) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            log.info("closing a connection from %s: its request %s did not arrive in time", self.client, phase)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch(idle_ok=True)
+
+    def _watch(self, idle_ok: bool = False) -> None:
+        if self.transport.is_closing():
+            self._arm(None, None)
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:  # waiting for (the rest of) a request's headers, or idle between requests
+            if idle_ok and self.conn.trailing_data[0] == b"":
+                self._arm(None, None)  # idle: uvicorn's keep-alive timeout applies
+            else:
+                self._arm("headers", self.header_timeout_s)
+        elif state is h11.SEND_BODY:
+            self._arm("body", self.body_timeout_s + 1.0)
+        else:
+            self._arm(None, None)
+
+    def connection_lost(self, exc) -> None:
+        self._arm(None, None)
+        super().connection_lost(exc)
+
+
+class _QuietStartup(logging.Filter):
+    """Keeps uvicorn's copy of a startup traceback out of the log: the CLI prints one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Traceback") or msg == "Application startup failed. Exiting.")
+
+
+def run(cfg: ServeConfig, debug: bool = False) -> None:
+    """Run the router service on uvicorn until SIGINT/SIGTERM (which checkpoint before exiting).
+    A service that cannot start raises ServeStartupError naming why."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "jax._src.xla_bridge", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    app = create_app(cfg)
+    if cfg.api_keys is None:
+        if cfg.insecure:
+            log.warning("serving on %s without API keys (--insecure): anyone who reaches it may call every "
+                        "endpoint", cfg.host)
+        else:
+            log.info("no --api-keys: every endpoint is open to whoever reaches %s (loopback)", cfg.host)
+    protocol = type("GuardedH11", (GuardedH11Protocol,), {"header_timeout_s": cfg.header_timeout_s,
+                                                           "body_timeout_s": cfg.body_timeout_s})
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=30, backlog=2048, timeout_keep_alive=30,
+                            http=protocol, limit_concurrency=cfg.max_connections,
+                            h11_max_incomplete_event_size=64 * 1024)
+    server = uvicorn.Server(config)
+    quiet = _QuietStartup()
+    if not debug:
+        logging.getLogger("uvicorn.error").addFilter(quiet)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises SIGTERM after its graceful shutdown (final checkpoint included), with the
+        # handler found at start: make that handler a clean exit, so a graceful stop exits 0.
+        signal.signal(signal.SIGTERM, _graceful_exit)
+    svc = app.state.service
+    try:
+        server.run()
+    except SystemExit:
+        if svc.ever_started:  # uvicorn exits (3) when the lifespan startup failed: reported below
+            raise
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+    if not svc.ever_started:
+        err = getattr(svc, "start_error", None)
+        if err is not None and debug:
+            raise err
+        raise ServeStartupError(f"the router could not start: {err}" if err is not None
+                                else "the router could not start (see the log above)")
 
 
 def _graceful_exit(signum, frame):
     raise SystemExit(0)
 
 
-def run(cfg: ServeConfig) -> None:
-    """Run the router service on uvicorn until SIGINT/SIGTERM (which checkpoint before exiting)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "jax._src.xla_bridge", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    app = create_app(cfg)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=30, backlog=2048, timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    if threading.current_thread() is threading.main_thread():
-        # uvicorn re-raises SIGTERM after its graceful shutdown (final checkpoint included), with the
-        # handler found at start: make that handler a clean exit, so a graceful stop exits 0.
-        signal.signal(signal.SIGTERM, _graceful_exit)
-    server.run()
-    if not app.state.service.ever_started:  # e.g. the router could not be restored: logged above
-        raise SystemExit(1)
-
-
 def main(argv=None) -> None:
-    """`python -m mixllm_jax.serve`: the options of `mixllm-jax serve`."""
+    """`python -m mixllm_jax.serve`: the options of `mixllm-jax serve`; an error is one line on
+    stderr and exit status 2 (--debug: the traceback)."""
+    from mixllm_jax.cli import run_command
+
     p = argparse.ArgumentParser(prog="python -m mixllm_jax.serve", description=__doc__.split("\n")[0])
     add_serve_arguments(p)
-    run(config_from_args(p.parse_args(argv)))
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = p.parse_args(argv)
+    run_command(lambda: run(config_from_args(args), debug=args.debug), debug=args.debug, prog=p.prog)

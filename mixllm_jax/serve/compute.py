@@ -134,15 +134,32 @@ def reset_feedback_slot(fs, slot: int):
     return fs._replace(params=params)
 
 
+def applied_to_array(applied: dict) -> np.ndarray:
+    """{16-byte request key: feedback flags} -> uint8 [N + 1, 17] (key bytes, flags), sorted; the
+    first row is zeros, so the array is never empty."""
+    rows = np.zeros((len(applied) + 1, 17), np.uint8)
+    for i, (k, mask) in enumerate(sorted(applied.items()), start=1):
+        rows[i, :16] = np.frombuffer(k, np.uint8)
+        rows[i, 16] = mask
+    return rows
+
+
+def applied_from_array(a: np.ndarray) -> dict:
+    """The inverse of `applied_to_array` (rows with no flags skipped)."""
+    a = np.asarray(a, np.uint8).reshape(-1, 17)
+    return {bytes(r[:16]): int(r[16]) for r in a if r[16]}
+
+
 def extras_template(meta: dict):
     """A template for a checkpoint's extras, from its metadata, and its kind: the server's
-    (feedback, journal_seq, arm_id) -> (like, "server"), the feedback network alone -> (like,
-    "feedback"), anything else -> (None, None) (ignored: a fresh feedback network)."""
+    (feedback, journal_seq, arm_id, applied?) -> (like, "server"), the feedback network alone ->
+    (like, "feedback"), anything else -> (None, None) (ignored: a fresh feedback network)."""
     man = meta["arrays"].get("extras")
     if not man:
         return None, None
     tops = {k.split("/")[0] for k in man}
-    if not tops <= {"feedback", "journal_seq", "arm_id"} or "feedback" not in tops:
+    server = {"feedback", "journal_seq", "arm_id"}
+    if not tops <= server | {"applied"} or "feedback" not in tops:
         log.warning("checkpoint extras %s are not the server's; starting a fresh feedback network", sorted(tops))
         return None, None
     k0, k2 = man.get("feedback/params/Dense_0/kernel"), man.get("feedback/params/Dense_2/kernel")
@@ -150,8 +167,10 @@ def extras_template(meta: dict):
         return None, None
     fs = feedback.init_feedback(k0["shape"][0], k2["shape"][1], hidden=k0["shape"][1])
     like = {"feedback": fs}
-    if tops == {"feedback", "journal_seq", "arm_id"}:
+    if tops in (server, server | {"applied"}):
         like["journal_seq"] = np.zeros((), np.int64)
         like["arm_id"] = np.zeros(man["arm_id"]["shape"], np.int64)
+        if "applied" in tops:
+            like["applied"] = np.zeros(man["applied"]["shape"], np.uint8)
         return like, "server"
     return (like, "feedback") if tops == {"feedback"} else (None, None)

@@ -29,8 +29,13 @@ class ServeConfig:
 
     checkpoint: str | Path = dataclasses.field(metadata={
         "help": "Orbax checkpoint directory (restored, and saved into)", "required": True})
-    backends: str | Path | None = _opt(None, "backends.yaml: LLM name -> OpenAI-compatible base_url")
-    host: str = _opt("127.0.0.1", "address to bind")
+    backends: str | Path | None = _opt(None, "backends.yaml: LLM name -> OpenAI-compatible base_url, and "
+                                             "allow_hosts: the hosts POST /v1/models may point a backend at")
+    api_keys: str | Path | None = _opt(None, "API keys file (JSON/YAML: SHA-256 of each key and its roles "
+                                             "route, feedback, admin); without it anyone who reaches the port "
+                                             "may call every endpoint")
+    insecure: bool = _opt(False, "allow binding a non-loopback --host without --api-keys", action="store_true")
+    host: str = _opt("127.0.0.1", "address to bind (a non-loopback one needs --api-keys or --insecure)")
     port: int = _opt(8000, "TCP port")
     window_ms: float = _opt(3.0, "micro-batch window (ms)")
     max_batch: int = _opt(64, "prompts per routing call, at most")
@@ -42,6 +47,13 @@ class ServeConfig:
     max_prompts: int = _opt(256, "prompts per /v1/route request")
     max_body_bytes: int = _opt(4 << 20, "larger request bodies are refused with 413")
     feature_cache: int = _opt(20000, "routed requests whose features are kept for feedback")
+    max_llms: int = _opt(64, "live LLMs at most: POST /v1/models is refused past it, so the arm capacity "
+                             "stays at most twice this")
+    header_timeout_s: float = _opt(10.0, "a connection whose request headers have not all arrived this long "
+                                         "after their first byte (or after connecting) is closed")
+    body_timeout_s: float = _opt(30.0, "a request body not received within this is answered 408 and its "
+                                       "connection closed")
+    max_connections: int = _opt(1024, "open connections at most (then 503)")
     max_inflight_proxy: int = _opt(256, "proxied calls in flight, at most (then 503)")
     route_on: str = _opt("last_user", "what of a chat request is routed on: the last user message or the "
                                       "whole conversation", choices=ROUTE_ON)
@@ -56,7 +68,7 @@ class ServeConfig:
         if not self.window_ms >= 0:
             raise ValueError(f"window_ms must be >= 0, got {self.window_ms}")
         for k in ("max_batch", "queue_limit", "max_prompt_chars", "max_prompts", "max_body_bytes",
-                  "feature_cache", "max_inflight_proxy", "keep_checkpoints"):
+                  "feature_cache", "max_inflight_proxy", "keep_checkpoints", "max_llms", "max_connections"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
         if self.queue_limit < self.max_batch:
@@ -65,6 +77,14 @@ class ServeConfig:
             raise ValueError(f"route_on must be one of {ROUTE_ON}, got {self.route_on!r}")
         if not self.checkpoint_every_s > 0:
             raise ValueError(f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
+        for k in ("header_timeout_s", "body_timeout_s"):
+            if not 0 < getattr(self, k) <= 3600:
+                raise ValueError(f"{k} must be in (0, 3600] seconds, got {getattr(self, k)}")
+        from mixllm_jax.serve.auth import is_loopback
+
+        if self.api_keys is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(f"refusing to serve on {self.host} without API keys: anyone who reaches it could "
+                             f"add backends and models; give --api-keys FILE (or --insecure to accept that)")
 
     @property
     def log_path(self) -> Path:

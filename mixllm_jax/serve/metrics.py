@@ -30,6 +30,8 @@ class Metrics:
         self.feedback = Counter("mixllm_feedback_total", "feedback records journaled, by kind", ["kind"], registry=r)
         self.dropped = Counter("mixllm_feedback_dropped_total",
                                "feedback not applied because its LLM was removed meanwhile", registry=r)
+        self.skipped = Counter("mixllm_journal_skipped_total",
+                               "journal records that failed to apply (logged, skipped)", registry=r)
         self.backend_s = Histogram("mixllm_backend_seconds", "backend call latency by LLM", ["model"],
                                    buckets=lat, registry=r)
         self.backend_fail = Counter("mixllm_backend_failures_total", "failed backend calls", ["model", "reason"],

@@ -9,6 +9,14 @@
   after it.
 * The live load model runs on the wall clock: state.clock is seconds since the server started;
   each decision books its predicted service time (`book_load`). The load is reset on restart.
+* Exactly-once feedback: a request takes one quality and one thumbs observation. Which requests
+  already have one is a flag on their feature entry, set when the record is journaled, and saved
+  with every checkpoint (extras["applied"]: a hash of each request id with its flags), so it
+  survives journal pruning and restarts; feature entries are kept first-in first-out, so after a
+  restart exactly the last `feature_cache` routed requests can take feedback, as before it.
+* Every request that changes the state is checked in full before its record is journaled; a
+  record that fails to apply on replay (e.g. journaled by an older version) is logged and skipped,
+  never fatal, so no request can make the service fail to start.
 * arm_id [K] int64 names the LLM generation in each slot (the journal seq of its add_model record,
   0 for the first checkpoint's LLMs, -1 for none), so feedback for a removed LLM is never applied to
   a newer LLM in its slot.
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import json
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -39,15 +49,32 @@ from tokenizers import Tokenizer
 from mixllm_jax import batcher, encoder as enc_mod, engine, feedback, feedback_log
 from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
 from mixllm_jax.router import truncate
-from mixllm_jax.serve.backends import Backend, load_backends, parse_backend, read_live_backends
-from mixllm_jax.serve.compute import (RouteReq, batch_inputs, extras_template, fit_arm_id, fit_feedback,
-                                      pow2_bucket, reset_feedback_slot, reset_load, serve_route)
+from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
+from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
+                                       resolve_live_backend)
+from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
+                                      extras_template, fit_arm_id, fit_feedback, pow2_bucket, reset_feedback_slot,
+                                      reset_load, serve_route)
 from mixllm_jax.serve.config import ServeConfig
-from mixllm_jax.serve.http import ApiError, is_num
+from mixllm_jax.serve.http import ApiError, is_num, model_spec
 from mixllm_jax.serve.metrics import Metrics
 from mixllm_jax.state import ArmRegistry, add_llm, remove_llm
 
 log = logging.getLogger(__name__)
+
+QUALITY_BIT, THUMBS_BIT = 1, 2  # Entry.applied: the request's journaled feedback kinds
+MAX_TOKENS = 10_000_000  # token counts above this (from a client or a backend) are refused or ignored
+MODEL_DEFAULTS = {"ttft_s": DEFAULT_TTFT_S, "tokens_per_s": DEFAULT_TOKENS_PER_S,
+                  "max_concurrency": DEFAULT_MAX_CONCURRENCY}
+
+
+def rid_key(rid: str) -> bytes:
+    """The 16 bytes a request id is saved as in a checkpoint (its SHA-256, cut)."""
+    return hashlib.sha256(rid.encode("utf-8", "surrogatepass")).digest()[:16]
+
+
+def _per_mtok(v):
+    return v * 1e6 if is_num(v) and math.isfinite(v) else v
 
 
 class RouterService:
@@ -69,6 +96,7 @@ class RouterService:
         self.prev_ckpt_seq = 0
         self.ckpt_step = None
         self.backends: dict[str, Backend] = {}
+        self.backends_file = BackendsFile()
         self.file_backends: dict[str, Backend] = {}
         self.live_backends: dict[str, Backend] = {}
         self.backend_mask = None  # [K] bool: the slot's LLM has a backend (chat may go there)
@@ -81,6 +109,8 @@ class RouterService:
         self.t0 = time.monotonic()
         self.proxy_inflight = 0
         self.started = self.ever_started = False
+        self.start_error: Exception | None = None
+        self.skipped_records = 0
         self.replayed = 0
         self._ckpt_lock = None
         self._periodic = None
@@ -96,7 +126,8 @@ class RouterService:
         logdir.mkdir(parents=True, exist_ok=True)
         self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
         self.features = feedback_log.FeatureStore(logdir / "requests", self.cfg.feature_cache)
-        self.file_backends = load_backends(self.cfg.backends)
+        self.backends_file = load_backends_file(self.cfg.backends)
+        self.file_backends = self.backends_file.backends
         await loop.run_in_executor(self.worker, self._load)
         self.journal.start(min_seq=self.applied_seq)
         self.metrics.journal_seq.set(self.journal.seq)
@@ -105,7 +136,7 @@ class RouterService:
         self.batcher.start()
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.cfg.max_inflight_proxy,
                                                           max_keepalive_connections=64),
-                                      timeout=60.0, trust_env=False)
+                                      timeout=60.0, trust_env=False, follow_redirects=False)
         self._periodic = loop.create_task(self._checkpoint_loop(), name="checkpointer")
         self.started = self.ever_started = True
         log.info("ready: %d LLMs, checkpoint step %s, replayed %d journal records, %d request features",
@@ -155,8 +186,11 @@ class RouterService:
         K, d = router.state.capacity, router.state.dim
         fs = arm_id = None
         seq = 0
+        applied = {}
         if extras is not None and extras_kind == "server":
             fs, seq, arm_id = extras["feedback"], int(extras["journal_seq"]), np.asarray(extras["arm_id"], np.int64)
+            if "applied" in extras:
+                applied = applied_from_array(np.asarray(extras["applied"]))
         elif extras is not None and extras_kind == "feedback":
             fs = extras["feedback"]
         if fs is None:
@@ -168,7 +202,12 @@ class RouterService:
         self.applied_seq = self.ckpt_seq = self.prev_ckpt_seq = seq
         self.state = reset_load(router.state, 0.0)
         self.registry = router.registry
-        self.live_backends = read_live_backends(self.cfg.log_path / "live_models.json")
+        live = read_live_backends(self.cfg.log_path / "live_models.json")
+        self.live_backends = {}
+        for n, rec in live.items():
+            b = resolve_live_backend(rec, self.backends_file, f"live_models.json: {str(n)[:80]!r}")
+            if b is not None:
+                self.live_backends[n] = b
         self._refresh_backends()
 
         tok = Tokenizer.from_str(router.encoder.tokenizer.backend_tokenizer.to_str())
@@ -177,6 +216,15 @@ class RouterService:
         self._tokenizer = tok
 
         n_feat = self.features.load()
+        flagged = 0
+        if applied:
+            for rid, e in self.features.items():
+                mask = applied.get(rid_key(rid), 0)
+                if mask:
+                    flagged += 1
+                    e.applied |= mask
+                    e.has_quality = e.has_quality or bool(mask & QUALITY_BIT)
+                    e.has_thumbs = e.has_thumbs or bool(mask & THUMBS_BIT)
         records = self.journal.read()
         older = [r for r in records if r["seq"] <= seq]
         newer = [r for r in records if r["seq"] > seq]
@@ -187,8 +235,8 @@ class RouterService:
         self._apply(older, replay_flags_only=True)
         self._apply(newer)
         self.replayed = len(newer)
-        log.info("restored step %s (journal seq %d), %d request features, replayed %d records",
-                 self.ckpt_step, seq, n_feat, len(newer))
+        log.info("restored step %s (journal seq %d), %d request features (%d with feedback), replayed %d records",
+                 self.ckpt_step, seq, n_feat, flagged, len(newer))
         if self.cfg.warmup:
             self._warmup()
         self._update_gauges()
@@ -235,7 +283,9 @@ class RouterService:
         return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.arm_id[slot]) == arm_id
 
     def _apply(self, records: list[dict], replay_flags_only: bool = False) -> None:
-        """Apply journal records in seq order (live and on replay alike)."""
+        """Apply journal records in seq order (live and on replay alike). A record that fails to
+        apply is logged, counted and skipped: deterministic, so live and replay agree, and a
+        damaged or old record can never keep the service from starting."""
         self._active = np.asarray(self.state.active)
         i = 0
         while i < len(records):
@@ -246,40 +296,73 @@ class RouterService:
                 while j < len(records) and records[j].get("type") == typ:
                     j += 1
                 group = records[i:j]
-                for r in group:
-                    e = self.features.get(r["rid"]) if self.features is not None else None
-                    if e is not None:
-                        if typ == "quality":
-                            e.has_quality = True
-                        else:
-                            e.has_thumbs = True
-                if not replay_flags_only:
-                    live = [r for r in group if self._live(int(r["slot"]), int(r["arm_id"]))]
-                    if len(live) < len(group):
-                        self.metrics.dropped.inc(len(group) - len(live))
-                    if live:
-                        x = np.stack([feedback_log.decode_x(r["x"]) for r in live])
-                        slots = np.array([int(r["slot"]) for r in live], np.int32)
-                        if typ == "quality":
-                            self._update_bandit(x, slots, live)
-                        else:
-                            self._update_feedback(x, slots, np.array([float(r["reward"]) for r in live], np.float32))
+                try:
+                    self._apply_feedback(typ, group, replay_flags_only)
+                except Exception:  # noqa: BLE001
+                    self._skip(group, "feedback records")
                 self.applied_seq = max(self.applied_seq, group[-1]["seq"])
                 i = j
                 continue
-            if typ == "usage":
-                e = self.features.get(rec["rid"]) if self.features is not None else None
-                if e is not None and rec.get("completion_tokens") is not None:
-                    e.observed_tokens = float(rec["completion_tokens"])
-            elif typ == "add_model" and not replay_flags_only:
-                self._apply_add(rec)
-            elif typ == "remove_model" and not replay_flags_only:
-                self._apply_remove(rec)
-            elif typ not in ("usage", "add_model", "remove_model"):
-                log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
+            try:
+                if typ == "usage":
+                    e = self.features.get(rec["rid"]) if self.features is not None else None
+                    ct = rec.get("completion_tokens")
+                    if e is not None and is_num(ct) and 0 <= ct <= MAX_TOKENS:
+                        e.observed_tokens = float(ct)
+                elif typ == "add_model" and not replay_flags_only:
+                    self._apply_add(rec)
+                elif typ == "remove_model" and not replay_flags_only:
+                    self._apply_remove(rec)
+                elif typ not in ("usage", "add_model", "remove_model"):
+                    log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
+            except Exception:  # noqa: BLE001
+                self._skip([rec], f"{typ} record")
             self.applied_seq = max(self.applied_seq, rec["seq"])
             i += 1
         self.metrics.applied_seq.set(self.applied_seq)
+
+    def _skip(self, recs: list[dict], what: str) -> None:
+        log.exception("journal seq %s..%s: %s could not be applied; skipped", recs[0].get("seq"),
+                      recs[-1].get("seq"), what)
+        self.metrics.skipped.inc(len(recs))
+        self.skipped_records += len(recs)
+
+    def _apply_feedback(self, typ: str, group: list[dict], replay_flags_only: bool) -> None:
+        bit = QUALITY_BIT if typ == "quality" else THUMBS_BIT
+        for r in group:
+            e = self.features.get(r["rid"]) if self.features is not None else None
+            if e is not None:
+                e.applied |= bit
+                if typ == "quality":
+                    e.has_quality = True
+                else:
+                    e.has_thumbs = True
+        if replay_flags_only:
+            return
+        ok = []
+        for r in group:  # what the live checks guarantee, checked again (a damaged record is dropped)
+            try:
+                x = feedback_log.decode_x(r["x"])
+                val = float(r["quality"] if typ == "quality" else r["reward"])
+                good = (self._live(int(r["slot"]), int(r["arm_id"])) and x.shape == (self.state.dim,)
+                        and bool(np.all(np.abs(x) <= 1e4)) and 0.0 <= val <= 1.0)
+                if typ == "quality":
+                    lt, w = float(r["log_tokens"]), float(r.get("weight", 1.0))
+                    good = good and 0.0 <= lt <= 20.0 and 0.0 <= w <= 1e3
+            except (KeyError, TypeError, ValueError, OverflowError):
+                good = False
+            if good:
+                ok.append((r, x))
+        if len(ok) < len(group):
+            self.metrics.dropped.inc(len(group) - len(ok))
+        if ok:
+            live = [r for r, _ in ok]
+            x = np.stack([x for _, x in ok])
+            slots = np.array([int(r["slot"]) for r in live], np.int32)
+            if typ == "quality":
+                self._update_bandit(x, slots, live)
+            else:
+                self._update_feedback(x, slots, np.array([float(r["reward"]) for r in live], np.float32))
 
     def _update_bandit(self, x, slots, recs) -> None:
         targets = np.array([[float(r["quality"]), float(r["log_tokens"])] for r in recs], np.float32)
@@ -302,10 +385,10 @@ class RouterService:
         if name in self.registry.slots:
             log.warning("journal seq %d: model %r already registered; add skipped", rec["seq"], name)
             return
-        prior = rec["prior"]
-        state, reg = add_llm(self.state, self.registry, name, price_in=rec["price_in"], price_out=rec["price_out"],
-                             ttft=rec["ttft_s"], tokens_per_s=rec["tokens_per_s"],
-                             max_concurrency=rec["max_concurrency"], prior=prior)
+        spec = self._check_add_record(rec)  # the request's checks again: a record journaled before them is skipped
+        state, reg = add_llm(self.state, self.registry, name, price_in=spec["price_in"], price_out=spec["price_out"],
+                             ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
+                             max_concurrency=spec["max_concurrency"], prior=spec["prior"])
         slot = reg.slots[name]
         if state.capacity != self.state.capacity:
             log.info("capacity grew from %d to %d arms (one recompile)", self.state.capacity, state.capacity)
@@ -314,12 +397,28 @@ class RouterService:
         arm_id[slot] = rec["seq"]
         self.state, self.registry, self.arm_id = state, reg, arm_id
         self._active = np.asarray(state.active)
+        b = None
         if rec.get("backend"):
-            self.live_backends[name] = parse_backend(rec["backend"], f"model {name!r} backend")
+            b = resolve_live_backend(rec["backend"], self.backends_file, f"journal seq {rec['seq']}: model {name!r}")
+        if b is not None:
+            self.live_backends[name] = b
         else:
             self.live_backends.pop(name, None)
         self._refresh_backends()
         self._update_gauges()
+
+    def _check_add_record(self, rec: dict) -> dict:
+        """An add_model record's spec through the same checks as POST /v1/models (ValueError if not)."""
+        body = {"name": rec.get("name"), "price_in_per_mtok": _per_mtok(rec.get("price_in")),
+                "price_out_per_mtok": _per_mtok(rec.get("price_out")), "ttft_s": rec.get("ttft_s"),
+                "tokens_per_s": rec.get("tokens_per_s"), "max_concurrency": rec.get("max_concurrency"),
+                "prior": rec.get("prior")}
+        try:
+            spec = model_spec(body, self.state.load_slots, MODEL_DEFAULTS)
+        except ApiError as e:
+            raise ValueError(f"model record fails the checks of POST /v1/models: {e.message}") from None
+        spec["price_in"], spec["price_out"] = float(rec["price_in"]), float(rec["price_out"])
+        return spec
 
     def _apply_remove(self, rec: dict) -> None:
         name = rec["name"]
@@ -386,12 +485,11 @@ class RouterService:
             rid = "req-" + uuid.uuid4().hex
             expl = {}
             for s in slots:
-                score = float(h["score"][i, s])
                 expl[names[s]] = {
-                    "quality": float(h["quality"][i, s]), "tokens": float(h["tokens"][i, s]),
-                    "cost": float(h["cost"][i, s]), "uncertainty": float(h["uncertainty"][i, s]),
-                    "wait": float(h["wait"][i, s]), "penalty": float(h["penalty"][i, s]),
-                    "feedback": float(h["fb"][i, s]), "score": score if math.isfinite(score) else None,
+                    "quality": _num(h["quality"][i, s]), "tokens": _num(h["tokens"][i, s]),
+                    "cost": _num(h["cost"][i, s]), "uncertainty": _num(h["uncertainty"][i, s]),
+                    "wait": _num(h["wait"][i, s]), "penalty": _num(h["penalty"][i, s]),
+                    "feedback": _num(h["fb"][i, s]), "score": _num(h["score"][i, s]),
                     "eligible": bool(h["eligible"][i, s])}
             res = {"request_id": rid, "model": model,
                    "domain": None if tags is None or h["domain"] is None else tags[int(h["domain"][i])],
@@ -446,31 +544,44 @@ class RouterService:
         reg, arm_id = self.registry, self.arm_id
         return reg.slots.get(e.model) == e.slot and int(arm_id[e.slot]) == e.arm_id
 
+    def quality_record(self, rid: str, e, quality: float, source: str,
+                       completion_tokens: float | None = None) -> dict:
+        """The journal record of a quality observation (checked: finite, in range)."""
+        tokens = completion_tokens if completion_tokens is not None else e.observed_tokens
+        lt = float(np.log(min(max(tokens, 1.0), MAX_TOKENS))) if tokens is not None else e.log_tokens
+        if not (0.0 <= quality <= 1.0 and math.isfinite(lt)):
+            raise ApiError(422, "quality must be in [0, 1]", param="quality")
+        return {"type": "quality", "rid": rid, "model": e.model, "slot": e.slot, "arm_id": e.arm_id,
+                "quality": float(quality), "log_tokens": lt, "source": source, "x": feedback_log.encode_x(e.x)}
+
+    def thumbs_record(self, rid: str, e, up: bool) -> dict:
+        return {"type": "thumbs", "rid": rid, "model": e.model, "slot": e.slot, "arm_id": e.arm_id,
+                "reward": 1.0 if up else 0.0, "x": feedback_log.encode_x(e.x)}
+
+    async def record_feedback(self, rid: str, e, records: list[dict]) -> list[int]:
+        """Journal a request's feedback records together (one write: all or none), flagging the
+        entry first so a concurrent duplicate gets a 409; the flags are cleared if the write fails."""
+        kinds = [r["type"] for r in records]
+        if "quality" in kinds:
+            e.has_quality = True
+        if "thumbs" in kinds:
+            e.has_thumbs = True
+        try:
+            seqs = await asyncio.wrap_future(self.journal.append_many(records))
+        except BaseException:
+            if "quality" in kinds:
+                e.has_quality = False
+            if "thumbs" in kinds:
+                e.has_thumbs = False
+            raise
+        for r in records:
+            kind = r["type"] if r.get("source") != "backend_failure" else "backend_failure"
+            self.metrics.feedback.labels(kind).inc()
+        return seqs
+
     async def record_quality(self, rid: str, e, quality: float, source: str,
                              completion_tokens: float | None = None) -> int:
-        tokens = completion_tokens if completion_tokens is not None else e.observed_tokens
-        lt = float(np.log(max(tokens, 1.0))) if tokens is not None else e.log_tokens
-        e.has_quality = True
-        try:
-            seq = await self.journal_append({"type": "quality", "rid": rid, "model": e.model, "slot": e.slot,
-                                             "arm_id": e.arm_id, "quality": float(quality), "log_tokens": lt,
-                                             "source": source, "x": feedback_log.encode_x(e.x)})
-        except BaseException:
-            e.has_quality = False
-            raise
-        self.metrics.feedback.labels("backend_failure" if source == "backend_failure" else "quality").inc()
-        return seq
-
-    async def record_thumbs(self, rid: str, e, up: bool) -> int:
-        e.has_thumbs = True
-        try:
-            seq = await self.journal_append({"type": "thumbs", "rid": rid, "model": e.model, "slot": e.slot,
-                                             "arm_id": e.arm_id, "reward": 1.0 if up else 0.0,
-                                             "x": feedback_log.encode_x(e.x)})
-        except BaseException:
-            e.has_thumbs = False
-            raise
-        self.metrics.feedback.labels("thumbs").inc()
+        [seq] = await self.record_feedback(rid, e, [self.quality_record(rid, e, quality, source, completion_tokens)])
         return seq
 
     def record_usage(self, rid: str, model: str, usage: dict | None, latency_s: float, ttft_s: float | None,
@@ -478,12 +589,15 @@ class RouterService:
         """Observed usage of a proxied call: journaled (not awaited: nobody waits on it)."""
         e = self.features.get(rid)
         ct = pt = None
+
+        def count(v):  # a backend's token count, if plausible (a huge or odd one is ignored)
+            return int(v) if is_num(v) and 0 <= v <= MAX_TOKENS else None
+
         if isinstance(usage, dict):
-            ct = usage.get("completion_tokens") if is_num(usage.get("completion_tokens")) else None
-            pt = usage.get("prompt_tokens") if is_num(usage.get("prompt_tokens")) else None
+            ct, pt = count(usage.get("completion_tokens")), count(usage.get("prompt_tokens"))
         approx = ct is None and approx_tokens is not None
         if approx:
-            ct = approx_tokens
+            ct = count(approx_tokens)
         if e is not None and ct is not None:
             e.observed_tokens = float(ct)
         self.metrics.feedback.labels("usage").inc()
@@ -498,17 +612,26 @@ class RouterService:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self._add_model, spec)
 
     def _add_model(self, spec: dict) -> dict:
+        """Validate in full (a dry run of the very change, on this thread, which owns the state),
+        then journal, then apply: a refused request leaves no trace."""
         self._drain()
         name = spec["name"]
         if name in self.registry.slots:
             raise ApiError(409, f"model {name!r} is already registered (slot {self.registry.slots[name]}); "
                                 f"DELETE it first to replace it", param="name")
+        if len(self.registry.slots) >= self.cfg.max_llms:
+            raise ApiError(409, f"the router serves {len(self.registry.slots)} LLMs, the limit set by the operator "
+                                f"(--max-llms); remove one first", "limit_reached")
         try:  # dry run: the state functions check prices, latency profile and prior
-            add_llm(self.state, self.registry, name, price_in=spec["price_in"], price_out=spec["price_out"],
-                    ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
-                    max_concurrency=spec["max_concurrency"], prior=spec["prior"])
+            state, _ = add_llm(self.state, self.registry, name, price_in=spec["price_in"],
+                               price_out=spec["price_out"], ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
+                               max_concurrency=spec["max_concurrency"], prior=spec["prior"])
+            self._check_add_record(dict(spec, backend=None))
         except ValueError as e:
             raise ApiError(422, f"cannot add model {name!r}: {e}") from None
+        for f in ("price_in", "price_out", "ttft", "tokens_per_s", "B", "noise"):
+            if not bool(np.all(np.isfinite(np.asarray(getattr(state, f))))):
+                raise ApiError(422, f"cannot add model {name!r}: its {f} would not be finite in float32")
         self.journal.append(dict(spec, type="add_model")).result()
         self._drain()
         return self.model_info(name)
@@ -534,8 +657,8 @@ class RouterService:
                 "price_in_per_mtok": _f32(float(st.price_in[s]) * 1e6),
                 "price_out_per_mtok": _f32(float(st.price_out[s]) * 1e6),
                 "ttft_s": _f32(st.ttft[s]), "tokens_per_s": _f32(st.tokens_per_s[s]),
-                "max_concurrency": int(st.max_concurrency[s]), "observations": float(st.count[s]),
-                "backend": None if b is None else {k: v for k, v in b.public().items() if k != "api_key_env"}}
+                "max_concurrency": int(st.max_concurrency[s]), "observations": _num(st.count[s]),
+                "backend": None if b is None else b.public()}
 
     def _models(self) -> list[dict]:
         self._drain()  # read your writes: acknowledged feedback is counted
@@ -550,8 +673,10 @@ class RouterService:
         self._drain()
         registry = ArmRegistry.from_dict(self.registry.to_dict())
         router = dataclasses.replace(self.router, state=self.state, registry=registry)
+        applied = {rid_key(rid): e.applied for rid, e in self.features.items() if e.applied}
         return router, {"feedback": self.fs, "journal_seq": np.asarray(self.applied_seq, np.int64),
-                        "arm_id": np.asarray(self.arm_id, np.int64)}, self.applied_seq
+                        "arm_id": np.asarray(self.arm_id, np.int64),
+                        "applied": applied_to_array(applied)}, self.applied_seq
 
     async def checkpoint(self, force: bool = False) -> int | None:
         """Save a checkpoint if anything was applied since the last one (or `force`); returns the step."""
@@ -562,7 +687,7 @@ class RouterService:
                 return None
             await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
                                        self.cfg.log_path / "live_models.json",
-                                       {n: b.public() for n, b in self.live_backends.items()})
+                                       {n: b.record() for n, b in self.live_backends.items()})
             step = await loop.run_in_executor(self.aux, functools.partial(
                 save_router, router, self.cfg.checkpoint, keep=self.cfg.keep_checkpoints, extras=extras))
             self.features.flush()
@@ -582,9 +707,38 @@ class RouterService:
             except Exception:
                 log.exception("periodic checkpoint failed (the journal keeps every record; retrying later)")
 
+    def _digest(self) -> str:
+        """SHA-256 of everything a request may change that matters for routing: the learned and
+        configured arrays of the live LLMs' slots (not the load model, which moves with the clock,
+        nor free slots, which nothing reads), the shared layers of the feedback network and its
+        live output columns, the registry, arm ids, backends, and which requests have feedback."""
+        self._drain()
+        h = hashlib.sha256()
+        st = self.state
+        live = np.flatnonzero(np.asarray(st.active))
+        for f in ("A", "A_inv", "B", "count", "price_in", "price_out", "ttft", "tokens_per_s", "max_concurrency",
+                  "noise"):
+            h.update(f.encode())
+            h.update(np.ascontiguousarray(np.asarray(getattr(st, f))[live]).tobytes())
+        h.update(np.asarray(st.ridge).tobytes())
+        for name, layer in sorted(self.fs.params.items()):
+            for k, v in sorted(layer.items()):
+                v = np.asarray(v)
+                h.update(np.ascontiguousarray(v[..., live] if name == "Dense_2" else v).tobytes())
+        h.update(np.asarray(self.arm_id, np.int64)[live].tobytes())
+        h.update(json.dumps({"registry": self.registry.to_dict(),
+                             "backends": {n: b.record() for n, b in sorted(self.backends.items())},
+                             "flags": sorted((rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items()
+                                             if e.has_quality or e.has_thumbs)}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    async def digest(self) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._digest)
+
     def health(self) -> dict:
         fn = serve_route
         return {"status": "ok", "models": self.registry.names, "queue": self.batcher.pending,
+                "skipped_records": self.skipped_records,
                 "proxy_inflight": self.proxy_inflight,
                 "journal_seq": self.journal.seq, "applied_seq": self.applied_seq,
                 "checkpoint_step": self.ckpt_step, "checkpoint_seq": self.ckpt_seq,
@@ -593,8 +747,15 @@ class RouterService:
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
 
 
-def _f32(v) -> float:
-    """A float32 state value shown without float32 noise (7 significant digits)."""
-    return float(f"{float(v):.7g}")
+def _f32(v) -> float | None:
+    """A float32 state value shown without float32 noise (7 significant digits); None if not finite."""
+    v = float(v)
+    return float(f"{v:.7g}") if math.isfinite(v) else None
+
+
+def _num(v) -> float | None:
+    """A float for a JSON answer: None where it is not finite (JSON has no inf or NaN)."""
+    v = float(v)
+    return v if math.isfinite(v) else None
 
 
