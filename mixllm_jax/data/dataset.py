@@ -67,6 +67,11 @@ CHARS_PER_TOKEN = 4.0
 """Rule-of-thumb characters per token, used only where a token count must be estimated (and reported)."""
 
 
+def _clip(text: str, n: int = 200) -> str:
+    """An offending value's repr, cut to `n` characters for the message."""
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
+
+
 class DataError(ValueError):
     """Bad input data. ``str(err)`` reads ``FILE:LINE: field 'F': message (value V)``."""
 
@@ -74,7 +79,7 @@ class DataError(ValueError):
         self.path, self.line, self.field, self.value = str(path), line, field, value
         where = f"{path}:{line}" if line is not None else f"{path}"
         what = f" field '{field}':" if field else ""
-        val = f" (value {value!r})" if value is not None else ""
+        val = f" (value {_clip(repr(value))})" if value is not None else ""
         super().__init__(f"{where}:{what} {message}{val}")
 
 
