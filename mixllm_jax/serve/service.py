@@ -111,6 +111,7 @@ class RouterService:
         self.started = self.ever_started = False
         self.start_error: Exception | None = None
         self.skipped_records = 0
+        self._digest_cache = None  # (state, feedback network, digest of their arrays)
         self.replayed = 0
         self._ckpt_lock = None
         self._periodic = None
@@ -711,20 +712,26 @@ class RouterService:
         """SHA-256 of everything a request may change that matters for routing: the learned and
         configured arrays of the live LLMs' slots (not the load model, which moves with the clock,
         nor free slots, which nothing reads), the shared layers of the feedback network and its
-        live output columns, the registry, arm ids, backends, and which requests have feedback."""
+        live output columns, the registry, arm ids, backends, and which requests have feedback.
+        The arrays are immutable (every change makes a new state), so their part is recomputed only
+        when the state or the feedback network object is another one."""
         self._drain()
-        h = hashlib.sha256()
-        st = self.state
+        st, fs = self.state, self.fs
         live = np.flatnonzero(np.asarray(st.active))
-        for f in ("A", "A_inv", "B", "count", "price_in", "price_out", "ttft", "tokens_per_s", "max_concurrency",
-                  "noise"):
-            h.update(f.encode())
-            h.update(np.ascontiguousarray(np.asarray(getattr(st, f))[live]).tobytes())
-        h.update(np.asarray(st.ridge).tobytes())
-        for name, layer in sorted(self.fs.params.items()):
-            for k, v in sorted(layer.items()):
-                v = np.asarray(v)
-                h.update(np.ascontiguousarray(v[..., live] if name == "Dense_2" else v).tobytes())
+        cached = self._digest_cache
+        if cached is None or cached[0] is not st or cached[1] is not fs:
+            h = hashlib.sha256()
+            for f in ("A", "A_inv", "B", "count", "price_in", "price_out", "ttft", "tokens_per_s",
+                      "max_concurrency", "noise"):
+                h.update(f.encode())
+                h.update(np.ascontiguousarray(np.asarray(getattr(st, f))[live]).tobytes())
+            h.update(np.asarray(st.ridge).tobytes())
+            for name, layer in sorted(fs.params.items()):
+                for k, v in sorted(layer.items()):
+                    v = np.asarray(v)
+                    h.update(np.ascontiguousarray(v[..., live] if name == "Dense_2" else v).tobytes())
+            cached = self._digest_cache = (st, fs, h.digest())  # holds st and fs: their ids stay theirs
+        h = hashlib.sha256(cached[2])
         h.update(np.asarray(self.arm_id, np.int64)[live].tobytes())
         h.update(json.dumps({"registry": self.registry.to_dict(),
                              "backends": {n: b.record() for n, b in sorted(self.backends.items())},
