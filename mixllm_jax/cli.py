@@ -80,6 +80,11 @@ def _report_out(report, out: Path, title: str):
     files = evaluate.write_report(report, out)
     print(f"\n{title} ({report['n_queries']} test queries, % of {report['reference']})\n")
     print(evaluate.format_table(report))
+    if "budgets" in report:
+        print("\nbudgets met on the router's held-out curve (realised on these queries):\n")
+        print(evaluate.format_budget_table(report["budgets"]))
+    if "calibration" in report:
+        print(f"\ncalibration of predicted quality: ECE {report['calibration']['ece']:.4f}")
     print("\nper task:\n" + evaluate.format_task_table(report))
     print(f"\nreport: {files['json']}\ntable:  {files['md']}\nplot:   {files['png']}")
 
@@ -189,7 +194,8 @@ def cmd_route(args):
                   f"{r.penalty[m]:8.3f} {r.score[m]:9.4f}")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The `mixllm-jax` parser: one sub-command per job, every option with its help."""
     ap = argparse.ArgumentParser(prog="mixllm-jax", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -252,7 +258,8 @@ def main(argv=None):
                                         "features, domains, ridge or truncation")
     data_args(p)
     config_args(p)
-    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"))
+    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"),
+                   help="what varies: bandit features, domains (tags vs k-means), ridge selection, truncation")
     p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
     p.add_argument("--out", default=None, help="report folder (default runs/ablation-KIND)")
     p.set_defaults(fn=cmd_ablation)
@@ -262,7 +269,7 @@ def main(argv=None):
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
     p.add_argument("--budget", help="override the operating point: share of the most expensive LLM's cost, e.g. 30%%")
-    p.add_argument("prompts", nargs="+")
+    p.add_argument("prompts", nargs="+", help="the prompts to route")
     p.set_defaults(fn=cmd_route)
 
     def experiment_data_args(p):  # simulate, experiment: train / test (/ ood) splits of any log
@@ -284,13 +291,13 @@ def main(argv=None):
     p.add_argument("--tau", type=float, default=10.0, help="wait (s) above which the penalty starts")
     p.add_argument("--alpha", type=float, default=0.01, help="LinUCB exploration weight")
     p.add_argument("--repeat", type=int, default=1, help="stream the test split this many times")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process and random baselines")
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/simulate", help="folder for simulate.json/.md/.png")
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("experiment", help="reproduce a paper experiment: latency, continual, llm-changes, out-of-domain")
-    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"))
+    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"), help="the experiment to run")
     experiment_data_args(p)
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
@@ -308,6 +315,11 @@ def main(argv=None):
                             "(options: mixllm-jax bench --help)")
     p.set_defaults(fn=cmd_bench)
 
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)

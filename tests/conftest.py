@@ -1,7 +1,17 @@
+import os
+from pathlib import Path
+
+import jax
 import numpy as np
 import pytest
 
 from mixllm_jax import state as S
+
+# Compiled XLA programs persist across test runs (the fast tier is mostly compile time).
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MIXLLM_TEST_JAX_CACHE", str(Path.home() / ".cache" / "mixllm-jax" / "jax-tests")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def make_state(capacity=4, dim=6, n_active=3, seed=0, **kw):
