@@ -44,3 +44,17 @@ def numpy_ridge(x, arm, y, k, dim, ridge=1.0, w=None):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# The fast tier (`make test-fast`): every module's pure logic on tiny shapes, under a minute on 2
+# cores with a warm compilation cache. End-to-end modules (encoder weights, HTTP servers, training
+# on the shared data, subprocesses) run in `make test` only.
+FAST_MODULES = {"test_state", "test_bandit", "test_policy", "test_engine", "test_fit", "test_budget",
+                "test_evaluate", "test_metrics", "test_tags", "test_baselines", "test_data", "test_feedback",
+                "test_serve_config", "test_cache"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.data import Dataset
-from mixllm_jax.evaluate import (COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
+from mixllm_jax.evaluate import (calibration, COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
                                  format_task_table, points_for, single_llm_methods, write_report)
 
 # 3 queries, 2 models; model 0 is the reference: total quality 2, total cost 0.06.
@@ -137,7 +137,7 @@ def test_write_report_files_and_tables(tmp_path):
 def test_calibration_ece_by_hand():
     q_hat = np.array([[0.05, 0.95], [0.15, 0.85], [np.nan, 0.9]])
     quality = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, np.nan]])
-    cal = evaluate.calibration(q_hat, quality, bins=10)
+    cal = calibration(q_hat, quality, bins=10)
     # bins: 0 -> pred .05 obs 0; 1 -> pred .15 obs 1; 8 -> pred .85 obs 0; 9 -> pred .95 obs 1
     expected = (0.05 + 0.85 + 0.85 + 0.05) / 4
     assert cal["ece"] == pytest.approx(expected)
