@@ -335,7 +335,7 @@ def _progress(items, desc, progress):
     if not progress:
         return items
     from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, unit="batch", leave=False)
+    return tqdm(items, desc=desc, unit="batch", leave=False, disable=None)  # None: quiet when not a TTY
 
 
 # ----------------------------------------------------------------------------------------------

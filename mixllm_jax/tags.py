@@ -130,7 +130,7 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
     epochs = range(config.epochs)
     if progress:
         from tqdm.auto import tqdm
-        epochs = tqdm(epochs, desc="train head", unit="epoch")
+        epochs = tqdm(epochs, desc="train head", unit="epoch", disable=None)  # quiet when not a TTY
     best, best_loss, since = params, np.inf, 0
     for _ in epochs:
         k_perm, k = jax.random.split(k_perm)
