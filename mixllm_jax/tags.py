@@ -142,7 +142,7 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
             if since >= config.patience:
                 break
         if progress:
-            epochs.set_postfix(loss=f"{float(losses[0]):.3f}", val=f"{best_loss:.3f}")
+            epochs.set_postfix(loss=f"{float(losses[0]):.3f}", **({"val": f"{best_loss:.3f}"} if n_val else {}))
     params = best if n_val else params
     z = module.apply({"params": params["head"]}, e_d)
     c, _ = centroids(z, t_d)
