@@ -83,6 +83,9 @@ def _report_out(report, out: Path, title: str):
     if "budgets" in report:
         print("\nbudgets met on the router's held-out curve (realised on these queries):\n")
         print(evaluate.format_budget_table(report["budgets"]))
+    if report.get("bootstrap"):
+        print("\npaired bootstrap over the test queries (95% intervals):\n")
+        print(evaluate.format_bootstrap_table(report["bootstrap"]))
     if "calibration" in report:
         print(f"\ncalibration of predicted quality: ECE {report['calibration']['ece']:.4f}")
     print("\nper task:\n" + evaluate.format_task_table(report))

@@ -26,6 +26,7 @@ def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: 
                           "cost_weight")
 
 
+BOOTSTRAP_AGAINST = ("per_task_best", "mlp", "ridge", "knn")  # mixllm minus each, paired over test queries
 BUDGET_LEVELS_PCT = (5.0, 10.0, 15.0, 20.0, 24.18, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0)
 
 
@@ -63,6 +64,9 @@ def evaluate_router(router: Router, train_ds: Dataset | None, test_ds: Dataset, 
     else:
         methods.update(evaluate.single_llm_methods(test_ds.models, len(test_ds)))
     report = evaluate.evaluate(methods, test_ds, reference, cost_weights=cws)
+    report["bootstrap"] = {name: evaluate.paired_bootstrap(methods["mixllm"].chosen, methods[name].chosen, test_ds,
+                                                           reference)
+                           for name in BOOTSTRAP_AGAINST if name in methods}
     q_hat, _, _ = train.predictions(router, e_test, test_ds.prompt_tokens, test_ds.models)
     report["calibration"] = evaluate.calibration(q_hat, test_ds.quality)
     report["policy"] = {"budget": router.config.budget.describe(), "cost_weight": router.policy.cost_weight,
