@@ -101,12 +101,23 @@ def _restore(args):
 def cmd_eval(args):
     from mixllm_jax import pipeline
 
+    test_ds = _load_data(args.data, args.models, args.split)
+    reference = _reference(args.reference, test_ds)
     router = _restore(args)
-    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g})")
+    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
+          f"reference: {reference}")
     train_ds = None if args.no_baselines else _load_data(args.train_data or args.data, args.models, "train")
-    report = pipeline.evaluate_router(router, train_ds, _load_data(args.data, args.models, args.split),
-                                      args.reference, with_baselines=not args.no_baselines)
+    report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines)
     _report_out(report, Path(args.out), "evaluation")
+
+
+def _reference(name: str | None, dataset) -> str:
+    """The reference LLM: `name`, checked against the data, or the data's most expensive LLM."""
+    if name is None:
+        return max(dataset.specs, key=lambda sp: sp.price_in + sp.price_out).name
+    if name not in dataset.models:
+        raise SystemExit(f"--reference {name!r} is not an LLM of the data: {list(dataset.models)}")
+    return name
 
 
 def cmd_run(args):
@@ -125,8 +136,9 @@ def cmd_run(args):
 def cmd_ablation(args):
     from mixllm_jax import encoder, pipeline
 
-    report = pipeline.ablation(args.kind, _load_data(args.data, args.models, "train"), _models(args.models),
-                               encoder.load_encoder(args.encoder), Path(args.out), args.reference,
+    train_ds = _load_data(args.data, args.models, "train")
+    report = pipeline.ablation(args.kind, train_ds, _models(args.models), encoder.load_encoder(args.encoder),
+                               Path(args.out), _reference(args.reference, train_ds),
                                router_config(args))
     print(f"\nablation '{args.kind}' on a validation part of train: best quality % of {report['reference']} "
           "at cost <= each level\n")
@@ -243,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", required=True, help="a checkpoint directory (see train --out)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--train-data", help="data the baselines are fitted on (default: --data's train split)")
-    p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
+    p.add_argument("--reference", default=None,
+                   help="the LLM whose totals are 100%% (default: the most expensive LLM of the data)")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
     p.add_argument("--split", default="test", help="the split of --data evaluated on (e.g. ood)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone (no train split needed)")
@@ -263,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"),
                    help="what varies: bandit features, domains (tags vs k-means), ridge selection, truncation")
-    p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
+    p.add_argument("--reference", default=None,
+                   help="the LLM whose totals are 100%% (default: the most expensive LLM of the data)")
     p.add_argument("--out", default=None, help="report folder (default runs/ablation-KIND)")
     p.set_defaults(fn=cmd_ablation)
 
