@@ -25,7 +25,7 @@ import numpy as np
 from mixllm_jax.evaluate import COST_WEIGHTS, Sweep, choose_by_score, task_keys
 
 __all__ = [
-    "Router",
+    "Baseline",
     "SingleLLM",
     "RandomMix",
     "Oracle",
@@ -54,12 +54,12 @@ def _check_fit(E, quality, cost):
     return E, q, c
 
 
-class Router:
+class Baseline:
     """Base: a router that predicts per-model quality and cost and picks by the shared rule."""
 
     knob: str | None = "cost_weight"
 
-    def fit(self, E, quality, cost, tags=None) -> "Router":
+    def fit(self, E, quality, cost, tags=None) -> "Baseline":
         return self
 
     def predict(self, E, tags=None) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +76,7 @@ class Router:
         return self.sweep(E, [cost_weight], tags)[0]
 
 
-class SingleLLM(Router):
+class SingleLLM(Baseline):
     """Always the same LLM (one operating point)."""
 
     knob = None
@@ -92,7 +92,7 @@ class SingleLLM(Router):
         return self.sweep(E)[0]
 
 
-class RandomMix(Router):
+class RandomMix(Baseline):
     """Per query, the best-on-train LLM with probability p, else the cheapest-on-train LLM.
 
     The knob is p. A sweep uses one fixed draw u [N] (seeded) for every p, so the choice moves
@@ -120,7 +120,7 @@ class RandomMix(Router):
         return self.sweep(E, [prob])[0]
 
 
-class Oracle(Router):
+class Oracle(Baseline):
     """Knows the true test outcomes: argmax of true ``q - lambda * c`` (lambda = 0: the best
     quality, ties to the cheapest). An upper bound, not a router. ``fit`` ignores its arguments."""
 
@@ -134,7 +134,7 @@ class Oracle(Router):
         return self.q, self.c
 
 
-class PerTaskBest(Router):
+class PerTaskBest(Baseline):
     """Per task (tags joined, see :func:`task_keys`), the train mean quality and cost of each LLM.
 
     Needs the test queries' tags; a task not seen in training gets the overall means. Embeddings
@@ -168,7 +168,7 @@ def _normalise(E) -> np.ndarray:
     return E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
 
-class KNNRouter(Router):
+class KNNRouter(Baseline):
     """k nearest training queries by cosine similarity; q_hat, c_hat = their means per LLM.
 
     Ties at the k-th similarity are all included (so identical embeddings, e.g. one-hot task
@@ -200,7 +200,7 @@ class KNNRouter(Router):
         return q_hat, c_hat
 
 
-class MLPRouter(Router):
+class MLPRouter(Baseline):
     """An MLP (jax + optax) from E to every LLM's quality (sigmoid outputs, cross-entropy on
     the observed cells); cost = each LLM's mean train cost. Minibatch AdamW with a cosine
     learning-rate decay, fixed seed."""
@@ -273,7 +273,7 @@ def _train_mlp(params, x, y, mask, key, steps, batch, lr, wd):
 _TRAIN_MLP = None
 
 
-class RidgeRouter(Router):
+class RidgeRouter(Baseline):
     """Linear ridge regression of every LLM's quality and cost on [E, 1] (closed form, no
     exploration). NaN targets are replaced by their column's mean before fitting."""
 
@@ -323,7 +323,7 @@ def run_baselines(E_train, train, E_test, test, cost_weights=None, k: int = 20, 
     if list(train.models) != list(test.models):
         raise ValueError("train and test must have the same models in the same order")
     cws = list(np.asarray(COST_WEIGHTS if cost_weights is None else cost_weights, np.float64))
-    routers: dict[str, Router] = {
+    routers: dict[str, Baseline] = {
         "oracle": Oracle(test.quality, test.cost),
         "random_mix": RandomMix(seed=seed),
         "per_task_best": PerTaskBest(),

@@ -84,6 +84,14 @@ def _report_out(report, out: Path, title: str):
     files = evaluate.write_report(report, out)
     print(f"\n{title} ({report['n_queries']} test queries, % of {report['reference']})\n")
     print(evaluate.format_table(report))
+    if "budgets" in report:
+        print("\nbudgets met on the router's held-out curve (realised on these queries):\n")
+        print(evaluate.format_budget_table(report["budgets"]))
+    if report.get("bootstrap"):
+        print("\npaired bootstrap over the test queries (95% intervals):\n")
+        print(evaluate.format_bootstrap_table(report["bootstrap"]))
+    if "calibration" in report:
+        print(f"\ncalibration of predicted quality: ECE {report['calibration']['ece']:.4f}")
     print("\nper task:\n" + evaluate.format_task_table(report))
     print(f"\nreport: {files['json']}\ntable:  {files['md']}\nplot:   {files['png']}")
 
@@ -97,12 +105,23 @@ def _restore(args):
 def cmd_eval(args):
     from mixllm_jax import pipeline
 
+    test_ds = _load_data(args.data, args.models, args.split)
+    reference = _reference(args.reference, test_ds)
     router = _restore(args)
-    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g})")
+    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
+          f"reference: {reference}")
     train_ds = None if args.no_baselines else _load_data(args.train_data or args.data, args.models, "train")
-    report = pipeline.evaluate_router(router, train_ds, _load_data(args.data, args.models, args.split),
-                                      args.reference, with_baselines=not args.no_baselines)
+    report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines)
     _report_out(report, Path(args.out), "evaluation")
+
+
+def _reference(name: str | None, dataset) -> str:
+    """The reference LLM: `name`, checked against the data, or the data's most expensive LLM."""
+    if name is None:
+        return max(dataset.specs, key=lambda sp: sp.price_in + sp.price_out).name
+    if name not in dataset.models:
+        raise SystemExit(f"--reference {name!r} is not an LLM of the data: {list(dataset.models)}")
+    return name
 
 
 def cmd_run(args):
@@ -121,8 +140,9 @@ def cmd_run(args):
 def cmd_ablation(args):
     from mixllm_jax import encoder, pipeline
 
-    report = pipeline.ablation(args.kind, _load_data(args.data, args.models, "train"), _models(args.models),
-                               encoder.load_encoder(args.encoder), Path(args.out), args.reference,
+    train_ds = _load_data(args.data, args.models, "train")
+    report = pipeline.ablation(args.kind, train_ds, _models(args.models), encoder.load_encoder(args.encoder),
+                               Path(args.out), _reference(args.reference, train_ds),
                                router_config(args))
     print(f"\nablation '{args.kind}' on a validation part of train: best quality % of {report['reference']} "
           "at cost <= each level\n")
@@ -238,7 +258,8 @@ def cmd_route(args):
                   f"{r.penalty[m]:8.3f} {r.score[m]:9.4f}")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The `mixllm-jax` parser: one sub-command per job, every option with its help."""
     ap = argparse.ArgumentParser(prog="mixllm-jax", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line, exit 2)")
@@ -284,7 +305,8 @@ def main(argv=None):
     p.add_argument("--router", required=True, help="a checkpoint directory (see train --out)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--train-data", help="data the baselines are fitted on (default: --data's train split)")
-    p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
+    p.add_argument("--reference", default=None,
+                   help="the LLM whose totals are 100%% (default: the most expensive LLM of the data)")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
     p.add_argument("--split", default="test", help="the split of --data evaluated on (e.g. ood)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone (no train split needed)")
@@ -302,8 +324,10 @@ def main(argv=None):
                                         "features, domains, ridge or truncation")
     data_args(p)
     config_args(p)
-    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"))
-    p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
+    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"),
+                   help="what varies: bandit features, domains (tags vs k-means), ridge selection, truncation")
+    p.add_argument("--reference", default=None,
+                   help="the LLM whose totals are 100%% (default: the most expensive LLM of the data)")
     p.add_argument("--out", default=None, help="report folder (default runs/ablation-KIND)")
     p.set_defaults(fn=cmd_ablation)
 
@@ -312,7 +336,7 @@ def main(argv=None):
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
     p.add_argument("--budget", help="override the operating point: share of the most expensive LLM's cost, e.g. 30%%")
-    p.add_argument("prompts", nargs="+")
+    p.add_argument("prompts", nargs="+", help="the prompts to route")
     p.set_defaults(fn=cmd_route)
 
     def experiment_data_args(p):  # simulate, experiment: train / test (/ ood) splits of any log
@@ -334,13 +358,13 @@ def main(argv=None):
     p.add_argument("--tau", type=float, default=10.0, help="wait (s) above which the penalty starts")
     p.add_argument("--alpha", type=float, default=0.01, help="LinUCB exploration weight")
     p.add_argument("--repeat", type=int, default=1, help="stream the test split this many times")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process and random baselines")
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/simulate", help="folder for simulate.json/.md/.png")
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("experiment", help="reproduce a paper experiment: latency, continual, llm-changes, out-of-domain")
-    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"))
+    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"), help="the experiment to run")
     experiment_data_args(p)
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
@@ -365,6 +389,11 @@ def main(argv=None):
                             "(options: mixllm-jax bench --help)")
     p.set_defaults(fn=cmd_bench)
 
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)

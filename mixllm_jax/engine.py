@@ -98,9 +98,9 @@ def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None) -> D
         if bonus.shape[0] != n:
             raise ValueError(f"bonus has {bonus.shape[0]} rows but x has {n}")
         bonus = jnp.asarray(_pad(bonus, size))
-    valid = np.arange(size) < n
+    book = np.arange(size) < n  # padding rows book no load
     d = route_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(prompt_tokens, size)),
-                    policy, jnp.asarray(valid), bonus)
+                    policy, jnp.asarray(book), bonus)
     return d.replace(**{k: getattr(d, k)[:n] for k in
                         ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score")})
 

@@ -257,6 +257,45 @@ def evaluate(methods: Mapping[str, MethodLike], dataset, reference_name: str,
             "cost_weights": [float(x) for x in cws], "tasks": task_info, "methods": out_methods}
 
 
+def paired_bootstrap(chosen_a, chosen_b, dataset, reference_name: str, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Paired bootstrap over test queries of method a minus method b (each chosen [L, N] or [N]).
+
+    Every resample draws N queries with replacement, shared by both methods, and recomputes both
+    methods' AIQ (points as % of the reference on the resample, c_max shared by the two) and
+    task-mean quality. Returns {"aiq" | "task_mean_quality": {"diff", "lo", "hi"}}: the difference
+    on the full test set and its 95% percentile interval.
+    """
+    q = np.nan_to_num(np.asarray(dataset.quality, np.float64))
+    c = np.asarray(dataset.cost, np.float64)
+    ref = list(dataset.models).index(reference_name)
+    keys = np.asarray(task_keys(dataset.tags), dtype=object)
+    task_id = np.unique(keys, return_inverse=True)[1]
+    n_tasks = task_id.max() + 1
+    rows = np.arange(q.shape[0])
+    per = []
+    for ch in (chosen_a, chosen_b):
+        ch = np.atleast_2d(np.asarray(ch))
+        per.append((q[rows, ch], c[rows, ch]))  # [L, N] chosen quality and cost
+
+    def stats(idx):
+        qr, cr = q[idx, ref].sum(), c[idx, ref].sum()
+        cost_pct = [100 * cq[1][:, idx].sum(1) / cr for cq in per]
+        qual_pct = [100 * cq[0][:, idx].sum(1) / qr for cq in per]
+        c_max = max(float(x.max()) for x in cost_pct)
+        aiq_ = [metrics.aiq(cp, qp, c_max=c_max) for cp, qp in zip(cost_pct, qual_pct)]
+        t, cnt = task_id[idx], np.bincount(task_id[idx], minlength=n_tasks)
+        tmq = [100 * np.mean((np.bincount(t, cq[0][0, idx], n_tasks) / np.maximum(cnt, 1))[cnt > 0]) for cq in per]
+        return aiq_[0] - aiq_[1], tmq[0] - tmq[1]
+
+    full = stats(rows)
+    rng = np.random.default_rng(seed)
+    boot = np.array([stats(rng.integers(0, len(rows), len(rows))) for _ in range(n_boot)])
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    return {name: {"diff": float(full[i]), "lo": float(lo[i]), "hi": float(hi[i])}
+            for i, name in enumerate(("aiq", "task_mean_quality"))}
+
+
 def calibration(q_hat, quality, bins: int = 10) -> dict[str, Any]:
     """Predicted vs observed quality over every observed (query, LLM) pair: q_hat, quality [N, M].
 
@@ -364,6 +403,15 @@ def format_task_table(report: Mapping[str, Any]) -> str:
         "on that task's queries."
 
 
+def format_bootstrap_table(boot: Mapping[str, Any]) -> str:
+    """Markdown: mixllm minus each method, with the 95% paired-bootstrap interval."""
+    lines = ["| mixllm minus | AIQ diff [95% CI] | task-mean quality diff [95% CI] |", "| --- | --- | --- |"]
+    for name, b in boot.items():
+        cell = lambda k: f"{b[k]['diff']:+.2f} [{b[k]['lo']:+.2f}, {b[k]['hi']:+.2f}]"  # noqa: E731
+        lines.append(f"| {name} | {cell('aiq')} | {cell('task_mean_quality')} |")
+    return "\n".join(lines)
+
+
 def format_budget_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: each budget's target, realised cost % and quality %, and its mixture."""
     lines = ["| budget (% of ref cost) | realised cost % | quality % | cost weights (share at the 2nd) |",
@@ -442,6 +490,9 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
         p = report["policy"]
         md += [f"Saved operating point (`mixllm@budget`): budget {p['budget']}, cost weight "
                f"{p['cost_weight']:.4g}, {100 * p['mix']:.1f}% of queries at {p['mix_cost_weight']:.4g}.", ""]
+    if report.get("bootstrap"):
+        md += ["## Paired bootstrap (1,000 resamples of the test queries)", "",
+               format_bootstrap_table(report["bootstrap"]), ""]
     if "budgets" in report:
         md += ["## Budgets met on the held-out curve", "", format_budget_table(report["budgets"]), ""]
     if "calibration" in report:

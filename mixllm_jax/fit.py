@@ -56,25 +56,35 @@ def choose_ridge(S, b, yy, n, penalized, ridges):
     return best, priors[best], s2[best, jnp.arange(S.shape[0])]
 
 
-def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,
-              log_tokens: np.ndarray, penalized: np.ndarray, ridges: Sequence[float]) -> tuple[RouterState, np.ndarray]:
-    """Fill the arms at `slots` (one per data column) from a whole log, exactly and at once.
-
-    x [N, d] features; quality, log_tokens [N, M] (NaN quality = not observed); penalized [d] bool.
-    Each arm gets A = diag(prior) + X^T X, B = X^T Y, its count and noise; A_inv is computed from A.
-    The state's fresh-arm prior becomes the median chosen ridge. Returns (state, chosen ridge [M]).
-    """
+def arm_stats(x: np.ndarray, quality: np.ndarray, log_tokens: np.ndarray):
+    """sufficient_stats of a log: x [N, d]; quality, log_tokens [N, M] (NaN quality = not observed)."""
     obs = np.isfinite(quality)
     y = np.stack([np.where(obs, quality, 0.0), np.where(obs, log_tokens, 0.0)], -1).astype(np.float32)
-    S, b, yy, n = sufficient_stats(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(obs, jnp.float32))
+    return sufficient_stats(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(obs, jnp.float32))
+
+
+def state_from_stats(state: RouterState, slots: Sequence[int], stats, penalized: np.ndarray,
+                     ridges: Sequence[float]) -> tuple[RouterState, np.ndarray]:
+    """Fill the arms at `slots` (one per data column) from arm_stats, exactly and at once.
+
+    Each arm gets A = diag(prior) + X^T X, B = X^T Y, its count and noise (the ridge of highest
+    evidence among `ridges`); A_inv is computed from A. The state's fresh-arm prior becomes the
+    median chosen ridge. Returns (state, chosen ridge [M]).
+    """
+    S, b, yy, n = stats
     r = jnp.asarray(ridges, jnp.float32)
     idx, prior, s2 = choose_ridge(S, b, yy, n, jnp.asarray(penalized), r)
     sl = jnp.asarray(np.asarray(slots, np.int32))
-    T = state.n_targets
-    b = jnp.pad(b, ((0, 0), (0, 0), (0, T - b.shape[2])))
+    b = jnp.pad(b, ((0, 0), (0, 0), (0, state.n_targets - b.shape[2])))
     A = state.A.at[sl].set(jax.vmap(jnp.diag)(prior) + S)
     fresh = jnp.where(jnp.asarray(penalized), jnp.median(r[idx]), INTERCEPT_PRECISION)
     state = state.replace(A=A, B=state.B.at[sl].set(b), count=state.count.at[sl].set(n),
                           noise=state.noise.at[sl].set(jnp.sqrt(s2)), ridge=fresh)
     which = jnp.zeros((state.capacity,), bool).at[sl].set(True)
     return refresh(state, which), np.asarray(r[idx])
+
+
+def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,
+              log_tokens: np.ndarray, penalized: np.ndarray, ridges: Sequence[float]) -> tuple[RouterState, np.ndarray]:
+    """state_from_stats of a whole log: x [N, d]; quality, log_tokens [N, M]; penalized [d] bool."""
+    return state_from_stats(state, slots, arm_stats(x, quality, log_tokens), penalized, ridges)

@@ -42,11 +42,11 @@ def occupy(free_at, clock, arm, duration):
     return free_at.at[arm, c].set(jnp.maximum(row[c], clock) + duration)
 
 
-def assign_sequential(base_score, service, free_at, clock, beta, tau, valid):
+def assign_sequential(base_score, service, free_at, clock, beta, tau, book):
     """Assign queries one after another, each seeing the load of those before it.
 
     base_score [B, K] (already -inf for inactive arms), service [B, K] s, free_at [K, C],
-    valid [B] bool (padding rows book nothing). Returns (arm [B], wait [B, K], penalty [B, K],
+    book [B] bool (padding rows book nothing). Returns (arm [B], wait [B, K], penalty [B, K],
     score [B, K], free_at [K, C]). A `lax.scan`: it stays inside the caller's jitted computation.
     """
 
@@ -59,5 +59,5 @@ def assign_sequential(base_score, service, free_at, clock, beta, tau, valid):
         load = jnp.where(ok, occupy(load, clock, a, t[a]), load)
         return load, (a, w, pen, score)
 
-    free_at, (arm, w, pen, score) = jax.lax.scan(step, free_at, (base_score, service, valid))
+    free_at, (arm, w, pen, score) = jax.lax.scan(step, free_at, (base_score, service, book))
     return arm, w, pen, score, free_at

@@ -26,7 +26,8 @@ def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: 
                           "cost_weight")
 
 
-BUDGET_LEVELS_PCT = (5.0, 10.0, 15.0, 20.0, 24.18, 30.0, 40.0, 50.0, 60.0)
+BOOTSTRAP_AGAINST = ("per_task_best", "mlp", "ridge", "knn")  # mixllm minus each, paired over test queries
+BUDGET_LEVELS_PCT = (5.0, 10.0, 15.0, 20.0, 24.18, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0)
 
 
 def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
@@ -63,6 +64,9 @@ def evaluate_router(router: Router, train_ds: Dataset | None, test_ds: Dataset, 
     else:
         methods.update(evaluate.single_llm_methods(test_ds.models, len(test_ds)))
     report = evaluate.evaluate(methods, test_ds, reference, cost_weights=cws)
+    report["bootstrap"] = {name: evaluate.paired_bootstrap(methods["mixllm"].chosen, methods[name].chosen, test_ds,
+                                                           reference)
+                           for name in BOOTSTRAP_AGAINST if name in methods}
     q_hat, _, _ = train.predictions(router, e_test, test_ds.prompt_tokens, test_ds.models)
     report["calibration"] = evaluate.calibration(q_hat, test_ds.quality)
     report["policy"] = {"budget": router.config.budget.describe(), "cost_weight": router.policy.cost_weight,
@@ -76,15 +80,15 @@ def quality_at_cost_levels(report: dict, levels: Sequence[float] = TABLE2_COST_L
     """Markdown: AIQ and best quality % of each sweep method at cost % <= each level (Table 2's shape)."""
     from mixllm_jax import metrics
 
-    rows = ["| method | AIQ | " + " | ".join(f"cost <= {l:g}%" for l in levels) + " |",
-            "| --- | --- |" + " --- |" * len(levels)]
+    rows = ["| method | AIQ | task-mean quality | " + " | ".join(f"cost <= {l:g}%" for l in levels) + " |",
+            "| --- | --- | --- |" + " --- |" * len(levels)]
     for name, m in report["methods"].items():
         if m["kind"] != "sweep":
             continue
         c = [p["cost_pct"] for p in m["points"]]
         q = [p["quality_pct"] for p in m["points"]]
         cells = [metrics.best_quality_under_cost(c, q, l) for l in levels]
-        rows.append(f"| {name} | {m['aiq']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
+        rows.append(f"| {name} | {m['aiq']:.2f} | {m['task_mean_quality']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
     return "\n".join(rows)
 
 
@@ -114,7 +118,10 @@ def ablation(kind: str, train_ds: Dataset, specs, encoder, out: Path, reference:
         router = train.train_router(fit_ds, specs, encoder, cfg, cache_dir=cache_dir, progress=progress)
         e_val = train.embed(encoder, val_ds, cfg.max_length, cfg.truncation_side, cache_dir, progress)
         methods[f"mixllm_{name}"] = router_sweep(router, e_val, val_ds, budget_mod.CALIBRATION_GRID)
-    methods.update(evaluate.single_llm_methods(val_ds.models, len(val_ds)))
+    e_fit = train.embed(encoder, fit_ds, config.max_length, config.truncation_side, cache_dir, progress)
+    e_val = train.embed(encoder, val_ds, config.max_length, config.truncation_side, cache_dir, progress)
+    methods.update(baselines.run_baselines(e_fit, fit_ds, e_val, val_ds, budget_mod.CALIBRATION_GRID,
+                                           include=("per_task_best", "mlp")))
     report = evaluate.evaluate(methods, val_ds, reference, cost_weights=budget_mod.CALIBRATION_GRID)
     evaluate.write_report(report, out)
     table = quality_at_cost_levels(report)

@@ -48,7 +48,7 @@ class Decision:
     """Per-query choice and its explanation. B queries, K arm slots, C load slots.
 
     arm [B] int32; quality, tokens, cost (USD), uncertainty, wait (s), penalty, score: [B, K];
-    free_at [K, C]: the load after booking this batch (commit it with `book`).
+    free_at [K, C]: the load after booking this batch (commit it with `commit_load`).
     """
 
     arm: jnp.ndarray
@@ -89,15 +89,15 @@ def predict_cost(prompt_tokens, tokens, price_in, price_out):
 
 @jax.jit
 def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, policy: Policy,
-                valid: jnp.ndarray | None = None, bonus: jnp.ndarray | None = None) -> Decision:
+                book: jnp.ndarray | None = None, bonus: jnp.ndarray | None = None) -> Decision:
     """Choose an arm for each query of x [B, d] with prompt_tokens [B].
 
     Unchecked and jit-compiled: one compile per (B, d, K) shape; `engine.route` is the checked
-    entry point that pads B to a bucket. valid [B] bool marks real rows (padding books no load);
+    entry point that pads B to a bucket. book [B] bool marks real rows (padding books no load);
     bonus [B, K] is an extra additive score term (the binary-feedback network's).
     """
     n = x.shape[0]
-    valid = jnp.ones((n,), bool) if valid is None else valid
+    book = jnp.ones((n,), bool) if book is None else book
     y_hat, width = bandit.predict(state, x)
     quality = y_hat[..., QUALITY]
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
@@ -110,7 +110,7 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
 
     if policy.in_batch_load:
         arm, wait, pen, score, free_at = latency.assign_sequential(
-            base, service, state.free_at, state.clock, policy.beta, policy.tau, valid)
+            base, service, state.free_at, state.clock, policy.beta, policy.tau, book)
     else:
         wait = jnp.broadcast_to(latency.wait(state.free_at, state.clock), base.shape)
         pen = latency.penalty(wait, policy.tau)
@@ -121,7 +121,7 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
                     uncertainty=width, wait=wait, penalty=pen, score=score, free_at=free_at)
 
 
-def book(state: RouterState, decision: Decision) -> RouterState:
+def commit_load(state: RouterState, decision: Decision) -> RouterState:
     """Commit a decision's booked load to the state."""
     return state.replace(free_at=decision.free_at)
 

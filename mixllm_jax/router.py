@@ -18,7 +18,7 @@ import numpy as np
 from mixllm_jax import engine, encoder as enc_mod, tags
 from mixllm_jax.budget import OperatingCurve
 from mixllm_jax.config import RouterConfig
-from mixllm_jax.policy import Decision, Policy, book, route_batch
+from mixllm_jax.policy import Decision, Policy, commit_load, route_batch
 from mixllm_jax.state import ArmRegistry, RouterState, with_bias
 
 DOMAIN_SCALE = 3.0  # size of the domain one-hot beside the unit-norm embedding
@@ -59,7 +59,7 @@ def penalized_features(mode: str, embedding_dim: int, head_features: int | None,
 
 @functools.partial(jax.jit, static_argnames=("enc_config", "head_shape", "mode"))
 def route_text_batch(enc_params, head_params, centroids, state: RouterState, ids, mask, prompt_tokens,
-                     policy: Policy, valid=None, *, enc_config, head_shape, mode
+                     policy: Policy, book=None, *, enc_config, head_shape, mode
                      ) -> tuple[Decision, jnp.ndarray | None]:
     """ids, mask [B, L] -> encoder -> head -> route_batch, fused into one compiled computation.
 
@@ -67,7 +67,7 @@ def route_text_batch(enc_params, head_params, centroids, state: RouterState, ids
     """
     e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
     x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
-    return route_batch(state, x, prompt_tokens, policy, valid), domain
+    return route_batch(state, x, prompt_tokens, policy, book), domain
 
 
 def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
@@ -151,16 +151,16 @@ class Router:
     def decide(self, texts: Sequence[str], policy: Policy | None = None):
         """The fused text-to-decision computation: (Decision, domain [B] | None), padding rows kept."""
         ids, mask, prompt_tokens = self.tokenize(texts)
-        valid = np.arange(len(ids)) < len(texts)
+        book = np.arange(len(ids)) < len(texts)
         (params, centroids), static = self._head_args()
         return route_text_batch(self.encoder.params, params, centroids, self.state, ids, mask, prompt_tokens,
-                                policy or self.policy, valid, enc_config=self.encoder.config, **static)
+                                policy or self.policy, book, enc_config=self.encoder.config, **static)
 
     def route(self, texts: Sequence[str], policy: Policy | None = None, commit_load: bool = False) -> list[Route]:
         """Choose an LLM for each text, with each LLM's predicted quality, cost, uncertainty, penalty."""
         d, domain = self.decide(texts, policy)
         if commit_load:
-            self.state = book(self.state, d)
+            self.state = commit_load(self.state, d)
         n = len(texts)
         names = {s: name for name, s in self.registry.slots.items()}
         slots = sorted(names)

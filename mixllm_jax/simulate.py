@@ -50,7 +50,7 @@ from mixllm_jax import bandit, engine, feedback, train
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import choose_by_score, task_keys
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
-from mixllm_jax.policy import Policy, advance_clock, book, route_batch
+from mixllm_jax.policy import Policy, advance_clock, commit_load, route_batch
 from mixllm_jax.state import ArmRegistry, RouterState, add_llm, remove_llm, set_prices
 
 REFERENCE = "gpt-4-1106-preview"
@@ -335,7 +335,7 @@ def _progress(items, desc, progress):
     if not progress:
         return items
     from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, unit="batch", leave=False)
+    return tqdm(items, desc=desc, unit="batch", leave=False, disable=None)  # None: quiet when not a TTY
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,12 +470,12 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
             state = state.replace(free_at=jnp.asarray(view))
             last_refresh = t
         k = hi - lo
-        valid = np.arange(size) < k
+        book = np.arange(size) < k
         xb = jnp.asarray(_pad(stream.x[lo:hi], size))
         bonus = None if learning != "binary" else feedback.bonus(fs, xb)
         d = route_batch(state, xb, jnp.asarray(_pad(stream.prompt_tokens[lo:hi].astype(np.float32), size)),
-                        policy, jnp.asarray(valid), bonus)
-        state = book(state, d)
+                        policy, jnp.asarray(book), bonus)
+        state = commit_load(state, d)
         arm = np.asarray(d.arm)[:k]
         m = slot_model[arm]
         if (m < 0).any():
@@ -489,14 +489,14 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
         if learning == "refined":
             targets = np.stack([stream.quality[rows, m], train.log_tokens(tokens)], 1).astype(np.float32)
             state = bandit.update_batch(state, xb, jnp.asarray(_pad(arm.astype(np.int32), size)),
-                                        jnp.asarray(_pad(targets, size)), jnp.asarray(valid.astype(np.float32)))
+                                        jnp.asarray(_pad(targets, size)), jnp.asarray(book.astype(np.float32)))
             if (b + 1) % MAINTAIN_EVERY == 0:
                 state, _ = bandit.maintain(state)
         elif learning == "binary":
             q = np.where(w > config.tolerance_s, 0.0, stream.quality[rows, m])
             reward = ((q > config.satisfied_quality) & (w < config.satisfied_wait_s)).astype(np.float32)
             fs = feedback.update(fs, xb, jnp.asarray(_pad(arm.astype(np.int32), size)),
-                                 jnp.asarray(_pad(reward, size)), state.active, jnp.asarray(valid))
+                                 jnp.asarray(_pad(reward, size)), state.active, jnp.asarray(book))
     compiles["end"] = compile_counts()
     info = {"learning": learning, "policy": {"cost_weight": float(policy.cost_weight), "alpha": float(policy.alpha),
                                              "beta": float(policy.beta), "tau": float(policy.tau),

@@ -77,14 +77,17 @@ def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, p
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
 
-def _fit_arms(router: Router, dataset: Dataset, e: np.ndarray, specs: dict, ridges: Sequence[float]) -> Router:
-    """A copy of `router` with every arm fitted on the log (fit.fit_state; ridges as candidates)."""
-    x = np.asarray(router.embed_features(e))
-    state, registry = new_state([specs[m] for m in dataset.models], x.shape[1])
-    pen = penalized_features(router.config.features, e.shape[1], router.head and router.head.features, x.shape[1])
-    state, _ = fit.fit_state(state, registry.columns(dataset.models), x, dataset.quality,
-                             log_tokens(dataset.completion_tokens), pen, ridges)
+def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray, stats, ridges) -> Router:
+    """A copy of `router` whose arms (one per model) are filled from arm stats of features x."""
+    state, registry = new_state([specs[m] for m in models], x.shape[1])
+    state, _ = fit.state_from_stats(state, registry.columns(models), stats, _penalized(router, x.shape[1]), ridges)
     return dataclasses.replace(router, state=state, registry=registry)
+
+
+def _penalized(router: Router, dim: int) -> np.ndarray:
+    h = router.head
+    emb_dim = dim - 1 if h is None else int(np.shape(h.params["Dense_0"]["kernel"])[0])
+    return penalized_features(router.config.features, emb_dim, h and h.features, dim)
 
 
 def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str]):
@@ -127,25 +130,28 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     e = embed(encoder, dataset, config.max_length, config.truncation_side, cache_dir, progress) \
         if embeddings is None else np.asarray(embeddings)
     router = _with_head(dataset, e, encoder, config, progress)
+    x = np.asarray(router.embed_features(e))
+    lt = log_tokens(dataset.completion_tokens)
     curve, ridges = None, config.ridges
     if config.folds >= 2 and len(dataset) >= 5 * config.folds:
         fold = np.random.default_rng(0).permutation(len(dataset)) % config.folds
         candidates = [(r,) for r in config.ridges] if config.ridge_selection == "validation" else [config.ridges]
-        curves = []
-        for rs in candidates:  # cross-fitted choices: each fold routed by arms fitted on the others
-            chosen = np.zeros((len(budget_mod.CALIBRATION_GRID), len(dataset)), np.int32)
-            for f in range(config.folds):
-                part = _fit_arms(router, dataset.select(fold != f), e[fold != f], by_name, rs)
-                chosen[:, fold == f] = sweep_choices(part, e[fold == f], dataset.select(fold == f),
-                                                     budget_mod.CALIBRATION_GRID)
-            curves.append(budget_mod.curve_from_choices(chosen, budget_mod.CALIBRATION_GRID, dataset.quality,
-                                                        dataset.cost, dataset.models))
+        grid = budget_mod.CALIBRATION_GRID
+        chosen = np.zeros((len(candidates), len(grid), len(dataset)), np.int32)
+        for f in range(config.folds):  # cross-fitted choices: each fold routed by arms fitted on the others
+            rest, held = fold != f, fold == f
+            stats = fit.arm_stats(x[rest], dataset.quality[rest], lt[rest])
+            for i, rs in enumerate(candidates):
+                part = _fit_arms(router, dataset.models, by_name, x, stats, rs)
+                chosen[i][:, held] = sweep_choices(part, e[held], dataset.select(held), grid)
+        curves = [budget_mod.curve_from_choices(ch, grid, dataset.quality, dataset.cost, dataset.models)
+                  for ch in chosen]
         best = int(np.argmax([c.score() for c in curves]))
         curve, ridges = curves[best], candidates[best]
     elif config.ridge_selection == "validation":
         raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
-    router = _fit_arms(router, dataset, e, by_name, ridges)
+    router = _fit_arms(router, dataset.models, by_name, x, fit.arm_stats(x, dataset.quality, lt), ridges)
     router.curve = curve
     budget = config.budget
     if curve is not None:

@@ -1,10 +1,17 @@
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from mixllm_jax import state as S
+
+# Compiled XLA programs persist across test runs (the fast tier is mostly compile time).
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MIXLLM_TEST_JAX_CACHE", str(Path.home() / ".cache" / "mixllm-jax" / "jax-tests")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def make_state(capacity=4, dim=6, n_active=3, seed=0, **kw):
@@ -37,6 +44,20 @@ def numpy_ridge(x, arm, y, k, dim, ridge=1.0, w=None):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# The fast tier (`make test-fast`): every module's pure logic on tiny shapes, under a minute on 2
+# cores with a warm compilation cache. End-to-end modules (encoder weights, HTTP servers, training
+# on the shared data, subprocesses) run in `make test` only.
+FAST_MODULES = {"test_state", "test_bandit", "test_policy", "test_engine", "test_fit", "test_budget",
+                "test_evaluate", "test_metrics", "test_tags", "test_baselines", "test_data", "test_feedback",
+                "test_serve_config", "test_cache", "test_serve_units"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
 
 
 # ---- the HTTP service (test_server.py, test_security.py, test_fuzz.py): see serve_helpers.py

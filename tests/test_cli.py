@@ -1,4 +1,5 @@
 """End to end through the command line: JSONL data -> train -> eval (report, plot) -> route."""
+import argparse
 import json
 import subprocess
 import sys
@@ -52,10 +53,18 @@ def test_train_eval_route(jsonl, tmp_path, capsys, monkeypatch):
     assert "chosen:" in out and "gpt-4-1106-preview" in out
 
 
-def test_help_lists_every_command():
+def test_help_explains_every_command_and_option():
+    ap = cli.build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._choices_actions}
     out = subprocess.run([sys.executable, "-m", "mixllm_jax.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("train", "eval", "run", "ablation", "route", "simulate", "experiment", "bench"):
-        assert cmd in out
+    for name, parser in sub.choices.items():
+        assert helps.get(name), f"command {name!r} has no help"
+        assert name in out and helps[name].split()[0] in out
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or name == "bench":  # bench forwards its options
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.dest} has no help"
 
 
 def test_jsonl_without_models_is_a_clear_error(jsonl, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.data import Dataset
-from mixllm_jax.evaluate import (COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
+from mixllm_jax.evaluate import (calibration, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
                                  format_task_table, points_for, single_llm_methods, write_report)
 
 # 3 queries, 2 models; model 0 is the reference: total quality 2, total cost 0.06.
@@ -137,8 +137,27 @@ def test_write_report_files_and_tables(tmp_path):
 def test_calibration_ece_by_hand():
     q_hat = np.array([[0.05, 0.95], [0.15, 0.85], [np.nan, 0.9]])
     quality = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, np.nan]])
-    cal = evaluate.calibration(q_hat, quality, bins=10)
+    cal = calibration(q_hat, quality, bins=10)
     # bins: 0 -> pred .05 obs 0; 1 -> pred .15 obs 1; 8 -> pred .85 obs 0; 9 -> pred .95 obs 1
     expected = (0.05 + 0.85 + 0.85 + 0.05) / 4
     assert cal["ece"] == pytest.approx(expected)
     assert [b["n"] for b in cal["bins"]] == [1, 1, 1, 1]
+
+
+def test_paired_bootstrap_by_hand():
+    """Method a is the better LLM on every query of two tasks: the difference and its interval are
+    positive; a method against itself differs by exactly 0."""
+    n = 40
+    quality = np.stack([np.r_[np.ones(30), np.zeros(10)], np.r_[np.zeros(30), np.ones(10)] * 0.5], 1)
+    cost = np.tile([1.0, 1.0], (n, 1))
+    ds = Dataset(query_ids=[str(i) for i in range(n)], prompts=["p"] * n, tags=[("a",)] * 20 + [("b",)] * 20,
+                 models=["m0", "m1"], quality=quality, cost=cost, prompt_tokens=np.ones(n),
+                 completion_tokens=np.ones((n, 2)), split=["test"] * n)
+    a = np.zeros(n, int)
+    b = np.ones(n, int)
+    out = paired_bootstrap(a, b, ds, "m0", n_boot=200)
+    # task a: 20 ones vs 0; task b: 10 ones + 10 zeros vs 10 halves -> (1 - 0) / 2 + (0.5 - 0.25) / 2
+    assert out["task_mean_quality"]["diff"] == pytest.approx(100 * (1.0 + 0.25) / 2)
+    assert 0 < out["task_mean_quality"]["lo"] <= out["task_mean_quality"]["hi"]
+    same = paired_bootstrap(a, a, ds, "m0", n_boot=50)
+    assert same["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax import engine, latency, state as S
-from mixllm_jax.policy import Policy, book, predict_cost, route_batch
+from mixllm_jax.policy import Policy, commit_load, predict_cost, route_batch
 from conftest import make_state, numpy_ridge, random_obs
 
 GREEDY = Policy(cost_weight=0.0, alpha=0.0, beta=0.0)
@@ -86,7 +86,7 @@ def test_in_batch_load_prevents_herding(rng):
     # Each arm takes 10 s per request: the first three go to distinct free arms, then waits grow.
     np.testing.assert_array_equal(np.asarray(seq.arm)[:3], [0, 1, 2])
     assert np.asarray(seq.wait)[3].min() == pytest.approx(10.0)
-    st2 = book(st, seq)
+    st2 = commit_load(st, seq)
     assert float(st2.free_at[0].min()) >= 10.0 and float(st.free_at[0].min()) == 0.0
 
 
