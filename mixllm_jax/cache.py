@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes")  # not "path": the same weights may move
+# not "path": the same weights may move; matmul_dtype: only a bf16 transformer's identity has one
+_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes", "matmul_dtype")
 # an identity with a weights digest (the static tier: its name holds its folder) keys on the digest
 _DIGEST_KEYS = ("kind", "digest", "hidden_size", "model_bytes")
 

@@ -152,7 +152,7 @@ def distill(out: str | Path, source: str | Path | enc_mod.Encoder | None = None,
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     t0 = time.perf_counter()
-    src = source if isinstance(source, enc_mod.Encoder) else enc_mod.load_encoder(source)
+    src = source if isinstance(source, enc_mod.Encoder) else enc_mod.load_encoder(source, matmul_dtype="float32")
     vecs = token_vectors(src, batch_size, progress)
     t_forward = time.perf_counter() - t0
     emb, ratio = pca(vecs, dims)
