@@ -28,19 +28,23 @@ TEXTS = ["Write a Python function that reverses a list.", "What is the capital o
          "Solve 3x + 5 = 20 for x.", "hello", ""]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
+def tiny_bert_folder(folder):
     """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer (30522 tokens), as a folder."""
     hf = dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, hidden_act="gelu", max_position_embeddings=64, type_vocab_size=2,
               layer_norm_eps=1e-12)
-    folder = tmp_path_factory.mktemp("tiny-bert")
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf))
     save_file(_tiny_state_dict(BertConfig.from_dict(hf), np.random.default_rng(3)), str(folder / "model.safetensors"))
     src = enc_mod._package_model_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
