@@ -24,8 +24,11 @@ test-fast: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mixllm-jax run
 
+# the peers (MABWiser, sentence-transformers on torch 2.13.0 CPU) come with the bench extra; --http adds the
+# router service on the static tier end to end (the static encoder is distilled into the cache dir once)
 bench: $(STAMP)
-	$(PY) -m benchmarks.throughput --quick
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks.throughput --quick --http
 
 clean:
 	rm -rf $(VENV) .pytest_cache

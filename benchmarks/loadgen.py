@@ -16,7 +16,7 @@ prompts in batches (tokenization included, compile excluded), restored from the 
 while the server is idle. overhead = 1 - (HTTP /v1/route prompts/s) / (best offline prompts/s).
 
 Without --checkpoint it trains the small router the server tests use (100 RouterBench queries, a
-tiny head, max_length 64) into a temporary folder. Writes loadgen.json and loadgen.md to --out.
+tiny head, max_length 64; --encoder static:DIR and --max-length change them) into a temporary folder. Writes loadgen.json and loadgen.md to --out.
 The HTTP client is a minimal asyncio HTTP/1.1 client, so the generator's own cost stays small on a
 2-core machine where it shares the CPU with the server and the stub.
 """
@@ -130,18 +130,19 @@ async def closed_loop(port: int, path: str, bodies: list[bytes], concurrency: in
 # ---------------------------------------------------------------------------------------------
 
 
-def small_checkpoint(folder: Path) -> Path:
-    """The server tests' router: 100 RouterBench train queries, tiny head, max_length 64."""
+def small_checkpoint(folder: Path, encoder_name: str | None = None, max_length: int = 64) -> Path:
+    """The server tests' router: 100 RouterBench train queries, tiny head, max_length 64 (by default),
+    on the default encoder or `encoder_name` (e.g. static:DIR, the static tier)."""
     from mixllm_jax import checkpoint, data, encoder, train
     from mixllm_jax.config import Budget, HeadConfig, RouterConfig
 
-    enc = encoder.load_encoder()
+    enc = encoder.load_encoder(encoder_name)
     ds = data.load_routerbench(split="train")
     idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:34]
                           for task in sorted({t[0] for t in ds.tags})])
     ds = ds.select(idx)
     router = train.train_router(ds, data.load_models(data.routerbench_dir() / "models.json"), enc,
-                                RouterConfig(head=HeadConfig(hidden=32, features=8, epochs=5), max_length=64,
+                                RouterConfig(head=HeadConfig(hidden=32, features=8, epochs=5), max_length=max_length,
                                              budget=Budget("cost_weight", 0.0)),
                                 progress=False)
     ck = folder / "ck"
@@ -249,6 +250,9 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="Orbax router checkpoint (default: train a small one)")
+    p.add_argument("--encoder", default=None,
+                   help="encoder of the small router trained without --checkpoint (default MiniLM; static:DIR)")
+    p.add_argument("--max-length", type=int, default=64, help="max_length of the small router (default 64)")
     p.add_argument("--concurrency", default="1,4,16,64,256")
     p.add_argument("--requests", type=int, default=512, help="requests per level, at most")
     p.add_argument("--duration-s", type=float, default=30.0, help="seconds per level, at most")
@@ -271,7 +275,7 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="mixllm-loadgen-"))
     from mixllm_jax import data
 
-    ck = Path(a.checkpoint) if a.checkpoint else small_checkpoint(tmp)
+    ck = Path(a.checkpoint) if a.checkpoint else small_checkpoint(tmp, a.encoder, a.max_length)
     prompts = list(dict.fromkeys(data.load_routerbench(split="test").prompts))[:a.prompts]
     bodies_route = [json.dumps({"prompt": q}).encode() for q in prompts]
     bodies_chat = [json.dumps({"model": "auto", "messages": [{"role": "user", "content": q}]}).encode()
@@ -359,7 +363,8 @@ def main(argv=None) -> dict:
                            "cpu_levels": [r["concurrency"] for r in full]})
     report = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "command": "python -m benchmarks.loadgen " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "router": str(a.checkpoint) if a.checkpoint else "small test router (100 queries, max_length 64)",
+              "router": str(a.checkpoint) if a.checkpoint else
+              f"small test router (100 queries, max_length {a.max_length}, encoder {a.encoder or 'MiniLM'})",
               "max_batch": a.max_batch, "window_ms": a.window_ms, "backend_delay_s": a.backend_delay_s,
               "n_prompts": len(prompts), "requests": a.requests, "duration_s": a.duration_s,
               "http": http, "offline": {str(k): v for k, v in offline.items()}, "comparison": comparison}

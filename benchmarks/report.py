@@ -42,13 +42,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def targets_table(results: dict) -> str:
     rows = []
     for t in results["targets"]:
+        unit = t.get("unit", "x")
+        plain = not unit.startswith(("x", "of peak"))  # req/s, ms: the figure with its unit
         if t["measured"] is None:
             measured = f"not measured: {t['why']}"
-        elif t["unit"].startswith("of peak"):
+        elif unit.startswith("of peak"):
             measured = f"{_pct(t['measured'])} of peak"
+        elif plain:
+            measured = f"{_rate(t['measured'])}{unit}"
         else:
-            measured = f"{_x(t['measured'])}{t['unit'][1:]}"
-        goal = f">= {_pct(t['goal'])}" if t["target"].endswith("large B") else f">= {t['goal']:g}x"
+            measured = f"{_x(t['measured'])}{unit[1:]}"
+        cmp = "<=" if t.get("at_most") else ">="
+        if unit.startswith("of peak"):
+            goal = f">= {_pct(t['goal'])}"
+        else:
+            goal = f"{cmp} {t['goal']:g}{unit if plain else 'x'}"
         rows.append([t["target"], goal, measured, t["status"].upper() if t["status"] != "not measured"
                      else t["status"], t["where"] or "-"])
     return _table(["target", "goal", "measured in this run", "status", "where"], rows)
@@ -138,6 +146,22 @@ def markdown(results: dict) -> str:
 
     lines += ["## Text to decision", ""]
     if results.get("text"):
+        ts0 = results["text_setup"]
+        lines += ["Transformer path: achieved GFLOP/s of Encoder.embed (MiniLM-L6 FLOPs: the six matmuls per "
+                  "token and layer plus attention) and its fraction of the run's float32 matmul peak "
+                  f"({peak['peak_gflops']:.1f} GFLOP/s).", "",
+                  _table(["max_length", "encode texts/s", "GFLOP/s", "of matmul peak"],
+                         [[str(r["max_length"]), _rate(r["encode_texts_per_s"]), _rate(r.get("encode_gflops")),
+                           _pct(r.get("encode_peak_fraction"))] for r in results["text"]]), ""]
+        if any("static_texts_per_s" in r for r in results["text"]):
+            lines += [f"Static tier: {ts0.get('static_name')} ({ts0.get('static_dims')} dims), a Router (no head) "
+                      "trained on the same queries; the same texts and policy.", "",
+                      _table(["max_length", "static Router.decide texts/s", "static encode texts/s",
+                              "vs MiniLM Router", "vs ST + MABWiser", "same decision as MiniLM", "compile s"],
+                             [[str(r["max_length"]), _rate(r.get("static_texts_per_s")),
+                               _rate(r.get("static_encode_texts_per_s")), _x(r.get("static_vs_jax")),
+                               _x(r.get("static_speedup_vs_peer")), _pct(r.get("static_agree_jax")),
+                               _s(r.get("static_compile_s"))] for r in results["text"]]), ""]
         ts = results["text_setup"]
         lines += [f"Router: {ts['encoder_name']} + LinUCB (no head) over {ts['n_llms']} LLMs, trained on "
                   f"{ts['n_train']} RouterBench queries; policy = pure LinUCB (cost_weight=0, beta=0) as "
@@ -154,6 +178,19 @@ def markdown(results: dict) -> str:
                            _pct(r.get("agree_peer"))] for r in results["text"]]), ""]
     else:
         lines += [f"Skipped: {results.get('text_skipped')}.", ""]
+
+    h = results.get("http_static")
+    if h:
+        lines += ["## HTTP: /v1/route on the static tier", ""]
+        if "skipped" in h:
+            lines += [f"Skipped: {h['skipped']}.", ""]
+        else:
+            lines += [f"`{h['command']}`: {h['router']}, server --max-batch {h['max_batch']}; the server, the stub "
+                      "backend and the load generator share this machine's cores (loopback).", "",
+                      _table(["concurrency", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch"],
+                             [[str(r["concurrency"]), str(r["ok"]), _rate(r["rps"]), str(r["p50_ms"]), str(r["p95_ms"]),
+                               str(r["p99_ms"]), "-" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"]
+                              for r in h["route"]]), ""]
 
     comp = []
     for r in results["route"]:

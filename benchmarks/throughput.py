@@ -13,7 +13,12 @@ Measures, on jax.devices()[0] (CPU, or a GPU with JAX_PLATFORMS=cuda):
     Sherman-Morrison and MABWiser `partial_fit`, both one observation at a time;
   - text to decision per second (a Router trained on RouterBench queries, no head, deciding on
     RouterBench prompts truncated to max_length 32..256) and encoding alone, next to
-    sentence-transformers (torch CPU) + MABWiser `predict`, and sentence-transformers alone;
+    sentence-transformers (torch CPU) + MABWiser `predict`, and sentence-transformers alone; the
+    transformer's achieved GFLOP/s and fraction of the matmul peak; the same for the static tier
+    (a Router on the static encoder distilled from the same MiniLM, `--static DIR`; distilled into
+    the cache directory on first use);
+  - with --http: the router service on the static tier end to end (benchmarks/loadgen.py: /v1/route
+    at concurrency 1 and 64 on loopback);
   - compile time of every entry point (first call minus a steady call), apart from run times.
 
 Writes results.json, results.md (tables) and route.png, update.png, text.png into --out. Times use
@@ -46,7 +51,9 @@ from mixllm_jax.policy import Policy, route_batch
 ROUTE_POLICY = dict(cost_weight=100.0, alpha=0.01, beta=0.1)
 PEER_ALPHA = 0.01  # MABWiser LinUCB alpha, and route_batch's in the agreement check
 TARGETS = dict(route_vs_mabwiser=5.0, update_vs_mabwiser=300.0, route_peak_fraction=0.70,
-               text_vs_peer=1.0)
+               text_vs_peer=1.0, static_text_vs_peer=50.0, http_static_rps_c64=1000.0, http_static_p50_ms_c1=10.0)
+STATIC_TARGET_LENGTH = 128  # the static tier's target is met at this max_length
+HTTP_LEVELS = (1, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +78,7 @@ class Suite:
 
 FULL = Suite()
 QUICK = Suite(route_B=(1, 64, 4096), route_K=(4, 16), route_d=(128, 384), update_B=(4096,),
-              text_lengths=(32, 64), text_batch=32, text_train=64, peak_sizes=(2048,),
+              text_lengths=(32, 128), text_batch=32, text_train=64, peak_sizes=(2048,),
               peer_updates=8, numpy_updates=64, min_time=0.05, repeat=3, budget_s=0.6)
 
 
@@ -192,6 +199,13 @@ def numpy_update(A_inv, B, x, arm, y):
         B[k] += np.outer(xi, y[i])
 
 
+def encoder_flops(L, hidden=384, layers=6, intermediate=1536):
+    """Multiply-adds x 2 of one text of L tokens through a BERT (MiniLM-L6 by default): the four
+    attention projections and the two feed-forward matmuls per token and layer, plus QK^T and AV."""
+    per_token = 2 * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * L * hidden
+    return layers * L * per_token
+
+
 def route_flops(K, d, B, T=2):
     """Multiply-adds x 2 of a route: A_inv x and x.(A_inv x) per arm, predictions, and theta."""
     return 2 * B * K * d * (d + 1 + T) + 2 * K * d * d * T
@@ -202,10 +216,12 @@ def route_flops(K, d, B, T=2):
 class Workspace:
     """Per-run caches (fitted states and peer models per (K, d)), peer availability, progress."""
 
-    def __init__(self, suite: Suite, peers_on: bool = True, text_on: bool = True, progress: bool = True):
+    def __init__(self, suite: Suite, peers_on: bool = True, text_on: bool = True, progress: bool = True,
+                 static: str | None = "auto"):
         from benchmarks import peers
 
         self.suite = suite
+        self.static = static  # the static encoder's folder; "auto": distilled into the cache dir; None: off
         self.peers: dict[str, dict] = {}
         for name, find in (("mabwiser", peers.find_mabwiser),
                            ("sentence-transformers", peers.find_sentence_transformers)):
@@ -221,6 +237,20 @@ class Workspace:
         self.peak = MatmulPeak(suite)
         self._bar = None
         self.progress = progress
+
+    def static_dir(self) -> Path | None:
+        """The static encoder folder (distilled from the default MiniLM on first use for "auto")."""
+        if self.static is None:
+            return None
+        if self.static != "auto":
+            return Path(self.static)
+        from mixllm_jax import cache, static_encoder
+
+        folder = cache.default_cache_dir() / "static-encoder"
+        if not (folder / "model.safetensors").is_file():
+            self.log(f"static tier: distilling a static encoder into {folder} (once; about a minute)")
+            static_encoder.distill(folder, progress=False)
+        return folder
 
     def has(self, peer: str) -> bool:
         return self.peers[peer]["version"] is not None
@@ -421,17 +451,27 @@ def text_setup(ws: Workspace) -> dict:
     train = ds.select(np.sort(rest[: suite.text_train]))
     t0 = time.perf_counter()
     e = enc.embed(train.prompts, batch_size=64, max_length=64)  # not a shape timed below
-    router = train_router(train, ds.specs, enc, RouterConfig(head=None, features="raw", budget=Budget("cost_weight", 0.0)),
+    # speed is measured, not quality: the ridge by evidence, no cross-fitting (folds=0)
+    cfg = RouterConfig(head=None, features="raw", budget=Budget("cost_weight", 0.0), ridge_selection="evidence", folds=0)
+    router = train_router(train, ds.specs, enc, cfg,
                           embeddings=e,
                           progress=False)
     ws.log(f"text: Router trained on {len(train)} RouterBench queries (no head, d={router.state.dim}, "
            f"{len(ds.models)} LLMs) in {time.perf_counter() - t0:.1f} s")
-    router = dataclasses.replace(
-        router, truncation_side="right",  # sentence-transformers' side: both encode the same tokens
-        policy=Policy(cost_weight=0.0, alpha=PEER_ALPHA, beta=0.0, in_batch_load=False))
+    router = _bench_router(router)
     setup = {"router": router, "encoder": enc, "texts": [ds.prompts[i] for i in route_rows],
              "full_tokens": n_tok[route_rows], "n_train": len(train), "n_llms": len(ds.models),
              "encoder_name": enc.identity["name"]}
+    static = ws.static_dir()
+    if static is not None:
+        t0 = time.perf_counter()
+        senc = enc_mod.load_encoder(f"static:{static}")
+        es = senc.embed(train.prompts, batch_size=64, max_length=64)
+        srouter = train_router(train, ds.specs, senc, cfg, embeddings=es, progress=False)
+        setup.update(static_router=_bench_router(srouter), static_encoder=senc,
+                     static_name=senc.identity["name"], static_dims=senc.hidden_size)
+        ws.log(f"text: static tier {senc.identity['name']} ({senc.hidden_size} dims), Router trained in "
+               f"{time.perf_counter() - t0:.1f} s")
     if ws.has("mabwiser") or ws.has("sentence-transformers"):
         from benchmarks import peers
         if ws.has("mabwiser"):
@@ -449,6 +489,13 @@ def text_setup(ws: Workspace) -> dict:
     return setup
 
 
+def _bench_router(router):
+    """The timed Router: sentence-transformers' truncation side (both encode the same tokens), and
+    a pure LinUCB policy as MABWiser's."""
+    return dataclasses.replace(router, config=dataclasses.replace(router.config, truncation_side="right"),
+                               policy=Policy(cost_weight=0.0, alpha=PEER_ALPHA, beta=0.0, in_batch_load=False))
+
+
 def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
     """Texts to decisions at max_length L: the fused Router, encoding alone, and the peers."""
     from benchmarks import peers
@@ -456,7 +503,8 @@ def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
     suite = ws.suite
     texts = setup["texts"]
     n = len(texts)
-    router = dataclasses.replace(setup["router"], max_length=L)
+    at_length = lambda r: dataclasses.replace(r, config=dataclasses.replace(r.config, max_length=L))
+    router = at_length(setup["router"])
     enc = setup["encoder"]
     out = {}
 
@@ -466,6 +514,16 @@ def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
 
     fns = {"jax": (fused, True),
            "encode": (lambda: enc.embed(texts, batch_size=n, max_length=L, truncation_side="right"), True)}
+    if "static_router" in setup:
+        srouter = at_length(setup["static_router"])
+        senc = setup["static_encoder"]
+
+        def static_fused():
+            d, _ = srouter.decide(texts)
+            out["static_arm"] = np.asarray(d.arm.block_until_ready())[:n]
+
+        fns["static"] = (static_fused, True)
+        fns["static_encode"] = (lambda: senc.embed(texts, batch_size=n, max_length=L, truncation_side="right"), True)
     if "st" in setup:
         fns["st"] = (lambda: peers.st_encode(setup["st"], texts, L, n), False)
         if "mab" in setup:
@@ -477,15 +535,51 @@ def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
     t = measure_all(fns, suite)
     (steady, first), (enc_s, enc_first) = t["jax"], t["encode"]
     tokens = float(np.minimum(setup["full_tokens"], L).mean())
+    gflop = n * encoder_flops(int(round(tokens)), enc.hidden_size, enc.config.num_hidden_layers,
+                              enc.config.intermediate_size) / 1e9
     row = dict(max_length=L, texts=n, tokens_per_text=tokens, compile_s=compile_time(first, steady),
                jax_s=steady, jax_texts_per_s=n / steady, encode_compile_s=compile_time(enc_first, enc_s),
-               encode_texts_per_s=n / enc_s)
+               encode_texts_per_s=n / enc_s, encode_gflops=gflop / enc_s)  # encode_peak_fraction: at the end
+    if "static" in t:
+        (s_steady, s_first), (se_s, se_first) = t["static"], t["static_encode"]
+        row.update(static_s=s_steady, static_texts_per_s=n / s_steady, static_compile_s=compile_time(s_first, s_steady),
+                   static_encode_texts_per_s=n / se_s, static_vs_jax=steady / s_steady,
+                   static_agree_jax=float(np.mean(out["static_arm"] == out["arm"])))
     if "st" in t:
         row.update(st_encode_texts_per_s=n / t["st"][0], encode_vs_st=t["st"][0] / enc_s)
     if "peer" in t:
         row.update(peer_texts_per_s=n / t["peer"][0], speedup_vs_peer=t["peer"][0] / steady,
                    agree_peer=float(np.mean(out["arm"] == out["peer"])))
+        if "static" in t:
+            row["static_speedup_vs_peer"] = t["peer"][0] / t["static"][0]
     return row
+
+
+# ---- HTTP: the router service on the static tier -----------------------------------------------
+
+def bench_http(ws: Workspace, out: Path, levels=HTTP_LEVELS, requests: int = 2048, duration_s: float = 10.0) -> dict:
+    """/v1/route on loopback (benchmarks/loadgen.py in a child process: the server, the stub backend
+    and the load generator on this machine) with a small router on the static tier, max_length 128.
+    Returns loadgen's report (its http rows), or {"skipped": why}."""
+    import subprocess
+
+    static = ws.static_dir()
+    if static is None:
+        return {"skipped": "--no-static"}
+    folder = out / "loadgen-static"
+    cmd = [sys.executable, "-m", "benchmarks.loadgen", "--encoder", f"static:{static}", "--max-length", "128",
+           "--concurrency", ",".join(map(str, levels)), "--requests", str(requests), "--duration-s", str(duration_s),
+           "--max-batch", "64", "--skip-proxy", "--offline-batches", "64", "--offline-min-s", "1",
+           "--out", str(folder)]
+    ws.log("http: " + " ".join(cmd[1:]))
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"skipped": f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"}
+    report = json.loads((folder / "loadgen.json").read_text())
+    return {"command": "python " + " ".join(cmd[1:]), "router": report["router"], "max_batch": report["max_batch"],
+            "route": report["http"]["/v1/route"], "offline": report["offline"]}
 
 
 # ---- targets -----------------------------------------------------------------------------------
@@ -501,11 +595,13 @@ def targets(results: dict) -> list[dict]:
     text = [r for r in results.get("text", []) if "speedup_vs_peer" in r]
     peers = results["peers"]
 
-    def item(name, goal, value, unit, why_missing, where):
+    def item(name, goal, value, unit, why_missing, where, at_most=False):
         if value is None:
-            return dict(target=name, goal=goal, measured=None, status="not measured", why=why_missing, where=where)
-        return dict(target=name, goal=goal, measured=value, unit=unit,
-                    status="met" if value >= goal else "missed", where=where)
+            return dict(target=name, goal=goal, measured=None, unit=unit, at_most=at_most, status="not measured",
+                        why=why_missing, where=where)
+        met = value <= goal if at_most else value >= goal
+        return dict(target=name, goal=goal, measured=value, unit=unit, at_most=at_most,
+                    status="met" if met else "missed", where=where)
 
     mab_why = peers["mabwiser"]["skipped"]
     frac = None
@@ -537,6 +633,24 @@ def targets(results: dict) -> list[dict]:
         why = results.get("text_skipped") or peers["sentence-transformers"]["skipped"] or mab_why
         out.append(item("text to decision vs sentence-transformers + MABWiser", TARGETS["text_vs_peer"],
                         None, "x", why, "-"))
+    static = next((r for r in text if r["max_length"] == STATIC_TARGET_LENGTH and "static_speedup_vs_peer" in r), None)
+    why = results.get("text_skipped") or results.get("static_skipped") or peers["sentence-transformers"]["skipped"] \
+        or mab_why or f"no max_length {STATIC_TARGET_LENGTH} row"
+    out.append(item("static tier: text to decision vs sentence-transformers + MABWiser", TARGETS["static_text_vs_peer"],
+                    static and static["static_speedup_vs_peer"], "x", why,
+                    static and f"L={STATIC_TARGET_LENGTH}: {static['static_texts_per_s']:,.0f} texts/s vs "
+                               f"{static['peer_texts_per_s']:,.1f}; {static['static_vs_jax']:.0f}x the MiniLM Router"))
+    http = results.get("http_static") or {}
+    rows = {r["concurrency"]: r for r in http.get("route", [])}
+    why = http.get("skipped") or "not run (--http)"
+    c64, c1 = rows.get(64), rows.get(1)
+    out.append(item("static tier: /v1/route requests/s at concurrency 64", TARGETS["http_static_rps_c64"],
+                    c64 and c64["rps"], " req/s", why,
+                    c64 and f"p50 {c64['p50_ms']} ms, p99 {c64['p99_ms']} ms, mean batch "
+                            f"{c64['mean_batch'] and round(c64['mean_batch'], 1)}"))
+    out.append(item("static tier: /v1/route p50 latency at concurrency 1", TARGETS["http_static_p50_ms_c1"],
+                    c1 and c1["p50_ms"], " ms", why, c1 and f"{c1['rps']} req/s, p99 {c1['p99_ms']} ms",
+                    at_most=True))
     return out
 
 
@@ -578,11 +692,14 @@ def route_configs(suite: Suite) -> list[tuple]:
 
 
 def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, progress: bool = True,
-        argv: list[str] | None = None) -> dict:
-    """Run the suite; returns the results dict (see results.json)."""
+        argv: list[str] | None = None, static: str | None = "auto", http: bool = False,
+        out: Path | None = None) -> dict:
+    """Run the suite; returns the results dict (see results.json). static: the static encoder folder
+    ("auto": distilled into the cache directory; None: no static tier); http: also run the service
+    on the static tier (loadgen, its files under `out`)."""
     t_start = time.perf_counter()
     dev = jax.devices()[0]
-    ws = Workspace(suite, peers_on, text_on, progress)
+    ws = Workspace(suite, peers_on, text_on, progress, static if text_on or http else None)
     results = {
         "device": f"{dev.platform}:{dev.device_kind}",
         "jax_backend": jax.default_backend(),
@@ -608,7 +725,7 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
             ws.log(f"peer {name}: {p['version']}")
     cfgs = route_configs(suite)
     upd_cfgs = [(B, hot) for B in suite.update_B for hot in (False, True)]
-    n_steps = 2 + len(cfgs) + 1 + len(upd_cfgs) + (1 + len(suite.text_lengths) if text_on else 0)
+    n_steps = 2 + len(cfgs) + 1 + len(upd_cfgs) + (1 + len(suite.text_lengths) if text_on else 0) + int(http)
     if progress:
         from tqdm.auto import tqdm
         ws._bar = tqdm(total=n_steps, desc="bench", unit="cfg", file=sys.stderr)
@@ -647,7 +764,10 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
                 results["text_skipped"] = setup["skipped"]
                 ws.log(f"text: skipped ({setup['skipped']})")
             else:
-                results["text_setup"] = {k: setup[k] for k in ("n_train", "n_llms", "encoder_name")}
+                results["text_setup"] = {k: setup[k] for k in ("n_train", "n_llms", "encoder_name", "static_name",
+                                                                "static_dims") if k in setup}
+                if "static_router" not in setup:
+                    results["static_skipped"] = "--no-static"
                 for L in suite.text_lengths:
                     r = bench_text(ws, setup, L)
                     results["text"].append(r)
@@ -655,6 +775,11 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
                     ws.step(f"text L={L}")
         else:
             results["text_skipped"] = "--no-text"
+
+        if http:
+            results["http_static"] = bench_http(ws, Path(out or "runs/bench"))
+            ws.log(_http_line(results["http_static"]))
+            ws.step("http static")
 
         # The peak again at the end (a shared machine's load varies): the run's best sample counts.
         ws.peak.measure_sizes()
@@ -667,6 +792,8 @@ def run(suite: Suite = FULL, *, peers_on: bool = True, text_on: bool = True, pro
     results["matmul"] = ws.peak.to_dict()
     for r in results["route"]:
         r["peak_fraction"] = r["jax_gflops"] / ws.peak.peak
+    for r in results["text"]:
+        r["encode_peak_fraction"] = r["encode_gflops"] / ws.peak.peak
     results["targets"] = targets(results)
     results["load_average_end"] = _load()
     results["wall_s"] = time.perf_counter() - t_start
@@ -701,9 +828,19 @@ def _update_line(r):
     return s + _compile(r)
 
 
+def _http_line(h):
+    if "skipped" in h:
+        return f"http static tier: skipped ({h['skipped']})"
+    return "http static tier /v1/route: " + "; ".join(
+        f"c={r['concurrency']}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms" for r in h["route"])
+
+
 def _text_line(r):
     s = (f"text max_length={r['max_length']} ({r['texts']} texts): Router.decide {r['jax_texts_per_s']:,.1f}/s, "
-         f"encode alone {r['encode_texts_per_s']:,.1f}/s")
+         f"encode alone {r['encode_texts_per_s']:,.1f}/s ({r['encode_gflops']:.1f} GFLOP/s)")
+    if "static_texts_per_s" in r:
+        s += (f"; static tier Router.decide {r['static_texts_per_s']:,.0f}/s ({r['static_vs_jax']:.0f}x"
+              + (f", {r['static_speedup_vs_peer']:.0f}x the peer" if "static_speedup_vs_peer" in r else "") + ")")
     if "peer_texts_per_s" in r:
         s += f"; sentence-transformers+MABWiser {r['peer_texts_per_s']:,.1f}/s ({r['speedup_vs_peer']:.2f}x)"
     if "st_encode_texts_per_s" in r:
@@ -719,12 +856,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip MABWiser and sentence-transformers")
     ap.add_argument("--no-text", action="store_true", help="skip text to decision (no encoder or data needed)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--static", default="auto",
+                    help="static encoder folder for the static tier (default: distilled into the cache directory "
+                         "on first use)")
+    ap.add_argument("--no-static", action="store_true", help="skip the static tier")
+    ap.add_argument("--http", action="store_true",
+                    help="also measure /v1/route end to end on the static tier (loadgen, concurrency 1 and 64)")
     args = ap.parse_args(argv)
     from benchmarks import report
 
     raw = list(sys.argv[1:] if argv is None else argv)
     results = run(QUICK if args.quick else FULL, peers_on=not args.no_peers, text_on=not args.no_text,
-                  progress=not args.no_progress, argv=raw)
+                  progress=not args.no_progress, argv=raw, static=None if args.no_static else args.static,
+                  http=args.http, out=args.out)
     md = report.write(results, args.out)
     print()
     print(report.targets_table(results))

@@ -1,4 +1,5 @@
-"""On-disk embedding cache keyed by (encoder identity, truncation side, max length, text).
+"""On-disk caches: embeddings keyed by (encoder identity, truncation side, max length, text), and the
+folder of JAX's persistent compilation cache (`enable_compilation_cache`).
 
 One group per (encoder, side, max_length) setting: ``<root>/embeddings/<group-hash>/`` holds
 ``meta.json`` (the setting, for humans) and ``store.npz`` with ``keys`` [M] (sha256 hex of each text,
@@ -18,12 +19,42 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes")  # not "path": the same weights may move
+# not "path": the same weights may move; matmul_dtype: only a bf16 transformer's identity has one
+_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes", "matmul_dtype")
+# an identity with a weights digest (the static tier: its name holds its folder) keys on the digest
+_DIGEST_KEYS = ("kind", "digest", "hidden_size", "model_bytes")
 
 
 def default_cache_dir() -> Path:
     """Env ``MIXLLM_CACHE``, else ``~/.cache/mixllm-jax``."""
     return Path(os.environ.get("MIXLLM_CACHE") or Path.home() / ".cache" / "mixllm-jax").expanduser()
+
+
+def compilation_cache_dir() -> Path:
+    """Where the JAX persistent compilation cache lives: ``default_cache_dir() / "jax"``."""
+    return default_cache_dir() / "jax"
+
+
+def enable_compilation_cache(path: str | Path | None = None, min_compile_time_s: float = 0.05) -> Path | None:
+    """Turn on JAX's persistent compilation cache at `path` (default `compilation_cache_dir()`), so a
+    later process finds its compiled executables on disk instead of compiling them again.
+
+    Compilations taking at least `min_compile_time_s` are stored. Env ``MIXLLM_COMPILATION_CACHE=off``
+    disables it. Returns the folder, or None when disabled or when JAX refuses the setting.
+    """
+    if os.environ.get("MIXLLM_COMPILATION_CACHE", "").lower() in ("off", "0", "no", "false"):
+        return None
+    import jax
+
+    folder = Path(path) if path is not None else compilation_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return folder
 
 
 def text_key(text: str) -> bytes:
@@ -41,8 +72,9 @@ class EmbeddingCache:
         max_length: int,
         cache_dir: str | Path | None = None,
     ):
-        ident = {k: identity[k] for k in _IDENTITY_KEYS if k in identity}
-        if "name" not in ident:
+        keys = _DIGEST_KEYS if "digest" in identity else _IDENTITY_KEYS
+        ident = {k: identity[k] for k in keys if k in identity}
+        if "name" not in ident and "digest" not in ident:
             raise ValueError("identity needs at least a 'name'")
         self.setting = {"encoder": ident, "truncation_side": str(truncation_side), "max_length": int(max_length)}
         digest = hashlib.sha256(json.dumps(self.setting, sort_keys=True).encode()).hexdigest()[:24]

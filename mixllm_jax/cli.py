@@ -10,9 +10,13 @@
     mixllm-jax serve --checkpoint checkpoints/NAME --backends backends.yaml   # HTTP router + proxy
     mixllm-jax bench --quick       # throughput suite (JSON, markdown, plots in runs/bench)
     mixllm-jax hash-key [--generate]   # the SHA-256 of an API key, for serve --api-keys
+    mixllm-jax distill-encoder --out runs/static   # the static encoder tier; then --encoder static:runs/static
 
 An error prints one line ("mixllm-jax: error: ...") and exits with status 2; --debug (before the
 command) shows its traceback instead.
+
+route, serve, train, eval and run keep JAX's compiled code in a persistent cache
+($MIXLLM_CACHE or ~/.cache/mixllm-jax, in jax/; MIXLLM_COMPILATION_CACHE=off disables it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" banner
+# commands that start from the persistent compilation cache (serve too: its --compilation-cache, default
+# the same folder, is applied when the service loads)
+COMPILATION_CACHED = ("route", "train", "eval", "run")
 
 
 def _load_data(path: str | None, models: str | None, split: str):
@@ -240,6 +247,17 @@ def cmd_bench(args, rest):
     return throughput.main(rest)
 
 
+def cmd_distill(args):
+    from mixllm_jax import static_encoder
+
+    cfg = static_encoder.distill(args.out, args.source, dims=args.dims, weighting=args.weighting,
+                                 batch_size=args.batch_size)
+    print(f"static encoder: {cfg['vocab_size']} tokens x {cfg['hidden_size']} dims "
+          f"({100 * cfg['explained_variance']:.1f}% of the variance kept), {cfg['weighting']} weights, "
+          f"distilled from {cfg['source']['name']} in {cfg['seconds']:.0f} s")
+    print(f"saved to {args.out}; use it with --encoder static:{args.out}")
+
+
 def cmd_route(args):
     from mixllm_jax.config import Budget
 
@@ -272,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     def config_args(p):
         from mixllm_jax.config import FEATURE_MODES
 
-        p.add_argument("--encoder", default=None, help="HF id or local folder (default all-MiniLM-L6-v2)")
+        p.add_argument("--encoder", default=None,
+                       help="HF id or local folder (default all-MiniLM-L6-v2), or static:DIR for a static encoder "
+                            "made by distill-encoder")
         p.add_argument("--max-length", type=int, default=128, help="tokens kept per prompt")
         p.add_argument("--truncation", choices=("left", "right"), default="left",
                        help="which end of a long prompt is cut (left keeps the question at the end)")
@@ -384,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the entry's roles (default: route feedback)")
     p.set_defaults(fn=cmd_hash_key)
 
+    p = sub.add_parser("distill-encoder", help="distil a static encoder (per-token vectors, Model2Vec's method) "
+                                               "from the installed MiniLM: minutes on CPU")
+    p.add_argument("--out", required=True, help="folder for model.safetensors, config.json and the tokenizer")
+    p.add_argument("--source", default=None, help="the transformer distilled (default all-MiniLM-L6-v2)")
+    p.add_argument("--dims", type=int, default=256, help="PCA dimensions kept (default 256)")
+    p.add_argument("--weighting", choices=("zipf", "sif", "none"), default="zipf",
+                   help="token weights by vocabulary rank: log(1 + rank) (zipf, default), SIF, or none")
+    p.add_argument("--batch-size", type=int, default=512, help="tokens per transformer call")
+    p.set_defaults(fn=cmd_distill)
+
     p = sub.add_parser("bench", add_help=False,
                        help="throughput suite: route/update/text-to-decision rates, peers side by side "
                             "(options: mixllm-jax bench --help)")
@@ -401,6 +431,10 @@ def main(argv=None):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "kind", None) and args.out is None:
         args.out = f"runs/ablation-{args.kind}"
+    if args.command in COMPILATION_CACHED:
+        from mixllm_jax.cache import enable_compilation_cache
+
+        enable_compilation_cache()
     return run_command(lambda: args.fn(args), debug=args.debug)
 
 

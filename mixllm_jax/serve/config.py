@@ -61,7 +61,8 @@ class ServeConfig:
                            flag="--no-book-load", action="store_false")
     warmup: bool = _opt(False, "compile every batch/length shape before serving", action="store_true")
     compilation_cache: str | Path | None = _opt(
-        "auto", "JAX persistent compilation cache dir ('auto': <log-dir>/jax-cache; 'off')", type=_off_is_none)
+        "auto", "JAX persistent compilation cache dir ('auto': the cache directory's jax/, "
+        "$MIXLLM_CACHE or ~/.cache/mixllm-jax; 'off')", type=_off_is_none)
 
     def check(self) -> None:
         """Raise ValueError naming the first option out of range."""
@@ -88,7 +89,7 @@ class ServeConfig:
 
     @property
     def log_path(self) -> Path:
-        """The journal, request-feature and compilation-cache folder."""
+        """The journal and request-feature folder."""
         if self.log_dir is not None:
             return Path(self.log_dir)
         ck = Path(self.checkpoint).absolute()

@@ -170,11 +170,9 @@ class RouterService:
 
     def _load(self) -> None:
         if self.cfg.compilation_cache is not None:
-            cache = (self.cfg.log_path / "jax-cache") if self.cfg.compilation_cache == "auto" \
-                else Path(self.cfg.compilation_cache)
-            with contextlib.suppress(Exception):
-                jax.config.update("jax_compilation_cache_dir", str(cache))
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+            from mixllm_jax.cache import enable_compilation_cache
+
+            enable_compilation_cache(None if self.cfg.compilation_cache == "auto" else self.cfg.compilation_cache)
         ck = Path(self.cfg.checkpoint)
         meta = read_metadata(ck)
         like, extras_kind = extras_template(meta)
@@ -255,7 +253,7 @@ class RouterService:
     def _warmup(self) -> None:
         t = time.perf_counter()
         sizes = sorted({pow2_bucket(n, self.cfg.max_batch) for n in range(1, self.cfg.max_batch + 1)})
-        lengths = [L for L in enc_mod.LENGTH_BUCKETS if L < self.router.max_length] + [self.router.max_length]
+        lengths = [L for L in self.router.encoder.length_buckets if L < self.router.max_length] + [self.router.max_length]
         for B in sizes:
             for L in lengths:
                 self._decide(np.zeros((B, L), np.int32), np.ones((B, L), np.int32), [], commit=False)
@@ -469,7 +467,8 @@ class RouterService:
         self._drain()
         n = len(reqs)
         B = pow2_bucket(n, self.cfg.max_batch)
-        L = enc_mod.padded_length(max(len(r.ids) for r in reqs), self.router.max_length, enc_mod.LENGTH_BUCKETS)
+        L = enc_mod.padded_length(max(len(r.ids) for r in reqs), self.router.max_length,
+                                   self.router.encoder.length_buckets)
         ids, mask, _ = enc_mod.pad_batch([r.ids for r in reqs], L, B, self.router.encoder.pad_id)
         h = self._decide(ids, mask, reqs)
         names = {s: nm for nm, s in self.registry.slots.items()}
