@@ -57,25 +57,40 @@ def _batch_vector(name: str, a, n: int, *, nonneg: bool = True) -> np.ndarray:
     return a
 
 
-def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None) -> Decision:
-    """Checked, bucketed `route_batch`: x [B, d], prompt_tokens [B] -> Decision sliced to B rows."""
+def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None) -> Decision:
+    """Checked, bucketed `route_batch`: x [B, d], prompt_tokens [B] -> Decision sliced to B rows.
+
+    key: a jax.random key, required when the policy is stochastic (Thompson sampling, a softmax
+    temperature > 0 or epsilon > 0); split it for every call, or the draws repeat.
+    """
     x = _finite_matrix("x", x, (state.dim,))
     n = x.shape[0]
     prompt_tokens = _batch_vector("prompt_tokens", prompt_tokens, n)
     if not bool(np.asarray(state.active).any()):
         raise ValueError("state has no active arm to route to")
-    for field in ("cost_weight", "alpha", "beta", "tau"):
+    for field in ("cost_weight", "alpha", "beta", "tau", "temperature", "epsilon"):
         v = float(getattr(policy, field))
         if not np.isfinite(v) or v < 0:
             raise ValueError(f"policy.{field} must be finite and >= 0, got {v}")
+    if float(policy.epsilon) > 1:
+        raise ValueError(f"policy.epsilon must be in [0, 1], got {float(policy.epsilon)}")
+    if policy.stochastic and key is None:
+        raise ValueError(f"a stochastic policy (explore={policy.explore!r}, temperature "
+                         f"{float(policy.temperature):g}, epsilon {float(policy.epsilon):g}) needs a PRNG key: "
+                         "pass key=jax.random.PRNGKey(seed) (split it per call)")
+    if key is not None:
+        key = jnp.asarray(key)
+        if key.shape != (2,) or key.dtype != jnp.uint32:
+            raise ValueError(f"key must be a jax.random.PRNGKey (uint32 [2]), got {key.dtype} {key.shape}")
     size = bucket(n)
     if bonus is not None:
         bonus = jnp.asarray(_pad(_finite_matrix("bonus", bonus, (state.capacity,)), size))
     valid = np.arange(size) < n
     d = route_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(prompt_tokens, size)),
-                    policy, jnp.asarray(valid), bonus)
+                    policy, jnp.asarray(valid), bonus, key)
     return d.replace(**{k: getattr(d, k)[:n] for k in
-                        ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score")})
+                        ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score",
+                         "propensity")})
 
 
 def update(state: RouterState, x, arm, targets, weight=None) -> RouterState:
