@@ -77,13 +77,15 @@ def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, p
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
 
-def _fit_arms(router: Router, dataset: Dataset, e: np.ndarray, specs: dict, ridges: Sequence[float]) -> Router:
-    """A copy of `router` with every arm fitted on the log (fit.fit_state; ridges as candidates)."""
+def _fit_arms(router: Router, dataset: Dataset, e: np.ndarray, specs: dict, ridges: Sequence[float],
+              prior_weight: float = 1.0) -> Router:
+    """A copy of `router` with every arm fitted on the log (fit.fit_state; ridges as candidates;
+    the log discounted to prior_weight pseudo-observations per query)."""
     x = np.asarray(router.embed_features(e))
     state, registry = new_state([specs[m] for m in dataset.models], x.shape[1])
     pen = penalized_features(router.config.features, e.shape[1], router.head and router.head.features, x.shape[1])
     state, _ = fit.fit_state(state, registry.columns(dataset.models), x, dataset.quality,
-                             log_tokens(dataset.completion_tokens), pen, ridges)
+                             log_tokens(dataset.completion_tokens), pen, ridges, prior_weight)
     return dataclasses.replace(router, state=state, registry=registry)
 
 
@@ -145,7 +147,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     elif config.ridge_selection == "validation":
         raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
-    router = _fit_arms(router, dataset, e, by_name, ridges)
+    router = _fit_arms(router, dataset, e, by_name, ridges, config.prior_weight)
     router.curve = curve
     budget = config.budget
     if curve is not None:
