@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax import budget as budget_mod, cache, engine, fit, tags
+from mixllm_jax import budget as budget_mod, cache, domains, engine, fit, tags
 from mixllm_jax.config import DEFAULT_DOMAINS, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import choose_by_score
@@ -74,6 +74,7 @@ def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, p
     if config.head is not None:
         head = tags.train_head(e, domain_tags(dataset, e, config), dataset.quality,
                                log_tokens(dataset.completion_tokens), config.head, progress=progress)
+        head = domains.with_spare(head, config.spare_domains)  # unopened slots for domains.DomainGrowth
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
 
