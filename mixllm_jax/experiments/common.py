@@ -19,7 +19,7 @@ from mixllm_jax.policy import Policy
 from mixllm_jax.router import Router
 from mixllm_jax.state import ArmRegistry, grow
 
-EXPERIMENTS = ("latency", "continual", "llm-changes", "out-of-domain")
+EXPERIMENTS = ("latency", "continual", "llm-changes", "out-of-domain", "ope")
 REFERENCE = sim.REFERENCE
 BUDGET_PCT = evaluate.PAPER_BUDGET_PCT
 PAPER_TABLE1 = {"refined": {0.8: 1.21, 0.5: 1.39, 0.3: 2.22}, "binary": {0.8: 0.52, 0.5: 0.53, 0.3: 1.31}}
