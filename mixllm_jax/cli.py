@@ -154,7 +154,24 @@ def cmd_simulate(args):
 def cmd_experiment(args):
     from mixllm_jax import experiments
 
-    report = experiments.run_experiment(args.name, args.out, quick=args.quick, **_experiment_data(args))
+    kw = {}
+    if args.seeds:
+        if args.name != "continual":
+            raise SystemExit("--seeds goes with the continual experiment")
+        kw["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.splits:
+        if args.name != "continual":
+            raise SystemExit("--splits goes with the continual experiment")
+        kw["splits"], kw["extra_splits"] = tuple(float(s) for s in args.splits.split(",")), ()
+    if args.modes:
+        if args.name not in ("continual", "out-of-domain"):
+            raise SystemExit("--modes goes with the continual and out-of-domain experiments")
+        kw["modes"] = tuple(args.modes.split(","))
+    if args.no_held_out:
+        if args.name != "out-of-domain":
+            raise SystemExit("--no-held-out goes with the out-of-domain experiment")
+        kw["held_out_tasks"] = False
+    report = experiments.run_experiment(args.name, args.out, quick=args.quick, **_experiment_data(args), **kw)
     print(Path(report["paths"]["md"]).read_text())
     print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
 
@@ -337,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_data_args(p)
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
+    p.add_argument("--seeds", help="continual: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--splits", help="continual: comma-separated offline fractions, no supplementary ones "
+                                    "(default 0.8,0.5,0.3 plus 0.1,0.05)")
+    p.add_argument("--modes", help="continual, out-of-domain: comma-separated online modes among none, refined, "
+                                   "binary, refined_greedy, refined_thompson")
+    p.add_argument("--no-held-out", action="store_true",
+                   help="out-of-domain: only the data's ood split (no held-out-task streams)")
     p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("ope", help="off-policy evaluation: estimate a saved router's value from a log of decisions "
