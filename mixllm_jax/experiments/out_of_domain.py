@@ -18,13 +18,13 @@ import numpy as np
 
 import dataclasses
 
-from mixllm_jax import domains, evaluate, feedback, simulate as sim
+from mixllm_jax import domains, evaluate, feedback, simulate as sim, train
 from mixllm_jax.data import Dataset
 from mixllm_jax.experiments import plots
 from mixllm_jax.experiments.common import (BUDGET_PCT, FAST_FIT, ONLINE_ALPHA, PAPER_OOD, STREAM_BETA, STREAM_TAU,
                                            ExperimentData, best_under, calibrate, calibration_note, concat,
                                            config_dict, data_note, fit_offline, fmt, hull_at, mode_policy, point_at,
-                                           rel_pct, router_features, sweep, write_outputs)
+                                           regret_curve, rel_pct, router_features, sweep, write_outputs)
 from mixllm_jax.router import Router
 
 OOD_SPLIT = "ood split"
@@ -32,7 +32,8 @@ OOD_SPLIT = "ood split"
 
 
 def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
-            modes: Sequence[str] = ("none", "refined", "binary"), config: sim.StreamConfig = sim.StreamConfig(),
+            modes: Sequence[str] = ("none", "refined", "binary", "refined_greedy", "refined_thompson"),
+            config: sim.StreamConfig = sim.StreamConfig(),
             budget_pct: float = BUDGET_PCT, beta: float = STREAM_BETA, tau: float = STREAM_TAU,
             alpha: float = ONLINE_ALPHA, explore: str = "ucb", prior_weight: float = 1.0, grow_domains: bool = True,
             spare_domains: int = 4, fast_fit: bool = True, seed: int = 0, held_out_tasks: bool = True,
@@ -95,7 +96,7 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
                  "cost_weight": lam}
         entry["modes"], last[task] = _stream_modes(d, ood, lam, stream, world, router_features(ood_eval, d.e_test[te_rows]),
                                                    test_t, cap, q_in, modes, config, beta, tau, alpha, task, progress,
-                                                   opts=opts)
+                                                   opts=opts, stream_ds=d.train.select(on_rows))
         entry["domains"] = growth.summary() if growth is not None else None
         per_task.append(entry)
     mean = {m: float(np.mean([e["modes"][m]["drop_rel_pct"] for e in per_task])) for m in modes} if per_task else {}
@@ -122,11 +123,21 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
 def _stream_modes(d: ExperimentData, router: Router, lam: float, stream: sim.Stream, world: sim.World,
                   x_eval: np.ndarray, eval_ds: Dataset, cap: float, q_ref: float, modes: Sequence[str],
                   config: sim.StreamConfig, beta: float, tau: float, alpha: float, label: str, progress: bool,
-                  groups: dict[str, np.ndarray] | None = None, opts: dict | None = None) -> tuple[dict, dict]:
+                  groups: dict[str, np.ndarray] | None = None, opts: dict | None = None,
+                  stream_ds: Dataset | None = None) -> tuple[dict, dict]:
     """Stream through the router once per learning mode; evaluate each final state on eval_ds (no
     load): hull quality at `cap`, its change relative to q_ref, the point at lam (and, with `groups`,
-    the point at lam on each group of eval rows). Returns ({mode: results}, {mode: StreamResult})."""
+    the point at lam on each group of eval rows). With stream_ds (the stream's queries), each
+    stream's cumulative regret against the best fixed policy in hindsight (the router refitted with
+    every LLM's outcome of the stream, routing it greedily). Returns ({mode: results}, {mode: StreamResult})."""
     out, runs = {}, {}
+    best = None
+    if stream_ds is not None:
+        full = train.fill_arms(router.state, router.registry, stream.x, stream_ds)
+        cols = sim.offline_choices(full, router.registry, stream.x, stream_ds.prompt_tokens, stream_ds.models, [lam],
+                                   0.0)[0]
+        rows = np.arange(len(stream_ds))
+        best = stream_ds.quality[rows, cols] - lam * stream_ds.cost[rows, cols]
     for mode in modes:
         learning, pol = mode_policy(mode, lam, beta, tau, alpha, (opts or {}).get("explore", "ucb"))
         res = sim.run_router(stream, world, router.state, router.registry, pol, config,
@@ -136,6 +147,8 @@ def _stream_modes(d: ExperimentData, router: Router, lam: float, stream: sim.Str
         q = hull_at(pts, cap)
         out[mode] = {"quality_at_cap": q, "drop_rel_pct": rel_pct(q, q_ref), "best_point_at_cap": best_under(pts, cap),
                      "at_cost_weight": point_at(cws, pts, lam), "stream": res.summary()}
+        if best is not None:
+            out[mode]["regret"] = regret_curve(res, best, lam)
         if groups is not None:
             out[mode]["by_task"] = _by_task(res.state, res.registry, x_eval, eval_ds, lam, 0.0, groups, d.reference,
                                             bonus)
@@ -194,7 +207,8 @@ def _ood_split(d: ExperimentData, ind: Router, lam_in: float, world: sim.World, 
     x_stream, ind_eval, growth = _grown_features(ind, d.e_train, d.e_ood[s_rows], grow)
     stream = sim.make_stream(d.ood.select(s_rows), x_stream, config, d.reference)
     modes_out, runs = _stream_modes(d, ind, lam_in, stream, world, router_features(ind_eval, d.e_ood[e_rows]), ev, cap,
-                                    q_seen, modes, config, beta, tau, alpha, OOD_SPLIT, progress, groups, opts)
+                                    q_seen, modes, config, beta, tau, alpha, OOD_SPLIT, progress, groups, opts,
+                                    d.ood.select(s_rows))
     # context on the eval queries: the best single LLM (chosen on train) and the oracle, per task
     best = d.train.models[int(np.argmax(np.nanmean(d.train.quality, 0)))]
     singles = {task: {"best_single": float(100 * ev.quality[rows, ev.models.index(best)].mean()),
@@ -274,6 +288,15 @@ def _ood_md(r: dict) -> str:
               f"weight {o['prior_weight']:g}; domains grow: {o['grow_domains']} ({o['spare_domains']} spare slots). "
               "Drop reduced by (points, relative to no online learning): "
               + (", ".join(f"{k} {v:+.2f}" for k, v in r["drop_reduction_pct_points"].items()) or "-") + "."]
+    streams = [(e["task"], e["modes"]) for e in r["per_task"]]
+    if r["ood_split"] is not None:
+        streams.append((OOD_SPLIT, r["ood_split"]["modes"]))
+    if any("regret" in ms[m] for _, ms in streams for m in ms):
+        lines += ["", "Cumulative regret of each stream against the best fixed policy in hindsight (the router refitted "
+                  "with every LLM's outcome of the stream; reward = logged quality - lambda * cost; lower is better):", "",
+                  "| stream | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
+        for label, ms in streams:
+            lines.append(f"| {label} | " + " | ".join(fmt(ms[m].get("regret", {}).get("final"), 1) for m in modes) + " |")
     opened = [(e["task"], e["domains"]) for e in r["per_task"] if e.get("domains")]
     if r["ood_split"] is not None and r["ood_split"].get("domains"):
         opened.append((OOD_SPLIT, r["ood_split"]["domains"]))
