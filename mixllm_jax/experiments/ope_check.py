@@ -64,7 +64,7 @@ def run_ope(d: ExperimentData, out_dir, *, budget_pct: float = BUDGET_PCT, tempe
         rows.append({"policy": name, "cost_weight": cw, "truth": truth, "estimates": est,
                      "covered": {k: est[k]["low"] <= truth <= est[k]["high"] for k in ("ips", "snips", "dr")}})
     logging_value = float(res.quality_raw.mean())
-    report = {"experiment": "ope", "data": d.info(), "reference": d.reference, "features": d.features,
+    report = {"experiment": "ope", "latency_note": sim.LATENCY_NOTE, "data": d.info(), "reference": d.reference, "features": d.features,
               "logging_policy": {"cost_weight": lam, "temperature": temperature, "epsilon": epsilon,
                                  "value": logging_value, "mean_propensity": float(res.propensity.mean()),
                                  "min_propensity": float(res.propensity.min()),
@@ -80,7 +80,7 @@ def run_ope(d: ExperimentData, out_dir, *, budget_pct: float = BUDGET_PCT, tempe
 
 def _md(r: dict) -> str:
     lp = r["logging_policy"]
-    lines = ["# ope: off-policy estimates against the truth", "", data_note(r), "",
+    lines = ["# ope: off-policy estimates against the truth", "", f"> {r['latency_note']}", "", data_note(r), "",
              f"The logging policy (the router at cost weight {lp['cost_weight']:.4g}, softmax temperature "
              f"{lp['temperature']:g}, epsilon {lp['epsilon']:g}) served the {r['n']} test queries in the stream simulator "
              f"and logged each decision's propensity (mean {lp['mean_propensity']:.3f}, min {lp['min_propensity']:.4f}); "
