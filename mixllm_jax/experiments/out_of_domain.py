@@ -12,6 +12,7 @@ Two protocols:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -117,6 +118,9 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
     md = _ood_md(report)
     fig = plots.ood_fig(report, last, n_windows)
     report["paths"] = {k: str(v) for k, v in write_outputs(out_dir, "out-of-domain", report, md, fig).items()}
+    regret_png = Path(out_dir) / "out-of-domain-regret.png"
+    plots.ood_regret_fig(report).savefig(regret_png, dpi=110)
+    report["paths"]["regret_png"] = str(regret_png)
     return report
 
 
