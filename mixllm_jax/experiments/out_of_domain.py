@@ -11,13 +11,12 @@ Two protocols:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-import dataclasses
 
 from mixllm_jax import domains, evaluate, feedback, simulate as sim, train
 from mixllm_jax.data import Dataset
