@@ -6,7 +6,8 @@
     mixllm-jax run                 # the main job: train on the RouterBench slice, evaluate on its test split
     mixllm-jax ablation features   # feature variants on a validation part of train (also domains, ridge, truncation)
     mixllm-jax simulate            # a query stream under load: quality, cost, waits, satisfaction
-    mixllm-jax experiment NAME     # latency | continual | llm-changes | out-of-domain (JSON, table, plot)
+    mixllm-jax experiment NAME     # latency | continual | llm-changes | out-of-domain | ope (JSON, table, plot)
+    mixllm-jax ope --log LOG --router checkpoints/NAME   # off-policy value of a router from a served log
     mixllm-jax serve --checkpoint checkpoints/NAME --backends backends.yaml   # HTTP router + proxy
     mixllm-jax bench --quick       # throughput suite (JSON, markdown, plots in runs/bench)
     mixllm-jax hash-key [--generate]   # the SHA-256 of an API key, for serve --api-keys
@@ -179,9 +180,59 @@ def cmd_simulate(args):
 def cmd_experiment(args):
     from mixllm_jax import experiments
 
-    report = experiments.run_experiment(args.name, args.out, quick=args.quick, **_experiment_data(args))
+    kw = {}
+    if args.seeds:
+        if args.name != "continual":
+            raise SystemExit("--seeds goes with the continual experiment")
+        kw["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.splits:
+        if args.name != "continual":
+            raise SystemExit("--splits goes with the continual experiment")
+        kw["splits"], kw["extra_splits"] = tuple(float(s) for s in args.splits.split(",")), ()
+    if args.modes:
+        if args.name not in ("continual", "out-of-domain"):
+            raise SystemExit("--modes goes with the continual and out-of-domain experiments")
+        kw["modes"] = tuple(args.modes.split(","))
+    if args.no_held_out:
+        if args.name != "out-of-domain":
+            raise SystemExit("--no-held-out goes with the out-of-domain experiment")
+        kw["held_out_tasks"] = False
+    report = experiments.run_experiment(args.name, args.out, quick=args.quick, **_experiment_data(args), **kw)
     print(Path(report["paths"]["md"]).read_text())
     print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
+
+
+def cmd_ope(args):
+    """Off-policy estimates of a saved router's policy from a log with propensities."""
+    from mixllm_jax import ope
+    from mixllm_jax.config import Budget
+
+    router = _restore(args)
+    policy = router.policy
+    if args.cost_weight is not None:
+        policy = router.policy_for(Budget("cost_weight", args.cost_weight)) if router.curve is not None \
+            else policy.replace(cost_weight=args.cost_weight, mix=0.0)
+    elif args.budget is not None:
+        policy = router.policy_for(Budget.parse(args.budget))
+    policy = policy.replace(explore=args.explore, alpha=args.alpha if args.alpha is not None else policy.alpha,
+                            temperature=args.temperature, epsilon=args.epsilon, beta=0.0)
+    log = ope.read_log(args.log)
+    if log.x.shape[1] != router.state.dim:
+        raise SystemExit(f"the log's features have {log.x.shape[1]} dimensions, the router's {router.state.dim}: "
+                         "a log is evaluated with the router (features) it was served with")
+    out = ope.evaluate_router_on_log(log, router.state, router.registry, policy)
+    print(f"{out['n']} logged decisions; target policy: cost weight {float(policy.cost_weight):.4g}, explore "
+          f"{policy.explore}, temperature {float(policy.temperature):g}, epsilon {float(policy.epsilon):g}")
+    print(f"mean probability the target gives the logged LLM: {out['target_prob_of_logged_mean']:.3f}\n")
+    print(f"  {'estimator':10s} {'value':>8s} {'95% interval':>22s} {'s.e.':>8s} {'ESS':>8s}")
+    for k in ("ips", "snips", "dr"):
+        e = out[k]
+        print(f"  {k.upper():10s} {e['value']:8.4f} [{e['low']:9.4f}, {e['high']:9.4f}] {e['se']:8.4f} {e['ess']:8.1f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"\nwritten: {args.out}")
+    return out
 
 
 def cmd_serve(args) -> None:
@@ -383,12 +434,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/simulate", help="folder for simulate.json/.md/.png")
     p.set_defaults(fn=cmd_simulate)
 
-    p = sub.add_parser("experiment", help="reproduce a paper experiment: latency, continual, llm-changes, out-of-domain")
-    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain"), help="the experiment to run")
+    p = sub.add_parser("experiment", help="reproduce a paper experiment: latency, continual, llm-changes, out-of-domain; "
+                                          "or check off-policy evaluation against the truth (ope)")
+    p.add_argument("name", choices=("latency", "continual", "llm-changes", "out-of-domain", "ope"),
+                   help="the experiment to run")
     experiment_data_args(p)
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
+    p.add_argument("--seeds", help="continual: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--splits", help="continual: comma-separated offline fractions, no supplementary ones "
+                                    "(default 0.8,0.5,0.3 plus 0.1,0.05)")
+    p.add_argument("--modes", help="continual, out-of-domain: comma-separated online modes among none, refined, "
+                                   "binary, refined_greedy, refined_thompson")
+    p.add_argument("--no-held-out", action="store_true",
+                   help="out-of-domain: only the data's ood split (no held-out-task streams)")
     p.set_defaults(fn=cmd_experiment)
+
+    p = sub.add_parser("ope", help="off-policy evaluation: estimate a saved router's value from a log of decisions "
+                                   "with propensities (IPS, SNIPS, doubly robust, 95%% intervals)")
+    p.add_argument("--log", required=True, help="a decision log (JSONL: x, model, reward, propensity; see ope.write_log) "
+                                               "or a server --log-dir folder (requests/ and journal/)")
+    p.add_argument("--router", required=True, help="a checkpoint directory: the target policy's router")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--cost-weight", type=float, help="evaluate the router at this lambda (quality per USD)")
+    p.add_argument("--budget", help="evaluate the router at this budget, share of the most expensive LLM's cost, e.g. 30%%")
+    p.add_argument("--explore", choices=("greedy", "ucb", "thompson"), default="greedy",
+                   help="the target's exploration (default greedy: no bonus)")
+    p.add_argument("--alpha", type=float, default=None, help="exploration weight in posterior s.d.s (ucb, thompson)")
+    p.add_argument("--temperature", type=float, default=0.0, help="the target's softmax temperature (0: deterministic)")
+    p.add_argument("--epsilon", type=float, default=0.0, help="the target's share of uniformly random LLMs")
+    p.add_argument("--out", help="also write the estimates as JSON here")
+    p.set_defaults(fn=cmd_ope)
 
     p = sub.add_parser("serve", help="HTTP router: /v1/route, OpenAI-compatible /v1/chat/completions proxy, "
                                      "feedback, live LLM add/remove, /metrics")

@@ -91,6 +91,11 @@ class RouterConfig:
     budget: the operating point saved in the checkpoint and used by route, serve, eval, simulate.
     folds: cross-fitting folds of train that calibrate the budget and choose the ridge (the final
       fit uses all of train); < 2 turns calibration off (then only cost_weight budgets work).
+    prior_weight: in (0, 1]: the offline log counts as prior_weight x its size in pseudo-observations
+      (fit.fit_state): predictions are unchanged, widths grow by 1 / sqrt(prior_weight) and online
+      feedback moves the arms faster (docs/architecture.md, "Online learning").
+    spare_domains: domain slots kept free for domains opened online (domains.DomainGrowth); needs
+      the head and features "raw+domain".
     """
 
     max_length: int = 128
@@ -102,6 +107,8 @@ class RouterConfig:
     head: HeadConfig | None = HeadConfig()
     budget: Budget = Budget()
     folds: int = 5
+    prior_weight: float = 1.0
+    spare_domains: int = 0
 
     def __post_init__(self):
         if self.features not in FEATURE_MODES:
@@ -120,6 +127,12 @@ class RouterConfig:
             raise ValueError(f"domains must be an integer in [2, 1000] or None, got {self.domains!r}")
         if not isinstance(self.folds, int) or not 0 <= self.folds <= 100:
             raise ValueError(f"folds must be an integer in [0, 100], got {self.folds!r}")
+        if not isinstance(self.spare_domains, int) or not 0 <= self.spare_domains <= 256:
+            raise ValueError(f"spare_domains must be an integer in [0, 256], got {self.spare_domains!r}")
+        if self.spare_domains and (self.head is None or self.features != "raw+domain"):
+            raise ValueError("spare_domains needs the tag head and features 'raw+domain'")
+        if not isinstance(self.prior_weight, (int, float)) or not 0.0 < self.prior_weight <= 1.0:
+            raise ValueError(f"prior_weight must be in (0, 1], got {self.prior_weight!r}")
 
     def replace(self, **kw) -> "RouterConfig":
         return dataclasses.replace(self, **kw)

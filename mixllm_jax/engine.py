@@ -77,21 +77,33 @@ def _batch_vector(name: str, a, n: int, *, hi: float) -> np.ndarray:
     return a
 
 
-def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None) -> Decision:
-    """Checked, bucketed `route_batch`: x [B, d], prompt_tokens [B] -> Decision sliced to B rows."""
+def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None) -> Decision:
+    """Checked, bucketed `route_batch`: x [B, d], prompt_tokens [B] -> Decision sliced to B rows.
+
+    key: a jax.random key, required when the policy is stochastic (Thompson sampling, a softmax
+    temperature > 0 or epsilon > 0); split it for every call, or the draws repeat.
+    """
     x = _finite_matrix("x", x, (state.dim,), MAX_ABS_X)
     n = x.shape[0]
     prompt_tokens = _batch_vector("prompt_tokens", prompt_tokens, n, hi=MAX_PROMPT_TOKENS)
     if not bool(np.asarray(state.active).any()):
         raise ValueError("state has no active arm to route to")
-    for field in ("cost_weight", "mix_cost_weight", "alpha", "beta", "tau", "mix"):
+    for field in ("cost_weight", "mix_cost_weight", "alpha", "beta", "tau", "mix", "temperature", "epsilon"):
         try:
             v = _as_f32(f"policy.{field}", getattr(policy, field))
         except ValueError:
             raise ValueError(f"policy.{field} must be a number") from None
-        hi = 1.0 if field == "mix" else MAX_POLICY
+        hi = 1.0 if field in ("mix", "epsilon") else MAX_POLICY
         if v.shape != () or not (0 <= float(v) <= hi):
             raise ValueError(f"policy.{field} must be a finite number in [0, {hi:g}], got {v!r:.40}")
+    if policy.stochastic and key is None:
+        raise ValueError(f"a stochastic policy (explore={policy.explore!r}, temperature "
+                         f"{float(policy.temperature):g}, epsilon {float(policy.epsilon):g}) needs a PRNG key: "
+                         "pass key=jax.random.PRNGKey(seed) (split it per call)")
+    if key is not None:
+        key = jnp.asarray(key)
+        if key.shape != (2,) or key.dtype != jnp.uint32:
+            raise ValueError(f"key must be a jax.random.PRNGKey (uint32 [2]), got {key.dtype} {key.shape}")
     size = bucket(n)
     if bonus is not None:
         bonus = _finite_matrix("bonus", bonus, (state.capacity,), MAX_ABS_TARGET)
@@ -100,9 +112,10 @@ def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None) -> D
         bonus = jnp.asarray(_pad(bonus, size))
     book = np.arange(size) < n  # padding rows book no load
     d = route_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(prompt_tokens, size)),
-                    policy, jnp.asarray(book), bonus)
+                    policy, jnp.asarray(book), bonus, key)
     return d.replace(**{k: getattr(d, k)[:n] for k in
-                        ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score")})
+                        ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score",
+                         "propensity")})
 
 
 def update(state: RouterState, x, arm, targets, weight=None) -> RouterState:

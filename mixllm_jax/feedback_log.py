@@ -11,7 +11,9 @@ A line cut short by a crash (never acknowledged, since the fsync had not returne
 the file truncated to its last whole line; a damaged line before the end is an error.
 
 Request-feature log (``<log_dir>/requests/requests-<n>.jsonl``): the features x of every routed
-request, with its arm, so feedback that arrives after a restart can still be applied. Written per
+request, with its arm and the propensity of that decision (``p``: the probability the router's
+policy had of choosing it, for off-policy evaluation, ope.py), so feedback that arrives after a
+restart can still be applied. Written per
 routed batch (flushed to the OS, not fsync'ed: a killed process loses nothing, a power cut may lose
 the last lines), rotated every ``segment_lines`` lines; the last few segments are kept, enough to
 refill the in-memory store (`FeatureStore`, first-in first-out: the last `capacity` routed
@@ -298,6 +300,7 @@ class Entry:
     has_quality: bool = False  # a quality observation is journaled (or being journaled)
     has_thumbs: bool = False
     applied: int = 0  # feedback kinds applied from the journal (bits: 1 quality, 2 thumbs), checkpointed
+    propensity: float = 1.0  # probability the router's policy had of choosing this arm (ope.py)
 
 
 class FeatureStore:
@@ -339,7 +342,8 @@ class FeatureStore:
             for lineno, rec in _read_lines(seg, repair=True):
                 try:
                     self._put(rec["id"], Entry(decode_x(rec["x"]), int(rec["slot"]), int(rec["arm_id"]),
-                                               str(rec["model"]), float(rec["pt"]), float(rec["lt"])))
+                                               str(rec["model"]), float(rec["pt"]), float(rec["lt"]),
+                                               propensity=float(rec.get("p", 1.0))))
                     n += 1
                 except (KeyError, ValueError, TypeError) as e:
                     log.warning("%s:%d: skipping an unreadable request record (%s)", seg, lineno, e)
@@ -362,7 +366,8 @@ class FeatureStore:
             return
         for rid, e in items:
             lines.append(json.dumps({"id": rid, "slot": e.slot, "arm_id": e.arm_id, "model": e.model,
-                                     "pt": e.prompt_tokens, "lt": e.log_tokens, "x": encode_x(e.x)},
+                                     "pt": e.prompt_tokens, "lt": e.log_tokens, "p": e.propensity,
+                                     "x": encode_x(e.x)},
                                     separators=(",", ":")))
         if self._file is None or self._lines >= self.segment_lines:
             self._rotate()

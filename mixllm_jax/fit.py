@@ -64,27 +64,34 @@ def arm_stats(x: np.ndarray, quality: np.ndarray, log_tokens: np.ndarray):
 
 
 def state_from_stats(state: RouterState, slots: Sequence[int], stats, penalized: np.ndarray,
-                     ridges: Sequence[float]) -> tuple[RouterState, np.ndarray]:
+                     ridges: Sequence[float], prior_weight: float = 1.0) -> tuple[RouterState, np.ndarray]:
     """Fill the arms at `slots` (one per data column) from arm_stats, exactly and at once.
 
-    Each arm gets A = diag(prior) + X^T X, B = X^T Y, its count and noise (the ridge of highest
-    evidence among `ridges`); A_inv is computed from A. The state's fresh-arm prior becomes the
+    Each arm gets A = w (diag(prior) + X^T X), B = w X^T Y, count w n and its noise (the ridge of
+    highest evidence among `ridges`); A_inv is computed from A. w = prior_weight in (0, 1] discounts
+    the log (a power prior): theta = A^-1 B is unchanged, but the log counts as w n pseudo-
+    observations, so the posterior s.d.s (widths) grow by 1 / sqrt(w) and an online observation
+    (weight 1) moves an arm as much as 1 / w logged ones. The state's fresh-arm prior becomes the
     median chosen ridge. Returns (state, chosen ridge [M]).
     """
+    if not 0.0 < prior_weight <= 1.0:
+        raise ValueError(f"prior_weight must be in (0, 1], got {prior_weight!r}")
     S, b, yy, n = stats
+    w = jnp.float32(prior_weight)
     r = jnp.asarray(ridges, jnp.float32)
     idx, prior, s2 = choose_ridge(S, b, yy, n, jnp.asarray(penalized), r)
     sl = jnp.asarray(np.asarray(slots, np.int32))
     b = jnp.pad(b, ((0, 0), (0, 0), (0, state.n_targets - b.shape[2])))
-    A = state.A.at[sl].set(jax.vmap(jnp.diag)(prior) + S)
+    A = state.A.at[sl].set(w * (jax.vmap(jnp.diag)(prior) + S))
     fresh = jnp.where(jnp.asarray(penalized), jnp.median(r[idx]), INTERCEPT_PRECISION)
-    state = state.replace(A=A, B=state.B.at[sl].set(b), count=state.count.at[sl].set(n),
+    state = state.replace(A=A, B=state.B.at[sl].set(w * b), count=state.count.at[sl].set(w * n),
                           noise=state.noise.at[sl].set(jnp.sqrt(s2)), ridge=fresh)
     which = jnp.zeros((state.capacity,), bool).at[sl].set(True)
     return refresh(state, which), np.asarray(r[idx])
 
 
 def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,
-              log_tokens: np.ndarray, penalized: np.ndarray, ridges: Sequence[float]) -> tuple[RouterState, np.ndarray]:
+              log_tokens: np.ndarray, penalized: np.ndarray, ridges: Sequence[float],
+              prior_weight: float = 1.0) -> tuple[RouterState, np.ndarray]:
     """state_from_stats of a whole log: x [N, d]; quality, log_tokens [N, M]; penalized [d] bool."""
-    return state_from_stats(state, slots, arm_stats(x, quality, log_tokens), penalized, ridges)
+    return state_from_stats(state, slots, arm_stats(x, quality, log_tokens), penalized, ridges, prior_weight)

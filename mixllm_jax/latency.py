@@ -42,22 +42,27 @@ def occupy(free_at, clock, arm, duration):
     return free_at.at[arm, c].set(jnp.maximum(row[c], clock) + duration)
 
 
-def assign_sequential(base_score, service, free_at, clock, beta, tau, book):
+def assign_sequential(base_score, service, free_at, clock, beta, tau, book, pick=None, per_row=None):
     """Assign queries one after another, each seeing the load of those before it.
 
     base_score [B, K] (already -inf for inactive arms), service [B, K] s, free_at [K, C],
-    book [B] bool (padding rows book nothing). Returns (arm [B], wait [B, K], penalty [B, K],
-    score [B, K], free_at [K, C]). A `lax.scan`: it stays inside the caller's jitted computation.
+    book [B] bool (padding rows book nothing). pick(score [K], row inputs) -> (arm, propensity)
+    chooses on the penalised score (default: argmax, propensity 1); per_row is a pytree of [B, ...]
+    arrays handed to `pick` row by row (e.g. random draws). Returns (arm [B], wait [B, K],
+    penalty [B, K], score [B, K], free_at [K, C], propensity [B]). A `lax.scan`: it stays inside
+    the caller's jitted computation.
     """
+    if pick is None:
+        pick = lambda score, _: (jnp.argmax(score), jnp.ones((), score.dtype))  # noqa: E731
 
     def step(load, inp):
-        s, t, ok = inp
+        s, t, ok, row = inp
         w = wait(load, clock)
         pen = penalty(w, tau)
         score = s - beta * pen
-        a = jnp.argmax(score)
+        a, p = pick(score, row)
         load = jnp.where(ok, occupy(load, clock, a, t[a]), load)
-        return load, (a, w, pen, score)
+        return load, (a, w, pen, score, p)
 
-    free_at, (arm, w, pen, score) = jax.lax.scan(step, free_at, (base_score, service, book))
-    return arm, w, pen, score, free_at
+    free_at, (arm, w, pen, score, prop) = jax.lax.scan(step, free_at, (base_score, service, book, per_row))
+    return arm, w, pen, score, free_at, prop

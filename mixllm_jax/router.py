@@ -38,7 +38,8 @@ def featurize(e, head_params, centroids, *, head_shape, mode: str):
     if head_shape is None:
         return with_bias(e), None
     z = tags.TagHead(*head_shape).apply({"params": head_params}, e)
-    cos = tags.unit(z) @ tags.unit(centroids).T
+    # a zero centroid is an unopened spare domain (domains.py): never the nearest
+    cos = jnp.where(jnp.linalg.norm(centroids, axis=1) > 0, tags.unit(z) @ tags.unit(centroids).T, -jnp.inf)
     domain = jnp.argmax(cos, axis=1)
     if mode == "head":
         f = z

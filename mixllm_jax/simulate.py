@@ -20,8 +20,13 @@ model of a deployment (docs/architecture.md, "Latency model"):
 * Online learning (`learning`): "none"; "refined": the chosen LLM's observed quality and
   completion tokens update its arm (`bandit.update_batch`, bandit feedback: the other LLMs'
   outcomes stay unseen); "binary": only satisfied / not satisfied is observed and trains the
-  dynamic feedback network (`feedback.update`), whose score term enters `route_batch` as `bonus`.
-  Feedback of a batch is applied before the next batch is routed.
+  dynamic feedback network (`feedback.update`), whose score term enters `route_batch` as `bonus`;
+  the update is on-policy: it differentiates the policy the decisions were drawn from
+  (softmax over the full score at the policy's temperature) and weights each decision by its
+  logged propensity. Feedback of a batch is applied before the next batch is routed.
+* Stochastic policies (Thompson sampling, a softmax temperature, epsilon-mixing) draw from
+  jax.random.PRNGKey(config.seed), split per batch; every decision's propensity is recorded
+  (`StreamResult.propensity`), so a stream is also a log for off-policy evaluation (ope.py).
 * Events change the set of LLMs and their prices mid-stream (`AddLLM`, `RemoveLLM`, `SetPrice`):
   arm slots are reused inside the state's capacity, so nothing recompiles (the compile counters of
   the jitted functions are recorded in `StreamResult.info`).
@@ -59,6 +64,7 @@ LATENCY_NOTE = ("Latency profiles (ttft_s, tokens_per_s, max_concurrency) come f
                 "for RouterBench's LLMs they are ASSUMPTIONS (order-of-magnitude figures for hosted APIs), "
                 "not measurements, so every wait, timeout and satisfaction figure here depends on them.")
 MAINTAIN_EVERY = 64  # batches between float32 drift checks of the bandit state
+MIN_TEMPERATURE = 0.01  # the binary update's softmax temperature when the routing policy has none
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +274,7 @@ class StreamResult:
     cost: np.ndarray  # [N] USD, every stage tried
     stages: np.ndarray  # [N] LLM calls made (1 except the cascade)
     predicted_wait: np.ndarray | None = None  # [N] router's predicted wait of its choice
+    propensity: np.ndarray | None = None  # [N] probability the router's policy had of its choice
     info: dict = dataclasses.field(default_factory=dict)
     state: RouterState | None = None
     registry: ArmRegistry | None = None
@@ -451,6 +458,8 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
     applied, compiles = [], {"start": compile_counts()}
     last_refresh = -np.inf
     inf_row = np.full(state.load_slots, np.inf, np.float32)
+    prop = np.ones(n)
+    key = jax.random.PRNGKey(config.seed)
     for b, (lo, hi, t) in enumerate(_progress(stream.batches(), name, progress)):
         while pending and pending[0].at < hi:  # an event inside a window applies to the whole window
             ev = pending.pop(0)
@@ -473,8 +482,9 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
         book = np.arange(size) < k
         xb = jnp.asarray(_pad(stream.x[lo:hi], size))
         bonus = None if learning != "binary" else feedback.bonus(fs, xb)
+        key, k_batch = jax.random.split(key)
         d = route_batch(state, xb, jnp.asarray(_pad(stream.prompt_tokens[lo:hi].astype(np.float32), size)),
-                        policy, jnp.asarray(book), bonus)
+                        policy, jnp.asarray(book), bonus, k_batch)
         state = commit_load(state, d)
         arm = np.asarray(d.arm)[:k]
         m = slot_model[arm]
@@ -485,6 +495,7 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
         w, load = _serve_np(load, m, stream.arrival[rows], world.service_s(m, tokens), size)
         model[rows], wait[rows] = m, w
         pred_wait[rows] = np.asarray(d.wait)[np.arange(k), arm]
+        prop[rows] = np.asarray(d.propensity)[:k]
         cost[rows] = world.cost(m, stream.prompt_tokens[rows], tokens)
         if learning == "refined":
             targets = np.stack([stream.quality[rows, m], train.log_tokens(tokens)], 1).astype(np.float32)
@@ -496,14 +507,17 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
             q = np.where(w > config.tolerance_s, 0.0, stream.quality[rows, m])
             reward = ((q > config.satisfied_quality) & (w < config.satisfied_wait_s)).astype(np.float32)
             fs = feedback.update(fs, xb, jnp.asarray(_pad(arm.astype(np.int32), size)),
-                                 jnp.asarray(_pad(reward, size)), state.active, jnp.asarray(book))
+                                 jnp.asarray(_pad(reward, size)), state.active, jnp.asarray(book),
+                                 d.score - bonus, d.propensity, jnp.maximum(policy.temperature, MIN_TEMPERATURE))
     compiles["end"] = compile_counts()
     info = {"learning": learning, "policy": {"cost_weight": float(policy.cost_weight), "alpha": float(policy.alpha),
                                              "beta": float(policy.beta), "tau": float(policy.tau),
+                                             "explore": policy.explore, "temperature": float(policy.temperature),
+                                             "epsilon": float(policy.epsilon),
                                              "in_batch_load": bool(policy.in_batch_load)},
             "events": applied, "compiles": compiles, "padded_batch": size}
     return _result(name, stream, config, model, wait, cost, np.ones(n, np.int64), predicted_wait=pred_wait,
-                   info=info, state=state, registry=registry, feedback_state=fs)
+                   propensity=prop, info=info, state=state, registry=registry, feedback_state=fs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax import budget as budget_mod, cache, engine, fit, tags
+from mixllm_jax import budget as budget_mod, cache, domains, engine, fit, tags
 from mixllm_jax.config import DEFAULT_DOMAINS, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import choose_by_score
@@ -74,13 +74,17 @@ def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, p
     if config.head is not None:
         head = tags.train_head(e, domain_tags(dataset, e, config), dataset.quality,
                                log_tokens(dataset.completion_tokens), config.head, progress=progress)
+        head = domains.with_spare(head, config.spare_domains)  # unopened slots for domains.DomainGrowth
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
 
-def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray, stats, ridges) -> Router:
-    """A copy of `router` whose arms (one per model) are filled from arm stats of features x."""
+def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray, stats, ridges,
+              prior_weight: float = 1.0) -> Router:
+    """A copy of `router` whose arms (one per model) are filled from arm stats of features x (the
+    log discounted to prior_weight pseudo-observations per query, fit.state_from_stats)."""
     state, registry = new_state([specs[m] for m in models], x.shape[1])
-    state, _ = fit.state_from_stats(state, registry.columns(models), stats, _penalized(router, x.shape[1]), ridges)
+    state, _ = fit.state_from_stats(state, registry.columns(models), stats, _penalized(router, x.shape[1]), ridges,
+                                    prior_weight)
     return dataclasses.replace(router, state=state, registry=registry)
 
 
@@ -151,7 +155,8 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     elif config.ridge_selection == "validation":
         raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
-    router = _fit_arms(router, dataset.models, by_name, x, fit.arm_stats(x, dataset.quality, lt), ridges)
+    router = _fit_arms(router, dataset.models, by_name, x, fit.arm_stats(x, dataset.quality, lt), ridges,
+                       config.prior_weight)
     router.curve = curve
     budget = config.budget
     if curve is not None:

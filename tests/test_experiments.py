@@ -59,6 +59,18 @@ def test_continual_experiment(quick, tmp_path):
     acc = data["acceptance"]
     assert acc["shortfall_vs_paper_pct_points"] == pytest.approx(max(0.0, 2.22 - acc["refined_gain_30_70_pct"]))
     assert "30:70" in md and "[+2.22%]" in md
+    # exploration: every mode's regret curve against the best fixed policy in hindsight, and arm traces
+    for run in data["runs"]:
+        for m in ("none", "refined", "binary", "refined_greedy", "refined_thompson"):
+            reg = run["modes"][m]["regret"]
+            assert reg["n"][-1] == run["n_online"] and reg["final"] == pytest.approx(reg["regret"][-1])
+            assert sum(map(sum, run["modes"][m]["arm_trace"])) == run["n_online"]
+        assert run["modes"]["refined_greedy"]["mean_propensity"] == 1.0  # deterministic
+        assert run["modes"]["binary"]["mean_propensity"] < 1.0  # drawn from the softmax, propensities logged
+    assert "exploration_lowers_regret_every_split" in acc and "binary_gain_every_split" in acc
+    assert "## Exploration: regret in the stream" in md
+    with open(r["paths"]["regret_png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_llm_changes_experiment(quick, tmp_path):
@@ -77,11 +89,40 @@ def test_out_of_domain_experiment(quick, tmp_path):
     r = E.run_experiment("out-of-domain", tmp_path, quick=True, data=quick)
     data, md = read(r, "out-of-domain")
     assert [e["task"] for e in data["per_task"]] == ["arc-challenge", "mbpp", "winogrande"]
+    modes = {"none", "refined", "binary", "refined_greedy", "refined_thompson"}
     for e in data["per_task"]:
-        assert set(e["modes"]) == set(sim.LEARNING_MODES)
+        assert set(e["modes"]) == modes
         assert e["modes"]["none"]["drop_rel_pct"] is not None
-    assert set(data["mean_drop_rel_pct"]) == set(sim.LEARNING_MODES)
-    assert "-5.44%" in md
+        assert all(np.isfinite(e["modes"][m]["regret"]["final"]) for m in modes)
+    assert set(data["mean_drop_rel_pct"]) == modes
+    red = data["drop_reduction_pct_points"]
+    assert red["held_out_refined"] == pytest.approx(data["mean_drop_rel_pct"]["refined"] - data["mean_drop_rel_pct"]["none"])
+    assert data["online"]["grow_domains"] is False  # one-hot task features: no head, no domains to grow
+    assert "-5.44%" in md and "regret" in md
+
+
+def test_ope_experiment(quick, tmp_path):
+    from mixllm_jax import cli, ope
+
+    r = E.run_experiment("ope", tmp_path, quick=True, data=quick)
+    data, md = read(r, "ope")
+    assert len(data["targets"]) == 3 and data["n"] == len(quick.test)
+    lp = data["logging_policy"]
+    assert 0 < lp["min_propensity"] <= lp["mean_propensity"] < 1  # a stochastic logging policy, logged
+    log = ope.read_log(data["log"])
+    assert len(log) == len(quick.test) and np.all((log.propensity > 0) & (log.propensity <= 1))
+    for t in data["targets"]:
+        for k in ("ips", "snips", "dr"):
+            e = t["estimates"][k]
+            assert e["low"] <= e["value"] <= e["high"] and e["n"] == len(quick.test)
+        assert 0 <= t["truth"] <= 1
+    # the command line gives the same estimates for the first target (replaying the saved log)
+    t0 = data["targets"][0]
+    args = cli.build_parser().parse_args(["ope", "--log", data["log"], "--router", data["router"],
+                                          "--cost-weight", repr(t0["cost_weight"])])
+    cli_out = cli.cmd_ope(args)
+    for k in ("ips", "snips", "dr"):
+        assert cli_out[k]["value"] == pytest.approx(t0["estimates"][k]["value"], rel=1e-5, abs=1e-9)
 
 
 def test_unknown_experiment_and_helpers(quick):

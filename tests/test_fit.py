@@ -55,3 +55,28 @@ def test_evidence_prefers_small_ridge_with_signal_and_large_without(rng):
     x2, q2, lt2 = _data(rng, signal=0.0)
     _, none = fit.fit_state(init_state(4, 6), [0, 1, 2], x2, q2, lt2, np.arange(6) < 5, [0.1, 1e4])
     assert np.all(strong == 0.1) and np.all(none == 1e4)
+
+
+def test_prior_weight_keeps_predictions_and_widens_the_posterior(rng):
+    """A discounted log (power prior w): theta unchanged, widths x 1/sqrt(w), count w n, and one
+    online observation moves the arm like 1/w logged ones."""
+    from mixllm_jax import bandit
+
+    x, q, lt = _data(rng)
+    pen = np.arange(6) < 5
+    full, _ = fit.fit_state(init_state(4, 6), [0, 1, 2], x, q, lt, pen, [3.0])
+    w = 0.1
+    disc, _ = fit.fit_state(init_state(4, 6), [0, 1, 2], x, q, lt, pen, [3.0], prior_weight=w)
+    xq = x[:7]
+    (y1, u1), (y2, u2) = bandit.predict(full, xq), bandit.predict(disc, xq)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(u2)[:, :3], np.asarray(u1)[:, :3] / np.sqrt(w), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(disc.count)[:3], w * np.asarray(full.count)[:3], rtol=1e-6)
+    # one observation of weight 1 on the discounted arm == weight 1/w on the full-weight arm
+    t = np.array([[5.0, 1.0]], np.float32)
+    a = bandit.update_batch(disc, xq[:1], np.array([0]), t, np.array([1.0], np.float32))
+    b = bandit.update_batch(full, xq[:1], np.array([0]), t, np.array([1 / w], np.float32))
+    np.testing.assert_allclose(np.asarray(bandit.predict(a, xq)[0]), np.asarray(bandit.predict(b, xq)[0]), atol=2e-3)
+    import pytest
+    with pytest.raises(ValueError, match="prior_weight"):
+        fit.fit_state(init_state(4, 6), [0], x, q[:, :1], lt[:, :1], pen, [3.0], prior_weight=0.0)

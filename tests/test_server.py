@@ -95,6 +95,13 @@ def test_feature_store_is_bounded_and_reloads(tmp_path):
     e = again.get("r24")
     np.testing.assert_array_equal(e.x, x + 24)
     assert (e.slot, e.model) == (0, "m") and again.get("r14") is None
+    assert e.propensity == 1.0  # the default
+    fs2 = FeatureStore(tmp_path / "p", capacity=10)
+    fs2.put_many([("q", Entry(x, slot=1, arm_id=0, model="m", prompt_tokens=3, log_tokens=1.0, propensity=0.125))])
+    fs2.close()
+    back = FeatureStore(tmp_path / "p", capacity=10)
+    back.load()
+    assert back.get("q").propensity == 0.125  # logged and reloaded
 
 
 def test_micro_batcher_batches_and_bounds_its_queue():
@@ -241,6 +248,22 @@ def test_chat_proxy_streams(env, srv):
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]
                    if json.loads(e)["choices"])
     assert text == "This is the stub backend's answer to your question."
+
+
+def test_served_decisions_journal_their_propensity(env, srv):
+    """Every routed decision's propensity is in the request log and in the feedback journal record,
+    so the server's logs can be evaluated off-policy (ope.read_log on the log folder)."""
+    from mixllm_jax import ope
+
+    r = srv.route(book_load=False)
+    fb = srv.post("/v1/feedback", {"request_id": r["request_id"], "quality": 0.25})
+    assert fb.status_code == 200, fb.text
+    recs = [json.loads(line) for p in sorted((env["tmp"] / "serve" / "journal").glob("journal-*.jsonl"))
+            for line in p.read_text().splitlines() if line.strip()]
+    mine = [x for x in recs if x.get("rid") == r["request_id"]]
+    assert mine and mine[-1]["propensity"] == 1.0  # the server routes deterministically (UCB)
+    log = ope.read_log(env["tmp"] / "serve")
+    assert r["model"] in log.model and np.all(log.propensity == 1.0) and 0.25 in log.reward
 
 
 def test_quality_feedback_changes_later_decisions(srv):

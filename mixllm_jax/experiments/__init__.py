@@ -5,6 +5,8 @@
     run_experiment("llm-changes", out_dir)    LLMs added, removed and repriced while the stream runs
     run_experiment("out-of-domain", out_dir)  hold a task out (RouterBench: train on two, stream the
                                               third); with an `ood` split, also stream its tasks
+    run_experiment("ope", out_dir)            off-policy estimates (IPS, SNIPS, DR) of three policies from
+                                              a logged stream, against their true values
 
 `simulate_main(...)` is one latency run at one load (the `mixllm-jax simulate` command).
 Everything is on the RouterBench slice by default (train split to train and stream, test split to
@@ -36,6 +38,7 @@ from mixllm_jax.experiments.common import (BUDGET_PCT, EXPERIMENTS, PAPER_OOD, P
 from mixllm_jax.experiments.continual import run_continual
 from mixllm_jax.experiments.latency import run_latency, simulate_main
 from mixllm_jax.experiments.llm_changes import DEFAULT_ADDED, DEFAULT_REMOVED, default_changes, run_llm_changes
+from mixllm_jax.experiments.ope_check import run_ope
 from mixllm_jax.experiments.out_of_domain import run_ood
 from mixllm_jax.experiments.runner import run_experiment
 
@@ -43,6 +46,6 @@ __all__ = [
     "EXPERIMENTS", "REFERENCE", "BUDGET_PCT", "PAPER_TABLE1", "PAPER_OOD", "STREAM_BETA", "STREAM_TAU", "STREAM_ALPHA",
     "ExperimentData", "load_data", "load_splits", "onehot_features", "select_models", "cost_blind", "hull_at",
     "band_quality", "run_latency", "simulate_main", "run_continual", "DEFAULT_ADDED", "DEFAULT_REMOVED",
-    "default_changes", "run_llm_changes", "run_ood",
+    "default_changes", "run_llm_changes", "run_ood", "run_ope",
     "run_experiment",
 ]

@@ -19,11 +19,29 @@ from mixllm_jax.policy import Policy
 from mixllm_jax.router import Router
 from mixllm_jax.state import ArmRegistry, grow
 
-EXPERIMENTS = ("latency", "continual", "llm-changes", "out-of-domain")
+EXPERIMENTS = ("latency", "continual", "llm-changes", "out-of-domain", "ope")
 REFERENCE = sim.REFERENCE
 BUDGET_PCT = evaluate.PAPER_BUDGET_PCT
 PAPER_TABLE1 = {"refined": {0.8: 1.21, 0.5: 1.39, 0.3: 2.22}, "binary": {0.8: 0.52, 0.5: 0.53, 0.3: 1.31}}
 PAPER_OOD = {"none": -5.44, "online": -3.35}
+ONLINE_ALPHA = 1.0
+"""Exploration weight of the online-learning experiments, in posterior s.d.s of the predicted
+quality (UCB bonus alpha * u, Thompson draw s.d. alpha * u; bandit.predict)."""
+BINARY_TEMPERATURE = 0.05
+"""Softmax temperature (quality units) of the decisions that feed the binary-feedback network: the
+on-policy policy-gradient needs a stochastic policy (feedback.py)."""
+FAST_FIT = {"ridge_selection": "evidence", "folds": 0}
+"""How the online experiments fit their many offline routers: each arm's ridge by evidence in one
+pass, instead of the 5-fold validation choice (40 fits per router, too slow for the 9-15 routers of
+one experiment on a 2-core machine). The same for every mode of a comparison."""
+ONLINE_MODES = {
+    "none": ("none", {"explore": "greedy"}),
+    "refined": ("refined", {}),  # the experiment's `explore` (default ucb)
+    "binary": ("binary", {"explore": "greedy", "temperature": BINARY_TEMPERATURE}),
+    "refined_greedy": ("refined", {"explore": "greedy"}),
+    "refined_thompson": ("refined", {"explore": "thompson"}),
+}
+"""The streams of the online experiments: mode -> (simulate learning mode, policy changes)."""
 STREAM_BETA, STREAM_TAU, STREAM_ALPHA = 0.1, 10.0, 0.01
 """The stream router's latency penalty: the paper's beta = 0.1, with the penalty starting at 10 s
 (a third of the 30 s tolerance: the router's load view is up to one 10 s refresh old, so a penalty
@@ -242,9 +260,39 @@ def split_idx(n: int, frac_offline: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[:k]), perm[k:]
 
 
-def stream_policy(lam, beta=STREAM_BETA, tau=STREAM_TAU, alpha=STREAM_ALPHA) -> Policy:
-    """The stream router's policy: cost weight lam, latency penalty (beta, tau), in-batch load on."""
-    return Policy(cost_weight=float(lam), alpha=float(alpha), beta=float(beta), tau=float(tau), in_batch_load=True)
+def stream_policy(lam, beta=STREAM_BETA, tau=STREAM_TAU, alpha=STREAM_ALPHA, **kw) -> Policy:
+    """The stream router's policy: cost weight lam, latency penalty (beta, tau), in-batch load on;
+    kw: other Policy fields (explore, temperature, epsilon)."""
+    return Policy(cost_weight=float(lam), alpha=float(alpha), beta=float(beta), tau=float(tau), in_batch_load=True,
+                  **kw)
+
+
+def mode_policy(mode: str, lam, beta, tau, alpha, explore: str = "ucb") -> tuple[str, Policy]:
+    """(simulate learning mode, stream policy) of an online-experiment mode (ONLINE_MODES)."""
+    if mode not in ONLINE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ONLINE_MODES)}")
+    learning, kw = ONLINE_MODES[mode]
+    return learning, stream_policy(lam, beta, tau, alpha, **{"explore": explore, **kw})
+
+
+def utility(res: sim.StreamResult, lam: float) -> np.ndarray:
+    """Per-query reward of a stream's choices: logged quality - lam * cost (USD), no deadline."""
+    return res.quality_raw - float(lam) * res.cost
+
+
+def regret_curve(res: sim.StreamResult, best: np.ndarray, lam: float, points: int = 60) -> dict:
+    """Cumulative regret of a stream against per-query rewards `best` [N] of the best fixed policy
+    in hindsight: {"n": query counts, "regret": cumulative regret at those counts, "final"}."""
+    r = np.cumsum(best - utility(res, lam))
+    idx = np.unique(np.linspace(0, len(r) - 1, points).round().astype(int))
+    return {"n": (idx + 1).tolist(), "regret": r[idx].tolist(), "final": float(r[-1])}
+
+
+def arm_trace(res: sim.StreamResult, windows: int = 10) -> list[list[int]]:
+    """Queries routed to each LLM column in each of `windows` equal slices of the stream: [W][M]."""
+    cuts = np.linspace(0, len(res.model), windows + 1).round().astype(int)
+    M = len(res.stream.models)
+    return [np.bincount(res.model[a:b], minlength=M).tolist() for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def hull_at(pts: list[dict], cap: float) -> float:

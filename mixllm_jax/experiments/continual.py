@@ -4,35 +4,45 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from mixllm_jax import feedback, simulate as sim, train
 from mixllm_jax.experiments import plots
-from mixllm_jax.experiments.common import (BUDGET_PCT, PAPER_TABLE1, STREAM_ALPHA, STREAM_BETA, STREAM_TAU,
-                                           ExperimentData, band_quality, best_under, calibrate, calibration_note,
-                                           config_dict, data_note, fit_offline, fmt, hull_at, point_at, rel_pct,
-                                           router_features, split_idx, stream_policy, sweep, write_outputs)
+from mixllm_jax.experiments.common import (BINARY_TEMPERATURE, BUDGET_PCT, FAST_FIT, ONLINE_ALPHA, PAPER_TABLE1, STREAM_BETA,
+                                           STREAM_TAU, ExperimentData, arm_trace, band_quality, best_under, calibrate,
+                                           calibration_note, config_dict, data_note, fit_offline, fmt, hull_at,
+                                           mode_policy, point_at, regret_curve, rel_pct, router_features, split_idx,
+                                           sweep, write_outputs)
 
 
 def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8, 0.5, 0.3),
-                  extra_splits: Sequence[float] = (0.1, 0.05), modes: Sequence[str] = sim.LEARNING_MODES,
+                  extra_splits: Sequence[float] = (0.1, 0.05),
+                  modes: Sequence[str] = ("none", "refined", "binary", "refined_greedy", "refined_thompson"),
                   seeds: Sequence[int] = (0, 1, 2), config: sim.StreamConfig = sim.StreamConfig(),
                   budget_pct: float = BUDGET_PCT, band: tuple[float, float] = (5.0, 30.0),
-                  beta: float = STREAM_BETA, tau: float = STREAM_TAU, alpha: float = STREAM_ALPHA,
+                  beta: float = STREAM_BETA, tau: float = STREAM_TAU, alpha: float = ONLINE_ALPHA,
+                  explore: str = "ucb", prior_weight: float = 1.0, fast_fit: bool = True,
                   n_windows: int = 20, progress: bool = True) -> dict:
     """For each offline fraction (splits, then the supplementary extra_splits) and seed: train
     offline (full information) on that part of d.train, stream the rest (10 q/s, with load) learning
-    as each mode says, then evaluate every final state on d.test (no load). Also a full-information
-    upper reference (every LLM's outcome of the online part added to the arms).
+    as each mode says (ONLINE_MODES: none, refined with `explore`, binary on-policy, refined greedy /
+    Thompson), then evaluate every final state on d.test (no load, greedy: no exploration bonus).
+    Also a full-information upper reference (every LLM's outcome of the online part added to the arms).
 
     Quality at equal or lower cost: the hull quality of each state's lambda sweep at the no-online
     router's test cost at its calibrated lambda (`hull_at`); `band_quality` averages the hull over
-    `band` cost %. Gains are relative to no online learning, averaged over seeds."""
+    `band` cost %. Gains are relative to no online learning, averaged over seeds. Regret: each
+    stream's cumulative regret (reward = logged quality - lambda * cost) against the best fixed
+    policy in hindsight (the router refitted with every LLM's outcome of the whole stream, routing
+    the stream greedily). prior_weight discounts the offline log (RouterConfig.prior_weight);
+    fast_fit: FAST_FIT (evidence-chosen ridges) for the offline routers."""
     if "none" not in modes:
         raise ValueError("modes must include 'none' (the baseline of the gains)")
     t_start = time.time()
+    d = dataclasses.replace(d, config=d.config.replace(prior_weight=prior_weight, **(FAST_FIT if fast_fit else {})))
     world = sim.World.from_specs(d.train.specs)
     rows, last_runs = [], {}
     all_splits = list(splits) + [f for f in extra_splits if f not in splits]
@@ -42,28 +52,31 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
             off, on = d.train.select(off_i), d.train.select(on_i)
             router = fit_offline(off, d.e_train[off_i], d, progress=progress)
             x_off, x_on, x_te = (router_features(router, e) for e in (d.e_train[off_i], d.e_train[on_i], d.e_test))
-            lam = calibrate(router, x_off, off, budget_pct, alpha, d.reference)
+            lam = calibrate(router, x_off, off, budget_pct, 0.0, d.reference)
             cfg = dataclasses.replace(config, seed=seed)
             stream = sim.make_stream(on, x_on, cfg, d.reference)
+            full_state = train.fill_arms(router.state, router.registry, x_on, on)
+            best_cols = sim.offline_choices(full_state, router.registry, x_on, on.prompt_tokens, on.models, [lam], 0.0)[0]
+            best = on.quality[np.arange(len(on)), best_cols] - lam * on.cost[np.arange(len(on)), best_cols]
             entry = {"offline_frac": frac, "seed": seed, "n_offline": len(off), "n_online": len(on),
                      "cost_weight": lam, "modes": {}}
             runs = {}
             for mode in modes:
-                res = sim.run_router(stream, world, router.state, router.registry, stream_policy(lam, beta, tau, alpha), cfg,
-                                     learning=mode, name=f"{mode} {round(frac * 100)}:{round((1 - frac) * 100)}",
-                                     progress=progress)
+                learning, pol = mode_policy(mode, lam, beta, tau, alpha, explore)
+                res = sim.run_router(stream, world, router.state, router.registry, pol, cfg, learning=learning,
+                                     name=f"{mode} {round(frac * 100)}:{round((1 - frac) * 100)}", progress=progress)
                 bonus = None
-                if mode == "binary":
+                if learning == "binary":
                     bonus = np.asarray(feedback.bonus(res.feedback_state, x_te))
-                cws, pts = sweep(res.state, res.registry, x_te, d.test, alpha, [lam], bonus, d.reference)
+                cws, pts = sweep(res.state, res.registry, x_te, d.test, 0.0, [lam], bonus, d.reference)
                 entry["modes"][mode] = {"test_at_cost_weight": point_at(cws, pts, lam), "test_points": pts,
-                                        "stream": res.summary()}
+                                        "stream": res.summary(), "regret": regret_curve(res, best, lam),
+                                        "arm_trace": arm_trace(res), "mean_propensity": float(res.propensity.mean())}
                 if bonus is not None:
                     entry["modes"][mode]["feedback_bonus_mean_abs"] = float(
                         np.abs(bonus[:, np.asarray(res.state.active)]).mean())
                 runs[mode] = res
-            full_state = train.fill_arms(router.state, router.registry, x_on, on)
-            cws, pts = sweep(full_state, router.registry, x_te, d.test, alpha, [lam], reference=d.reference)
+            cws, pts = sweep(full_state, router.registry, x_te, d.test, 0.0, [lam], reference=d.reference)
             entry["full_information"] = {"test_at_cost_weight": point_at(cws, pts, lam), "test_points": pts}
             cap = entry["modes"]["none"]["test_at_cost_weight"]["cost_pct"]
             entry["cost_cap_pct"] = cap
@@ -95,6 +108,13 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
                         "quality_at_cost_weight": float(np.mean([get(e)["test_at_cost_weight"]["quality_pct"] for e in es])),
                         "cost_at_cost_weight": float(np.mean([get(e)["test_at_cost_weight"]["cost_pct"] for e in es]))}
         row["cost_cap_pct"] = float(np.mean([e["cost_cap_pct"] for e in es]))
+        for key in modes:
+            row[key]["regret_final"] = float(np.mean([e["modes"][key]["regret"]["final"] for e in es]))
+            row[key]["regret_final_per_seed"] = [e["modes"][key]["regret"]["final"] for e in es]
+            row[key]["regret_curve"] = {"n": es[0]["modes"][key]["regret"]["n"],
+                                        "regret": np.mean([e["modes"][key]["regret"]["regret"] for e in es], 0).tolist()}
+            for k in ("quality_pct", "cost_pct", "satisfaction_pct"):
+                row[key][f"stream_{k}"] = float(np.mean([e["modes"][key]["stream"][k] for e in es]))
         for mode in ("refined", "binary"):
             if mode in modes:
                 row[f"paper_{mode}_gain_pct"] = PAPER_TABLE1[mode].get(frac)
@@ -109,10 +129,18 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
             acc["paper_refined_gain_30_70_pct"] = PAPER_TABLE1["refined"][0.3]
             acc["shortfall_vs_paper_pct_points"] = max(0.0, PAPER_TABLE1["refined"][0.3] - r30["refined"]["gain_rel_pct"])
             acc["full_information_gain_30_70_pct"] = r30["full_information"]["gain_rel_pct"]
+    if "binary" in modes and main:
+        acc["binary_gain_every_split"] = all(r["binary"]["gain_rel_pct"] > 0 for r in main)
+    explorers = [m for m in ("refined", "refined_thompson") if m in modes]
+    if "refined_greedy" in modes and explorers and main:
+        acc["exploration_lowers_regret_every_split"] = {
+            m: all(r[m]["regret_final"] < r["refined_greedy"]["regret_final"] for r in main) for m in explorers}
     report = {"experiment": "continual", "latency_note": sim.LATENCY_NOTE, "reference": d.reference, "data": d.info(),
               "features": d.features, "config": config_dict(config), "splits": list(splits),
               "extra_splits": [f for f in extra_splits if f not in splits], "seeds": list(seeds), "band_pct": list(band),
-              "modes": list(modes), "policy": {"beta": beta, "tau": tau, "alpha": alpha,
+              "modes": list(modes), "policy": {"beta": beta, "tau": tau, "alpha": alpha, "explore": explore,
+                                               "prior_weight": prior_weight, "fast_fit": FAST_FIT if fast_fit else None,
+                                               "binary_temperature": BINARY_TEMPERATURE,
                                                "cost_weight_from": calibration_note(d, budget_pct, "the offline part")},
               "table": table, "runs": rows, "acceptance": acc, "paper_table1": {k: {str(f): v for f, v in m.items()}
                                                                                   for k, m in PAPER_TABLE1.items()},
@@ -120,6 +148,9 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
     md = _continual_md(report)
     fig = plots.continual_fig(report, last_runs, n_windows)
     report["paths"] = {k: str(v) for k, v in write_outputs(out_dir, "continual", report, md, fig).items()}
+    regret_png = Path(out_dir) / "continual-regret.png"
+    plots.regret_fig(report).savefig(regret_png, dpi=110)
+    report["paths"]["regret_png"] = str(regret_png)
     return report
 
 
@@ -171,4 +202,24 @@ def _continual_md(r: dict) -> str:
                   f"+{a['paper_refined_gain_30_70_pct']}%: short by {fmt(a['shortfall_vs_paper_pct_points'])} percentage "
                   f"points; the full-information reference gains {fmt(a['full_information_gain_30_70_pct'], 2, True)}% there. "
                   f"Refined gain positive in every split: {a['refined_gain_every_split']}."]
+    if "binary_gain_every_split" in a:
+        lines += ["", f"Binary gain positive in every split: {a['binary_gain_every_split']}."]
+    p = r["policy"]
+    lines += ["", "## Exploration: regret in the stream", "",
+              f"Exploration `{p['explore']}` at alpha = {p['alpha']:g} posterior s.d.s, offline log weight "
+              f"(prior_weight) {p['prior_weight']:g}; binary decisions drawn from softmax(score / "
+              f"{p['binary_temperature']:g}). Regret: cumulative (logged quality - lambda * cost) of the best fixed "
+              "policy in hindsight (the router refitted with every LLM's outcome of the whole stream, routing it "
+              "greedily) minus the stream's, over the online part (mean over seeds; lower is better; see "
+              "continual-regret.png). Stream q% / cost %: realised in the stream (30 s deadline).", "",
+              "| offline:online | " + " | ".join(f"{m}: regret (stream q% / cost%)" for m in modes) + " |",
+              "| --- |" + " --- |" * len(modes)]
+    for row in r["table"]:
+        lines.append(f"| {row['split']} | " + " | ".join(
+            f"{fmt(row[m]['regret_final'], 1)} ({fmt(row[m]['stream_quality_pct'])} / {fmt(row[m]['stream_cost_pct'])})"
+            for m in modes) + " |")
+    if "exploration_lowers_regret_every_split" in a:
+        lines += ["", "Exploration lowers the regret against greedy refined learning in every split: "
+                  + ", ".join(f"{m}: {v}" for m, v in a["exploration_lowers_regret_every_split"].items()) + "."]
+    lines += ["", "![regret](continual-regret.png)"]
     return "\n".join(lines)

@@ -153,3 +153,44 @@ def ood_fig(r: dict, last: dict, n_windows: int):
     share_plot(axes[1, 1], runs[key], n_windows, f"stream of {task}: traffic share ({key})")
     fig.tight_layout()
     return fig
+
+
+def regret_fig(r: dict):
+    """Cumulative regret of each online mode against the best fixed policy in hindsight, one panel
+    per offline:online split (mean over seeds)."""
+    rows = [row for row in r["table"] if not row["supplementary"]] or r["table"]
+    fig = Figure(figsize=(5 * len(rows), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(rows)))
+    for ax, row in zip(axes, rows):
+        for m in r["modes"]:
+            c = row[m]["regret_curve"]
+            ax.plot(c["n"], c["regret"], label=f"{m} ({row[m]['regret_final']:.1f})")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set(xlabel="online queries", ylabel="cumulative regret (quality - lambda cost)",
+               title=f"{row['split']}: regret vs the best fixed policy in hindsight")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def ood_regret_fig(r: dict):
+    """Cumulative regret of each online mode in every out-of-domain stream (held-out tasks, the ood
+    split) against the best fixed policy in hindsight."""
+    streams = [(e["task"], e["modes"]) for e in r["per_task"]]
+    if r.get("ood_split") is not None:
+        streams.append(("ood split", r["ood_split"]["modes"]))
+    streams = [(label, ms) for label, ms in streams if any("regret" in v for v in ms.values())]
+    fig = Figure(figsize=(5 * max(len(streams), 1), 4))
+    axes = np.atleast_1d(fig.subplots(1, max(len(streams), 1)))
+    for ax, (label, ms) in zip(axes, streams):
+        for m, v in ms.items():
+            if "regret" in v:
+                ax.plot(v["regret"]["n"], v["regret"]["regret"], label=f"{m} ({v['regret']['final']:.1f})")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set(xlabel="stream queries", ylabel="cumulative regret (quality - lambda cost)",
+               title=f"{label}: regret vs the best fixed policy in hindsight")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

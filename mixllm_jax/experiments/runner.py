@@ -9,6 +9,7 @@ from mixllm_jax.experiments.common import EXPERIMENTS, ExperimentData, load_data
 from mixllm_jax.experiments.continual import run_continual
 from mixllm_jax.experiments.latency import run_latency
 from mixllm_jax.experiments.llm_changes import run_llm_changes
+from mixllm_jax.experiments.ope_check import run_ope
 from mixllm_jax.experiments.out_of_domain import run_ood
 
 
@@ -20,7 +21,7 @@ def run_experiment(name: str, out_dir: str | Path = "runs/experiments", quick: b
     RouterBench slice, or `data_path` (a RouterBench folder, or a JSONL file with its `models` file;
     see load_data), or `data` (already loaded); `reference`: the LLM whose logged totals are 100%
     (default gpt-4-1106-preview). kwargs go to the experiment's function (run_latency,
-    run_continual, run_llm_changes, run_ood). Returns the report dict (report["paths"] lists the files)."""
+    run_continual, run_llm_changes, run_ood, run_ope). Returns the report dict (report["paths"] lists the files)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     if data is not None and (data_path is not None or models is not None):
@@ -34,7 +35,7 @@ def run_experiment(name: str, out_dir: str | Path = "runs/experiments", quick: b
     else:
         kwargs.setdefault("progress", progress)
     fn = {"latency": run_latency, "continual": run_continual, "llm-changes": run_llm_changes,
-          "out-of-domain": run_ood}[name]
+          "out-of-domain": run_ood, "ope": run_ope}[name]
     if quick and name == "latency":
         kwargs.setdefault("repeat", 2)
         kwargs.setdefault("rates", (10.0, 40.0))

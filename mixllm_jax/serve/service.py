@@ -459,7 +459,8 @@ class RouterService:
             self.state = state.replace(free_at=d.free_at)
         host = jax.device_get({"arm": d.arm, "quality": d.quality, "tokens": d.tokens, "cost": d.cost,
                                "uncertainty": d.uncertainty, "wait": d.wait, "penalty": d.penalty,
-                               "score": d.score, "domain": domain, "x": x, "fb": fb, "eligible": eligible})
+                               "score": d.score, "domain": domain, "x": x, "fb": fb, "eligible": eligible,
+                               "propensity": d.propensity})
         return host
 
     def _route_batch(self, reqs: list[RouteReq]) -> list:
@@ -500,7 +501,8 @@ class RouterService:
             entries.append((rid, feedback_log.Entry(
                 x=np.asarray(h["x"][i], np.float32), slot=arm, arm_id=int(self.arm_id[arm]), model=model,
                 prompt_tokens=float(r.prompt_tokens),
-                log_tokens=float(np.log(max(float(h["tokens"][i, arm]), 1.0))))))
+                log_tokens=float(np.log(max(float(h["tokens"][i, arm]), 1.0))),
+                propensity=float(h["propensity"][i]))))
             self.metrics.decisions.labels(model).inc()
         self.features.put_many(entries)
         return results
@@ -552,11 +554,12 @@ class RouterService:
         if not (0.0 <= quality <= 1.0 and math.isfinite(lt)):
             raise ApiError(422, "quality must be in [0, 1]", param="quality")
         return {"type": "quality", "rid": rid, "model": e.model, "slot": e.slot, "arm_id": e.arm_id,
-                "quality": float(quality), "log_tokens": lt, "source": source, "x": feedback_log.encode_x(e.x)}
+                "quality": float(quality), "log_tokens": lt, "source": source, "propensity": e.propensity,
+                "x": feedback_log.encode_x(e.x)}
 
     def thumbs_record(self, rid: str, e, up: bool) -> dict:
         return {"type": "thumbs", "rid": rid, "model": e.model, "slot": e.slot, "arm_id": e.arm_id,
-                "reward": 1.0 if up else 0.0, "x": feedback_log.encode_x(e.x)}
+                "reward": 1.0 if up else 0.0, "propensity": e.propensity, "x": feedback_log.encode_x(e.x)}
 
     async def record_feedback(self, rid: str, e, records: list[dict]) -> list[int]:
         """Journal a request's feedback records together (one write: all or none), flagging the
