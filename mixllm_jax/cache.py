@@ -1,5 +1,8 @@
 """On-disk embedding cache keyed by (encoder identity, truncation side, max length, text).
 
+The identity is the encoder's name, hidden size and weight file size, plus the digest of its
+fine-tuning when it was fine-tuned (finetune.py), so base and fine-tuned embeddings never mix.
+
 One group per (encoder, side, max_length) setting: ``<root>/embeddings/<group-hash>/`` holds
 ``meta.json`` (the setting, for humans) and ``store.npz`` with ``keys`` [M] (sha256 hex of each text,
 bytes) and ``emb`` [M, H] float32. Writes go to a temporary file then ``os.replace``, so a reader
@@ -18,7 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes")  # not "path": the same weights may move
+BASE_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes")  # not "path": the same weights may move
+IDENTITY_KEYS = BASE_IDENTITY_KEYS + ("finetune",)  # a fine-tuned encoder's digest (finetune.py)
 
 
 def default_cache_dir() -> Path:
@@ -41,7 +45,7 @@ class EmbeddingCache:
         max_length: int,
         cache_dir: str | Path | None = None,
     ):
-        ident = {k: identity[k] for k in _IDENTITY_KEYS if k in identity}
+        ident = {k: identity[k] for k in IDENTITY_KEYS if k in identity}
         if "name" not in ident:
             raise ValueError("identity needs at least a 'name'")
         self.setting = {"encoder": ident, "truncation_side": str(truncation_side), "max_length": int(max_length)}
