@@ -1,6 +1,9 @@
 """On-disk caches: embeddings keyed by (encoder identity, truncation side, max length, text), and the
 folder of JAX's persistent compilation cache (`enable_compilation_cache`).
 
+The identity is the encoder's name, hidden size and weight file size, plus the digest of its
+fine-tuning when it was fine-tuned (finetune.py), so base and fine-tuned embeddings never mix.
+
 One group per (encoder, side, max_length) setting: ``<root>/embeddings/<group-hash>/`` holds
 ``meta.json`` (the setting, for humans) and ``store.npz`` with ``keys`` [M] (sha256 hex of each text,
 bytes) and ``emb`` [M, H] float32. Writes go to a temporary file then ``os.replace``, so a reader
@@ -20,9 +23,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 # not "path": the same weights may move; matmul_dtype: only a bf16 transformer's identity has one
-_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes", "matmul_dtype")
+BASE_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes", "matmul_dtype")
+IDENTITY_KEYS = BASE_IDENTITY_KEYS + ("finetune",)  # a fine-tuned encoder's digest (finetune.py)
 # an identity with a weights digest (the static tier: its name holds its folder) keys on the digest
-_DIGEST_KEYS = ("kind", "digest", "hidden_size", "model_bytes")
+_DIGEST_KEYS = ("kind", "digest", "hidden_size", "model_bytes", "finetune")
 
 
 def default_cache_dir() -> Path:
@@ -72,7 +76,7 @@ class EmbeddingCache:
         max_length: int,
         cache_dir: str | Path | None = None,
     ):
-        keys = _DIGEST_KEYS if "digest" in identity else _IDENTITY_KEYS
+        keys = _DIGEST_KEYS if "digest" in identity else IDENTITY_KEYS
         ident = {k: identity[k] for k in keys if k in identity}
         if "name" not in ident and "digest" not in ident:
             raise ValueError("identity needs at least a 'name'")

@@ -12,8 +12,11 @@ Each step is written by an Orbax ``CheckpointManager`` as a composite of items:
     head    the tag head's params and domain centroids [G, F] (if any)        StandardSave
     extras  any further pytree of arrays (feedback-network params, optimizer
             state, ...), if given                                            StandardSave
+    encoder the fine-tuned top layers of the encoder ({"layers": [k, ...]}),
+            if the encoder was fine-tuned (finetune.py)                       StandardSave
     meta    JSON: format version, arm registry, policy (static field too),
-            encoder identity, max_length, truncation side (and any other
+            encoder identity (with its fine-tuning digest), max_length,
+            truncation side (and any other
             plain Router setting), head sizes and tag names, feature dim,
             capacity, a manifest of every array (shape, dtype, CRC-32 of
             its bytes), and the SHA-256 of all of the above               JsonSave
@@ -63,9 +66,9 @@ if TYPE_CHECKING:  # router.py imports this module: import Router lazily at run 
     from mixllm_jax.router import Router
 
 DEFAULT_DIR = Path("checkpoints")
-FORMAT_VERSION = 3  # 3: metadata checksum; 2: RouterConfig under one key, operating curve, per-feature ridge
+FORMAT_VERSION = 3  # 3: metadata checksum, fine-tuned encoder layers; 2: RouterConfig under one key, operating curve, per-feature ridge
 META_CHECKSUM = "meta_sha256"
-ARRAY_ITEMS = ("state", "head", "extras")
+ARRAY_ITEMS = ("state", "head", "extras", "encoder")
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 log = logging.getLogger(__name__)
@@ -272,6 +275,10 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
         items["head"] = _to_host({"params": head.params, "centroids": head.centroids}, "head")
     if extras is not None and jax.tree_util.tree_leaves(extras):
         items["extras"] = _to_host(extras, "extras")
+    if _finetuned(router.encoder):
+        from mixllm_jax import finetune
+
+        items["encoder"] = _to_host(finetune.top_layers(router.encoder), "encoder")
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -313,6 +320,10 @@ def meta_checksum(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k not in (META_CHECKSUM, "step")}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _finetuned(encoder) -> bool:
+    return encoder is not None and "finetune" in (getattr(encoder, "identity", None) or {})
 
 
 def _json_default(o):
@@ -414,7 +425,9 @@ def restore_router(directory: str | Path = DEFAULT_DIR / "router", step: int | N
     """Restore a router saved by `save_router`: (Router, extras) from `step` (latest by default).
 
     encoder: "auto" loads the encoder recorded in the checkpoint (None if it had none); an Encoder
-      (its hidden size must match the checkpoint's); or None for feature-only use.
+      (its hidden size must match the checkpoint's); or None for feature-only use. When the router
+      was trained with a fine-tuned encoder, its saved top layers are put onto the loaded (base)
+      encoder, checked against the recorded digest.
     capacity: arm capacity of the restored state; larger than saved pads it with free slots (the
       registry follows); smaller is an error.
     expected_dim: the feature dimension d (bias included) the caller needs; another is an error.
@@ -475,7 +488,9 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
 
         manifest = meta["arrays"]
         present = [k for k in ARRAY_ITEMS if k in manifest]
-        if "state" not in present or ("head" in present) != (meta["head"] is not None):
+        finetuned = "finetune" in (meta["encoder"] or {})
+        if ("state" not in present or ("head" in present) != (meta["head"] is not None)
+                or ("encoder" in present) != finetuned):
             raise CheckpointError(f"{where} is corrupted: its manifest lists items {present}")
         for item in present:
             if not (directory / str(step) / item).is_dir():
@@ -521,6 +536,14 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
     if registry.capacity != saved_cap or bad:
         raise CheckpointError(f"{where} is corrupted: registry (capacity {registry.capacity}, slots {bad or '...'}) "
                               f"does not match the state (capacity {saved_cap})")
+
+    if finetuned and encoder is not None and encoder.identity.get("finetune") != meta["encoder"]["finetune"]:
+        from mixllm_jax import finetune
+
+        try:  # the base encoder with the saved fine-tuned layers put back
+            encoder = finetune.splice(encoder, restored["encoder"], meta["encoder"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: its fine-tuned encoder layers cannot be restored ({e})") from e
 
     head = None
     if meta["head"] is not None:

@@ -57,8 +57,15 @@ def _models(path: str | None):
 
 def router_config(args):
     """The RouterConfig of train-style options (one place: train, run, ablation)."""
-    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
+    from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 
+    finetune = None
+    if getattr(args, "finetune_encoder", False):
+        kw = {"method": args.finetune_method, "layers": args.finetune_layers, "rank": args.finetune_rank,
+              "epochs": args.finetune_epochs}
+        if args.finetune_lr is not None:
+            kw["learning_rate"] = args.finetune_lr
+        finetune = FinetuneConfig(**kw)
     head = None if args.no_head else HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
     if args.cost_weight is not None:
         budget = Budget("cost_weight", args.cost_weight)
@@ -68,7 +75,7 @@ def router_config(args):
         budget = Budget.parse(args.budget, args.budget_reference)
     return RouterConfig(max_length=args.max_length, truncation_side=args.truncation,
                         features="raw" if args.no_head else args.features, domains=args.domains,
-                        head=head, budget=budget)
+                        head=head, budget=budget, finetune=finetune)
 
 
 def cmd_train(args) -> Path:
@@ -78,6 +85,13 @@ def cmd_train(args) -> Path:
     config = router_config(args)
     print(f"training on {len(ds)} queries x {len(ds.models)} LLMs; budget: {config.budget.describe()}")
     router = train.train_router(ds, _models(args.models), encoder.load_encoder(args.encoder), config)
+    ft = getattr(router.encoder, "finetune_report", None)
+    if ft is not None:
+        best = ft["history"][ft["best_epoch"] - 1] if ft["best_epoch"] else None
+        print(f"encoder fine-tuned ({config.finetune.method}, {config.finetune.layers} layer(s)): "
+              f"{ft['epochs_run']} epochs, best epoch {ft['best_epoch']}"
+              + (f", held-out loss {best['val']['loss']:.4f}" if best and "val" in best else "")
+              + f"; digest {router.encoder.identity['finetune']}")
     step = checkpoint.save_router(router, args.out)
     p = router.policy
     print(f"operating point: cost weight {p.cost_weight:.4g}"
@@ -363,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the LLM of --budget (default: the most expensive one)")
         p.add_argument("--budget-usd", type=float, default=None, help="operating point: mean USD per query")
         p.add_argument("--cost-weight", type=float, default=None, help="operating point: lambda (quality per USD)")
+        p.add_argument("--finetune-encoder", action="store_true",
+                       help="fine-tune the encoder on the training outcomes first (RouterDC-style contrastive "
+                            "and regression losses; LoRA or the top layers; saved in the checkpoint)")
+        p.add_argument("--finetune-method", choices=("lora", "top"), default="lora",
+                       help="low-rank adapters on the top layers' matrices, or the top layers' weights")
+        p.add_argument("--finetune-layers", type=int, default=1, help="how many top encoder layers are adapted")
+        p.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank")
+        p.add_argument("--finetune-epochs", type=int, default=8,
+                       help="most fine-tuning epochs (early stopping on a held-out 10%% of train)")
+        p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 1e-3)")
 
     p = sub.add_parser("train", help="train a router on logged outcomes and save it with its budget")
     data_args(p)
@@ -392,11 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("ablation", help="train variants of a config on part of train, compare them on the rest: "
-                                        "features, domains, ridge or truncation")
+                                        "features, domains, ridge, truncation or encoder fine-tuning")
     data_args(p)
     config_args(p)
-    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation"),
-                   help="what varies: bandit features, domains (tags vs k-means), ridge selection, truncation")
+    p.add_argument("kind", choices=("features", "domains", "ridge", "truncation", "finetune"),
+                   help="what varies: bandit features, domains (tags vs k-means), ridge selection, truncation, encoder fine-tuning")
     p.add_argument("--reference", default=None,
                    help="the LLM whose totals are 100%% (default: the most expensive LLM of the data)")
     p.add_argument("--out", default=None, help="report folder (default runs/ablation-KIND)")

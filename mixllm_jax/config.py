@@ -32,6 +32,81 @@ class HeadConfig:
     seed: int = 0
 
 
+FINETUNE_METHODS = ("lora", "top")
+LORA_TARGETS = ("query", "key", "value", "attention_out", "intermediate", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning the encoder on routing outcomes before the router is fitted (finetune.py).
+
+    method: "lora" adds low-rank adapters (rank, lora_alpha) to the `lora_targets` matrices of the
+      top `layers` transformer layers; "top" trains those layers' weights outright. Either way the
+      layers below are frozen and their hidden states are computed once per data set (and cached).
+    Losses on the pooled, unit-norm embedding e (weights 0 switch a term off):
+      contrastive: RouterDC's sample-LLM loss: cosine of e to a learnable key per LLM, over
+        `temperature`; each of the query's `top_k` best LLMs against its `bottom_k` worst (ties
+        included; LLMs that tie with the worst are never positives, with the best never negatives).
+      sample: sample-sample (supervised) contrastive loss: queries of the same domain (tag, or
+        k-means cluster when the log has none) are positives in the batch (`sample_temperature`).
+      regression: squared error of a linear read-out of e predicting every LLM's quality (per-LLM
+        standardised; NaN outcomes masked).
+    Optimiser: adamw(learning_rate, weight_decay) for at most `epochs` epochs of `batch_size`;
+    early stopping on the total loss of a held-out `val_frac` of the data (patience in epochs; the
+    best epoch is kept).
+    """
+
+    method: str = "lora"
+    layers: int = 1
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    contrastive: float = 1.0
+    sample: float = 0.1
+    regression: float = 1.0
+    top_k: int = 3
+    bottom_k: int = 3
+    temperature: float = 0.1
+    sample_temperature: float = 0.1
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    val_frac: float = 0.1
+    patience: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in FINETUNE_METHODS:
+            raise ValueError(f"finetune method must be one of {FINETUNE_METHODS}, got {self.method!r}")
+        for name in ("layers", "rank", "top_k", "bottom_k", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"finetune {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"finetune epochs must be a non-negative integer, got {self.epochs!r}")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad or not self.lora_targets:
+            raise ValueError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}, got {self.lora_targets!r}")
+        for name in ("contrastive", "sample", "regression", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"finetune {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.contrastive + self.sample + self.regression <= 0:
+            raise ValueError("finetune needs a loss: contrastive, sample and regression weights are all 0")
+        for name in ("temperature", "sample_temperature", "learning_rate", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"finetune {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.val_frac < 0.9:
+            raise ValueError(f"finetune val_frac must be in [0, 0.9), got {self.val_frac!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        d = dict(d)
+        if "lora_targets" in d:
+            d["lora_targets"] = tuple(d["lora_targets"])
+        return cls(**d)
+
+
 _BUDGET = re.compile(r"^\s*(?P<v>[0-9.eE+-]+)\s*(?P<pct>%?)\s*$")
 
 
@@ -96,6 +171,8 @@ class RouterConfig:
       feedback moves the arms faster (docs/architecture.md, "Online learning").
     spare_domains: domain slots kept free for domains opened online (domains.DomainGrowth); needs
       the head and features "raw+domain".
+    finetune: fine-tune the encoder on the training outcomes first (FinetuneConfig; None: the
+      encoder as given). The fine-tuned weights are saved in the checkpoint.
     """
 
     max_length: int = 128
@@ -109,6 +186,7 @@ class RouterConfig:
     folds: int = 5
     prior_weight: float = 1.0
     spare_domains: int = 0
+    finetune: FinetuneConfig | None = None
 
     def __post_init__(self):
         if self.features not in FEATURE_MODES:
@@ -154,4 +232,6 @@ class RouterConfig:
             d["budget"] = Budget(**d["budget"])
         if "ridges" in d:
             d["ridges"] = tuple(float(r) for r in d["ridges"])
+        if d.get("finetune") is not None:
+            d["finetune"] = FinetuneConfig.from_dict(d["finetune"])
         return cls(**d)

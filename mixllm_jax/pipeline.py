@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from mixllm_jax import baselines, budget as budget_mod, evaluate, train
-from mixllm_jax.config import Budget, HeadConfig, RouterConfig
+from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset
 from mixllm_jax.policy import Policy
 from mixllm_jax.router import Router
@@ -99,6 +99,8 @@ ABLATIONS = {
     "domains": {"tags": {}, "kmeans-20": {"domains": 20}, "kmeans-8": {"domains": 8}},
     "ridge": {"evidence": {}, "fixed-1": {"ridges": (1.0,)}, "fixed-30": {"ridges": (30.0,)}},
     "truncation": {"left": {}, "right": {"truncation_side": "right"}},
+    "finetune": {"base": {"finetune": None}, "lora": {"finetune": FinetuneConfig()},
+                 "top": {"finetune": FinetuneConfig(method="top", learning_rate=1e-4)}},
 }
 
 
@@ -116,7 +118,7 @@ def ablation(kind: str, train_ds: Dataset, specs, encoder, out: Path, reference:
     for name, kw in ABLATIONS[kind].items():
         cfg = config.replace(**kw)
         router = train.train_router(fit_ds, specs, encoder, cfg, cache_dir=cache_dir, progress=progress)
-        e_val = train.embed(encoder, val_ds, cfg.max_length, cfg.truncation_side, cache_dir, progress)
+        e_val = train.embed(router.encoder, val_ds, cfg.max_length, cfg.truncation_side, cache_dir, progress)
         methods[f"mixllm_{name}"] = router_sweep(router, e_val, val_ds, budget_mod.CALIBRATION_GRID)
     e_fit = train.embed(encoder, fit_ds, config.max_length, config.truncation_side, cache_dir, progress)
     e_val = train.embed(encoder, val_ds, config.max_length, config.truncation_side, cache_dir, progress)

@@ -1,4 +1,4 @@
-"""Offline training: encode (cached), derive or read domains, train the tag-enhanced head, fit every
+"""Offline training: optionally fine-tune the encoder, encode (cached), derive or read domains, train the tag-enhanced head, fit every
 arm (evidence-chosen ridge, unshrunk intercepts), and calibrate the budget on held-out train data."""
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
                  progress: bool = True) -> Router:
     """Train a Router on logged outcomes and set its policy to the config's budget.
 
+    With config.finetune the encoder is first fine-tuned on the log (finetune.finetune_encoder) and
+    everything below runs on its embeddings; the returned router holds the fine-tuned encoder.
     The tag head is trained on all of train. With config.folds >= 2 the arms are cross-fitted: each
     fold is swept by arms fitted on the other folds (for each candidate ridge when the ridge is
     chosen on validation); the pooled curve of the best ridge is the OperatingCurve (budget.py), and
@@ -131,6 +133,14 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     missing = [m for m in dataset.models if m not in by_name]
     if missing:
         raise ValueError(f"models {missing} of the data are not in the models file")
+    if config.finetune is not None:
+        if embeddings is not None:
+            raise ValueError("embeddings cannot be given with config.finetune: they would be the base encoder's")
+        from mixllm_jax import finetune
+
+        encoder = finetune.finetune_encoder(encoder, dataset, config.finetune, max_length=config.max_length,
+                                            truncation_side=config.truncation_side, domains=config.domains,
+                                            cache_dir=cache_dir, progress=progress)
     e = embed(encoder, dataset, config.max_length, config.truncation_side, cache_dir, progress) \
         if embeddings is None else np.asarray(embeddings)
     router = _with_head(dataset, e, encoder, config, progress)
