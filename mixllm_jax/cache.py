@@ -22,9 +22,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-# not "path": the same weights may move; matmul_dtype: only a bf16 transformer's identity has one
-BASE_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes", "matmul_dtype")
-IDENTITY_KEYS = BASE_IDENTITY_KEYS + ("finetune",)  # a fine-tuned encoder's digest (finetune.py)
+# the weights (not "path": the same weights may move)
+BASE_IDENTITY_KEYS = ("name", "hidden_size", "model_bytes")
+# + how they compute (only a bf16 transformer's identity has a matmul_dtype) and a fine-tuned
+# encoder's digest (finetune.py)
+IDENTITY_KEYS = BASE_IDENTITY_KEYS + ("matmul_dtype", "finetune")
 # an identity with a weights digest (the static tier: its name holds its folder) keys on the digest
 _DIGEST_KEYS = ("kind", "digest", "hidden_size", "model_bytes", "finetune")
 
