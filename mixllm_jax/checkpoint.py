@@ -409,13 +409,16 @@ def _encoder_dim(encoder) -> int | None:
 
 
 def _load_encoder(identity: dict):
+    """The recorded encoder, computing as it did when saved (a transformer's matmul dtype: float32
+    unless the identity says bfloat16), so restored decisions equal the saved router's."""
     from mixllm_jax import encoder as enc_mod
 
+    kw = {} if identity.get("kind") == "static" else {"matmul_dtype": identity.get("matmul_dtype", "float32")}
     try:
-        return enc_mod.load_encoder(identity["name"])
+        return enc_mod.load_encoder(identity["name"], **kw)
     except enc_mod.EncoderNotFoundError:
         if identity.get("path") and Path(identity["path"]).is_dir():
-            return enc_mod.load_encoder(identity["path"])
+            return enc_mod.load_encoder(identity["path"], **kw)
         raise
 
 
