@@ -202,9 +202,10 @@ def test_encoder_identity_and_auto_loading(built, tmp_path, monkeypatch):
     save_router(Router(fake, router.head, router.state, router.registry, router.policy), tmp_path)
     assert ckpt.read_metadata(tmp_path)["encoder"] == identity
     asked = []
-    monkeypatch.setattr(enc_mod, "load_encoder", lambda name: asked.append(name) or fake)
+    monkeypatch.setattr(enc_mod, "load_encoder", lambda name, **kw: asked.append((name, kw)) or fake)
     back, _ = restore_router(tmp_path)
-    assert asked == ["org/tiny-encoder"] and back.encoder is fake
+    # the identity records no bf16, so the encoder is restored computing in float32, as it was saved
+    assert asked == [("org/tiny-encoder", {"matmul_dtype": "float32"})] and back.encoder is fake
     assert restore_router(tmp_path, encoder=None)[0].encoder is None
     with pytest.warns(UserWarning, match="saved with encoder 'org/tiny-encoder'"):
         other = types.SimpleNamespace(identity={"name": "other"}, config=fake.config)
