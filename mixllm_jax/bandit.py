@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 
 from mixllm_jax.state import RouterState
 
@@ -46,13 +47,15 @@ def _quadratic_forms(x, A_inv):
 
 
 def spd_inverse(S):
-    """Inverse of a symmetric positive-definite matrix [..., n, n]: eigendecomposition, refined.
+    """Inverse of a symmetric positive-definite matrix [..., n, n]: Cholesky solve, refined.
 
-    (XLA's CPU triangular solve is ~100x slower than its eigh at these sizes, so no Cholesky solve.)
+    (On CPU a batched Cholesky solve costs ~1/10 of an eigendecomposition at d = 400.)
     """
-    e, V = jnp.linalg.eigh(S)
-    X = (V / e[..., None, :]) @ jnp.swapaxes(V, -1, -2)
-    return 2 * X - X @ S @ X  # one Newton-Schulz step squares the residual
+    L = jnp.linalg.cholesky(S)
+    eye = jnp.broadcast_to(jnp.eye(S.shape[-1], dtype=S.dtype), S.shape)
+    X = jax.scipy.linalg.cho_solve((L, True), eye)
+    X = 2 * X - X @ S @ X  # one Newton-Schulz step squares the residual
+    return 0.5 * (X + jnp.swapaxes(X, -1, -2))
 
 
 def _woodbury(A, A_inv, B, X, Y, w):
@@ -121,7 +124,6 @@ def drift(state: RouterState) -> jnp.ndarray:
 def refresh(state: RouterState, which: jnp.ndarray | None = None) -> RouterState:
     """Recompute A_inv from the precision matrix A for arms where `which` [K] is True."""
     fresh = spd_inverse(state.A)
-    fresh = 0.5 * (fresh + jnp.swapaxes(fresh, 1, 2))
     if which is not None:
         fresh = jnp.where(which[:, None, None], fresh, state.A_inv)
     return state.replace(A_inv=fresh)

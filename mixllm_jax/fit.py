@@ -13,9 +13,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 
-from mixllm_jax.bandit import refresh
+from mixllm_jax.bandit import spd_inverse
 from mixllm_jax.state import QUALITY, RouterState
 
 INTERCEPT_PRECISION = 0.1  # prior precision of intercept features: ~0.1 pseudo-observations
@@ -38,10 +39,11 @@ def log_evidence(S, b, yy, n, prior):
     sigma^2 = (yy - theta.b) / n and log p = -n/2 log sigma^2 + 1/2 log|diag(prior)| - 1/2 log|A|
     (constants dropped). Returns (log evidence, sigma^2).
     """
-    ev, V = jnp.linalg.eigh(jnp.diag(prior) + S)
-    theta = (V / ev) @ (V.T @ b[:, QUALITY])
+    L = jnp.linalg.cholesky(jnp.diag(prior) + S)  # a Cholesky factor: ~10x cheaper than eigh here
+    theta = jax.scipy.linalg.cho_solve((L, True), b[:, QUALITY])
     s2 = jnp.maximum(yy[QUALITY] - theta @ b[:, QUALITY], 1e-6) / jnp.maximum(n, 1.0)
-    return -0.5 * n * jnp.log(s2) + 0.5 * jnp.log(prior).sum() - 0.5 * jnp.log(ev).sum(), s2
+    log_det = 2.0 * jnp.log(jnp.diagonal(L)).sum()
+    return -0.5 * n * jnp.log(s2) + 0.5 * jnp.log(prior).sum() - 0.5 * log_det, s2
 
 
 @jax.jit
@@ -82,12 +84,14 @@ def state_from_stats(state: RouterState, slots: Sequence[int], stats, penalized:
     idx, prior, s2 = choose_ridge(S, b, yy, n, jnp.asarray(penalized), r)
     sl = jnp.asarray(np.asarray(slots, np.int32))
     b = jnp.pad(b, ((0, 0), (0, 0), (0, state.n_targets - b.shape[2])))
-    A = state.A.at[sl].set(w * (jax.vmap(jnp.diag)(prior) + S))
+    A = w * (jax.vmap(jnp.diag)(prior) + S)
     fresh = jnp.where(jnp.asarray(penalized), jnp.median(r[idx]), INTERCEPT_PRECISION)
-    state = state.replace(A=A, B=state.B.at[sl].set(w * b), count=state.count.at[sl].set(w * n),
+    # eager on purpose: XLA CPU may run two LAPACK calls of one jitted program concurrently, which
+    # was seen to deadlock (jaxlib 0.10.2); only the filled arms are inverted
+    state = state.replace(A=state.A.at[sl].set(A), A_inv=state.A_inv.at[sl].set(spd_inverse(A)),
+                          B=state.B.at[sl].set(w * b), count=state.count.at[sl].set(w * n),
                           noise=state.noise.at[sl].set(jnp.sqrt(s2)), ridge=fresh)
-    which = jnp.zeros((state.capacity,), bool).at[sl].set(True)
-    return refresh(state, which), np.asarray(r[idx])
+    return state, np.asarray(r[idx])
 
 
 def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,
