@@ -11,7 +11,7 @@ import numpy as np
 from mixllm_jax import simulate as sim
 from mixllm_jax.data import Dataset
 from mixllm_jax.experiments import plots
-from mixllm_jax.experiments.common import (BUDGET_PCT, STREAM_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData, calibrate,
+from mixllm_jax.experiments.common import (BUDGET_PCT, ONLINE_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData, calibrate,
                                            calibration_note, concat, config_dict, data_note, fit_offline, fmt,
                                            router_features, select_models, short, split_idx, stream_policy,
                                            write_outputs)
@@ -41,7 +41,7 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] | None =
                     at: tuple[float, float, float] = (0.2, 0.45, 0.7), frac_offline: float = 0.3,
                     prior: str | float = "mean", seed: int = 0, config: sim.StreamConfig = sim.StreamConfig(),
                     budget_pct: float = BUDGET_PCT, beta: float = STREAM_BETA, tau: float = STREAM_TAU,
-                    alpha: float = STREAM_ALPHA, n_windows: int = 25, progress: bool = True) -> dict:
+                    alpha: float = ONLINE_ALPHA, n_windows: int = 25, progress: bool = True) -> dict:
     """Train offline (frac_offline of d.train) on every LLM but `added`; stream the rest of d.train
     and d.test (shuffled) with refined feedback; at fractions `at` of the stream add `added` (cold
     start from `prior`), remove `removed`, and multiply `repriced`'s prices (default added[0]) by
