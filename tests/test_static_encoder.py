@@ -252,7 +252,7 @@ def test_compilation_cache_is_written_and_read_across_processes(tmp_path):
     """A second process compiles nothing: it reads the executables the first one stored."""
     code = ("import jax, jax.numpy as jnp\n"
             "from mixllm_jax import cache\n"
-            "cache.enable_compilation_cache()\n"
+            "cache.enable_compilation_cache(min_compile_time_s=0)\n"
             "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())\n"
             "print(float(f(jnp.ones((64, 64)))))\n")
     env = {"MIXLLM_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
