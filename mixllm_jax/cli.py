@@ -211,6 +211,10 @@ def cmd_experiment(args):
         if args.name != "out-of-domain":
             raise SystemExit("--no-held-out goes with the out-of-domain experiment")
         kw["held_out_tasks"] = False
+    if args.no_grow_domains:
+        if args.name != "out-of-domain":
+            raise SystemExit("--no-grow-domains goes with the out-of-domain experiment")
+        kw["grow_domains"] = False
     report = experiments.run_experiment(args.name, args.out, quick=args.quick, **_experiment_data(args), **kw)
     print(Path(report["paths"]["md"]).read_text())
     print(f"written: {', '.join(str(p) for p in report['paths'].values())}")
@@ -472,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "binary, refined_greedy, refined_thompson")
     p.add_argument("--no-held-out", action="store_true",
                    help="out-of-domain: only the data's ood split (no held-out-task streams)")
+    p.add_argument("--no-grow-domains", action="store_true",
+                   help="out-of-domain: no domains opened online (queries keep their nearest trained domain)")
     p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("ope", help="off-policy evaluation: estimate a saved router's value from a log of decisions "

@@ -53,6 +53,7 @@ def test_out_of_domain_on_a_jsonl_with_an_ood_split(tmp_path, capsys):
     s = r["ood_split"]  # the ood split: train on train, stream part of the ood queries, evaluate on the rest
     assert s["tasks"] == ["c", "d"] and s["n_stream"] + s["n_eval"] == 30 and s["n_stream"] == 16
     assert set(s["modes"]) == {"none", "refined", "binary", "refined_greedy", "refined_thompson"}
+    assert all(len(m["regret"]["n"]) and m["regret"]["n"][-1] == s["n_stream"] for m in s["modes"].values())
     for m in s["modes"].values():
         assert m["stream"]["n"] == s["n_stream"] and set(m["by_task"]) == {"c", "d"}
         assert 0.0 <= m["by_task"]["c"]["mean_quality"] <= 100.0
