@@ -358,6 +358,8 @@ class FeatureStore:
 
     def put_many(self, items: Iterable[tuple[str, Entry]]) -> None:
         items = list(items)
+        if not items:  # (an empty write would be a blank line, which load() refuses)
+            return
         lines = []
         with self._lock:
             for rid, e in items:

@@ -180,3 +180,16 @@ def test_backend_context_window():
 
     allow = BackendsFile(allow_hosts=[AllowedHost("127.0.0.1")])
     assert request_backend({"base_url": "http://127.0.0.1:9/v1", "context_window": 99}, allow).context_window == 99
+
+
+def test_an_empty_feature_write_leaves_the_log_readable(tmp_path):
+    """A batch whose requests were all refused (e.g. no context window fits) writes nothing: a blank
+    line made the request log unreadable at the next start."""
+    from mixllm_jax.feedback_log import Entry, FeatureStore
+
+    fs = FeatureStore(tmp_path, capacity=4)
+    fs.put_many([("r1", Entry(np.zeros(3, np.float32), slot=0, generation=0, model="m", prompt_tokens=1, log_tokens=1))])
+    fs.put_many([])
+    fs.close()
+    back = FeatureStore(tmp_path, capacity=4)
+    assert back.load() == 1 and back.get("r1").model == "m"
