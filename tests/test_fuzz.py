@@ -77,7 +77,8 @@ KEYS = st.one_of(st.sampled_from(["prompt", "cost_weight", "max_cost_usd", "allo
                                   "budget", "book_load", "request_id", "quality",
                                   "thumbs", "completion_tokens", "name", "price_in_per_mtok", "price_out_per_mtok",
                                   "ttft_s", "tokens_per_s", "max_concurrency", "prior", "backend", "messages",
-                                  "stream", "base_url", "api_key_env", "timeout_s", "model", "role", "content"]),
+                                  "stream", "base_url", "api_key_env", "timeout_s", "context_window", "model", "role",
+                                  "content"]),
                  st.text(max_size=8))
 
 
@@ -158,7 +159,8 @@ def models_body(stub_host, p):
                                f"http://u:p@{stub_host}/ok/v1", "http://[::1]:9/v1", "not a url",
                                f"http://{stub_host}/ok/v1?x=1"])
     backend = st.fixed_dictionaries({"base_url": weighted(good_url, bad_url, p)},
-                                    optional={"model": PROMPT, "timeout_s": st.floats(0.1, 5)})
+                                    optional={"model": PROMPT, "timeout_s": st.floats(0.1, 5),
+                                              "context_window": weighted(st.integers(1, 10 ** 6), VALUE, p)})
     backend = weighted(backend, backend.map(lambda b: {**b, "api_key_env": "HOME"}), p)
     name = weighted(NAME.map(j), st.one_of(HOSTILE_NAME.map(lambda n: '"' + n + '"'), VALUE), p)
     return body_of({"name": name, "price_in_per_mtok": field(st.floats(0, 100), p),

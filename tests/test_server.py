@@ -322,14 +322,15 @@ def test_live_add_and_remove_without_recompiling(env, srv):
     assert srv.get("/healthz").json()["compiled_route_shapes"] == compiled
 
 
-@pytest.mark.parametrize("behaviour,needle", [
-    ("fail", "answered HTTP 500"),
-    ("bad", "invalid JSON"),
-    ("hang", "timed out"),
+@pytest.mark.parametrize("behaviour,needle,stream", [
+    ("fail", "answered HTTP 500", False),
+    ("bad", "invalid JSON", False),
+    ("hang", "timed out", False),
+    ("fail", None, True),
 ])
-def test_backend_failures_fall_back_and_cool_down(env, srv, behaviour, needle):
-    """A failing backend (before the answer starts) is recorded as quality 0 for its LLM, put on a
-    cooldown, and the request is answered by the next-best LLM of the same decision."""
+def test_backend_failures_fall_back_and_cool_down(env, srv, behaviour, needle, stream):
+    """A failing backend (before the answer starts, streaming or not) is recorded as quality 0 for
+    its LLM, put on a cooldown, and the request is answered by the next-best LLM of the same decision."""
     name = f"{behaviour}-llm"
     r = srv.post("/v1/models", {"name": name, "price_in_per_mtok": 0, "price_out_per_mtok": 0, "prior": 3.0,
                                 "backend": {"base_url": f"{env['stub']}/{behaviour}/v1", "timeout_s": 0.5}})
@@ -338,11 +339,18 @@ def test_backend_failures_fall_back_and_cool_down(env, srv, behaviour, needle):
         fails = srv.metric("mixllm_backend_failures_total", model=name)
         body = {"cost_weight": 1e9, "messages": [{"role": "user", "content": PROMPT}]}  # the free LLM wins
         assert srv.route(cost_weight=1e9, book_load=False)["model"] == name
-        resp = srv.post("/v1/chat/completions", body)
-        assert resp.status_code == 200, resp.text
-        assert resp.headers["x-mixllm-model"] != name and resp.headers["x-mixllm-attempts"] == "2"
-        [fb] = resp.json()["mixllm"]["fallbacks"]
-        assert fb["model"] == name and needle in fb["error"] and f"recorded as quality 0 for '{name}'" in fb["error"]
+        if stream:
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60, json={**body, "stream": True}) as s:
+                assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+                assert s.headers["x-mixllm-model"] != name and s.headers["x-mixllm-attempts"] == "2"
+                events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+            assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]).startswith("This is")
+        else:
+            resp = srv.post("/v1/chat/completions", body)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-mixllm-model"] != name and resp.headers["x-mixllm-attempts"] == "2"
+            [fb] = resp.json()["mixllm"]["fallbacks"]
+            assert fb["model"] == name and needle in fb["error"] and f"recorded as quality 0 for '{name}'" in fb["error"]
         assert srv.metric("mixllm_backend_failures_total", model=name) == fails + 1
         assert srv.metric("mixllm_fallbacks_total", model=name) >= 1
         assert srv.observations()[name] == 1.0

@@ -30,7 +30,8 @@ Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"e
   GET  /v1/usage [route]     spend and decisions of the caller's key (admin: of every key)
   POST /v1/models [admin]    {"name", "price_in_per_mtok", "price_out_per_mtok", "ttft_s"?,
                               "tokens_per_s"?, "max_concurrency"?, "prior"?, "backend"?: {"base_url"
-                              (a host on the backends file's allow_hosts), "model"?, "timeout_s"?}}
+                              (a host on the backends file's allow_hosts), "model"?, "timeout_s"?,
+                              "context_window"?}}
                              -> 201 model
   DELETE /v1/models/{name} [admin]  -> {"removed": name}
   GET  /metrics [admin]      Prometheus text format

@@ -96,6 +96,7 @@ class LiveModels:
         self.generation = generation
         self._active = np.asarray(self.state.active)
         self.live_backends.pop(name, None)
+        self.cooldown.pop(name, None)  # an LLM added later under this name starts without one
         self._refresh_backends()
         self._update_gauges()
 
