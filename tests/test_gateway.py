@@ -135,6 +135,7 @@ def test_candidates_per_request(env, srv):
 
 
 def test_context_window_makes_an_llm_ineligible(env, srv):
+    compiled = srv.get("/healthz").json()["compiled_route_shapes"]
     for _ in range(3):
         r = route(srv, model="mixllm:cost_weight=0").json()
         assert r["model"] != TINY and r["explanation"][TINY]["eligible"] is False
@@ -142,6 +143,8 @@ def test_context_window_makes_an_llm_ineligible(env, srv):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     r = route(srv, allowed_models=[TINY])
     assert r.status_code == 400 and "context window" in r.json()["error"]["message"]
+    # masks, caps, operating points and windows are traced inputs: none of this compiled anything new
+    assert srv.get("/healthz").json()["compiled_route_shapes"] == compiled
 
 
 def spend(srv, key) -> dict:

@@ -193,3 +193,15 @@ def test_an_empty_feature_write_leaves_the_log_readable(tmp_path):
     fs.close()
     back = FeatureStore(tmp_path, capacity=4)
     assert back.load() == 1 and back.get("r1").model == "m"
+
+
+def test_checkpoints_from_before_the_generation_rename_still_restore():
+    """The slot generations were saved as "arm_id" before the rename (issue 13): still read."""
+    from mixllm_jax.serve.compute import extras_template, fit_generation
+
+    man = {"feedback/params/Dense_0/kernel": {"shape": [5, 8]}, "feedback/params/Dense_2/kernel": {"shape": [8, 4]},
+           "journal_seq": {"shape": []}}
+    for name in ("arm_id", "generation"):
+        like, kind = extras_template({"arrays": {"extras": {**man, name: {"shape": [4]}}}})
+        assert kind == "server" and like[name].shape == (4,)
+    np.testing.assert_array_equal(fit_generation(np.array([0, 7]), 4), [0, 7, -1, -1])
