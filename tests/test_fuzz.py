@@ -186,8 +186,8 @@ def request(stub_host, models, hostile=True):
         return weighted(posts[path], raw, 0.75) if hostile else posts[path]
 
     post = st.sampled_from(sorted(posts)).flatmap(lambda p: body_for(p).map(lambda b: ("POST", p, b)))
-    gets = st.sampled_from(["/v1/models", "/v1/usage", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route", "/nope",
-                            "/v1/models/x/y", "/%ff%fe"]).map(lambda p: ("GET", p, None))
+    gets = st.sampled_from(["/v1/models", "/v1/usage", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route",
+                            "/nope", "/v1/models/x/y", "/%ff%fe"]).map(lambda p: ("GET", p, None))
     dels = HOSTILE_NAME.map(lambda n: ("DELETE", "/v1/models/" + urllib.parse.quote(n.replace("\\", "")), None))
     what = st.one_of(post, post, post, post, gets, dels) if hostile else st.one_of(post, post, post, gets)
 

@@ -37,7 +37,7 @@ class RouteReq:
     allowed: np.ndarray | None  # [K'] bool (slots past K' are not allowed), or None for every active arm
     book: bool
     kind: str  # "route" or "chat"
-    key: str = "-"  # the API key's name (usage.py)
+    key: str  # the API key's account name (usage.key_name)
 
 
 def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, book_load: bool):

@@ -78,8 +78,6 @@ class FeedbackRecords:
                                   jnp.asarray(np.pad(slots, (0, pad))), jnp.asarray(np.pad(reward, (0, pad))),
                                   self.state.active, jnp.asarray(valid))
 
-    def _update_gauges(self) -> None:
-        self.metrics.models.set(len(self.registry.slots))
 
 
     def entry_live(self, e) -> bool:

@@ -105,7 +105,8 @@ def request_policy(svc: RouterService, body: dict, key) -> RequestPolicy:
     cw, max_cost = policy_fields(body)
     point, pinned = parse_model(svc, body.get("model"))
     if cw is not None and point is not None:
-        raise ApiError(400, "give the operating point once: in 'model' or in 'cost_weight', not both", param="cost_weight")
+        raise ApiError(400, "give the operating point once: in 'model' or in 'cost_weight', not both",
+                       param="cost_weight")
     if cw is not None:
         point = (cw, 0.0, 0.0)
     cand = candidates(svc, body, pinned)

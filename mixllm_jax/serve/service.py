@@ -47,7 +47,8 @@ from tokenizers import Tokenizer
 from mixllm_jax import batcher, encoder as enc_mod, feedback, feedback_log
 from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
 from mixllm_jax.router import truncate
-from mixllm_jax.serve.backends import Backend, BackendsFile, load_backends_file, read_live_backends, resolve_live_backend
+from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
+                                       resolve_live_backend)
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
                                       extras_template, fit_feedback, fit_generation, pow2_bucket, reset_load,
                                       serve_route)
@@ -56,11 +57,10 @@ from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackR
 from mixllm_jax.serve.http import ApiError, is_num
 from mixllm_jax.serve.live_models import LiveModels, _num
 from mixllm_jax.serve.metrics import Metrics
-from mixllm_jax.serve.usage import MAX_TOKENS, Ledger, usage_view
+from mixllm_jax.serve.usage import ANONYMOUS, MAX_TOKENS, Ledger, usage_view
 from mixllm_jax.state import ArmRegistry
 
 log = logging.getLogger(__name__)
-
 
 
 def rid_key(rid: str) -> bytes:
@@ -340,6 +340,9 @@ class RouterService(FeedbackRecords, LiveModels):
         self.metrics.skipped.inc(len(recs))
         self.skipped_records += len(recs)
 
+    def _update_gauges(self) -> None:
+        self.metrics.models.set(len(self.registry.slots))
+
     # ---- routing (worker thread) -----------------------------------------------------------
 
     def _decide(self, ids, mask, reqs: list[RouteReq], commit: bool = True):
@@ -437,7 +440,7 @@ class RouterService(FeedbackRecords, LiveModels):
         return [(truncate(e.ids, self.router.max_length, self.router.truncation_side), len(e.ids)) for e in enc]
 
     async def route(self, texts: list[str], *, point=None, max_cost_usd=None, allowed=None, book=True,
-                    kind="route", key="-") -> list[dict]:
+                    kind="route", key=ANONYMOUS) -> list[dict]:
         """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full.
         point: (cost_weight, mix_cost_weight, mix) or None (the router's); max_cost_usd: the cost cap
         or None; allowed [K] bool or None; key: the API key's name (usage.py)."""
@@ -484,10 +487,10 @@ class RouterService(FeedbackRecords, LiveModels):
         loop = asyncio.get_running_loop()
         async with self._ckpt_lock:
             router, extras, seq, spend = await loop.run_in_executor(self.worker, self._snapshot)
+            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.cfg.log_path / "spend.json",
+                                       spend)  # (decision counts change without journal records)
             if seq == self.ckpt_seq and not force:
                 return None
-            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.cfg.log_path / "spend.json",
-                                       spend)
             await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
                                        self.cfg.log_path / "live_models.json",
                                        {n: b.record() for n, b in self.live_backends.items()})
@@ -554,5 +557,3 @@ class RouterService(FeedbackRecords, LiveModels):
                 "replayed": self.replayed, "features": len(self.features), "capacity": self.state.capacity,
                 "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
-
-
