@@ -292,7 +292,7 @@ class Entry:
 
     x: np.ndarray  # [d] features
     slot: int
-    arm_id: int  # identity of the model that held the slot when routed (see server)
+    generation: int  # the slot's LLM generation when routed (serve/service.py): feedback goes to that LLM only
     model: str
     prompt_tokens: float
     log_tokens: float  # predicted log completion tokens of the chosen arm (replaced by observed usage)
@@ -341,9 +341,9 @@ class FeatureStore:
         for seg in segs:
             for lineno, rec in _read_lines(seg, repair=True):
                 try:
-                    self._put(rec["id"], Entry(decode_x(rec["x"]), int(rec["slot"]), int(rec["arm_id"]),
-                                               str(rec["model"]), float(rec["pt"]), float(rec["lt"]),
-                                               propensity=float(rec.get("p", 1.0))))
+                    gen = rec.get("generation", rec.get("arm_id"))  # "arm_id": logs written before the rename
+                    self._put(rec["id"], Entry(decode_x(rec["x"]), int(rec["slot"]), int(gen), str(rec["model"]),
+                                               float(rec["pt"]), float(rec["lt"]), propensity=float(rec.get("p", 1.0))))
                     n += 1
                 except (KeyError, ValueError, TypeError) as e:
                     log.warning("%s:%d: skipping an unreadable request record (%s)", seg, lineno, e)
@@ -358,6 +358,8 @@ class FeatureStore:
 
     def put_many(self, items: Iterable[tuple[str, Entry]]) -> None:
         items = list(items)
+        if not items:  # (an empty write would be a blank line, which load() refuses)
+            return
         lines = []
         with self._lock:
             for rid, e in items:
@@ -365,7 +367,7 @@ class FeatureStore:
         if self.dir is None:
             return
         for rid, e in items:
-            lines.append(json.dumps({"id": rid, "slot": e.slot, "arm_id": e.arm_id, "model": e.model,
+            lines.append(json.dumps({"id": rid, "slot": e.slot, "generation": e.generation, "model": e.model,
                                      "pt": e.prompt_tokens, "lt": e.log_tokens, "p": e.propensity,
                                      "x": encode_x(e.x)},
                                     separators=(",", ":")))

@@ -170,7 +170,7 @@ class ServerProc:
         return r.json()
 
     def observations(self) -> dict:
-        return {m["id"]: m["observations"] for m in self.get("/v1/models").json()["data"]}
+        return {m["id"]: m["observations"] for m in self.get("/v1/models").json()["data"] if m["kind"] == "llm"}
 
     def metric(self, name: str, **labels) -> float:
         """Sum of a metric's samples whose labels include `labels` (0 when absent)."""

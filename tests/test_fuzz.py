@@ -73,10 +73,12 @@ SURROGATES = st.sampled_from(['"\\ud800"', '"a\\udfffb"', '"\\ud83d\\ude00"', '"
 SCALAR = st.one_of(st.none().map(j), st.booleans().map(j), st.integers(-10 ** 6, 10 ** 6).map(str),
                    st.floats(allow_nan=False, allow_infinity=False).map(j), SPECIAL,
                    st.text(max_size=20).map(j), SURROGATES)
-KEYS = st.one_of(st.sampled_from(["prompt", "cost_weight", "budget", "book_load", "request_id", "quality",
+KEYS = st.one_of(st.sampled_from(["prompt", "cost_weight", "max_cost_usd", "allowed_models", "blocked_models",
+                                  "budget", "book_load", "request_id", "quality",
                                   "thumbs", "completion_tokens", "name", "price_in_per_mtok", "price_out_per_mtok",
                                   "ttft_s", "tokens_per_s", "max_concurrency", "prior", "backend", "messages",
-                                  "stream", "base_url", "api_key_env", "timeout_s", "model", "role", "content"]),
+                                  "stream", "base_url", "api_key_env", "timeout_s", "context_window", "model", "role",
+                                  "content"]),
                  st.text(max_size=8))
 
 
@@ -118,18 +120,30 @@ HOSTILE_NAME = st.one_of(NAME, st.text(max_size=10), st.sampled_from(["\\ud800",
 RID = st.integers(0, 10 ** 6).map(lambda i: f"@@rid{i}@@")  # a request id routed earlier (Observer.send)
 
 
-def route_body(p):
+def gateway_fields(models, p):
+    """The gateway's request fields (gateway.py): model (aliases, operating points, pinned LLMs,
+    unknown names), max_cost_usd, allowed_models / blocked_models (known and unknown names)."""
+    llm = st.sampled_from(models)
+    model = st.one_of(st.sampled_from(["mixllm", "auto", "mixllm:cost_weight=0.5", "mixllm:budget=0.2",
+                                       "mixllm:budget=0", "mixllm:budget=1e400", "mixllm:cost_weight=-1",
+                                       "mixllm:nope=1", "gpt-unknown"]), llm)
+    names = st.lists(st.one_of(llm, llm, st.sampled_from(["no-such-llm", ""])), max_size=4)
+    return {"model": field(model, p), "max_cost_usd": field(st.floats(1e-6, 1), p),
+            "allowed_models": field(names, p), "blocked_models": field(names, p)}
+
+
+def route_body(models, p):
     return body_of({"prompt": field(st.one_of(PROMPT, st.lists(PROMPT, min_size=1, max_size=8)), p),
-                    "cost_weight": field(st.floats(0, 1e3), p), "budget": field(st.floats(1e-6, 1), p),
+                    "cost_weight": field(st.floats(0, 1e3), p), **gateway_fields(models, p),
                     "book_load": field(st.booleans(), p)}, ("prompt",), p)
 
 
-def chat_body(p):
+def chat_body(models, p):
     msg = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": TEXT})
     user = st.fixed_dictionaries({"role": st.just("user"), "content": PROMPT})
     msgs = st.tuples(st.lists(msg, max_size=2), user).map(lambda t: t[0] + [t[1]])
     return body_of({"messages": field(msgs, p), "stream": field(st.booleans(), p),
-                    "cost_weight": field(st.floats(0, 1e3), p), "budget": field(st.floats(1e-6, 1), p),
+                    "cost_weight": field(st.floats(0, 1e3), p), **gateway_fields(models, p),
                     "temperature": st.floats(0, 2).map(j), "user": TEXT.map(j)}, ("messages",), p)
 
 
@@ -145,7 +159,8 @@ def models_body(stub_host, p):
                                f"http://u:p@{stub_host}/ok/v1", "http://[::1]:9/v1", "not a url",
                                f"http://{stub_host}/ok/v1?x=1"])
     backend = st.fixed_dictionaries({"base_url": weighted(good_url, bad_url, p)},
-                                    optional={"model": PROMPT, "timeout_s": st.floats(0.1, 5)})
+                                    optional={"model": PROMPT, "timeout_s": st.floats(0.1, 5),
+                                              "context_window": weighted(st.integers(1, 10 ** 6), VALUE, p)})
     backend = weighted(backend, backend.map(lambda b: {**b, "api_key_env": "HOME"}), p)
     name = weighted(NAME.map(j), st.one_of(HOSTILE_NAME.map(lambda n: '"' + n + '"'), VALUE), p)
     return body_of({"name": name, "price_in_per_mtok": field(st.floats(0, 100), p),
@@ -155,14 +170,15 @@ def models_body(stub_host, p):
                     "backend": field(backend, p)}, ("name", "price_in_per_mtok", "price_out_per_mtok"), p)
 
 
-def request(stub_host, hostile=True):
+def request(stub_host, models, hostile=True):
     """(method, path, headers, body bytes or None) of one generated request."""
     p = 0.6 if hostile else 0.9
     key = st.sampled_from(["admin"] * 6 + ["route", "feedback", "client", "none", "bad"]) if hostile else \
         st.sampled_from(["admin"] * 8 + ["client", "route"])
     ctype = st.sampled_from(["application/json"] * 8 + ["text/plain", None, "application/json; charset=utf-8"]) \
         if hostile else st.just("application/json")
-    posts = {"/v1/route": route_body(p), "/v1/chat/completions": chat_body(p), "/v1/feedback": feedback_body(p),
+    posts = {"/v1/route": route_body(models, p), "/v1/chat/completions": chat_body(models, p),
+             "/v1/feedback": feedback_body(p),
              "/v1/models": models_body(stub_host, p)}
     raw = st.one_of(st.binary(max_size=64), DEEP, VALUE, st.just(""), SCALAR)
 
@@ -170,8 +186,8 @@ def request(stub_host, hostile=True):
         return weighted(posts[path], raw, 0.75) if hostile else posts[path]
 
     post = st.sampled_from(sorted(posts)).flatmap(lambda p: body_for(p).map(lambda b: ("POST", p, b)))
-    gets = st.sampled_from(["/v1/models", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route", "/nope",
-                            "/v1/models/x/y", "/%ff%fe"]).map(lambda p: ("GET", p, None))
+    gets = st.sampled_from(["/v1/models", "/v1/usage", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route",
+                            "/nope", "/v1/models/x/y", "/%ff%fe"]).map(lambda p: ("GET", p, None))
     dels = HOSTILE_NAME.map(lambda n: ("DELETE", "/v1/models/" + urllib.parse.quote(n.replace("\\", "")), None))
     what = st.one_of(post, post, post, post, gets, dels) if hostile else st.one_of(post, post, post, gets)
 
@@ -264,7 +280,7 @@ def test_fuzz_http_hostile_requests(secure_env, counts):
     before = obs.decisions()
 
     @fuzz(N_HOSTILE)
-    @given(request(stub_host, hostile=True))
+    @given(request(stub_host, secure_env["models"], hostile=True))
     def run(req):
         obs.send("http_hostile", *req)
 
@@ -287,7 +303,7 @@ def test_fuzz_http_valid_and_hostile_traffic(secure_env, counts):
         headers=srv.headers()).json()["routes"]]
 
     @fuzz(N_VALID)
-    @given(request(stub_host, hostile=False))
+    @given(request(stub_host, secure_env["models"], hostile=False))
     def run(req):
         obs.send("http_valid", *req)
 

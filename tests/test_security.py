@@ -173,9 +173,14 @@ def test_clients_never_see_backend_urls_or_internals(env, srv):
     assert r.status_code == 201, r.text
     try:
         chat = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]})
-        assert chat.status_code == 502, chat.text
-        msg = chat.json()["error"]["message"]
-        assert "could not be reached" in msg and "127.0.0.1" not in msg and "Error" not in msg, msg
+        assert chat.status_code == 200, chat.text  # answered by the next-best LLM
+        [fb] = chat.json()["mixllm"]["fallbacks"]
+        msg = fb["error"]
+        assert fb["model"] == "unreachable-llm" and "could not be reached" in msg, msg
+        assert "127.0.0.1" not in msg and "Error" not in msg, msg
+        pinned = srv.post("/v1/chat/completions", {"model": "unreachable-llm",
+                                                   "messages": [{"role": "user", "content": PROMPT}]})
+        assert pinned.status_code == 503 and "127.0.0.1" not in pinned.text  # cooling down
     finally:
         assert srv.delete("/v1/models/unreachable-llm").status_code == 200
 
@@ -257,8 +262,8 @@ def test_deep_json_is_a_400(env, srv, path):
 
 @pytest.mark.parametrize("path, body", [
     ("/v1/route", '{"prompt": "x", "cost_weight": %s}'),
-    ("/v1/route", '{"prompt": "x", "budget": %s}'),
-    ("/v1/route", '{"prompt": "x", "budget": -%s}'),
+    ("/v1/route", '{"prompt": "x", "max_cost_usd": %s}'),
+    ("/v1/route", '{"prompt": "x", "max_cost_usd": -%s}'),
     ("/v1/feedback", '{"request_id": "r", "quality": %s}'),
     ("/v1/feedback", '{"request_id": "r", "quality": 1, "completion_tokens": %s}'),
     ("/v1/models", '{"name": "n", "price_in_per_mtok": %s, "price_out_per_mtok": 1}'),

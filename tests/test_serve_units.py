@@ -91,7 +91,7 @@ def test_request_backends_need_the_allow_list(allow, backend, status):
 def test_allowed_backends_take_the_entrys_key(allow):
     b = request_backend({"base_url": "https://API.example.com/v2", "model": "x"}, allow)
     assert b.api_key_env == "EX_KEY" and b.record() == {"base_url": "https://API.example.com/v2", "model": "x",
-                                                        "timeout_s": 60.0}
+                                                        "timeout_s": 60.0, "context_window": None}
     assert "base_url" not in b.public() and "api_key_env" not in b.public()
     assert request_backend({"base_url": "http://127.0.0.1:9001/ok"}, allow).api_key_env is None
 

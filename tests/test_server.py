@@ -86,7 +86,7 @@ def test_feature_store_is_bounded_and_reloads(tmp_path):
     fs = FeatureStore(tmp_path, capacity=10)
     x = np.arange(5, dtype=np.float32)
     for i in range(25):
-        fs.put_many([(f"r{i}", Entry(x + i, slot=i % 3, arm_id=0, model="m", prompt_tokens=3, log_tokens=1.0))])
+        fs.put_many([(f"r{i}", Entry(x + i, slot=i % 3, generation=0, model="m", prompt_tokens=3, log_tokens=1.0))])
     assert len(fs) == 10 and fs.get("r14") is None and fs.get("r15") is not None
     fs.close()
     assert len(list(tmp_path.glob("requests-*.jsonl"))) <= 3
@@ -97,7 +97,7 @@ def test_feature_store_is_bounded_and_reloads(tmp_path):
     assert (e.slot, e.model) == (0, "m") and again.get("r14") is None
     assert e.propensity == 1.0  # the default
     fs2 = FeatureStore(tmp_path / "p", capacity=10)
-    fs2.put_many([("q", Entry(x, slot=1, arm_id=0, model="m", prompt_tokens=3, log_tokens=1.0, propensity=0.125))])
+    fs2.put_many([("q", Entry(x, slot=1, generation=0, model="m", prompt_tokens=3, log_tokens=1.0, propensity=0.125))])
     fs2.close()
     back = FeatureStore(tmp_path / "p", capacity=10)
     back.load()
@@ -145,6 +145,8 @@ def test_healthz_and_models(env, srv):
     h = srv.get("/healthz").json()
     assert h["status"] == "ok" and h["models"] == env["models"] and h["checkpoint_step"] == 1
     data = srv.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data if m["kind"] == "router"] == ["mixllm"]
+    data = [m for m in data if m["kind"] == "llm"]
     assert [m["id"] for m in data] == env["models"]
     gpt4 = data[0]
     assert gpt4["price_in_per_mtok"] == 10.0 and gpt4["price_out_per_mtok"] == 30.0
@@ -164,14 +166,14 @@ def test_route_one_and_many(env, srv):
     assert len(many) == 3 and len({x["request_id"] for x in many} | {r["request_id"]}) == 4
 
 
-def test_cost_weight_and_budget(env, srv):
+def test_cost_weight_and_max_cost_usd(env, srv):
     cheap = srv.route(cost_weight=1e9, book_load=False)
     costs = {m: v["cost"] for m, v in cheap["explanation"].items()}
     assert cheap["model"] == min(costs, key=costs.get)
-    tiny = srv.route(budget=1e-12, book_load=False)  # nothing fits: the cheapest LLM
+    tiny = srv.route(max_cost_usd=1e-12, book_load=False)  # nothing fits: the cheapest LLM
     assert tiny["model"] == min(costs, key=costs.get)
     assert [m for m, v in tiny["explanation"].items() if v["eligible"]] == [tiny["model"]]
-    roomy = srv.route(budget=1e3, book_load=False)
+    roomy = srv.route(max_cost_usd=1e3, book_load=False)
     assert all(v["eligible"] for v in roomy["explanation"].values())
 
 
@@ -188,7 +190,8 @@ def test_cost_weight_and_budget(env, srv):
     ("/v1/route", {"prompt": ["a"] * 9}, 413, "9 prompts"),
     ("/v1/route", {"prompt": "x", "cost_weight": -1}, 422, "'cost_weight' must be in [0, 1e+12]"),
     ("/v1/route", {"prompt": "x", "cost_weight": "high"}, 422, "'cost_weight' must be a number"),
-    ("/v1/route", {"prompt": "x", "budget": 0}, 422, "'budget' must be in (0, 1e+06]"),
+    ("/v1/route", {"prompt": "x", "max_cost_usd": 0}, 422, "'max_cost_usd' must be in (0, 1e+06]"),
+    ("/v1/route", {"prompt": "x", "budget": 0.1}, 422, "unknown field(s) ['budget']"),
     ("/v1/feedback", {"request_id": "req-nope", "quality": 0.5}, 404, "unknown request id 'req-nope'"),
     ("/v1/feedback", {"quality": 0.5}, 422, "'request_id' is required"),
     ("/v1/feedback", {"request_id": "req-nope", "quality": 1.5}, 422, "'quality' must be in [0, 1]"),
@@ -228,7 +231,7 @@ def test_chat_proxy_forwards_and_records_usage(env, srv):
     body = r.json()
     model = r.headers["x-mixllm-model"]
     assert body["choices"][0]["message"]["content"].startswith("This is the stub")
-    assert body["mixllm"] == {"request_id": r.headers["x-mixllm-request-id"], "model": model}
+    assert body["mixllm"] == {"request_id": r.headers["x-mixllm-request-id"], "model": model, "fallbacks": []}
     seen = stub_requests(env)[-1]["body"]
     assert seen["temperature"] == 0.1 and "cost_weight" not in seen
     assert seen["model"] == ("renamed-at-backend" if model == env["models"][0] else model)
@@ -319,29 +322,61 @@ def test_live_add_and_remove_without_recompiling(env, srv):
     assert srv.get("/healthz").json()["compiled_route_shapes"] == compiled
 
 
-@pytest.mark.parametrize("behaviour,status,needle,recorded", [
-    ("fail", 502, "answered HTTP 500", True),
-    ("bad", 502, "invalid JSON", True),
-    ("hang", 504, "timed out", True),
-    ("reject", 400, "stub rejects", False),
+@pytest.mark.parametrize("behaviour,needle,stream", [
+    ("fail", "answered HTTP 500", False),
+    ("bad", "invalid JSON", False),
+    ("hang", "timed out", False),
+    ("fail", None, True),
 ])
-def test_backend_failures(env, srv, behaviour, status, needle, recorded):
+def test_backend_failures_fall_back_and_cool_down(env, srv, behaviour, needle, stream):
+    """A failing backend (before the answer starts, streaming or not) is recorded as quality 0 for
+    its LLM, put on a cooldown, and the request is answered by the next-best LLM of the same decision."""
     name = f"{behaviour}-llm"
     r = srv.post("/v1/models", {"name": name, "price_in_per_mtok": 0, "price_out_per_mtok": 0, "prior": 3.0,
                                 "backend": {"base_url": f"{env['stub']}/{behaviour}/v1", "timeout_s": 0.5}})
     assert r.status_code == 201, r.text
     try:
+        fails = srv.metric("mixllm_backend_failures_total", model=name)
+        body = {"cost_weight": 1e9, "messages": [{"role": "user", "content": PROMPT}]}  # the free LLM wins
+        assert srv.route(cost_weight=1e9, book_load=False)["model"] == name
+        if stream:
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60, json={**body, "stream": True}) as s:
+                assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+                assert s.headers["x-mixllm-model"] != name and s.headers["x-mixllm-attempts"] == "2"
+                events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+            assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]).startswith("This is")
+        else:
+            resp = srv.post("/v1/chat/completions", body)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-mixllm-model"] != name and resp.headers["x-mixllm-attempts"] == "2"
+            [fb] = resp.json()["mixllm"]["fallbacks"]
+            assert fb["model"] == name and needle in fb["error"] and f"recorded as quality 0 for '{name}'" in fb["error"]
+        assert srv.metric("mixllm_backend_failures_total", model=name) == fails + 1
+        assert srv.metric("mixllm_fallbacks_total", model=name) >= 1
+        assert srv.observations()[name] == 1.0
+        # cooling down: the next chat request (streaming too) does not try it
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60, json={**body, "stream": True}) as s:
+            assert s.status_code == 200 and s.headers["x-mixllm-model"] != name
+            assert s.headers["x-mixllm-attempts"] == "1"
+            s.read()
+        pinned = srv.post("/v1/chat/completions", {**body, "model": name})  # pinned: no fallback
+        assert pinned.status_code == 503 and "cooling down" in pinned.json()["error"]["message"]
+    finally:
+        assert srv.delete(f"/v1/models/{name}").status_code == 200
+
+
+def test_backend_client_errors_pass_through(env, srv):
+    name = "reject-llm"
+    r = srv.post("/v1/models", {"name": name, "price_in_per_mtok": 0, "price_out_per_mtok": 0, "prior": 3.0,
+                                "backend": {"base_url": f"{env['stub']}/reject/v1", "timeout_s": 0.5}})
+    assert r.status_code == 201, r.text
+    try:
         for stream in (False, True):
-            fails = srv.metric("mixllm_backend_failures_total", model=name)
-            resp = srv.post("/v1/chat/completions", {"stream": stream, "cost_weight": 1e9,  # the free LLM wins
+            resp = srv.post("/v1/chat/completions", {"stream": stream, "cost_weight": 1e9,
                                                      "messages": [{"role": "user", "content": PROMPT}]})
-            assert resp.status_code == status, resp.text
+            assert resp.status_code == 400 and "stub rejects" in resp.text, resp.text
             assert resp.headers["x-mixllm-model"] == name
-            assert needle in resp.text
-            if recorded:
-                assert f"recorded as quality 0 for '{name}'" in resp.json()["error"]["message"]
-                assert srv.metric("mixllm_backend_failures_total", model=name) == fails + 1
-        assert srv.observations()[name] == (2.0 if recorded else 0.0)
+        assert srv.observations()[name] == 0.0  # the request's fault, not the LLM's: no feedback, no cooldown
     finally:
         assert srv.delete(f"/v1/models/{name}").status_code == 200
 

@@ -39,6 +39,7 @@ import numpy as np
 LIMITS = {  # accepted range of every number the loaders read: finite, and far from float32's limits
     "price_in_per_mtok": (0.0, 1e5), "price_out_per_mtok": (0.0, 1e5),  # USD per million tokens
     "ttft_s": (0.0, 3600.0), "tokens_per_s": (0.0, 1e6), "max_concurrency": (0, 4096),  # ttft, tps, concurrency: > 0
+    "context_window": (0, 1e8),  # tokens: > 0
     "cost": (0.0, 1e4),  # USD per call
     "prompt_tokens": (0.0, 1e8), "completion_tokens": (0.0, 1e8), "latency_s": (0.0, 86400.0),
 }
@@ -90,7 +91,8 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One LLM: prices in USD per million tokens and an (optional, assumed) latency profile."""
+    """One LLM: prices in USD per million tokens, an (optional, assumed) latency profile and its
+    context window in tokens (optional: the server refuses it requests that would not fit)."""
 
     name: str
     price_in_per_mtok: float
@@ -98,6 +100,7 @@ class ModelSpec:
     ttft_s: float | None = None
     tokens_per_s: float | None = None
     max_concurrency: int | None = None
+    context_window: int | None = None
 
     @property
     def price_in(self) -> float:
@@ -111,7 +114,9 @@ class ModelSpec:
 
 
 _SPEC_REQUIRED = ("name", "price_in_per_mtok", "price_out_per_mtok")
-_SPEC_OPTIONAL = ("ttft_s", "tokens_per_s", "max_concurrency")
+_SPEC_OPTIONAL = ("ttft_s", "tokens_per_s", "max_concurrency", "context_window")
+_SPEC_NOTES = ("provider", "as_of", "source")  # strings a catalog records (checked, not kept): catalog/
+_INTEGER = ("max_concurrency", "context_window")
 
 
 def is_number(v: Any) -> bool:
@@ -121,11 +126,17 @@ def is_number(v: Any) -> bool:
 
 def load_models(path: str | Path) -> list[ModelSpec]:
     """Read a models file: ``{"models": [{"name", "price_in_per_mtok", "price_out_per_mtok",
-    "ttft_s"?, "tokens_per_s"?, "max_concurrency"?}, ...]}`` (a bare list is accepted too).
+    "ttft_s"?, "tokens_per_s"?, "max_concurrency"?, "context_window"?, "provider"?, "as_of"?,
+    "source"?}, ...]}`` (a bare list is accepted too). ``catalog:NAME`` reads the price catalog
+    shipped in the package (mixllm_jax/catalog: e.g. ``catalog:openai``, ``catalog:all``).
 
     Raises :class:`DataError` naming the file, the model and the field for a missing field, a
     negative or non-finite price, a non-positive latency figure, an unknown key or a duplicate name.
     """
+    if str(path).startswith("catalog:"):
+        from mixllm_jax.catalog import catalog_path
+
+        path = catalog_path(str(path)[len("catalog:"):])
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -152,10 +163,15 @@ def load_models(path: str | Path) -> list[ModelSpec]:
         for key in _SPEC_REQUIRED:
             if key not in e:
                 raise DataError(path, None, key, f"{label}: missing required field")
-        unknown = sorted(set(e) - set(_SPEC_REQUIRED) - set(_SPEC_OPTIONAL))
+        unknown = sorted(set(e) - set(_SPEC_REQUIRED) - set(_SPEC_OPTIONAL) - set(_SPEC_NOTES))
         if unknown:
             raise DataError(path, None, unknown[0], f"{label}: unknown field (allowed: "
-                            f"{', '.join(_SPEC_REQUIRED + _SPEC_OPTIONAL)})")
+                            f"{', '.join(_SPEC_REQUIRED + _SPEC_OPTIONAL + _SPEC_NOTES)})")
+        for key in _SPEC_NOTES:
+            v = e.get(key)
+            if v is not None and (not isinstance(v, str) or len(v) > 500 or not v.isprintable()):
+                raise DataError(path, None, key, f"{label}: must be a printable string of at most 500 "
+                                f"characters or absent", _short(v))
         if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
             raise DataError(path, None, "name", f"{label}: must be a printable string of 1-200 characters",
                             name if not isinstance(name, str) else name[:80])
@@ -168,10 +184,9 @@ def load_models(path: str | Path) -> list[ModelSpec]:
                 raise DataError(path, None, key, f"{label}: must be a finite number in {range_text(key)}", _short(v))
         for key in _SPEC_OPTIONAL:
             v = e.get(key)
-            if v is not None and (not in_range(key, v, positive=True)
-                                  or (key == "max_concurrency" and v != int(v))):
+            if v is not None and (not in_range(key, v, positive=True) or (key in _INTEGER and v != int(v))):
                 raise DataError(path, None, key, f"{label}: must be a "
-                                f"{'integer' if key == 'max_concurrency' else 'number'} in "
+                                f"{'integer' if key in _INTEGER else 'number'} in "
                                 f"{range_text(key, positive=True)} or absent", _short(v))
         specs.append(ModelSpec(
             name=name,
@@ -180,6 +195,7 @@ def load_models(path: str | Path) -> list[ModelSpec]:
             ttft_s=None if e.get("ttft_s") is None else float(e["ttft_s"]),
             tokens_per_s=None if e.get("tokens_per_s") is None else float(e["tokens_per_s"]),
             max_concurrency=None if e.get("max_concurrency") is None else int(e["max_concurrency"]),
+            context_window=None if e.get("context_window") is None else int(e["context_window"]),
         ))
     return specs
 

@@ -7,24 +7,31 @@ Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"e
 "type", "param", "code"}}`` with a 4xx/5xx status). With --api-keys each needs a key
 (``Authorization: Bearer <key>``) with the role in brackets (auth.py); admin may call all:
 
-  POST /v1/route [route]     {"prompt": str | [str], "cost_weight"?: [0, 1e12], "budget"?: USD in
-                              (0, 1e6], "book_load"?: bool}
+  POST /v1/route [route]     {"prompt": str | [str], "model"?, "cost_weight"?: [0, 1e12],
+                              "max_cost_usd"?: USD in (0, 1e6], "allowed_models"?: [llm],
+                              "blocked_models"?: [llm], "book_load"?: bool}
                              -> one route object, or {"routes": [route, ...]} for a list:
                              {"request_id", "model", "domain", "explanation": {llm: {"quality",
                               "tokens", "cost", "uncertainty", "wait", "penalty", "feedback",
                               "score", "eligible"}}}
-  POST /v1/chat/completions [route]  OpenAI body (+ optional "cost_weight", "budget"); routes the
-                             last user message (or the conversation, see route_on), forwards to the
-                             chosen LLM's backend, streaming (SSE) passed through. The answer carries
-                             headers x-mixllm-request-id / x-mixllm-model (and a "mixllm" field when
-                             not streaming). Usage and latency are recorded for that request.
+  POST /v1/chat/completions [route]  OpenAI body; "model": "mixllm" | "mixllm:budget=<share>" |
+                             "mixllm:cost_weight=<lambda>" | an LLM (pinned); + optional
+                             "cost_weight", "max_cost_usd", "allowed_models", "blocked_models"
+                             (gateway.py). Routes the last user message (or the conversation, see
+                             route_on), forwards to the chosen LLM's backend (falling back to the
+                             next-best on a backend failure), streaming (SSE) passed through. The
+                             answer carries headers x-mixllm-request-id / x-mixllm-model /
+                             x-mixllm-attempts (and a "mixllm" field when not streaming). Usage,
+                             cost and latency are recorded for that request and its API key.
   POST /v1/feedback [feedback]  {"request_id", "quality"?: [0, 1], "thumbs"?: "up" | "down",
                               "completion_tokens"?: int} -> {"request_id", "model", "recorded": [...]};
                              each request takes one quality and one thumbs, ever (409 after).
-  GET  /v1/models [route]    {"object": "list", "data": [model, ...]} (backend URLs are not shown)
+  GET  /v1/models [route]    {"object": "list", "data": [router alias, llm, ...]} (no backend URLs)
+  GET  /v1/usage [route]     spend and decisions of the caller's key (admin: of every key)
   POST /v1/models [admin]    {"name", "price_in_per_mtok", "price_out_per_mtok", "ttft_s"?,
                               "tokens_per_s"?, "max_concurrency"?, "prior"?, "backend"?: {"base_url"
-                              (a host on the backends file's allow_hosts), "model"?, "timeout_s"?}}
+                              (a host on the backends file's allow_hosts), "model"?, "timeout_s"?,
+                              "context_window"?}}
                              -> 201 model
   DELETE /v1/models/{name} [admin]  -> {"removed": name}
   GET  /metrics [admin]      Prometheus text format
@@ -33,15 +40,15 @@ Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"e
 
 The package: config.py (ServeConfig and its CLI options), auth.py (API keys), http.py (errors,
 request fields), backends.py (backends, allow-list, proxy, SSE relay), metrics.py, compute.py (the
-fused jitted computation), service.py (the worker thread, journal, feedback, live LLMs,
-checkpoints) and this module (the Starlette app, connection timeouts and the entry point). The
+fused jitted computation), service.py (the worker thread, journal, checkpoints) with
+feedback_records.py and live_models.py, gateway.py (model field, candidates, fallbacks), usage.py
+(spend, key budgets) and this module (the Starlette app, connection timeouts and the entry point). The
 design and the math: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import json
@@ -61,13 +68,15 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
-from mixllm_jax.serve.backends import proxy, request_backend
+from mixllm_jax.serve import gateway
+from mixllm_jax.serve.backends import request_backend
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
 from mixllm_jax.serve.http import (ApiError, check_prompt, error_response, get_bool, get_number, get_string,
-                                   policy_fields, read_json_object, reject_unknown, require_json, routing_text,
-                                   model_spec)
+                                   read_json_object, reject_unknown, require_json, routing_text, model_spec)
 from mixllm_jax.serve.metrics import CONTENT_TYPE_LATEST
-from mixllm_jax.serve.service import MAX_TOKENS, MODEL_DEFAULTS, RouterService
+from mixllm_jax.serve.live_models import MODEL_DEFAULTS
+from mixllm_jax.serve.service import RouterService
+from mixllm_jax.serve.usage import MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +141,8 @@ def create_app(cfg: ServeConfig) -> Starlette:
     @endpoint("route", "route", json_body=True)
     async def route(request):
         body = await body_of(request)
-        reject_unknown(body, {"prompt", "cost_weight", "budget", "book_load"})
+        reject_unknown(body, {"prompt", "model", "cost_weight", "max_cost_usd", "allowed_models", "blocked_models",
+                              "book_load"})
         if "prompt" not in body:
             raise ApiError(422, "field 'prompt' is required (a string or a list of strings)", param="prompt")
         p = body["prompt"]
@@ -150,9 +160,10 @@ def create_app(cfg: ServeConfig) -> Starlette:
         else:
             raise ApiError(422, f"field 'prompt' must be a string or a list of strings, got {type(p).__name__}",
                            param="prompt")
-        cw, budget = policy_fields(body)
+        pol = gateway.request_policy(svc, body, request.state.key)
         book = get_bool(body, "book_load", True)
-        out = await svc.route(prompts, cost_weight=cw, budget=budget, book=book)
+        out = await svc.route(prompts, point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=pol.candidates,
+                              book=book, key=pol.key)
         return JSONResponse(out[0] if single else {"routes": out})
 
     @endpoint("feedback", "feedback", json_body=True)
@@ -190,7 +201,13 @@ def create_app(cfg: ServeConfig) -> Starlette:
 
     @endpoint("models", "route")
     async def models_list(request):
-        return JSONResponse({"object": "list", "data": await svc.models()})
+        created = int(time.time() - (time.monotonic() - svc.t0))
+        return JSONResponse({"object": "list", "data": gateway.router_models(svc, created) + await svc.models()})
+
+    @endpoint("usage", "route")
+    async def usage(request):
+        key = request.state.key
+        return JSONResponse(await svc.usage(key, auth.keys))
 
     @endpoint("models_add", "admin", json_body=True)
     async def models_add(request):
@@ -237,20 +254,18 @@ def create_app(cfg: ServeConfig) -> Starlette:
             raise ApiError(413, f"the text routed on has {len(text)} characters, more than the limit of "
                                 f"{cfg.max_prompt_chars}", param="messages")
         stream = get_bool(body, "stream", False)
-        cw, budget = policy_fields(body)
+        pol = gateway.request_policy(svc, body, request.state.key)
         if svc.proxy_inflight >= cfg.max_inflight_proxy:
             m.rejected.labels("proxy_busy").inc()
             raise ApiError(503, f"{svc.proxy_inflight} proxied calls in flight, the limit; retry later",
                            "overloaded", headers={"Retry-After": "1"})
-        mask = svc.backend_mask
-        if not mask.any():
-            raise ApiError(503, "no live LLM has a backend configured (backends.yaml or POST /v1/models)",
-                           "no_backend")
+        mask = gateway.chat_mask(svc, pol.candidates)
         svc.proxy_inflight += 1
         handed_off = False  # a streaming answer releases its slot when the stream ends
         try:
-            [res] = await svc.route([text], cost_weight=cw, budget=budget, allowed=mask.copy(), kind="chat")
-            resp = await proxy(svc, body, res, stream)
+            [res] = await svc.route([text], point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=mask,
+                                    kind="chat", key=pol.key)
+            resp = await gateway.chat_with_fallbacks(svc, body, res, stream, pol.pinned is not None)
             handed_off = isinstance(resp, StreamingResponse)
             return resp
         finally:
@@ -284,6 +299,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
         Route("/v1/models", models_list, methods=["GET"]),
+        Route("/v1/usage", usage, methods=["GET"]),
         Route("/v1/models", models_add, methods=["POST"]),
         Route("/v1/models/{name:path}", models_remove, methods=["DELETE"]),
         Route("/metrics", metrics, methods=["GET"]),

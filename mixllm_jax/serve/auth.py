@@ -9,8 +9,16 @@ The keys file (JSON or YAML) lists the SHA-256 of each key, never the key itself
       - name: ops
         sha256: 7d2a...41
         roles: [admin]
+      - name: team-a
+        sha256: 9f00...2c
+        roles: [route, feedback]
+        budget:                                 # optional, USD (serve/usage.py)
+          usd_per_day: 5                        # UTC days
+          usd_per_month: 100                    # UTC calendar months
+          max_cost_usd: 0.05                    # per request (the router's cost cap)
+          when_exhausted: cheapest              # or "reject": HTTP 429
 
-Roles: ``route`` (POST /v1/route, POST /v1/chat/completions, GET /v1/models), ``feedback``
+Roles: ``route`` (POST /v1/route, POST /v1/chat/completions, GET /v1/models, GET /v1/usage), ``feedback``
 (POST /v1/feedback), ``admin`` (POST /v1/models, DELETE /v1/models/{name}, GET /metrics; admin
 may call everything). A client sends ``Authorization: Bearer <key>``; a missing or unknown key is
 a 401, a key without the endpoint's role a 403, both with OpenAI-style error bodies. ``GET
@@ -31,6 +39,9 @@ import secrets
 from pathlib import Path
 
 ROLES = ("route", "feedback", "admin")
+WHEN_EXHAUSTED = ("cheapest", "reject")
+BUDGET_KEYS = ("usd_per_day", "usd_per_month", "max_cost_usd", "when_exhausted")
+MAX_BUDGET_USD = 1e9
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 KEY_PREFIX = "mxk_"
 
@@ -44,9 +55,40 @@ class AuthError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyBudget:
+    """A key's spend limits in USD (None: no limit) and what happens once a period's is spent:
+    "cheapest" routes to the cheapest eligible LLM, "reject" answers 429."""
+
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    max_cost_usd: float | None = None
+    when_exhausted: str = "cheapest"
+
+
+@dataclasses.dataclass(frozen=True)
 class ApiKey:
     name: str
     roles: frozenset
+    budget: KeyBudget | None = None
+
+
+def parse_budget(obj, where: str) -> KeyBudget:
+    """A KeyBudget from a keys file entry's ``budget`` mapping; ValueError naming `where`."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be a mapping of {', '.join(BUDGET_KEYS)}")
+    unknown = sorted(set(map(str, obj)) - set(BUDGET_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (known: {', '.join(BUDGET_KEYS)})")
+    vals = {}
+    for k in BUDGET_KEYS[:3]:
+        v = obj.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= MAX_BUDGET_USD):
+            raise ValueError(f"{where}.{k} must be a number of USD in [0, {MAX_BUDGET_USD:g}]")
+        vals[k] = None if v is None else float(v)
+    when = obj.get("when_exhausted", "cheapest")
+    if when not in WHEN_EXHAUSTED:
+        raise ValueError(f"{where}.when_exhausted must be one of {', '.join(WHEN_EXHAUSTED)}")
+    return KeyBudget(**vals, when_exhausted=when)
 
 
 def hash_key(key: str) -> str:
@@ -84,9 +126,9 @@ def load_keys(path: str | Path) -> dict[str, ApiKey]:
         where = f"{path}: keys[{i}]"
         if not isinstance(e, dict):
             raise ValueError(f"{where} must be a mapping with name, sha256 and roles")
-        unknown = sorted(set(map(str, e)) - {"name", "sha256", "roles"})
+        unknown = sorted(set(map(str, e)) - {"name", "sha256", "roles", "budget"})
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown} (known: name, sha256, roles)")
+            raise ValueError(f"{where}: unknown key(s) {unknown} (known: name, sha256, roles, budget)")
         name = e.get("name")
         if not isinstance(name, str) or not name or len(name) > 100 or not name.isprintable():
             raise ValueError(f"{where}.name must be a printable string of 1-100 characters")
@@ -107,7 +149,8 @@ def load_keys(path: str | Path) -> dict[str, ApiKey]:
             roles = [roles]
         if not isinstance(roles, list) or not roles or not all(r in ROLES for r in roles):
             raise ValueError(f"{where} ({name}).roles must be a non-empty list of {', '.join(ROLES)}")
-        out[digest] = ApiKey(name, frozenset(roles))
+        budget = None if e.get("budget") is None else parse_budget(e["budget"], f"{where} ({name}).budget")
+        out[digest] = ApiKey(name, frozenset(roles), budget)
     return out
 
 

@@ -1,8 +1,9 @@
 """LLM backends: their configuration (backends.yaml, POST /v1/models), the proxy and its SSE relay.
 
-A backend is an OpenAI-compatible endpoint. `proxy` forwards a routed chat request to the chosen
-LLM's backend and answers with its reply (JSON) or relays its event stream (SSE) as it comes,
-recording usage and latency; a failing backend is answered 502/504 and recorded as quality 0.
+A backend is an OpenAI-compatible endpoint (and, optionally, its LLM's context window). `proxy`
+forwards a routed chat request to the chosen LLM's backend and answers with its reply (JSON) or
+relays its event stream (SSE) as it comes, recording usage, cost and latency; a failing backend
+raises BackendFailure (502/504, recorded as quality 0), which gateway.py may answer with a fallback.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import yaml
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mixllm_jax.serve.http import ApiError, is_num, loads_checked
+from mixllm_jax.serve.usage import record_usage
 
 if TYPE_CHECKING:
     from mixllm_jax.serve.service import RouterService
 
-BACKEND_KEYS = ("base_url", "model", "api_key_env", "timeout_s")
-REQUEST_BACKEND_KEYS = ("base_url", "model", "timeout_s")  # what POST /v1/models may set
+BACKEND_KEYS = ("base_url", "model", "api_key_env", "timeout_s", "context_window")
+REQUEST_BACKEND_KEYS = ("base_url", "model", "timeout_s", "context_window")  # what POST /v1/models may set
+GATEWAY_FIELDS = ("cost_weight", "max_cost_usd", "allowed_models", "blocked_models")  # not forwarded
+MAX_CONTEXT = 100_000_000
 MAX_TIMEOUT_S = 600.0
 MAX_URL = 500
 
@@ -43,11 +47,13 @@ class Backend:
     model: str | None = None  # the model name at the backend (default: the LLM's name)
     api_key_env: str | None = None  # environment variable holding the API key (operator's files only)
     timeout_s: float = 60.0
+    context_window: int | None = None  # tokens the LLM takes (prompt + answer); None: unknown
 
     def record(self) -> dict:
         """What the journal and live_models.json keep of a live LLM's backend: never a key's variable
         (that comes from the operator's allow-list each time the backend is resolved)."""
-        return {"base_url": self.base_url, "model": self.model, "timeout_s": self.timeout_s}
+        return {"base_url": self.base_url, "model": self.model, "timeout_s": self.timeout_s,
+                "context_window": self.context_window}
 
     def public(self) -> dict:
         """What clients see (GET /v1/models): no URL, no key variable."""
@@ -105,7 +111,10 @@ def parse_backend(obj: Any, where: str) -> Backend:
     timeout = obj.get("timeout_s", 60.0)
     if not is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
         raise ValueError(f"{where}.timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
-    return Backend(url.rstrip("/"), model, key_env, float(timeout))
+    ctx = obj.get("context_window")
+    if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or not 0 < ctx <= MAX_CONTEXT):
+        raise ValueError(f"{where}.context_window must be an integer number of tokens in [1, {MAX_CONTEXT}]")
+    return Backend(url.rstrip("/"), model, key_env, float(timeout), ctx)
 
 
 def check_url(url: str, where: str) -> None:
@@ -259,6 +268,10 @@ def loads_backend_json(raw: bytes) -> Any:
 # The proxy
 
 
+class BackendFailure(ApiError):
+    """A backend failed before any byte of its answer was sent to the client (a fallback may follow)."""
+
+
 async def backend_failed(svc: RouterService, rid: str, model: str, reason: str, message: str,
                          status: int) -> ApiError:
     """Count a failed backend call, record quality 0 for the request (once), and return the error."""
@@ -268,21 +281,23 @@ async def backend_failed(svc: RouterService, rid: str, model: str, reason: str, 
     if e is not None and not e.has_quality and svc.entry_live(e):
         await svc.record_quality(rid, e, 0.0, "backend_failure")
         note = f"; recorded as quality 0 for {model!r}"
-    return ApiError(status, message + note, "backend_error",
-                    headers={"x-mixllm-request-id": rid, "x-mixllm-model": model})
+    return BackendFailure(status, message + note, "backend_error",
+                          headers={"x-mixllm-request-id": rid, "x-mixllm-model": model})
 
 
-async def proxy(svc: RouterService, body: dict, res: dict, stream: bool) -> Response:
-    """Forward the chat request `body` to the backend of the LLM chosen in `res` (a route result).
+async def proxy(svc: RouterService, body: dict, res: dict, stream: bool, failed_before: list) -> Response:
+    """Forward the chat request `body` to the backend of the LLM chosen in `res` (a route result);
+    `failed_before`: the attempts that failed before this one (shown in the answer). BackendFailure
+    when the backend fails before the answer starts.
 
     The caller holds one of `svc.proxy_inflight`; a StreamingResponse releases it when the stream
     ends (or is collected unstarted), any other answer leaves it to the caller.
     """
-    rid, model = res["request_id"], res["model"]
+    rid, model, key = res["request_id"], res["model"], res["_key"]
     backend: Backend | None = res.get("_backend")
     if backend is None:
         raise await backend_failed(svc, rid, model, "no_backend", f"model {model!r} has no backend configured", 502)
-    payload = {k: v for k, v in body.items() if k not in ("cost_weight", "budget")}
+    payload = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
     payload["model"] = backend.model or model
     headers = {"content-type": "application/json", "accept-encoding": "identity"}
     if backend.api_key_env:
@@ -290,7 +305,7 @@ async def proxy(svc: RouterService, body: dict, res: dict, stream: bool) -> Resp
         if key:
             headers["authorization"] = f"Bearer {key}"
     url = backend.base_url + "/chat/completions"
-    mh = {"x-mixllm-request-id": rid, "x-mixllm-model": model}
+    mh = {"x-mixllm-request-id": rid, "x-mixllm-model": model, "x-mixllm-attempts": str(len(failed_before) + 1)}
     content = json.dumps(payload).encode()
 
     async def failed(reason: str, message: str, status: int, detail: str = "") -> ApiError:
@@ -332,8 +347,9 @@ async def proxy(svc: RouterService, body: dict, res: dict, stream: bool) -> Resp
                 raise ValueError("not a JSON object")
         except ValueError as e:  # UnicodeDecodeError too
             raise await failed("bad_json", "answered invalid JSON", 502, str(e)[:200]) from None
-        svc.record_usage(rid, model, data.get("usage"), latency, None)
-        data["mixllm"] = {"request_id": rid, "model": model}
+        record_usage(svc, rid, model, key, data.get("usage"), latency, None)
+        data["mixllm"] = {"request_id": rid, "model": model,
+                          "fallbacks": [{"model": f["model"], "error": f["error"]} for f in failed_before]}
         return JSONResponse(data, headers=mh)
 
     released = False
@@ -344,7 +360,7 @@ async def proxy(svc: RouterService, body: dict, res: dict, stream: bool) -> Resp
             released = True
             svc.proxy_inflight -= 1
 
-    gen = _relay(svc, resp, rid, model, t0, failed, release)
+    gen = _relay(svc, resp, rid, model, key, t0, failed, release)
     weakref.finalize(gen, release)
     return StreamingResponse(gen, status_code=200, headers=mh,
                              media_type=resp.headers.get("content-type", "text/event-stream"))
@@ -371,7 +387,8 @@ def _sse_stats(line: bytes) -> tuple[dict | None, int]:
     return usage, deltas
 
 
-async def _relay(svc: RouterService, resp: httpx.Response, rid: str, model: str, t0: float, failed, release):
+async def _relay(svc: RouterService, resp: httpx.Response, rid: str, model: str, key: str, t0: float, failed,
+                 release):
     """Pass the backend's event stream through chunk by chunk, noting the time to first byte, the
     last "usage" object and the content deltas (the token count when no usage comes); a failure
     mid-stream ends it with an SSE error event. Usage is recorded when the stream completes."""
@@ -401,4 +418,4 @@ async def _relay(svc: RouterService, resp: httpx.Response, rid: str, model: str,
         release()
         await resp.aclose()
         if ok:
-            svc.record_usage(rid, model, usage, time.perf_counter() - t0, ttft, approx_tokens=deltas)
+            record_usage(svc, rid, model, key, usage, time.perf_counter() - t0, ttft, approx_tokens=deltas)

@@ -1,10 +1,11 @@
 """The fused, jitted serving computation, its inputs, and the array helpers of the service's state.
 
 `serve_route` is `router.route_text_batch` (text to decision in one jitted call) plus what serving
-needs: the binary-feedback network's score term, per-request cost weights, per-request budgets and
-eligibility (chat goes only to LLMs with a backend), and the features x kept for later feedback.
+needs: the binary-feedback network's score term, per-request operating points (cost weight and
+mixture), per-request cost caps (USD), eligibility (the request's candidate LLMs, backends and
+cooldowns for chat, context windows), and the features x kept for later feedback.
 `batch_inputs` turns a batch of RouteReq into its per-row arrays. The helpers below it resize and
-reset the state the service keeps beside the router (load model, feedback network, arm ids) and
+reset the state the service keeps beside the router (load model, feedback network, slot generations) and
 read the checkpoint extras it saves. The math is in docs/architecture.md.
 """
 
@@ -31,47 +32,51 @@ class RouteReq:
 
     ids: list  # token ids, truncated to the router's max_length
     prompt_tokens: int  # before truncation (what the LLM is billed for)
-    cost_weight: float | None  # None: the router's
-    budget: float | None  # USD; None: no budget
+    point: tuple | None  # (cost_weight, mix_cost_weight, mix): the operating point; None: the router's
+    max_cost_usd: float | None  # the request's cost cap in USD (0: the cheapest eligible LLM); None: none
     allowed: np.ndarray | None  # [K'] bool (slots past K' are not allowed), or None for every active arm
     book: bool
     kind: str  # "route" or "chat"
+    key: str  # the API key's account name (usage.key_name)
 
 
 def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, book_load: bool):
     """Host inputs of `serve_route` for reqs padded to B rows: (prompt_tokens [B] f32, cost_weight
-    [B] f32, mix [B] f32, budget [B] f32 (+inf = none), allowed [B, K] bool, book [B] bool). Rows
-    without their own cost weight take the policy's, budget mixture included (padding rows too);
-    padding rows book nothing."""
+    [B] f32, mix_cost_weight [B] f32, mix [B] f32, max_cost [B] f32 (+inf = none), allowed [B, K]
+    bool, book [B] bool). Rows without their own operating point take the policy's, its mixture
+    included (padding rows too); padding rows book nothing."""
     pt = np.zeros(B, np.float32)
     cw = np.full(B, policy.cost_weight, np.float32)
+    mcw = np.full(B, policy.mix_cost_weight, np.float32)
     mix = np.full(B, policy.mix, np.float32)
-    budget = np.full(B, np.inf, np.float32)
+    max_cost = np.full(B, np.inf, np.float32)
     allowed = np.ones((B, K), bool)
     book = np.zeros(B, bool)
     for i, r in enumerate(reqs):
         pt[i] = r.prompt_tokens
-        if r.cost_weight is not None:
-            cw[i], mix[i] = r.cost_weight, 0.0
-        if r.budget is not None:
-            budget[i] = r.budget
+        if r.point is not None:
+            cw[i], mcw[i], mix[i] = r.point
+        if r.max_cost_usd is not None:
+            max_cost[i] = r.max_cost_usd
         if r.allowed is not None:
             allowed[i, :len(r.allowed)] = r.allowed
             allowed[i, len(r.allowed):] = False
         book[i] = r.book and book_load
-    return pt, cw, mix, budget, allowed, book
+    return pt, cw, mcw, mix, max_cost, allowed, book
 
 
 def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask, prompt_tokens,
-                 book, cost_weight, mix, mix_cost_weight, budget, allowed, alpha, beta, tau, *, enc_config, head_shape,
-                 mode, fb_hidden):
+                 book, cost_weight, mix, mix_cost_weight, max_cost, allowed, context_window, alpha, beta, tau, *,
+                 enc_config, head_shape, mode, fb_hidden):
     """ids, mask [B, L] -> (Decision, domain [B] or None, x [B, d], fb [B, K], eligible [B, K]).
 
-    prompt_tokens, cost_weight, mix, budget [B] (budget +inf = none; a share `mix` of the queries is
-    scored with the scalar mix_cost_weight, policy.py); book [B] bool: rows that book load
-    (padding rows do not); allowed [B, K] bool. An arm is eligible when allowed, active and its
-    predicted cost is within the budget -- or it is the cheapest allowed arm, so a too-small budget
-    still gets the cheapest LLM. Ineligible arms score -inf.
+    prompt_tokens, cost_weight, mix_cost_weight, mix, max_cost [B] (max_cost: USD, +inf = none; a
+    share `mix` of the queries is scored with mix_cost_weight, policy.py); book [B] bool: rows that
+    book load (padding rows do not); allowed [B, K] bool; context_window [K] f32 (tokens, +inf =
+    unknown). An arm is a candidate when allowed, active and its context window holds the prompt
+    plus the predicted answer; a candidate is eligible when its predicted cost is within max_cost
+    -- or it is the cheapest candidate, so a too-small cap still gets the cheapest LLM. Ineligible
+    arms score -inf. Every input is traced: new caps, masks or windows never recompile.
     """
     e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
     x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
@@ -79,9 +84,10 @@ def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask
     y_hat, _ = bandit.predict(state, x)
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
     cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
-    ok = allowed & state.active
+    fits = prompt_tokens[:, None] + tokens <= context_window[None, :]
+    ok = allowed & state.active & fits
     cheapest = jnp.min(jnp.where(ok, cost, jnp.inf), axis=1, keepdims=True)
-    eligible = ok & (cost <= jnp.maximum(budget[:, None], cheapest))
+    eligible = ok & (cost <= jnp.maximum(max_cost[:, None], cheapest))
     bonus = jnp.where(eligible, fb, -jnp.inf)
     policy = Policy(cost_weight=cost_weight, mix_cost_weight=mix_cost_weight, mix=mix, alpha=alpha, beta=beta, tau=tau, in_batch_load=True)
     d = route_batch(state, x, prompt_tokens, policy, book, bonus)
@@ -104,12 +110,12 @@ def reset_load(state, clock: float):
     return state.replace(clock=jnp.asarray(clock, jnp.float32), free_at=free.astype(jnp.float32))
 
 
-def fit_arm_id(arm_id: np.ndarray, K: int) -> np.ndarray:
-    """arm_id [K'] int64 padded with -1 (no LLM) to [K] when K' < K."""
-    arm_id = np.asarray(arm_id, np.int64)
-    if len(arm_id) < K:
-        arm_id = np.concatenate([arm_id, np.full(K - len(arm_id), -1, np.int64)])
-    return arm_id
+def fit_generation(generation: np.ndarray, K: int) -> np.ndarray:
+    """generation [K'] int64 (each slot's LLM generation) padded with -1 (no LLM) to [K] when K' < K."""
+    generation = np.asarray(generation, np.int64)
+    if len(generation) < K:
+        generation = np.concatenate([generation, np.full(K - len(generation), -1, np.int64)])
+    return generation
 
 
 def fit_feedback(fs, K: int):
@@ -152,13 +158,15 @@ def applied_from_array(a: np.ndarray) -> dict:
 
 def extras_template(meta: dict):
     """A template for a checkpoint's extras, from its metadata, and its kind: the server's
-    (feedback, journal_seq, arm_id, applied?) -> (like, "server"), the feedback network alone ->
-    (like, "feedback"), anything else -> (None, None) (ignored: a fresh feedback network)."""
+    (feedback, journal_seq, generation, applied?) -> (like, "server"), the feedback network alone ->
+    (like, "feedback"), anything else -> (None, None) (ignored: a fresh feedback network).
+    Checkpoints saved before the rename name the generations "arm_id" (read as they are)."""
     man = meta["arrays"].get("extras")
     if not man:
         return None, None
     tops = {k.split("/")[0] for k in man}
-    server = {"feedback", "journal_seq", "arm_id"}
+    gen = "arm_id" if "arm_id" in tops else "generation"
+    server = {"feedback", "journal_seq", gen}
     if not tops <= server | {"applied"} or "feedback" not in tops:
         log.warning("checkpoint extras %s are not the server's; starting a fresh feedback network", sorted(tops))
         return None, None
@@ -169,7 +177,7 @@ def extras_template(meta: dict):
     like = {"feedback": fs}
     if tops in (server, server | {"applied"}):
         like["journal_seq"] = np.zeros((), np.int64)
-        like["arm_id"] = np.zeros(man["arm_id"]["shape"], np.int64)
+        like[gen] = np.zeros(man[gen]["shape"], np.int64)
         if "applied" in tops:
             like["applied"] = np.zeros(man["applied"]["shape"], np.uint8)
         return like, "server"

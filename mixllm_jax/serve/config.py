@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 ROUTE_ON = ("last_user", "conversation")
+PINNED = ("allow", "refuse")
 
 
 def _opt(default, help: str, **cli):
@@ -57,6 +58,13 @@ class ServeConfig:
     max_inflight_proxy: int = _opt(256, "proxied calls in flight, at most (then 503)")
     route_on: str = _opt("last_user", "what of a chat request is routed on: the last user message or the "
                                       "whole conversation", choices=ROUTE_ON)
+    fallbacks: int = _opt(2, "other LLMs a chat request tries, next-best first, after a backend error or timeout "
+                             "(before the first byte of the answer; 0: none)")
+    cooldown_s: float = _opt(30.0, "seconds an LLM whose backend failed is not eligible for chat")
+    pinned_models: str = _opt("allow", "a chat or route request whose 'model' names an LLM goes to it (allow) or is "
+                                       "refused with 400 (refuse)", choices=PINNED)
+    context_windows: str | None = _opt(None, "a models file or catalog:NAME whose context_window entries apply to "
+                                             "the served LLMs of the same name (a backend's context_window wins)")
     book_load: bool = _opt(True, "decisions do not book predicted load on the live load model",
                            flag="--no-book-load", action="store_false")
     warmup: bool = _opt(False, "compile every batch/length shape before serving", action="store_true")
@@ -74,6 +82,12 @@ class ServeConfig:
                 raise ValueError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
         if self.queue_limit < self.max_batch:
             raise ValueError(f"queue_limit ({self.queue_limit}) must be >= max_batch ({self.max_batch})")
+        if not isinstance(self.fallbacks, int) or not 0 <= self.fallbacks <= 16:
+            raise ValueError(f"fallbacks must be an integer in [0, 16], got {self.fallbacks!r}")
+        if not 0 <= self.cooldown_s <= 86400:
+            raise ValueError(f"cooldown_s must be in [0, 86400] seconds, got {self.cooldown_s}")
+        if self.pinned_models not in PINNED:
+            raise ValueError(f"pinned_models must be one of {PINNED}, got {self.pinned_models!r}")
         if self.route_on not in ROUTE_ON:
             raise ValueError(f"route_on must be one of {ROUTE_ON}, got {self.route_on!r}")
         if not self.checkpoint_every_s > 0:

@@ -161,7 +161,7 @@ def _absent(obj: dict, key: str, default, name: str) -> bool:
     return True
 
 
-def _show(v) -> str:
+def show(v) -> str:
     """A client value, short, for an error message."""
     try:
         return json.dumps(v)[:60]
@@ -181,14 +181,14 @@ def get_number(obj: dict, key: str, *, lo: float, hi: float, default=None, lo_op
     v = obj[key]
     if integer:
         if not (isinstance(v, int) and not isinstance(v, bool)):
-            raise ApiError(422, f"field {name!r} must be an integer, got {_show(v)}", param=name)
+            raise ApiError(422, f"field {name!r} must be an integer, got {show(v)}", param=name)
     elif not is_num(v):
-        raise ApiError(422, f"field {name!r} must be a number, got {_show(v)}", param=name)
+        raise ApiError(422, f"field {name!r} must be a number, got {show(v)}", param=name)
     if isinstance(v, float) and not math.isfinite(v):
         raise ApiError(422, f"field {name!r} must be finite, got {v}", param=name)
     rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
     if (v <= lo if lo_open else v < lo) or v > hi:  # int/float comparisons are exact: no overflow
-        raise ApiError(422, f"field {name!r} must be in {rng}, got {_show(v)}", param=name)
+        raise ApiError(422, f"field {name!r} must be in {rng}, got {show(v)}", param=name)
     return v
 
 
@@ -199,7 +199,7 @@ def get_string(obj: dict, key: str, *, default=None, max_len: int = MAX_NAME, wh
         return default
     v = obj[key]
     if not isinstance(v, str) or not v:
-        raise ApiError(422, f"field {name!r} must be a non-empty string, got {_show(v)}", param=name)
+        raise ApiError(422, f"field {name!r} must be a non-empty string, got {show(v)}", param=name)
     if len(v) > max_len:
         raise ApiError(422, f"field {name!r} is {len(v)} characters long, more than {max_len}", param=name)
     return v
@@ -209,7 +209,7 @@ def get_model_name(obj: dict, key: str = "name") -> str:
     """A model name: MODEL_NAME_RULE (safe in URLs, logs, metric labels and JSON), or a 422."""
     v = get_string(obj, key, default=..., max_len=128)
     if not MODEL_NAME_RE.fullmatch(v):
-        raise ApiError(422, f"field {key!r} must be a model name of {MODEL_NAME_RULE}, got {_show(v)}", param=key)
+        raise ApiError(422, f"field {key!r} must be a model name of {MODEL_NAME_RULE}, got {show(v)}", param=key)
     return v
 
 
@@ -244,7 +244,7 @@ def model_spec(body: dict, load_slots: int, defaults: dict) -> dict:
         prior = float(get_number(body, "prior", lo=lim["prior"][0], hi=lim["prior"][1]))
     else:
         raise ApiError(422, f"field 'prior' must be \"uninformative\", \"mean\" or a number in "
-                            f"[{lim['prior'][0]:g}, {lim['prior'][1]:g}] (the prior quality), got {_show(prior)}",
+                            f"[{lim['prior'][0]:g}, {lim['prior'][1]:g}] (the prior quality), got {show(prior)}",
                        param="prior")
     return {"name": name, "price_in": pin * 1e-6, "price_out": pout * 1e-6, "ttft_s": float(ttft),
             "tokens_per_s": float(tps), "max_concurrency": int(conc), "prior": prior}
@@ -267,14 +267,14 @@ def reject_unknown(obj: dict, known: set, where: str = "") -> None:
 
 
 MAX_COST_WEIGHT = 1e12  # quality per USD
-MAX_BUDGET_USD = 1e6  # per request
+MAX_COST_USD = 1e6  # per request
 
 
 def policy_fields(body: dict) -> tuple[float | None, float | None]:
-    """The optional per-request policy: (cost_weight in [0, 1e12], budget in (0, 1e6] USD), None
-    when absent."""
+    """The optional per-request policy: (cost_weight in [0, 1e12], max_cost_usd in (0, 1e6]: the
+    request's cost cap in USD), None when absent."""
     return (get_number(body, "cost_weight", lo=0, hi=MAX_COST_WEIGHT),
-            get_number(body, "budget", lo=0, hi=MAX_BUDGET_USD, lo_open=True))
+            get_number(body, "max_cost_usd", lo=0, hi=MAX_COST_USD, lo_open=True))
 
 
 def check_prompt(p, where: str, max_chars: int) -> str:

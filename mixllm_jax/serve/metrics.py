@@ -36,6 +36,13 @@ class Metrics:
                                    buckets=lat, registry=r)
         self.backend_fail = Counter("mixllm_backend_failures_total", "failed backend calls", ["model", "reason"],
                                     registry=r)
+        self.spend = Counter("mixllm_spend_usd_total", "USD spent on proxied calls by API key and LLM "
+                             "(backend-reported usage at the LLM's prices, else predicted)", ["key", "model"],
+                             registry=r)
+        self.key_decisions = Counter("mixllm_key_decisions_total", "routing decisions by API key and chosen LLM",
+                                     ["key", "model"], registry=r)
+        self.fallbacks = Counter("mixllm_fallbacks_total", "chat calls retried on another LLM, by failed LLM",
+                                 ["model"], registry=r)
         self.rejected = Counter("mixllm_rejected_total", "requests refused for overload", ["reason"], registry=r)
         self.queue = Gauge("mixllm_queue_prompts", "prompts accepted and not yet routed", registry=r)
         self.models = Gauge("mixllm_models", "live LLMs", registry=r)

@@ -17,9 +17,9 @@
 * Every request that changes the state is checked in full before its record is journaled; a
   record that fails to apply on replay (e.g. journaled by an older version) is logged and skipped,
   never fatal, so no request can make the service fail to start.
-* arm_id [K] int64 names the LLM generation in each slot (the journal seq of its add_model record,
-  0 for the first checkpoint's LLMs, -1 for none), so feedback for a removed LLM is never applied to
-  a newer LLM in its slot.
+* generation [K] int64 names the LLM generation in each slot (the journal seq of its add_model
+  record, 0 for the first checkpoint's LLMs, -1 for none), so feedback for a removed LLM is never
+  applied to a newer LLM in its slot (journal records written before the rename call it "arm_id").
 
 The math is in docs/architecture.md.
 """
@@ -35,37 +35,32 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import time
 import uuid
 from pathlib import Path
 
 import httpx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
-from mixllm_jax import batcher, encoder as enc_mod, engine, feedback, feedback_log
+from mixllm_jax import batcher, encoder as enc_mod, feedback, feedback_log
 from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
 from mixllm_jax.router import truncate
-from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
-                                      extras_template, fit_arm_id, fit_feedback, pow2_bucket, reset_feedback_slot,
-                                      reset_load, serve_route)
+                                      extras_template, fit_feedback, fit_generation, pow2_bucket, reset_load,
+                                      serve_route)
 from mixllm_jax.serve.config import ServeConfig
-from mixllm_jax.serve.http import ApiError, is_num, model_spec
+from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackRecords
+from mixllm_jax.serve.http import ApiError, is_num
+from mixllm_jax.serve.live_models import LiveModels, _num
 from mixllm_jax.serve.metrics import Metrics
-from mixllm_jax.state import ArmRegistry, add_llm, remove_llm
+from mixllm_jax.serve.usage import ANONYMOUS, MAX_TOKENS, Ledger, usage_view
+from mixllm_jax.state import ArmRegistry
 
 log = logging.getLogger(__name__)
-
-QUALITY_BIT, THUMBS_BIT = 1, 2  # Entry.applied: the request's journaled feedback kinds
-MAX_TOKENS = 10_000_000  # token counts above this (from a client or a backend) are refused or ignored
-MODEL_DEFAULTS = {"ttft_s": DEFAULT_TTFT_S, "tokens_per_s": DEFAULT_TOKENS_PER_S,
-                  "max_concurrency": DEFAULT_MAX_CONCURRENCY}
 
 
 def rid_key(rid: str) -> bytes:
@@ -73,12 +68,9 @@ def rid_key(rid: str) -> bytes:
     return hashlib.sha256(rid.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
-def _per_mtok(v):
-    return v * 1e6 if is_num(v) and math.isfinite(v) else v
-
-
-class RouterService:
-    """Owns the router, its live state, the logs, and the worker thread. See the module docstring."""
+class RouterService(FeedbackRecords, LiveModels):
+    """Owns the router, its live state, the logs, and the worker thread. See the module docstring;
+    feedback records and live LLM changes are in their own modules (the bases)."""
 
     def __init__(self, config: ServeConfig):
         config.check()
@@ -90,7 +82,7 @@ class RouterService:
         self.state = None
         self.registry = None
         self.fs = None
-        self.arm_id = None  # [K] int64: identity of the model in each slot (0 = from the first checkpoint)
+        self.generation = None  # [K] int64: the LLM generation in each slot (0 = from the first checkpoint)
         self.applied_seq = 0
         self.ckpt_seq = 0
         self.prev_ckpt_seq = 0
@@ -100,6 +92,13 @@ class RouterService:
         self.file_backends: dict[str, Backend] = {}
         self.live_backends: dict[str, Backend] = {}
         self.backend_mask = None  # [K] bool: the slot's LLM has a backend (chat may go there)
+        self.context_window = None  # [K] f32: tokens each slot's LLM takes (+inf: unknown)
+        self.file_windows: dict[str, int] = {}  # --context-windows: LLM name -> tokens
+        self.prices: dict[str, tuple] = {}  # LLM name -> (USD per prompt token, per completion token)
+        self.cooldown: dict[str, float] = {}  # LLM name -> time.monotonic() until which chat avoids it
+        m = self.metrics
+        self.ledger = Ledger(on_spend=lambda k, mo, usd: m.spend.labels(k, mo).inc(usd),
+                             on_decision=lambda k, mo, n: m.key_decisions.labels(k, mo).inc(n))
         self._active = None  # [K] bool: host copy of state.active
         self._pending: collections.deque | None = None  # journaled records not yet applied
         self.journal = None
@@ -129,6 +128,12 @@ class RouterService:
         self.features = feedback_log.FeatureStore(logdir / "requests", self.cfg.feature_cache)
         self.backends_file = load_backends_file(self.cfg.backends)
         self.file_backends = self.backends_file.backends
+        if self.cfg.context_windows is not None:
+            from mixllm_jax.data import load_models
+
+            self.file_windows = {s.name: s.context_window for s in load_models(self.cfg.context_windows)
+                                 if s.context_window is not None}
+        self.ledger.load(logdir / "spend.json")
         await loop.run_in_executor(self.worker, self._load)
         self.journal.start(min_seq=self.applied_seq)
         self.metrics.journal_seq.set(self.journal.seq)
@@ -183,21 +188,22 @@ class RouterService:
         self.ckpt_step = meta["step"]
         self.metrics.ckpt_step.set(self.ckpt_step)
         K, d = router.state.capacity, router.state.dim
-        fs = arm_id = None
+        fs = generation = None
         seq = 0
         applied = {}
         if extras is not None and extras_kind == "server":
-            fs, seq, arm_id = extras["feedback"], int(extras["journal_seq"]), np.asarray(extras["arm_id"], np.int64)
+            fs, seq = extras["feedback"], int(extras["journal_seq"])
+            generation = np.asarray(extras["generation" if "generation" in extras else "arm_id"], np.int64)
             if "applied" in extras:
                 applied = applied_from_array(np.asarray(extras["applied"]))
         elif extras is not None and extras_kind == "feedback":
             fs = extras["feedback"]
         if fs is None:
             fs = feedback.init_feedback(d, K)
-        if arm_id is None:
-            arm_id = np.zeros(K, np.int64)
+        if generation is None:
+            generation = np.zeros(K, np.int64)
         self.fs = fit_feedback(fs, K)
-        self.arm_id = fit_arm_id(arm_id, K)
+        self.generation = fit_generation(generation, K)
         self.applied_seq = self.ckpt_seq = self.prev_ckpt_seq = seq
         self.state = reset_load(router.state, 0.0)
         self.registry = router.registry
@@ -241,14 +247,21 @@ class RouterService:
         self._update_gauges()
 
     def _refresh_backends(self) -> None:
+        """The host copies of what each slot's LLM has: a backend, a context window, prices."""
         b = dict(self.file_backends)
         b.update(self.live_backends)
         self.backends = b
         K = self.state.capacity
         mask = np.zeros(K, bool)
+        window = np.full(K, np.inf, np.float32)
+        pin, pout = np.asarray(self.state.price_in), np.asarray(self.state.price_out)
+        prices = {}
         for name, slot in self.registry.slots.items():
             mask[slot] = name in b
-        self.backend_mask = mask
+            w = b[name].context_window if name in b and b[name].context_window else self.file_windows.get(name)
+            window[slot] = np.inf if w is None else w
+            prices[name] = (float(pin[slot]), float(pout[slot]))
+        self.backend_mask, self.context_window, self.prices = mask, window, prices
 
     def _warmup(self) -> None:
         t = time.perf_counter()
@@ -278,8 +291,8 @@ class RouterService:
         if recs:
             self._apply(recs)
 
-    def _live(self, slot: int, arm_id: int) -> bool:
-        return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.arm_id[slot]) == arm_id
+    def _live(self, slot: int, generation: int) -> bool:
+        return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.generation[slot]) == generation
 
     def _apply(self, records: list[dict], replay_flags_only: bool = False) -> None:
         """Apply journal records in seq order (live and on replay alike). A record that fails to
@@ -308,6 +321,7 @@ class RouterService:
                     ct = rec.get("completion_tokens")
                     if e is not None and is_num(ct) and 0 <= ct <= MAX_TOKENS:
                         e.observed_tokens = float(ct)
+                    self.ledger.apply(rec)
                 elif typ == "add_model" and not replay_flags_only:
                     self._apply_add(rec)
                 elif typ == "remove_model" and not replay_flags_only:
@@ -326,114 +340,6 @@ class RouterService:
         self.metrics.skipped.inc(len(recs))
         self.skipped_records += len(recs)
 
-    def _apply_feedback(self, typ: str, group: list[dict], replay_flags_only: bool) -> None:
-        bit = QUALITY_BIT if typ == "quality" else THUMBS_BIT
-        for r in group:
-            e = self.features.get(r["rid"]) if self.features is not None else None
-            if e is not None:
-                e.applied |= bit
-                if typ == "quality":
-                    e.has_quality = True
-                else:
-                    e.has_thumbs = True
-        if replay_flags_only:
-            return
-        ok = []
-        for r in group:  # what the live checks guarantee, checked again (a damaged record is dropped)
-            try:
-                x = feedback_log.decode_x(r["x"])
-                val = float(r["quality"] if typ == "quality" else r["reward"])
-                good = (self._live(int(r["slot"]), int(r["arm_id"])) and x.shape == (self.state.dim,)
-                        and bool(np.all(np.abs(x) <= 1e4)) and 0.0 <= val <= 1.0)
-                if typ == "quality":
-                    lt, w = float(r["log_tokens"]), float(r.get("weight", 1.0))
-                    good = good and 0.0 <= lt <= 20.0 and 0.0 <= w <= 1e3
-            except (KeyError, TypeError, ValueError, OverflowError):
-                good = False
-            if good:
-                ok.append((r, x))
-        if len(ok) < len(group):
-            self.metrics.dropped.inc(len(group) - len(ok))
-        if ok:
-            live = [r for r, _ in ok]
-            x = np.stack([x for _, x in ok])
-            slots = np.array([int(r["slot"]) for r in live], np.int32)
-            if typ == "quality":
-                self._update_bandit(x, slots, live)
-            else:
-                self._update_feedback(x, slots, np.array([float(r["reward"]) for r in live], np.float32))
-
-    def _update_bandit(self, x, slots, recs) -> None:
-        targets = np.array([[float(r["quality"]), float(r["log_tokens"])] for r in recs], np.float32)
-        if self.state.n_targets > 2:
-            targets = np.pad(targets, ((0, 0), (0, self.state.n_targets - 2)))
-        weight = np.array([float(r.get("weight", 1.0)) for r in recs], np.float32)
-        self.state = engine.update(self.state, x, slots, targets, weight)
-
-    def _update_feedback(self, x, slots, reward) -> None:
-        n = len(slots)
-        B = pow2_bucket(n, max(n, 1))
-        pad = B - n
-        valid = np.arange(B) < n
-        self.fs = feedback.update(self.fs, jnp.asarray(np.pad(x, ((0, pad), (0, 0)))),
-                                  jnp.asarray(np.pad(slots, (0, pad))), jnp.asarray(np.pad(reward, (0, pad))),
-                                  self.state.active, jnp.asarray(valid))
-
-    def _apply_add(self, rec: dict) -> None:
-        name = rec["name"]
-        if name in self.registry.slots:
-            log.warning("journal seq %d: model %r already registered; add skipped", rec["seq"], name)
-            return
-        spec = self._check_add_record(rec)  # the request's checks again: a record journaled before them is skipped
-        state, reg = add_llm(self.state, self.registry, name, price_in=spec["price_in"], price_out=spec["price_out"],
-                             ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
-                             max_concurrency=spec["max_concurrency"], prior=spec["prior"])
-        slot = reg.slots[name]
-        if state.capacity != self.state.capacity:
-            log.info("capacity grew from %d to %d arms (one recompile)", self.state.capacity, state.capacity)
-        self.fs = reset_feedback_slot(fit_feedback(self.fs, state.capacity), slot)
-        arm_id = fit_arm_id(self.arm_id, state.capacity).copy()
-        arm_id[slot] = rec["seq"]
-        self.state, self.registry, self.arm_id = state, reg, arm_id
-        self._active = np.asarray(state.active)
-        b = None
-        if rec.get("backend"):
-            b = resolve_live_backend(rec["backend"], self.backends_file, f"journal seq {rec['seq']}: model {name!r}")
-        if b is not None:
-            self.live_backends[name] = b
-        else:
-            self.live_backends.pop(name, None)
-        self._refresh_backends()
-        self._update_gauges()
-
-    def _check_add_record(self, rec: dict) -> dict:
-        """An add_model record's spec through the same checks as POST /v1/models (ValueError if not)."""
-        body = {"name": rec.get("name"), "price_in_per_mtok": _per_mtok(rec.get("price_in")),
-                "price_out_per_mtok": _per_mtok(rec.get("price_out")), "ttft_s": rec.get("ttft_s"),
-                "tokens_per_s": rec.get("tokens_per_s"), "max_concurrency": rec.get("max_concurrency"),
-                "prior": rec.get("prior")}
-        try:
-            spec = model_spec(body, self.state.load_slots, MODEL_DEFAULTS)
-        except ApiError as e:
-            raise ValueError(f"model record fails the checks of POST /v1/models: {e.message}") from None
-        spec["price_in"], spec["price_out"] = float(rec["price_in"]), float(rec["price_out"])
-        return spec
-
-    def _apply_remove(self, rec: dict) -> None:
-        name = rec["name"]
-        if name not in self.registry.slots:
-            log.warning("journal seq %d: model %r not registered; remove skipped", rec["seq"], name)
-            return
-        slot = self.registry.slots[name]
-        self.state, self.registry = remove_llm(self.state, self.registry, name)
-        arm_id = self.arm_id.copy()
-        arm_id[slot] = -1
-        self.arm_id = arm_id
-        self._active = np.asarray(self.state.active)
-        self.live_backends.pop(name, None)
-        self._refresh_backends()
-        self._update_gauges()
-
     def _update_gauges(self) -> None:
         self.metrics.models.set(len(self.registry.slots))
 
@@ -444,14 +350,14 @@ class RouterService:
         quality, tokens, cost, uncertainty, wait, penalty, score, fb, eligible [B, K]; x [B, d]."""
         n = len(reqs)
         pol = self.router.policy
-        pt, cw, mix, budget, allowed, book = batch_inputs(reqs, ids.shape[0], self.state.capacity,
-                                                          pol, self.cfg.book_load)
+        pt, cw, mcw, mix, max_cost, allowed, book = batch_inputs(reqs, ids.shape[0], self.state.capacity,
+                                                                 pol, self.cfg.book_load)
         h = self.router.head
         state = self.state.replace(clock=np.float32(time.monotonic() - self.t0))
         out = serve_route(
             self.router.encoder.params, None if h is None else h.params,
             None if h is None else np.asarray(h.centroids), self.fs.params, state, ids, mask, pt, book, cw,
-            mix, float(pol.mix_cost_weight), budget, allowed, float(pol.alpha), float(pol.beta), float(pol.tau),
+            mix, mcw, max_cost, allowed, self.context_window, float(pol.alpha), float(pol.beta), float(pol.tau),
             enc_config=self.router.encoder.config, head_shape=None if h is None else (h.hidden, h.features),
             mode=self.router.feature_mode, fb_hidden=int(self.fs.params["Dense_0"]["kernel"].shape[1]))
         d, domain, x, fb, eligible = out
@@ -478,9 +384,8 @@ class RouterService:
         results, entries = [], []
         for i, r in enumerate(reqs):
             arm = int(h["arm"][i])
-            if arm not in names or not h["eligible"][i, arm]:  # e.g. the LLMs it allowed were removed meanwhile
-                results.append(ApiError(503, "no eligible LLM for this request (the LLMs it may use were "
-                                             "removed); retry", "no_backend", headers={"Retry-After": "1"}))
+            if arm not in names or not h["eligible"][i, arm]:
+                results.append(self._no_eligible(r, h["tokens"][i]))
                 continue
             model = names[arm]
             rid = "req-" + uuid.uuid4().hex
@@ -496,16 +401,32 @@ class RouterService:
                    "domain": None if tags is None or h["domain"] is None else tags[int(h["domain"][i])],
                    "explanation": expl}
             if r.kind == "chat":
-                res["_backend"] = self.backends.get(model)
+                res["_backend"], res["_key"] = self.backends.get(model), r.key
             results.append(res)
             entries.append((rid, feedback_log.Entry(
-                x=np.asarray(h["x"][i], np.float32), slot=arm, arm_id=int(self.arm_id[arm]), model=model,
+                x=np.asarray(h["x"][i], np.float32), slot=arm, generation=int(self.generation[arm]), model=model,
                 prompt_tokens=float(r.prompt_tokens),
                 log_tokens=float(np.log(max(float(h["tokens"][i, arm]), 1.0))),
                 propensity=float(h["propensity"][i]))))
             self.metrics.decisions.labels(model).inc()
+            self.ledger.decision(r.key, model)
         self.features.put_many(entries)
         return results
+
+    def _no_eligible(self, r: RouteReq, tokens: np.ndarray) -> ApiError:
+        """Why a request found no eligible LLM: every candidate's context window is too small (400),
+        or its candidates were removed meanwhile (503)."""
+        cand = np.asarray(self.state.active).copy()
+        if r.allowed is not None:
+            cand[len(r.allowed):] = False
+            cand[:len(r.allowed)] &= r.allowed
+        if cand.any():
+            need = int(r.prompt_tokens + np.min(np.asarray(tokens)[cand]))
+            return ApiError(400, f"the prompt ({r.prompt_tokens} tokens) and its predicted answer (about {need} tokens "
+                                 f"in all) fit no candidate LLM's context window", "context_length_exceeded",
+                            code="context_length_exceeded")
+        return ApiError(503, "no eligible LLM for this request (the LLMs it may use were removed); retry",
+                        "no_backend", headers={"Retry-After": "1"})
 
     def _on_batch(self, n: int, seconds: float) -> None:
         self.metrics.batch.observe(n)
@@ -518,9 +439,11 @@ class RouterService:
         enc = self._tokenizer.encode_batch(texts)
         return [(truncate(e.ids, self.router.max_length, self.router.truncation_side), len(e.ids)) for e in enc]
 
-    async def route(self, texts: list[str], *, cost_weight=None, budget=None, allowed=None, book=True,
-                    kind="route") -> list[dict]:
-        """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full."""
+    async def route(self, texts: list[str], *, point=None, max_cost_usd=None, allowed=None, book=True,
+                    kind="route", key=ANONYMOUS) -> list[dict]:
+        """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full.
+        point: (cost_weight, mix_cost_weight, mix) or None (the router's); max_cost_usd: the cost cap
+        or None; allowed [K] bool or None; key: the API key's name (usage.py)."""
         b = self.batcher
         if b.pending + len(texts) > b.queue_limit:  # refuse before tokenizing
             self.metrics.rejected.labels("queue_full").inc()
@@ -528,7 +451,7 @@ class RouterService:
                                 f"retry later", "overloaded", headers={"Retry-After": str(int(b.retry_after()))})
         loop = asyncio.get_running_loop()
         toks = await loop.run_in_executor(self.aux, self.tokenize, texts)
-        reqs = [RouteReq(ids, pt, cost_weight, budget, allowed, book, kind) for ids, pt in toks]
+        reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key) for ids, pt in toks]
         try:
             self.metrics.queue.set(b.pending + len(reqs))
             return await b.submit(reqs)
@@ -541,134 +464,12 @@ class RouterService:
     async def journal_append(self, record: dict) -> int:
         return await asyncio.wrap_future(self.journal.append(record))
 
-    def entry_live(self, e) -> bool:
-        """Whether the LLM that served feature entry `e` still holds its slot (not removed since)."""
-        reg, arm_id = self.registry, self.arm_id
-        return reg.slots.get(e.model) == e.slot and int(arm_id[e.slot]) == e.arm_id
-
-    def quality_record(self, rid: str, e, quality: float, source: str,
-                       completion_tokens: float | None = None) -> dict:
-        """The journal record of a quality observation (checked: finite, in range)."""
-        tokens = completion_tokens if completion_tokens is not None else e.observed_tokens
-        lt = float(np.log(min(max(tokens, 1.0), MAX_TOKENS))) if tokens is not None else e.log_tokens
-        if not (0.0 <= quality <= 1.0 and math.isfinite(lt)):
-            raise ApiError(422, "quality must be in [0, 1]", param="quality")
-        return {"type": "quality", "rid": rid, "model": e.model, "slot": e.slot, "arm_id": e.arm_id,
-                "quality": float(quality), "log_tokens": lt, "source": source, "propensity": e.propensity,
-                "x": feedback_log.encode_x(e.x)}
-
-    def thumbs_record(self, rid: str, e, up: bool) -> dict:
-        return {"type": "thumbs", "rid": rid, "model": e.model, "slot": e.slot, "arm_id": e.arm_id,
-                "reward": 1.0 if up else 0.0, "propensity": e.propensity, "x": feedback_log.encode_x(e.x)}
-
-    async def record_feedback(self, rid: str, e, records: list[dict]) -> list[int]:
-        """Journal a request's feedback records together (one write: all or none), flagging the
-        entry first so a concurrent duplicate gets a 409; the flags are cleared if the write fails."""
-        kinds = [r["type"] for r in records]
-        if "quality" in kinds:
-            e.has_quality = True
-        if "thumbs" in kinds:
-            e.has_thumbs = True
-        try:
-            seqs = await asyncio.wrap_future(self.journal.append_many(records))
-        except BaseException:
-            if "quality" in kinds:
-                e.has_quality = False
-            if "thumbs" in kinds:
-                e.has_thumbs = False
-            raise
-        for r in records:
-            kind = r["type"] if r.get("source") != "backend_failure" else "backend_failure"
-            self.metrics.feedback.labels(kind).inc()
-        return seqs
-
-    async def record_quality(self, rid: str, e, quality: float, source: str,
-                             completion_tokens: float | None = None) -> int:
-        [seq] = await self.record_feedback(rid, e, [self.quality_record(rid, e, quality, source, completion_tokens)])
-        return seq
-
-    def record_usage(self, rid: str, model: str, usage: dict | None, latency_s: float, ttft_s: float | None,
-                     approx_tokens: int | None = None) -> None:
-        """Observed usage of a proxied call: journaled (not awaited: nobody waits on it)."""
-        e = self.features.get(rid)
-        ct = pt = None
-
-        def count(v):  # a backend's token count, if plausible (a huge or odd one is ignored)
-            return int(v) if is_num(v) and 0 <= v <= MAX_TOKENS else None
-
-        if isinstance(usage, dict):
-            ct, pt = count(usage.get("completion_tokens")), count(usage.get("prompt_tokens"))
-        approx = ct is None and approx_tokens is not None
-        if approx:
-            ct = count(approx_tokens)
-        if e is not None and ct is not None:
-            e.observed_tokens = float(ct)
-        self.metrics.feedback.labels("usage").inc()
-        self.metrics.backend_s.labels(model).observe(latency_s)
-        rec = {"type": "usage", "rid": rid, "model": model, "completion_tokens": ct, "prompt_tokens": pt,
-               "tokens_approximate": approx, "latency_s": round(latency_s, 6),
-               "ttft_s": None if ttft_s is None else round(ttft_s, 6)}
-        fut = self.journal.append(rec)
-        fut.add_done_callback(lambda f: f.exception() and log.error("usage record lost: %s", f.exception()))
-
-    async def add_model(self, spec: dict) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self._add_model, spec)
-
-    def _add_model(self, spec: dict) -> dict:
-        """Validate in full (a dry run of the very change, on this thread, which owns the state),
-        then journal, then apply: a refused request leaves no trace."""
-        self._drain()
-        name = spec["name"]
-        if name in self.registry.slots:
-            raise ApiError(409, f"model {name!r} is already registered (slot {self.registry.slots[name]}); "
-                                f"DELETE it first to replace it", param="name")
-        if len(self.registry.slots) >= self.cfg.max_llms:
-            raise ApiError(409, f"the router serves {len(self.registry.slots)} LLMs, the limit set by the operator "
-                                f"(--max-llms); remove one first", "limit_reached")
-        try:  # dry run: the state functions check prices, latency profile and prior
-            state, _ = add_llm(self.state, self.registry, name, price_in=spec["price_in"],
-                               price_out=spec["price_out"], ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
-                               max_concurrency=spec["max_concurrency"], prior=spec["prior"])
-            self._check_add_record(dict(spec, backend=None))
-        except ValueError as e:
-            raise ApiError(422, f"cannot add model {name!r}: {e}") from None
-        for f in ("price_in", "price_out", "ttft", "tokens_per_s", "B", "noise"):
-            if not bool(np.all(np.isfinite(np.asarray(getattr(state, f))))):
-                raise ApiError(422, f"cannot add model {name!r}: its {f} would not be finite in float32")
-        self.journal.append(dict(spec, type="add_model")).result()
-        self._drain()
-        return self.model_info(name)
-
-    async def remove_model(self, name: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.worker, self._remove_model, name)
-
-    def _remove_model(self, name: str) -> None:
-        self._drain()
-        if name not in self.registry.slots:
-            raise ApiError(404, f"model {name!r} is not registered (known: {self.registry.names})",
-                           "not_found", param="name")
-        if len(self.registry.slots) == 1:
-            raise ApiError(409, f"model {name!r} is the last one; the router needs at least one LLM")
-        self.journal.append({"type": "remove_model", "name": name}).result()
-        self._drain()
-
-    def model_info(self, name: str) -> dict:
-        st, reg = self.state, self.registry
-        s = reg.slots[name]
-        b = self.backends.get(name)
-        return {"id": name, "object": "model", "owned_by": "mixllm-jax", "slot": s,
-                "price_in_per_mtok": _f32(float(st.price_in[s]) * 1e6),
-                "price_out_per_mtok": _f32(float(st.price_out[s]) * 1e6),
-                "ttft_s": _f32(st.ttft[s]), "tokens_per_s": _f32(st.tokens_per_s[s]),
-                "max_concurrency": int(st.max_concurrency[s]), "observations": _num(st.count[s]),
-                "backend": None if b is None else b.public()}
-
-    def _models(self) -> list[dict]:
-        self._drain()  # read your writes: acknowledged feedback is counted
-        return [self.model_info(n) for n in self.registry.names]
-
-    async def models(self) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self._models)
+    async def usage(self, key, keys) -> dict:
+        """GET /v1/usage (usage.usage_view), with every journaled usage record applied."""
+        def view():
+            self._drain()
+            return usage_view(self.ledger, key, keys)
+        return await asyncio.get_running_loop().run_in_executor(self.worker, view)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -678,14 +479,16 @@ class RouterService:
         router = dataclasses.replace(self.router, state=self.state, registry=registry)
         applied = {rid_key(rid): e.applied for rid, e in self.features.items() if e.applied}
         return router, {"feedback": self.fs, "journal_seq": np.asarray(self.applied_seq, np.int64),
-                        "arm_id": np.asarray(self.arm_id, np.int64),
-                        "applied": applied_to_array(applied)}, self.applied_seq
+                        "generation": np.asarray(self.generation, np.int64),
+                        "applied": applied_to_array(applied)}, self.applied_seq, self.ledger.to_dict()
 
     async def checkpoint(self, force: bool = False) -> int | None:
         """Save a checkpoint if anything was applied since the last one (or `force`); returns the step."""
         loop = asyncio.get_running_loop()
         async with self._ckpt_lock:
-            router, extras, seq = await loop.run_in_executor(self.worker, self._snapshot)
+            router, extras, seq, spend = await loop.run_in_executor(self.worker, self._snapshot)
+            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.cfg.log_path / "spend.json",
+                                       spend)  # (decision counts change without journal records)
             if seq == self.ckpt_seq and not force:
                 return None
             await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
@@ -714,7 +517,7 @@ class RouterService:
         """SHA-256 of everything a request may change that matters for routing: the learned and
         configured arrays of the live LLMs' slots (not the load model, which moves with the clock,
         nor free slots, which nothing reads), the shared layers of the feedback network and its
-        live output columns, the registry, arm ids, backends, and which requests have feedback.
+        live output columns, the registry, slot generations, backends, and which requests have feedback.
         The arrays are immutable (every change makes a new state), so their part is recomputed only
         when the state or the feedback network object is another one."""
         self._drain()
@@ -734,7 +537,7 @@ class RouterService:
                     h.update(np.ascontiguousarray(v[..., live] if name == "Dense_2" else v).tobytes())
             cached = self._digest_cache = (st, fs, h.digest())  # holds st and fs: their ids stay theirs
         h = hashlib.sha256(cached[2])
-        h.update(np.asarray(self.arm_id, np.int64)[live].tobytes())
+        h.update(np.asarray(self.generation, np.int64)[live].tobytes())
         h.update(json.dumps({"registry": self.registry.to_dict(),
                              "backends": {n: b.record() for n, b in sorted(self.backends.items())},
                              "flags": sorted((rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items()
@@ -754,17 +557,3 @@ class RouterService:
                 "replayed": self.replayed, "features": len(self.features), "capacity": self.state.capacity,
                 "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
-
-
-def _f32(v) -> float | None:
-    """A float32 state value shown without float32 noise (7 significant digits); None if not finite."""
-    v = float(v)
-    return float(f"{v:.7g}") if math.isfinite(v) else None
-
-
-def _num(v) -> float | None:
-    """A float for a JSON answer: None where it is not finite (JSON has no inf or NaN)."""
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
