@@ -44,16 +44,14 @@ import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer
 
-from mixllm_jax import batcher, encoder as enc_mod, engine, feedback, feedback_log
+from mixllm_jax import batcher, engine, feedback, feedback_log, tokens
 from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
-from mixllm_jax.router import truncate
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
-                                      extras_template, fit_arm_id, fit_feedback, pow2_bucket, reset_feedback_slot,
+                                      extras_template, fit_arm_id, fit_feedback, reset_feedback_slot,
                                       reset_load, serve_route)
 from mixllm_jax.serve.config import ServeConfig
 from mixllm_jax.serve.http import ApiError, is_num, model_spec
@@ -115,7 +113,6 @@ class RouterService:
         self.replayed = 0
         self._ckpt_lock = None
         self._periodic = None
-        self._tokenizer = None
 
     # ---- start / stop ---------------------------------------------------------------------
 
@@ -209,10 +206,7 @@ class RouterService:
                 self.live_backends[n] = b
         self._refresh_backends()
 
-        tok = Tokenizer.from_str(router.encoder.tokenizer.backend_tokenizer.to_str())
-        tok.no_truncation()
-        tok.no_padding()
-        self._tokenizer = tok
+        router.encoder.token_ids([])  # builds the tokenizer backend now, not on the first request
 
         n_feat = self.features.load()
         flagged = 0
@@ -252,7 +246,7 @@ class RouterService:
 
     def _warmup(self) -> None:
         t = time.perf_counter()
-        sizes = sorted({pow2_bucket(n, self.cfg.max_batch) for n in range(1, self.cfg.max_batch + 1)})
+        sizes = sorted({tokens.bucket(n, top=self.cfg.max_batch) for n in range(1, self.cfg.max_batch + 1)})
         lengths = [L for L in self.router.encoder.length_buckets if L < self.router.max_length] + [self.router.max_length]
         for B in sizes:
             for L in lengths:
@@ -372,7 +366,7 @@ class RouterService:
 
     def _update_feedback(self, x, slots, reward) -> None:
         n = len(slots)
-        B = pow2_bucket(n, max(n, 1))
+        B = tokens.bucket(n)
         pad = B - n
         valid = np.arange(B) < n
         self.fs = feedback.update(self.fs, jnp.asarray(np.pad(x, ((0, pad), (0, 0)))),
@@ -467,10 +461,9 @@ class RouterService:
         """The batcher's call: a route result (or a 503 ApiError) per request; features kept for feedback."""
         self._drain()
         n = len(reqs)
-        B = pow2_bucket(n, self.cfg.max_batch)
-        L = enc_mod.padded_length(max(len(r.ids) for r in reqs), self.router.max_length,
-                                   self.router.encoder.length_buckets)
-        ids, mask, _ = enc_mod.pad_batch([r.ids for r in reqs], L, B, self.router.encoder.pad_id)
+        enc = self.router.encoder
+        ids, mask, _ = tokens.batch([r.ids for r in reqs], self.router.max_length, enc.pad_id, enc.length_buckets,
+                                    top=self.cfg.max_batch)
         h = self._decide(ids, mask, reqs)
         names = {s: nm for nm, s in self.registry.slots.items()}
         slots = sorted(names)
@@ -515,8 +508,8 @@ class RouterService:
 
     def tokenize(self, texts: list[str]) -> list[tuple[list, int]]:
         """Each text's (ids truncated to the router's max_length, token count before truncation)."""
-        enc = self._tokenizer.encode_batch(texts)
-        return [(truncate(e.ids, self.router.max_length, self.router.truncation_side), len(e.ids)) for e in enc]
+        full = self.router.encoder.token_ids(texts)
+        return [(tokens.truncate(f, self.router.max_length, self.router.truncation_side), len(f)) for f in full]
 
     async def route(self, texts: list[str], *, cost_weight=None, budget=None, allowed=None, book=True,
                     kind="route") -> list[dict]:
