@@ -1,0 +1,138 @@
+"""The command line's options and output: reference checked first, --no-baselines on test-only data,
+--cost-weights / --budgets grids, progress only on a terminal, the train summary, a compact report."""
+import json
+
+import numpy as np
+import pytest
+
+from mixllm_jax import cli, data, progress
+
+MODELS = str(data.routerbench_dir() / "models.json")
+
+
+def test_grids_parse_sort_and_refuse_bad_values():
+    assert cli._grid("100, 0,10", "--cost-weights") == [0.0, 10.0, 100.0]
+    assert cli._grid("24.18%,10", "--budgets", percent=True) == [10.0, 24.18]
+    assert cli._grid(None, "--budgets") is None
+    for bad, opt, pct in (("1,x", "--cost-weights", False), ("-1", "--cost-weights", False),
+                          ("0", "--budgets", True), ("inf", "--cost-weights", False)):
+        with pytest.raises(ValueError, match=opt):
+            cli._grid(bad, opt, percent=pct)
+
+
+@pytest.mark.parametrize("with_models", [True, False])
+def test_unknown_reference_is_one_line_before_any_work(tmp_path, capsys, with_models):
+    """Checked before the router is restored (it does not even exist here) or anything embedded."""
+    argv = ["eval", "--router", str(tmp_path / "no-router"), "--reference", "gpt-5", "--out", str(tmp_path / "o")]
+    if with_models:  # a JSONL file that does not exist: the models file alone answers
+        argv += ["--data", str(tmp_path / "none.jsonl"), "--models", MODELS]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixllm-jax: error: --reference 'gpt-5' is not an LLM of ")
+    assert "gpt-4-1106-preview" in err[0] and "mistralai/mixtral-8x7b-chat" in err[0]  # the names, listed
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_reference_is_the_most_expensive_llm_of_the_models_file():
+    specs = data.load_models(MODELS)
+    names = [s.name for s in specs]
+    assert cli._reference(None, names, "x", specs) == "gpt-4-1106-preview"
+    import dataclasses
+
+    dear = [dataclasses.replace(s, price_in_per_mtok=1e4) if s.name == "mistralai/mistral-7b-chat" else s
+            for s in specs]
+    assert cli._reference(None, names, "x", dear) == "mistralai/mistral-7b-chat"
+
+
+def test_progress_only_on_a_terminal(capsys, monkeypatch):
+    assert not progress.enabled()  # pytest captures: not a terminal
+    with progress.step("quiet step"):
+        pass
+    assert list(progress.bar(range(3), desc="quiet bar")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "enabled", lambda: True)
+    with progress.step("loud step"):
+        pass
+    assert "loud step: " in capsys.readouterr().err
+
+
+def test_train_summary_format():
+    s = {"domains": {f"d{i}": i for i in range(20)}, "budget": "25% of gpt-4's cost",
+         "fit": {"gpt-4": {"n": 10, "quality_rmse": 0.25, "cost_ratio": 1.02},
+                 "llama": {"n": 0, "quality_rmse": None, "cost_ratio": None}},
+         "cost_weight": 120.0, "mix_cost_weight": 300.0, "mix": 0.4,
+         "held_out": {"spend_usd": 0.0012, "quality": 0.71, "n_queries": 40}}
+    out = cli.format_train_summary(s)
+    assert "20 domains" in out and "d19 (19)" in out and "8 more" in out
+    assert "0.2500" in out and "1.020" in out and "llama" in out
+    assert "25% of gpt-4's cost -> cost weight (lambda) 120, 40.0% of queries at 300" in out
+    assert "quality 0.710" in out
+
+
+# ---- end to end on a tiny log (--max-length 16, 3 epochs): one trained router for the tests below
+
+
+def _subset(split, per_task):
+    ds = data.load_routerbench(split=split)
+    idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:per_task]
+                          for task in sorted({t[0] for t in ds.tags})])
+    return ds.select(idx)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli-options")
+    data.write_jsonl(_subset("train", 12), d / "train.jsonl")
+    data.write_jsonl(_subset("test", 6), d / "test.jsonl")  # a test-only file
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MIXLLM_CACHE", str(d / "cache"))
+    mp.setenv("MIXLLM_COMPILATION_CACHE", "off")  # keep the tests' compilation cache
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(["train", "--data", str(d / "train.jsonl"), "--models", MODELS, "--out", str(d / "router"),
+                  "--max-length", "16", "--epochs", "3"])
+    yield d, out.getvalue()
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_train_ends_with_a_summary(trained):
+    _, out = trained
+    assert "summary" in out and "domains (training queries nearest to each): " in out
+    assert "arc-challenge (12)" in out and "quality RMSE" in out
+    assert "gpt-4-1106-preview" in out.split("fit on the training log")[1]
+    assert "budget: 25% of the most expensive LLM's cost -> cost weight (lambda) " in out
+
+
+@pytest.mark.slow
+def test_eval_test_only_file_with_grids(trained, capsys):
+    d, _ = trained
+    base = ["eval", "--router", str(d / "router"), "--data", str(d / "test.jsonl"), "--models", MODELS,
+            "--no-baselines", "--cost-weights", "0,100,10000", "--budgets", "10,30%"]
+    cli.main(base + ["--out", str(d / "eval")])
+    out = capsys.readouterr().out
+    assert "quality% @ cost<=10% (cost%)" in out and "quality% @ cost<=30% (cost%)" in out
+    rep = json.loads((d / "eval" / "report.json").read_text())
+    assert rep["reference"] == "gpt-4-1106-preview"  # the default: the most expensive LLM
+    assert rep["cost_weights"] == [0.0, 100.0, 10000.0] and rep["budgets_pct"] == [10.0, 30.0]
+    assert [p["cost_weight"] for p in rep["methods"]["mixllm"]["points"]] == [0.0, 100.0, 10000.0]
+    assert [p["budget_pct"] for p in rep["methods"]["mixllm@budgets"]["points"]] == [10.0, 30.0]
+    assert [b["budget_pct"] for b in rep["budgets"]] == [10.0, 30.0]
+    assert all("points" not in pt for m in rep["methods"].values() for pt in m["per_task"].values())
+    cli.main(base + ["--out", str(d / "eval-full"), "--full-report"])
+    full = (d / "eval-full" / "report.json").stat().st_size
+    assert (d / "eval" / "report.json").stat().st_size < full
+    assert "m0" not in capsys.readouterr().err  # no progress output when not on a terminal
+
+
+@pytest.mark.slow
+def test_route_prints_the_decision(trained, capsys):
+    d, _ = trained
+    cli.main(["route", "--router", str(d / "router"), "Write a Python function that reverses a list."])
+    captured = capsys.readouterr()
+    assert "chosen:" in captured.out and captured.err == ""
