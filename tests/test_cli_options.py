@@ -1,8 +1,5 @@
 """The command line's options and output: reference checked first, --no-baselines on test-only data,
 --cost-weights / --budgets grids, progress only on a terminal, the train summary, a compact report."""
-import json
-
-import numpy as np
 import pytest
 
 from mixllm_jax import cli, data, progress
@@ -71,68 +68,5 @@ def test_train_summary_format():
     assert "quality 0.710" in out
 
 
-# ---- end to end on a tiny log (--max-length 16, 3 epochs): one trained router for the tests below
-
-
-def _subset(split, per_task):
-    ds = data.load_routerbench(split=split)
-    idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:per_task]
-                          for task in sorted({t[0] for t in ds.tags})])
-    return ds.select(idx)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli-options")
-    data.write_jsonl(_subset("train", 12), d / "train.jsonl")
-    data.write_jsonl(_subset("test", 6), d / "test.jsonl")  # a test-only file
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MIXLLM_CACHE", str(d / "cache"))
-    mp.setenv("MIXLLM_COMPILATION_CACHE", "off")  # keep the tests' compilation cache
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        cli.main(["train", "--data", str(d / "train.jsonl"), "--models", MODELS, "--out", str(d / "router"),
-                  "--max-length", "16", "--epochs", "3"])
-    yield d, out.getvalue()
-    mp.undo()
-
-
-@pytest.mark.slow
-def test_train_ends_with_a_summary(trained):
-    _, out = trained
-    assert "summary" in out and "domains (training queries nearest to each): " in out
-    assert "arc-challenge (12)" in out and "quality RMSE" in out
-    assert "gpt-4-1106-preview" in out.split("fit on the training log")[1]
-    assert "budget: 25% of the most expensive LLM's cost -> cost weight (lambda) " in out
-
-
-@pytest.mark.slow
-def test_eval_test_only_file_with_grids(trained, capsys):
-    d, _ = trained
-    base = ["eval", "--router", str(d / "router"), "--data", str(d / "test.jsonl"), "--models", MODELS,
-            "--no-baselines", "--cost-weights", "0,100,10000", "--budgets", "10,30%"]
-    cli.main(base + ["--out", str(d / "eval")])
-    out = capsys.readouterr().out
-    assert "quality% @ cost<=10% (cost%)" in out and "quality% @ cost<=30% (cost%)" in out
-    rep = json.loads((d / "eval" / "report.json").read_text())
-    assert rep["reference"] == "gpt-4-1106-preview"  # the default: the most expensive LLM
-    assert rep["cost_weights"] == [0.0, 100.0, 10000.0] and rep["budgets_pct"] == [10.0, 30.0]
-    assert [p["cost_weight"] for p in rep["methods"]["mixllm"]["points"]] == [0.0, 100.0, 10000.0]
-    assert [p["budget_pct"] for p in rep["methods"]["mixllm@budgets"]["points"]] == [10.0, 30.0]
-    assert [b["budget_pct"] for b in rep["budgets"]] == [10.0, 30.0]
-    assert all("points" not in pt for m in rep["methods"].values() for pt in m["per_task"].values())
-    cli.main(base + ["--out", str(d / "eval-full"), "--full-report"])
-    full = (d / "eval-full" / "report.json").stat().st_size
-    assert (d / "eval" / "report.json").stat().st_size < full
-    assert "m0" not in capsys.readouterr().err  # no progress output when not on a terminal
-
-
-@pytest.mark.slow
-def test_route_prints_the_decision(trained, capsys):
-    d, _ = trained
-    cli.main(["route", "--router", str(d / "router"), "Write a Python function that reverses a list."])
-    captured = capsys.readouterr()
-    assert "chosen:" in captured.out and captured.err == ""
+# End to end (train summary, eval grids, --no-baselines on a test-only file, compact report.json):
+# tests/test_readme.py, on the router the README's own commands train.
