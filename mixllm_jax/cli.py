@@ -143,7 +143,7 @@ def _report_out(report, out: Path, title: str, full: bool = False):
         print(evaluate.format_bootstrap_table(report["bootstrap"]))
     if "calibration" in report:
         print(f"\ncalibration of predicted quality: ECE {report['calibration']['ece']:.4f}")
-    print("\nper task: " + evaluate.format_task_table(report))
+    print("\nper task:\n" + evaluate.format_task_table(report))
     print(f"\nreport: {files['json']}\ntable:  {files['md']}\nplot:   {files['png']}")
 
 
