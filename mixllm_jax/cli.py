@@ -165,6 +165,10 @@ def cmd_eval(args):
     reference = _reference(args.reference, test_ds.models, "the data", test_ds.specs)
     with progress.step("loading the router"):
         router = _restore(args)
+    unknown = [m for m in test_ds.models if m not in router.registry.slots]
+    if unknown:  # before anything is embedded
+        raise ValueError(f"the data's LLMs {unknown} are not LLMs of the router "
+                         f"(its LLMs: {', '.join(router.registry.slots)})")
     print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
           f"reference: {reference}")
     train_ds = None

@@ -70,3 +70,18 @@ def test_train_summary_format():
 
 # End to end (train summary, eval grids, --no-baselines on a test-only file, compact report.json):
 # tests/test_readme.py, on the router the README's own commands train.
+
+
+def test_data_llms_missing_from_the_router_is_an_error_before_embedding(tmp_path, capsys, monkeypatch):
+    import types
+
+    from mixllm_jax import train
+
+    fake = types.SimpleNamespace(registry=types.SimpleNamespace(slots={"gpt-4-1106-preview": 0, "claude-v2": 1}))
+    monkeypatch.setattr(cli, "_restore", lambda args: fake)
+    monkeypatch.setattr(train, "embed", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--router", str(tmp_path), "--no-baselines", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "are not LLMs of the router" in err and "mistralai/mistral-7b-chat" in err
