@@ -41,7 +41,7 @@ def test_train_eval_route(jsonl, tmp_path, capsys, monkeypatch):
     assert "| mixllm |" in out and "| oracle |" in out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["reference"] == "gpt-4-1106-preview" and report["n_queries"] == 60
-    for name in ("mixllm", "mixllm_no_exploration", "oracle", "random_mix", "per_task_best", "knn", "mlp"):
+    for name in ("mixllm", "mixllm@budget", "oracle", "random_mix", "per_task_best", "knn", "mlp"):
         assert name in report["methods"]
     pts = report["methods"]["mixllm"]["points"]
     assert {"cost_weight", "cost_pct", "quality_pct"} <= set(pts[0])
