@@ -79,12 +79,15 @@ def router_config(args):
 
 
 def cmd_train(args) -> Path:
-    from mixllm_jax import checkpoint, encoder, train
+    from mixllm_jax import checkpoint, encoder, progress, train
 
-    ds = _load_data(args.data, args.models, "train")
+    with progress.step("loading the data"):
+        ds = _load_data(args.data, args.models, "train")
     config = router_config(args)
     print(f"training on {len(ds)} queries x {len(ds.models)} LLMs; budget: {config.budget.describe()}")
-    router = train.train_router(ds, _models(args.models), encoder.load_encoder(args.encoder), config)
+    with progress.step("loading the encoder"):
+        enc = encoder.load_encoder(args.encoder)
+    router = train.train_router(ds, _models(args.models), enc, config)
     ft = getattr(router.encoder, "finetune_report", None)
     if ft is not None:
         best = ft["history"][ft["best_epoch"] - 1] if ft["best_epoch"] else None
@@ -92,18 +95,44 @@ def cmd_train(args) -> Path:
               f"{ft['epochs_run']} epochs, best epoch {ft['best_epoch']}"
               + (f", held-out loss {best['val']['loss']:.4f}" if best and "val" in best else "")
               + f"; digest {router.encoder.identity['finetune']}")
-    step = checkpoint.save_router(router, args.out)
-    p = router.policy
-    print(f"operating point: cost weight {p.cost_weight:.4g}"
-          + (f", {100 * p.mix:.1f}% of queries at {p.mix_cost_weight:.4g}" if p.mix else ""))
+    with progress.step("saving the checkpoint"):
+        step = checkpoint.save_router(router, args.out)
+    e = train.embed(router.encoder, ds, router.max_length, router.truncation_side)  # cached: no re-embedding
+    print(format_train_summary(train.summary(router, ds, e)))
     print(f"router saved to {args.out} (step {step})")
     return Path(args.out)
 
 
-def _report_out(report, out: Path, title: str):
-    from mixllm_jax import evaluate
+def format_train_summary(s: dict) -> str:
+    """The end of `train`: domains, each LLM's fit error, the operating point (train.summary)."""
+    lines = ["", "summary"]
+    if s["domains"] is None:
+        lines.append("  domains: none (no tag head)")
+    else:
+        doms = sorted(s["domains"].items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{d} ({n})" for d, n in doms[:12]) + (f", ... {len(doms) - 12} more" if len(doms) > 12 else "")
+        lines.append(f"  {len(doms)} domains (training queries nearest to each): {shown}")
+    lines.append(f"  fit on the training log (in-sample):\n    {'LLM':40s} {'scored':>7s} {'quality RMSE':>13s} "
+                 f"{'cost predicted/logged':>22s}")
+    for m, f in s["fit"].items():
+        rmse = "-" if f["quality_rmse"] is None else f"{f['quality_rmse']:.4f}"
+        ratio = "-" if f["cost_ratio"] is None else f"{f['cost_ratio']:.3f}"
+        lines.append(f"    {m:40s} {f['n']:7d} {rmse:>13s} {ratio:>22s}")
+    point = f"cost weight (lambda) {s['cost_weight']:.4g}" + (
+        f", {100 * s['mix']:.1f}% of queries at {s['mix_cost_weight']:.4g}" if s["mix"] else "")
+    lines.append(f"  budget: {s['budget']} -> {point}")
+    if s["held_out"] is not None:
+        h = s["held_out"]
+        lines.append(f"  on the held-out (cross-fitted) curve: {h['spend_usd']:.3g} USD and quality {h['quality']:.3f} "
+                     f"per query ({h['n_queries']} queries)")
+    return "\n".join(lines)
 
-    files = evaluate.write_report(report, out)
+
+def _report_out(report, out: Path, title: str, full: bool = False):
+    from mixllm_jax import evaluate, progress
+
+    with progress.step("writing the report and plots"):
+        files = evaluate.write_report(report, out, full=full)
     print(f"\n{title} ({report['n_queries']} test queries, % of {report['reference']})\n")
     print(evaluate.format_table(report))
     if "budgets" in report:
@@ -125,24 +154,56 @@ def _restore(args):
 
 
 def cmd_eval(args):
-    from mixllm_jax import pipeline
+    from mixllm_jax import pipeline, progress
 
-    test_ds = _load_data(args.data, args.models, args.split)
-    reference = _reference(args.reference, test_ds)
-    router = _restore(args)
+    cost_weights = _grid(args.cost_weights, "--cost-weights")
+    budgets = _grid(args.budgets, "--budgets", percent=True)
+    if args.models is not None and args.reference is not None:  # before the data is even read
+        _reference(args.reference, [sp.name for sp in _models(args.models)], "the models file")
+    with progress.step("loading the data"):
+        test_ds = _load_data(args.data, args.models, args.split)
+    reference = _reference(args.reference, test_ds.models, "the data", test_ds.specs)
+    with progress.step("loading the router"):
+        router = _restore(args)
+    unknown = [m for m in test_ds.models if m not in router.registry.slots]
+    if unknown:  # before anything is embedded
+        raise ValueError(f"the data's LLMs {unknown} are not LLMs of the router "
+                         f"(its LLMs: {', '.join(router.registry.slots)})")
     print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
           f"reference: {reference}")
-    train_ds = None if args.no_baselines else _load_data(args.train_data or args.data, args.models, "train")
-    report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines)
-    _report_out(report, Path(args.out), "evaluation")
+    train_ds = None
+    if not args.no_baselines:
+        with progress.step("loading the training data (baselines)"):
+            train_ds = _load_data(args.train_data or args.data, args.models, "train")
+    report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines,
+                                      cost_weights=cost_weights, budgets_pct=budgets)
+    _report_out(report, Path(args.out), "evaluation", full=args.full_report)
 
 
-def _reference(name: str | None, dataset) -> str:
-    """The reference LLM: `name`, checked against the data, or the data's most expensive LLM."""
+def _grid(text: str | None, option: str, percent: bool = False) -> list[float] | None:
+    """A comma list of numbers >= 0 (--cost-weights 0,10,100; --budgets 10,24.18%,50), ascending."""
+    if text is None:
+        return None
+    vals = []
+    for part in text.split(","):
+        part = part.strip().removesuffix("%") if percent else part.strip()
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"{option} must be a comma list of numbers, got {part!r} in {text!r}") from None
+        if not (0 <= v < float("inf")) or (percent and v <= 0):
+            raise ValueError(f"{option} values must be finite and {'> 0' if percent else '>= 0'}, got {part!r}")
+        vals.append(v)
+    return sorted(set(vals))
+
+
+def _reference(name: str | None, names, where: str, specs=None) -> str:
+    """The reference LLM: `name`, checked against `names` (from `where`), or, when None, the most
+    expensive of `specs` (price in + price out per token)."""
     if name is None:
-        return max(dataset.specs, key=lambda sp: sp.price_in + sp.price_out).name
-    if name not in dataset.models:
-        raise SystemExit(f"--reference {name!r} is not an LLM of the data: {list(dataset.models)}")
+        return max(specs, key=lambda sp: sp.price_in + sp.price_out).name
+    if name not in names:
+        raise ValueError(f"--reference {name!r} is not an LLM of {where}; its LLMs: {', '.join(names)}")
     return name
 
 
@@ -155,6 +216,8 @@ def cmd_run(args):
     router_dir = cmd_train(args)
     args.router, args.step, args.train_data, args.split = router_dir, None, None, "test"
     args.reference, args.no_baselines = "gpt-4-1106-preview", False
+    args.cost_weights = args.budgets = None
+    args.full_report = False
     args.out = args.report_out
     cmd_eval(args)
 
@@ -164,7 +227,7 @@ def cmd_ablation(args):
 
     train_ds = _load_data(args.data, args.models, "train")
     report = pipeline.ablation(args.kind, train_ds, _models(args.models), encoder.load_encoder(args.encoder),
-                               Path(args.out), _reference(args.reference, train_ds),
+                               Path(args.out), _reference(args.reference, train_ds.models, "the data", train_ds.specs),
                                router_config(args))
     print(f"\nablation '{args.kind}' on a validation part of train: best quality % of {report['reference']} "
           "at cost <= each level\n")
@@ -175,7 +238,7 @@ def cmd_ablation(args):
 def _experiment_data(args) -> dict:
     """The data options of `simulate` and `experiment` (--data, --models, --reference) as keywords."""
     if args.data is not None and not Path(args.data).is_dir() and args.models is None:
-        raise SystemExit("--models is required with a JSONL data file")
+        raise ValueError("--models is required with a JSONL data file")
     return {"data_path": args.data, "models": args.models, "reference": args.reference}
 
 
@@ -197,19 +260,19 @@ def cmd_experiment(args):
     kw = {}
     if args.seeds:
         if args.name != "continual":
-            raise SystemExit("--seeds goes with the continual experiment")
+            raise ValueError("--seeds goes with the continual experiment")
         kw["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.splits:
         if args.name != "continual":
-            raise SystemExit("--splits goes with the continual experiment")
+            raise ValueError("--splits goes with the continual experiment")
         kw["splits"], kw["extra_splits"] = tuple(float(s) for s in args.splits.split(",")), ()
     if args.modes:
         if args.name not in ("continual", "out-of-domain"):
-            raise SystemExit("--modes goes with the continual and out-of-domain experiments")
+            raise ValueError("--modes goes with the continual and out-of-domain experiments")
         kw["modes"] = tuple(args.modes.split(","))
     if args.no_held_out:
         if args.name != "out-of-domain":
-            raise SystemExit("--no-held-out goes with the out-of-domain experiment")
+            raise ValueError("--no-held-out goes with the out-of-domain experiment")
         kw["held_out_tasks"] = False
     if args.no_grow_domains:
         if args.name != "out-of-domain":
@@ -236,7 +299,7 @@ def cmd_ope(args):
                             temperature=args.temperature, epsilon=args.epsilon, beta=0.0)
     log = ope.read_log(args.log)
     if log.x.shape[1] != router.state.dim:
-        raise SystemExit(f"the log's features have {log.x.shape[1]} dimensions, the router's {router.state.dim}: "
+        raise ValueError(f"the log's features have {log.x.shape[1]} dimensions, the router's {router.state.dim}: "
                          "a log is evaluated with the router (features) it was served with")
     out = ope.evaluate_router_on_log(log, router.state, router.registry, policy)
     print(f"{out['n']} logged decisions; target policy: cost weight {float(policy.cost_weight):.4g}, explore "
@@ -328,16 +391,20 @@ def cmd_distill(args):
 
 
 def cmd_route(args):
+    from mixllm_jax import progress
     from mixllm_jax.config import Budget
 
-    router = _restore(args)
+    with progress.step("loading the router"):
+        router = _restore(args)
     if args.cost_weight is not None:
         router.policy = router.policy_for(Budget("cost_weight", args.cost_weight))
     elif args.budget is not None:
         router.policy = router.policy_for(Budget.parse(args.budget))
     print(f"policy: cost weight {router.policy.cost_weight:.4g}"
           + (f", {100 * router.policy.mix:.1f}% at {router.policy.mix_cost_weight:.4g}" if router.policy.mix else ""))
-    for text, r in zip(args.prompts, router.route(args.prompts)):
+    with progress.step(f"routing {len(args.prompts)} prompt(s) (the first call of a shape compiles)"):
+        routes = router.route(args.prompts)
+    for text, r in zip(args.prompts, routes):
         print(f"> {text[:100]!r}\n  chosen: {r.model}" + (f"   (nearest domain: {r.domain})" if r.domain else ""))
         print(f"  {'LLM':40s} {'quality':>8s} {'cost $':>10s} {'uncert.':>8s} {'penalty':>8s} {'score':>9s}")
         for m in sorted(r.score, key=r.score.get, reverse=True):
@@ -405,10 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--train-data", help="data the baselines are fitted on (default: --data's train split)")
     p.add_argument("--reference", default=None,
-                   help="the LLM whose totals are 100%% (default: the most expensive LLM of the data)")
+                   help="the LLM whose totals are 100%% (default: the data's most expensive LLM in the models file); "
+                        "checked before any work")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
     p.add_argument("--split", default="test", help="the split of --data evaluated on (e.g. ood)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone (no train split needed)")
+    p.add_argument("--cost-weights", help="the lambda grid of the sweeps, a comma list (quality per USD), e.g. "
+                                          "0,10,100,1000 (default: 0 and 161 values from 0.1 to 1e7)")
+    p.add_argument("--budgets", help="budgets to read quality at, comma list of %% of the reference's cost, e.g. "
+                                     "10,24.18,50: the table's columns, the router run at each budget "
+                                     "(mixllm@budgets) and the budget table (default: 24.18)")
+    p.add_argument("--full-report", action="store_true",
+                   help="report.json with every per-task operating point (default: per-task AIQ and budgets only)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("run", help="the main job: train on the RouterBench slice, evaluate on its test split")

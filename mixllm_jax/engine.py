@@ -2,8 +2,8 @@
 
 `route` and `update` check every input (a clear ValueError naming the field and value; the state
 is never modified since every function returns a new one): shapes, dtypes, finite values within
-the ranges below (in float32 terms: no accepted input overflows the float32 state) and pad the batch to the next size in
-`BATCH_BUCKETS`, so a serving loop with varying batch sizes compiles a bounded number of times.
+the ranges below (in float32 terms: no accepted input overflows the float32 state) and pad the batch to the next size of
+`tokens.bucket`, so a serving loop with varying batch sizes compiles a bounded number of times.
 `policy.route_batch` and `bandit.update_batch` are the unchecked jitted functions for hot loops that
 already hold clean, fixed-shape arrays.
 """
@@ -14,29 +14,15 @@ import numpy as np
 import jax.numpy as jnp
 
 from mixllm_jax import bandit
+from mixllm_jax.tokens import bucket, pad_rows as _pad
 from mixllm_jax.policy import Decision, Policy, route_batch
 from mixllm_jax.state import RouterState
 
-BATCH_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192)
 MAX_ABS_X = 1e4  # |feature| (features are unit-norm embeddings, domain one-hots and a bias)
 MAX_ABS_TARGET = 1e6  # |quality| and |log tokens| targets
 MAX_WEIGHT = 1e6  # observation weights are in [0, MAX_WEIGHT]
 MAX_PROMPT_TOKENS = 1e9
 MAX_POLICY = 1e12  # cost_weight, mix_cost_weight, alpha, beta, tau
-
-
-def bucket(n: int, buckets=BATCH_BUCKETS) -> int:
-    """Smallest of the (ascending) buckets >= n; past the largest, the next multiple of it."""
-    for b in buckets:
-        if n <= b:
-            return int(b)
-    top = buckets[-1]
-    return -(-n // top) * top
-
-
-def _pad(a: np.ndarray, size: int, value=0) -> np.ndarray:
-    pad = [(0, size - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
-    return np.pad(a, pad, constant_values=value)
 
 
 def _as_f32(name: str, a) -> np.ndarray:

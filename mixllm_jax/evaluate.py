@@ -20,7 +20,10 @@ Report schema (``report.json``)::
          "points": [{"cost_weight": l | null, "cost_pct": c, "quality_pct": q, ("mix_prob": p)}],
          "best_quality_at_cost_pct": {"24.18": q | null},   # best achieved point with cost <= 24.18
          "best_point_at_cost_pct": {"24.18": point | null},
-         "per_task": {TASK: {"aiq": x, "points": [...], "best_quality_at_cost_pct": {...}}}}}}
+         "per_task": {TASK: {"aiq": x, "best_quality_at_cost_pct": {...},
+                             "points": [...], "best_point_at_cost_pct": {...}}}}}}
+                                               # per-task points and best points: in memory and
+                                               # in report.json with write_report(full=True) only
 
 Per-task numbers are % of the reference on that task's queries, with that task's own shared c_max
 (a task where the reference's total quality or cost is 0 gets ``aiq`` None and no points).
@@ -359,7 +362,13 @@ def _fmt(x, nd=2) -> str:
 
 
 def _order(report) -> list[str]:
-    return sorted(report["methods"], key=lambda n: -report["methods"][n]["aiq"])
+    """Sweeps by AIQ (best first), then one-point methods (single LLMs) by quality."""
+    ms = report["methods"]
+    return sorted(ms, key=lambda n: (ms[n]["kind"] == "single",
+                                     -(ms[n]["points"][0]["quality_pct"] if ms[n]["kind"] == "single" else ms[n]["aiq"])))
+
+
+NO_AIQ = "—"  # a one-point method (a single LLM) has no curve: its AIQ is not shown
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -373,7 +382,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
     for name in _order(report):
         m = report["methods"][name]
-        row = [name + (" (ref)" if name == report["reference"] else ""), _fmt(m["aiq"])]
+        row = [name + (" (ref)" if name == report["reference"] else ""),
+               NO_AIQ if m["kind"] == "single" else _fmt(m["aiq"])]
         for b in budgets:
             p = m["best_point_at_cost_pct"].get(_budget_key(b))
             row.append("-" if p is None else f"{p['quality_pct']:.2f} ({p['cost_pct']:.2f})")
@@ -383,24 +393,44 @@ def format_table(report: Mapping[str, Any]) -> str:
         row.append(f"{low['cost_pct']:.2f} ({low['quality_pct']:.2f})")
         row.append(_fmt(m.get("task_mean_quality")))
         lines.append("| " + " | ".join(row) + " |")
+    if any(m["kind"] == "single" for m in report["methods"].values()):
+        lines.append(f"\n{NO_AIQ}: one operating point (a single LLM) has no curve, so no AIQ; its quality "
+                     "and cost are in the other columns.")
     return "\n".join(lines)
 
 
-def format_task_table(report: Mapping[str, Any]) -> str:
-    """Markdown table per task: AIQ and best quality % at the first budget, per method."""
-    tasks = list(report["tasks"])
+def format_task_table(report: Mapping[str, Any], methods_per_table: int = 6) -> str:
+    """Markdown tables per task, one row per task (any number of tasks stays narrow), at most
+    `methods_per_table` methods per table: each cell is the method's AIQ / best quality % at the
+    first budget on that task's queries."""
     b = _budget_key(report.get("budgets_pct", [PAPER_BUDGET_PCT])[0])
-    head = ["method"] + [h for t in tasks for h in (f"{t} AIQ", f"{t} q% @ cost<={b}%")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
-    for name in _order(report):
-        pt = report["methods"][name]["per_task"]
-        row = [name]
-        for t in tasks:
-            row += [_fmt(pt[t]["aiq"]), _fmt(pt[t]["best_quality_at_cost_pct"].get(b))]
-        lines.append("| " + " | ".join(row) + " |")
-    counts = ", ".join(f"{t}: {v['n_queries']}" for t, v in report["tasks"].items())
-    return "\n".join(lines) + f"\n\nQueries per task: {counts}. Percentages are of the reference " \
-        "on that task's queries."
+    names = _order(report)
+    out = [f"Each cell: AIQ / best quality % at cost <= {b}% on the task's queries, % of the reference "
+           f"on that task ({NO_AIQ}: a single LLM has no AIQ)."]
+    for i in range(0, len(names), methods_per_table):
+        chunk = names[i:i + methods_per_table]
+        lines = ["| task (queries) | " + " | ".join(chunk) + " |", "|" + "|".join([" --- "] * (len(chunk) + 1)) + "|"]
+        for t, info in report["tasks"].items():
+            cells = []
+            for name in chunk:
+                m = report["methods"][name]
+                pt = m["per_task"][t]
+                aiq = NO_AIQ if m["kind"] == "single" else _fmt(pt["aiq"])
+                cells.append(f"{aiq} / {_fmt(pt['best_quality_at_cost_pct'].get(b))}")
+            lines.append(f"| {t} ({info['n_queries']}) | " + " | ".join(cells) + " |")
+        out += ["", "\n".join(lines)]
+    return "\n".join(out)
+
+
+def compact(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report without its per-task operating points (per task: AIQ and best quality at each
+    budget only): what ``report.json`` holds unless the full report is asked for."""
+    out = dict(report)
+    out["methods"] = {name: {**m, "per_task": {t: {"aiq": pt["aiq"],
+                                                     "best_quality_at_cost_pct": pt["best_quality_at_cost_pct"]}
+                                                 for t, pt in m["per_task"].items()}}
+                      for name, m in report["methods"].items()}
+    return out
 
 
 def format_bootstrap_table(boot: Mapping[str, Any]) -> str:
@@ -470,15 +500,16 @@ def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` (main and per-task tables) and ``curves.png``.
+def write_report(report: Mapping[str, Any], out_dir: str | Path, full: bool = False) -> dict[str, Path]:
+    """Write ``report.json`` (:func:`compact` unless `full`: then every per-task point too),
+    ``report.md`` (main and per-task tables) and ``curves.png``.
 
     Returns: ``{"json": path, "md": path, "png": path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "curves.png"}
-    paths["json"].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(report if full else compact(report), indent=1, allow_nan=False) + "\n")
     md = [f"# Routing report: {report['n_queries']} queries, reference {report['reference']}", "",
           f"Quality and cost are % of {report['reference']}'s totals on the same queries. AIQ: "
           f"mean of the non-decreasing convex hull over cost 0..{report['c_max_pct']:.2f}% "

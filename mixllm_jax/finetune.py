@@ -36,7 +36,8 @@ import optax
 
 from mixllm_jax import cache as cache_mod
 from mixllm_jax.config import DEFAULT_DOMAINS, FinetuneConfig
-from mixllm_jax.encoder import LENGTH_BUCKETS, BertEncoder, BertLayer, Encoder, pad_batch, padded_length, pool
+from mixllm_jax.encoder import BertEncoder, BertLayer, Encoder, pool
+from mixllm_jax.tokens import LENGTH_BUCKETS, pad_batch, padded_length
 
 __all__ = ["FinetuneConfig", "finetune_encoder", "outcome_masks", "top_layers", "splice", "digest",
            "is_finetuned", "HiddenCache", "lower_hidden"]
@@ -210,8 +211,8 @@ def lower_hidden(encoder: Encoder, texts: Sequence[str], n_lower: int, max_lengt
         out = np.zeros((int(offs[-1]), encoder.hidden_size), np.float16)
         starts = range(0, len(seqs), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, total=math.ceil(len(seqs) / batch_size), desc="lower layers", unit="batch")
+            from mixllm_jax import progress as progress_mod
+            starts = progress_mod.bar(starts, total=math.ceil(len(seqs) / batch_size), desc="lower layers", unit="batch")
         for s in starts:
             rows = order[s: s + batch_size]
             length = padded_length(int(lengths[rows[0]]), max_length, LENGTH_BUCKETS)
@@ -479,8 +480,8 @@ def finetune_encoder(encoder: Encoder, dataset, cfg: FinetuneConfig = FinetuneCo
     steps_per_epoch = math.ceil(len(fit_rows) / cfg.batch_size)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"finetune encoder ({cfg.method}, {k} layer(s))",
+        from mixllm_jax import progress as progress_mod
+        bar = progress_mod.bar(total=cfg.epochs * steps_per_epoch, desc=f"finetune encoder ({cfg.method}, {k} layer(s))",
                    unit="step")
     for epoch in range(cfg.epochs):
         stats = []

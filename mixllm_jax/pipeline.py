@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -47,32 +48,57 @@ def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
     return rows
 
 
+def budget_sweep(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
+                 levels_pct: Sequence[float]) -> evaluate.Sweep:
+    """Choices [B, N] of the router's policy at each budget (% of the reference's cost), each met on
+    its held-out curve (a mixture of two cost weights): a sweep whose knob is ``budget_pct``."""
+    ch = [train.policy_choices(router, e, dataset, router.policy_for(Budget("share", b / 100.0, reference)))
+          for b in levels_pct]
+    return evaluate.Sweep(np.stack(ch), [float(b) for b in levels_pct], "budget_pct")
+
+
 def evaluate_router(router: Router, train_ds: Dataset | None, test_ds: Dataset, reference: str = REFERENCE,
                     with_baselines: bool = True, cache_dir=None, progress: bool = True,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, cost_weights: Sequence[float] | None = None,
+                    budgets_pct: Sequence[float] | None = None) -> dict:
     """The report of `router` beside the baselines fitted on train_ds, on the same embeddings and test
-    split: its lambda sweep (`mixllm`), its saved operating point (`mixllm@budget`), budgets met on
-    its curve (`budgets`), and the calibration of its quality predictions (`calibration`)."""
+    split: its lambda sweep (`mixllm`, over `cost_weights`, default budget.CALIBRATION_GRID), its
+    saved operating point (`mixllm@budget`), budgets met on its curve (`budgets`; with `budgets_pct`
+    those levels, also as the sweep `mixllm@budgets` and the report's budget columns), and the
+    calibration of its quality predictions (`calibration`)."""
+    from mixllm_jax import progress as progress_mod
+
+    step = progress_mod.step if progress else (lambda desc: contextlib.nullcontext())
     emb = lambda ds: train.embed(router.encoder, ds, router.max_length, router.truncation_side, cache_dir, progress)
     e_test = emb(test_ds)
-    cws = budget_mod.CALIBRATION_GRID
-    methods = {"mixllm": router_sweep(router, e_test, test_ds, cws),
-               "mixllm@budget": evaluate.Sweep(train.policy_choices(router, e_test, test_ds, router.policy), None, None)}
+    cws = budget_mod.CALIBRATION_GRID if cost_weights is None else np.asarray(cost_weights, np.float64)
+    with step(f"routing the test queries at {len(cws)} cost weights"):
+        methods = {"mixllm": router_sweep(router, e_test, test_ds, cws),
+                   "mixllm@budget": evaluate.Sweep(train.policy_choices(router, e_test, test_ds, router.policy),
+                                                   None, None)}
+        if budgets_pct is not None and router.curve is not None:
+            methods["mixllm@budgets"] = budget_sweep(router, e_test, test_ds, reference, budgets_pct)
     methods.update(extra or {})
     if with_baselines:
-        methods.update(baselines.run_baselines(emb(train_ds), train_ds, e_test, test_ds, cws))
+        e_train = emb(train_ds)
+        with step("fitting and running the baselines"):
+            methods.update(baselines.run_baselines(e_train, train_ds, e_test, test_ds, cws))
     else:
         methods.update(evaluate.single_llm_methods(test_ds.models, len(test_ds)))
-    report = evaluate.evaluate(methods, test_ds, reference, cost_weights=cws)
+    kw = {} if budgets_pct is None else {"budgets": tuple(float(b) for b in budgets_pct)}
+    report = evaluate.evaluate(methods, test_ds, reference, cost_weights=cws, **kw)
+    against = [name for name in BOOTSTRAP_AGAINST if name in methods]
     report["bootstrap"] = {name: evaluate.paired_bootstrap(methods["mixllm"].chosen, methods[name].chosen, test_ds,
                                                            reference)
-                           for name in BOOTSTRAP_AGAINST if name in methods}
+                           for name in (progress_mod.bar(against, desc="bootstrap", unit="method", leave=False)
+                                        if progress else against)}
     q_hat, _, _ = train.predictions(router, e_test, test_ds.prompt_tokens, test_ds.models)
     report["calibration"] = evaluate.calibration(q_hat, test_ds.quality)
     report["policy"] = {"budget": router.config.budget.describe(), "cost_weight": router.policy.cost_weight,
                         "mix_cost_weight": router.policy.mix_cost_weight, "mix": router.policy.mix}
     if router.curve is not None:
-        report["budgets"] = budget_hits(router, e_test, test_ds, reference)
+        report["budgets"] = budget_hits(router, e_test, test_ds, reference,
+                                        BUDGET_LEVELS_PCT if budgets_pct is None else budgets_pct)
     return report
 
 

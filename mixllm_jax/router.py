@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax import engine, encoder as enc_mod, tags
+from mixllm_jax import encoder as enc_mod, tags, tokens
 from mixllm_jax.budget import OperatingCurve
 from mixllm_jax.config import RouterConfig
 from mixllm_jax.policy import Decision, Policy, commit_load, route_batch
@@ -71,15 +71,6 @@ def route_text_batch(enc_params, head_params, centroids, state: RouterState, ids
     return route_batch(state, x, prompt_tokens, policy, book), domain
 
 
-def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
-    """Cut a token id list (with [CLS] first and [SEP] last) to max_length, keeping both specials."""
-    if len(ids) <= max_length:
-        return ids
-    if side == "left":
-        return ids[:1] + ids[len(ids) - max_length + 1:]
-    return ids[: max_length - 1] + ids[-1:]
-
-
 _featurize_jit = jax.jit(featurize, static_argnames=("head_shape", "mode"))
 
 
@@ -107,7 +98,6 @@ class Router:
     policy: Policy = Policy()
     config: RouterConfig = RouterConfig()
     curve: OperatingCurve | None = None  # held-out cost-quality curve: budgets -> policies
-    _full_tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def max_length(self) -> int:
@@ -131,15 +121,9 @@ class Router:
         """texts -> ids, mask [B, L] (bucketed, truncated), prompt_tokens [B] (untruncated counts)."""
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
-        if self._full_tokenizer is None:
-            from tokenizers import Tokenizer
-            self._full_tokenizer = Tokenizer.from_str(self.encoder.tokenizer.backend_tokenizer.to_str())
-            self._full_tokenizer.no_truncation()
-            self._full_tokenizer.no_padding()
-        full = [e.ids for e in self._full_tokenizer.encode_batch(list(texts))]
-        seqs = [truncate(f, self.max_length, self.truncation_side) for f in full]
-        length = enc_mod.padded_length(max(map(len, seqs)), self.max_length, self.encoder.length_buckets)
-        ids, mask, _ = enc_mod.pad_batch(seqs, length, engine.bucket(len(seqs)), self.encoder.pad_id)
+        full = self.encoder.token_ids(texts)  # untruncated: the prompt's token count
+        seqs = [tokens.truncate(f, self.max_length, self.truncation_side) for f in full]
+        ids, mask, _ = tokens.batch(seqs, self.max_length, self.encoder.pad_id, self.encoder.length_buckets)
         prompt_tokens = np.zeros(len(ids), np.float32)
         prompt_tokens[: len(seqs)] = [len(f) for f in full]
         return ids, mask, prompt_tokens

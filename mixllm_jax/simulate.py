@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax import bandit, engine, feedback, train
+from mixllm_jax import bandit, engine, feedback, tokens, train
+from mixllm_jax.tokens import pad_rows as _pad
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import choose_by_score, task_keys
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
@@ -189,7 +190,7 @@ class Stream:
     def padded_size(self) -> int:
         """One padded batch size for the whole stream (a bucket): one compile per stream shape."""
         n = int(np.diff([s for s, _, _ in self.batches()] + [len(self)]).max())
-        return engine.bucket(max(n, 1))
+        return tokens.bucket(max(n, 1))
 
 
 def make_stream(dataset: Dataset, x: np.ndarray | None = None, config: StreamConfig = StreamConfig(),
@@ -241,10 +242,6 @@ def serve(free_at, model, start, duration, valid):
 
     load, w = jax.lax.scan(step, free_at, (model, start, duration, valid))
     return jnp.where(valid, w, 0.0), load
-
-
-def _pad(a: np.ndarray, size: int, value=0) -> np.ndarray:
-    return np.pad(a, [(0, size - len(a))] + [(0, 0)] * (a.ndim - 1), constant_values=value)
 
 
 def _serve_np(free_at, model, start, duration, size):
@@ -341,8 +338,8 @@ def _result(name, stream, config, model, wait, cost, stages, **kw) -> StreamResu
 def _progress(items, desc, progress):
     if not progress:
         return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, unit="batch", leave=False, disable=None)  # None: quiet when not a TTY
+    from mixllm_jax import progress as progress_mod
+    return progress_mod.bar(items, desc=desc, unit="batch", leave=False)
 
 
 # ----------------------------------------------------------------------------------------------

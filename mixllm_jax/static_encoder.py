@@ -126,9 +126,9 @@ def token_vectors(source: enc_mod.Encoder, batch_size: int = 512, progress: bool
     mask = np.ones((batch_size, 3), np.int32)
     starts = range(0, V, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from mixllm_jax import progress as progress_mod
 
-        starts = tqdm(starts, total=math.ceil(V / batch_size), desc="distill", unit="batch")
+        starts = progress_mod.bar(starts, total=math.ceil(V / batch_size), desc="distill", unit="batch")
     pending = None  # materialise one batch behind the dispatch
     for start in starts:
         n = min(batch_size, V - start)

@@ -129,8 +129,8 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
     steps = n // bs
     epochs = range(config.epochs)
     if progress:
-        from tqdm.auto import tqdm
-        epochs = tqdm(epochs, desc="train head", unit="epoch", disable=None)  # quiet when not a TTY
+        from mixllm_jax import progress as progress_mod
+        epochs = progress_mod.bar(epochs, desc="train head", unit="epoch")
     best, best_loss, since = params, np.inf, 0
     for _ in epochs:
         k_perm, k = jax.random.split(k_perm)
@@ -142,7 +142,8 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
             if since >= config.patience:
                 break
         if progress:
-            epochs.set_postfix(loss=f"{float(losses[0]):.3f}", **({"val": f"{best_loss:.3f}"} if n_val else {}))
+            epochs.set_postfix(loss=f"{float(losses[0]):.3f}",
+                              **({"val": f"{best_loss:.3f}"} if n_val and np.isfinite(best_loss) else {}))
     params = best if n_val else params
     z = module.apply({"params": params["head"]}, e_d)
     c, _ = centroids(z, t_d)

@@ -45,14 +45,18 @@ def new_state(specs: Sequence[ModelSpec], dim: int, ridge: float | np.ndarray = 
     return state, reg
 
 
-def fill_arms(state, registry: ArmRegistry, x: np.ndarray, dataset: Dataset, weight: float = 1.0):
+def fill_arms(state, registry: ArmRegistry, x: np.ndarray, dataset: Dataset, weight: float = 1.0,
+              progress: bool = False):
     """Online-style fit: every (query, LLM) outcome with a known quality is one Sherman-Morrison
     update of that LLM's arm (what the continual-learning stream does, in bulk)."""
+    from mixllm_jax import progress as progress_mod
+
     q, lt = dataset.quality, log_tokens(dataset.completion_tokens)
     rows, cols = np.nonzero(np.isfinite(q))
     slots = registry.columns(dataset.models)
     targets = np.stack([q[rows, cols], lt[rows, cols]], 1)
-    for i in range(0, len(rows), UPDATE_CHUNK):
+    starts = range(0, len(rows), UPDATE_CHUNK)
+    for i in progress_mod.bar(starts, desc="fill arms", unit="chunk", leave=False) if progress else starts:
         sl = slice(i, i + UPDATE_CHUNK)
         state = engine.update(state, x[rows[sl]], slots[cols[sl]], targets[sl],
                               np.full(len(rows[sl]), weight, np.float32))
@@ -152,7 +156,11 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
         candidates = [(r,) for r in config.ridges] if config.ridge_selection == "validation" else [config.ridges]
         grid = budget_mod.CALIBRATION_GRID
         chosen = np.zeros((len(candidates), len(grid), len(dataset)), np.int32)
-        for f in range(config.folds):  # cross-fitted choices: each fold routed by arms fitted on the others
+        from mixllm_jax import progress as progress_mod
+
+        folds = range(config.folds)
+        folds = progress_mod.bar(folds, desc="cross-fit the budget curve", unit="fold", leave=False) if progress else folds
+        for f in folds:  # cross-fitted choices: each fold routed by arms fitted on the others
             rest, held = fold != f, fold == f
             stats = fit.arm_stats(x[rest], dataset.quality[rest], lt[rest])
             for i, rs in enumerate(candidates):
@@ -177,3 +185,46 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
         raise ValueError(f"a {budget.kind!r} budget needs cross-fitting to calibrate on (folds >= 2 and "
                          f"5 queries per fold, {len(dataset)} queries); give a cost weight instead")
     return router
+
+
+def summary(router: Router, dataset: Dataset, e: np.ndarray) -> dict:
+    """What a trained router learnt, on its training log (embeddings e [N, H]): the domains and how
+    many queries each is nearest to, each LLM's in-sample fit error (quality RMSE over its scored
+    queries, predicted / logged total cost), and the operating point.
+
+    Returns {"domains": {name: n} | None, "fit": {llm: {"quality_rmse", "cost_ratio", "n"}},
+    "budget": str, "cost_weight", "mix_cost_weight", "mix", "held_out": {"spend_usd", "quality"} | None}.
+    """
+    q_hat, c_hat, _ = predictions(router, e, dataset.prompt_tokens, dataset.models)
+    fit_err = {}
+    for j, m in enumerate(dataset.models):
+        ok = np.isfinite(dataset.quality[:, j])
+        fit_err[m] = {"n": int(ok.sum()),
+                      "quality_rmse": float(np.sqrt(np.mean((q_hat[ok, j] - dataset.quality[ok, j]) ** 2)))
+                      if ok.any() else None,
+                      "cost_ratio": float(c_hat[ok, j].sum() / dataset.cost[ok, j].sum())
+                      if ok.any() and dataset.cost[ok, j].sum() > 0 else None}
+    domains_n = None
+    if router.head is not None:
+        (params, centroids), static = router._head_args()
+        from mixllm_jax.router import featurize
+
+        _, nearest = featurize(e, params, centroids, **static)
+        counts = np.bincount(np.asarray(nearest), minlength=len(router.head.tags))
+        domains_n = {t: int(n) for t, n in zip(router.head.tags, counts) if n or not t.startswith("new-")}
+    p, held = router.policy, None
+    if router.curve is not None:
+        c = router.curve
+        spend = (1 - p.mix) * _curve_at(c, p.cost_weight, "spend") + p.mix * _curve_at(c, p.mix_cost_weight, "spend")
+        quality = (1 - p.mix) * _curve_at(c, p.cost_weight, "quality") + p.mix * _curve_at(c, p.mix_cost_weight,
+                                                                                          "quality")
+        held = {"spend_usd": spend, "quality": quality, "n_queries": c.n_queries}
+    return {"domains": domains_n, "fit": fit_err, "budget": router.config.budget.describe(),
+            "cost_weight": float(p.cost_weight), "mix_cost_weight": float(p.mix_cost_weight), "mix": float(p.mix),
+            "held_out": held}
+
+
+def _curve_at(curve, cost_weight: float, field: str) -> float:
+    """The curve's `field` (spend or quality) at its setting nearest to cost_weight."""
+    i = int(np.argmin(np.abs(np.asarray(curve.cost_weights) - cost_weight)))
+    return float(getattr(curve, field)[i])

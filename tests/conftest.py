@@ -51,7 +51,8 @@ def rng():
 # on the shared data, subprocesses) run in `make test` only.
 FAST_MODULES = {"test_state", "test_bandit", "test_policy", "test_engine", "test_fit", "test_budget",
                 "test_evaluate", "test_metrics", "test_tags", "test_baselines", "test_data", "test_feedback",
-                "test_serve_config", "test_cache", "test_serve_units", "test_gateway_units"}
+                "test_serve_config", "test_cache", "test_serve_units", "test_gateway_units", "test_tokens",
+                "test_cli_options"}
 
 
 def pytest_collection_modifyitems(config, items):

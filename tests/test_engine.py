@@ -16,10 +16,6 @@ def test_batch_buckets_bound_compilations(rng):
     assert route_batch._cache_size() - before <= 5  # buckets 1, 8, 32, 128, 512
 
 
-def test_bucket():
-    assert [engine.bucket(n) for n in (1, 2, 8, 9, 8192, 8193)] == [1, 8, 8, 32, 8192, 16384]
-
-
 def _bad_route_cases(rng):
     x, _, _ = random_obs(rng, 4, 6, 3)
     nan_x = x.copy()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.data import Dataset
-from mixllm_jax.evaluate import (calibration, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
+from mixllm_jax.evaluate import (calibration, compact, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
                                  format_task_table, points_for, single_llm_methods, write_report)
 
 # 3 queries, 2 models; model 0 is the reference: total quality 2, total cost 0.06.
@@ -102,7 +102,8 @@ def test_evaluate_schema_and_shared_c_max():
     # task b = query 2, where the reference scores 0: no percentages, said so, no crash
     assert r["per_task"]["b"]["aiq"] is None and r["per_task"]["b"]["points"] == []
     assert rep["tasks"]["b"] == {"n_queries": 1, "c_max_pct": None, "note": rep["tasks"]["b"]["note"]}
-    assert "| router | " in format_task_table(rep)
+    tt = format_task_table(rep)
+    assert "| task (queries) | router |" in tt and "| b (1) | - / - |" in tt  # router first; task b: no %
 
 
 def test_evaluate_rejects_unknown_reference_and_bad_shapes():
@@ -123,15 +124,42 @@ def test_write_report_files_and_tables(tmp_path):
     rep = evaluate(methods, ds, "m0")
     paths = write_report(rep, tmp_path / "out")
     assert set(paths) == {"json", "md", "png"}
-    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(rep))
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(compact(rep)))
     png = paths["png"].read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["md"].read_text()
     table = format_table(rep)
     assert table in md and format_task_table(rep).splitlines()[0] in md
     lines = table.splitlines()
-    assert len(lines) == 2 + 4 and lines[2].startswith("| oracle |")  # best AIQ first
-    assert "m0 (ref)" in table and "t1 AIQ" in format_task_table(rep)
+    assert len([x for x in lines if x.startswith("| ")]) == 2 + 4 and lines[2].startswith("| oracle |")  # best AIQ first
+    assert "m0 (ref)" in table and "| t1 (20) |" in format_task_table(rep)
+    full = write_report(rep, tmp_path / "full", full=True)
+    assert json.loads(full["json"].read_text()) == json.loads(json.dumps(rep))
+    assert full["json"].stat().st_size > paths["json"].stat().st_size
+
+
+def test_single_points_show_no_aiq_and_wide_task_tables_stay_narrow():
+    """A single LLM's AIQ is "—" (its quality and cost are shown); 57 tasks make rows, not columns."""
+    rng = np.random.default_rng(1)
+    n, tasks = 57 * 4, [(f"mmlu-subject-with-a-long-name-{i:02d}",) for i in range(57) for _ in range(4)]
+    q = (rng.random((n, 3)) < [0.9, 0.6, 0.7]).astype(np.float32)
+    q[::4, 0] = 1.0  # every task: the reference scores > 0
+    c = rng.random((n, 3)) * [1e-2, 1e-4, 1e-3] + 1e-6
+    ds = small_dataset(q, c, tags=tasks)
+    methods = {"oracle": Sweep(choose_by_score(q, c, COST_WEIGHTS), list(COST_WEIGHTS)),
+               **single_llm_methods(ds.models, n)}
+    rep = evaluate(methods, ds, "m0")
+    table = format_table(rep)
+    ref_row = next(x for x in table.splitlines() if x.startswith("| m0 (ref) |"))
+    assert ref_row.split(" | ")[1] == "—" and "100.00 (100.00)" in ref_row  # no AIQ 0.00; quality (cost)
+    assert "0.00" not in ref_row.split(" | ")[1]
+    tt = format_task_table(rep)
+    assert max(len(x) for x in tt.splitlines()) < 200
+    assert sum(x.startswith("| mmlu-subject") for x in tt.splitlines()) == 57
+    # report.json: the per-task points stay out unless asked for
+    small = len(json.dumps(compact(rep), indent=1))
+    assert small < len(json.dumps(rep, indent=1)) / 3
+    assert all("points" not in pt for m in compact(rep)["methods"].values() for pt in m["per_task"].values())
 
 
 def test_calibration_ece_by_hand():

@@ -5,7 +5,7 @@ import pytest
 from mixllm_jax.config import HeadConfig, RouterConfig
 from mixllm_jax import data, encoder, tags, train
 from mixllm_jax.policy import Policy
-from mixllm_jax.router import truncate
+from mixllm_jax.tokens import truncate
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
             lam = calibrate(router, x_off, off, budget_pct, 0.0, d.reference)
             cfg = dataclasses.replace(config, seed=seed)
             stream = sim.make_stream(on, x_on, cfg, d.reference)
-            full_state = train.fill_arms(router.state, router.registry, x_on, on)
+            full_state = train.fill_arms(router.state, router.registry, x_on, on, progress=progress)
             best_cols = sim.offline_choices(full_state, router.registry, x_on, on.prompt_tokens, on.models, [lam], 0.0)[0]
             best = on.quality[np.arange(len(on)), best_cols] - lam * on.cost[np.arange(len(on)), best_cols]
             entry = {"offline_frac": frac, "seed": seed, "n_offline": len(off), "n_online": len(on),

@@ -136,7 +136,7 @@ def _stream_modes(d: ExperimentData, router: Router, lam: float, stream: sim.Str
     out, runs = {}, {}
     best = None
     if stream_ds is not None:
-        full = train.fill_arms(router.state, router.registry, stream.x, stream_ds)
+        full = train.fill_arms(router.state, router.registry, stream.x, stream_ds, progress=progress)
         cols = sim.offline_choices(full, router.registry, stream.x, stream_ds.prompt_tokens, stream_ds.models, [lam],
                                    0.0)[0]
         rows = np.arange(len(stream_ds))

@@ -30,10 +30,7 @@ def run_experiment(name: str, out_dir: str | Path = "runs/experiments", quick: b
         d = load_data(quick, data_path=data_path, models=models, reference=reference, progress=progress)
     else:
         d = data if reference is None else dataclasses.replace(data, reference=reference)
-    if quick:
-        kwargs.setdefault("progress", False)
-    else:
-        kwargs.setdefault("progress", progress)
+    kwargs.setdefault("progress", progress)  # bars show only on a terminal (progress.py)
     fn = {"latency": run_latency, "continual": run_continual, "llm-changes": run_llm_changes,
           "out-of-domain": run_ood, "ope": run_ope}[name]
     if quick and name == "latency":

@@ -97,11 +97,6 @@ def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask
 serve_route = jax.jit(_serve_route, static_argnames=("enc_config", "head_shape", "mode", "fb_hidden"))
 
 
-def pow2_bucket(n: int, top: int) -> int:
-    """The batch size n is padded to: the next power of two, at most max(top, n)."""
-    return min(1 << max(0, (n - 1).bit_length()), max(top, n))
-
-
 def reset_load(state, clock: float):
     """Fresh load model at `clock`: every live arm's serving slots free now (free_at [K, C])."""
     C = state.load_slots

@@ -13,8 +13,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax import engine, feedback, feedback_log
-from mixllm_jax.serve.compute import pow2_bucket
+from mixllm_jax import engine, feedback, feedback_log, tokens
 from mixllm_jax.serve.http import ApiError
 from mixllm_jax.serve.usage import MAX_TOKENS
 
@@ -71,7 +70,7 @@ class FeedbackRecords:
 
     def _update_feedback(self, x, slots, reward) -> None:
         n = len(slots)
-        B = pow2_bucket(n, max(n, 1))
+        B = tokens.bucket(n)
         pad = B - n
         valid = np.arange(B) < n
         self.fs = feedback.update(self.fs, jnp.asarray(np.pad(x, ((0, pad), (0, 0)))),

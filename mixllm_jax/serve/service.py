@@ -42,15 +42,13 @@ from pathlib import Path
 import httpx
 import jax
 import numpy as np
-from tokenizers import Tokenizer
 
-from mixllm_jax import batcher, encoder as enc_mod, feedback, feedback_log
+from mixllm_jax import batcher, feedback, feedback_log, tokens
 from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
-from mixllm_jax.router import truncate
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
-                                      extras_template, fit_feedback, fit_generation, pow2_bucket, reset_load,
+                                      extras_template, fit_feedback, fit_generation, reset_load,
                                       serve_route)
 from mixllm_jax.serve.config import ServeConfig
 from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackRecords
@@ -114,7 +112,6 @@ class RouterService(FeedbackRecords, LiveModels):
         self.replayed = 0
         self._ckpt_lock = None
         self._periodic = None
-        self._tokenizer = None
 
     # ---- start / stop ---------------------------------------------------------------------
 
@@ -215,10 +212,7 @@ class RouterService(FeedbackRecords, LiveModels):
                 self.live_backends[n] = b
         self._refresh_backends()
 
-        tok = Tokenizer.from_str(router.encoder.tokenizer.backend_tokenizer.to_str())
-        tok.no_truncation()
-        tok.no_padding()
-        self._tokenizer = tok
+        router.encoder.token_ids([])  # builds the tokenizer backend now, not on the first request
 
         n_feat = self.features.load()
         flagged = 0
@@ -265,7 +259,7 @@ class RouterService(FeedbackRecords, LiveModels):
 
     def _warmup(self) -> None:
         t = time.perf_counter()
-        sizes = sorted({pow2_bucket(n, self.cfg.max_batch) for n in range(1, self.cfg.max_batch + 1)})
+        sizes = sorted({tokens.bucket(n, top=self.cfg.max_batch) for n in range(1, self.cfg.max_batch + 1)})
         lengths = [L for L in self.router.encoder.length_buckets if L < self.router.max_length] + [self.router.max_length]
         for B in sizes:
             for L in lengths:
@@ -373,10 +367,9 @@ class RouterService(FeedbackRecords, LiveModels):
         """The batcher's call: a route result (or a 503 ApiError) per request; features kept for feedback."""
         self._drain()
         n = len(reqs)
-        B = pow2_bucket(n, self.cfg.max_batch)
-        L = enc_mod.padded_length(max(len(r.ids) for r in reqs), self.router.max_length,
-                                   self.router.encoder.length_buckets)
-        ids, mask, _ = enc_mod.pad_batch([r.ids for r in reqs], L, B, self.router.encoder.pad_id)
+        enc = self.router.encoder
+        ids, mask, _ = tokens.batch([r.ids for r in reqs], self.router.max_length, enc.pad_id, enc.length_buckets,
+                                    top=self.cfg.max_batch)
         h = self._decide(ids, mask, reqs)
         names = {s: nm for nm, s in self.registry.slots.items()}
         slots = sorted(names)
@@ -436,8 +429,8 @@ class RouterService(FeedbackRecords, LiveModels):
 
     def tokenize(self, texts: list[str]) -> list[tuple[list, int]]:
         """Each text's (ids truncated to the router's max_length, token count before truncation)."""
-        enc = self._tokenizer.encode_batch(texts)
-        return [(truncate(e.ids, self.router.max_length, self.router.truncation_side), len(e.ids)) for e in enc]
+        full = self.router.encoder.token_ids(texts)
+        return [(tokens.truncate(f, self.router.max_length, self.router.truncation_side), len(f)) for f in full]
 
     async def route(self, texts: list[str], *, point=None, max_cost_usd=None, allowed=None, book=True,
                     kind="route", key=ANONYMOUS) -> list[dict]:

@@ -1,0 +1,53 @@
+"""tokens: the one tokenise-truncate-pad path and the one batch bucket scheme."""
+import numpy as np
+import pytest
+
+from mixllm_jax import tokens
+
+
+def test_bucket_ladder_multiples_and_serving_cap():
+    assert [tokens.bucket(n) for n in (1, 2, 8, 9, 8192, 8193)] == [1, 8, 8, 32, 8192, 16384]
+    assert tokens.bucket(9, top=16) == 16 and tokens.bucket(40, top=64) == 64  # capped at the batch limit
+    assert tokens.bucket(100, top=64) == 100  # never below n
+    assert tokens.bucket(5, (1, 3)) == 6
+
+
+def test_pad_rows():
+    a = np.arange(6).reshape(3, 2)
+    out = tokens.pad_rows(a, 5, value=-1)
+    assert out.shape == (5, 2) and (out[:3] == a).all() and (out[3:] == -1).all()
+
+
+def test_truncate_keeps_specials_both_sides():
+    ids = [101, 1, 2, 3, 4, 5, 102]
+    assert tokens.truncate(ids, 4, "left") == [101, 4, 5, 102]
+    assert tokens.truncate(ids, 4, "right") == [101, 1, 2, 102]
+    assert tokens.truncate(ids, 7, "left") == ids
+
+
+def test_batch_pads_to_buckets():
+    ids, mask, n = tokens.batch([[101, 7, 102], [101, 102]], max_length=64, pad_id=0, length_buckets=(16, 32))
+    assert ids.shape == (8, 16) and mask.sum() == 5 and list(n[:3]) == [3, 2, 0]
+    ids, _, _ = tokens.batch([[1] * 20], max_length=24, pad_id=0, length_buckets=(16, 32), top=1)
+    assert ids.shape == (1, 24)
+    with pytest.raises(ValueError, match="does not fit"):
+        tokens.pad_batch([[1, 2, 3]], 2, 1)
+
+
+def test_truncate_equals_the_tokenizers_truncation():
+    """The one path (encode untruncated, then truncate) gives the ids the tokenizer's own truncation gives."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate("abcdefgh")}}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    text = "a b c d e f g h"
+    full = tokens.encode(tok, [text])[0]
+    assert len(full) == 10
+    for side in ("left", "right"):
+        tok.enable_truncation(5, direction=side)
+        assert tokens.truncate(full, 5, side) == tok.encode(text).ids
+    tok.no_truncation()
