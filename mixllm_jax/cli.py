@@ -44,14 +44,16 @@ def _models(path: str | None):
 
 
 def cmd_train(args) -> Path:
-    from mixllm_jax import encoder, tags, train
+    from mixllm_jax import distributed, encoder, tags, train
 
+    par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     ds = _load_data(args.data, args.models, "train")
     print(f"training on {len(ds)} queries x {len(ds.models)} LLMs")
     enc = encoder.load_encoder(args.encoder)
     head = None if args.no_head else tags.HeadConfig(epochs=args.epochs, tag_weight=args.tag_weight)
     router = train.train_router(ds, _models(args.models), enc, head_config=head, max_length=args.max_length,
-                                truncation_side=args.truncation, feature_mode="raw" if args.no_head else args.features)
+                                truncation_side=args.truncation, feature_mode="raw" if args.no_head else args.features,
+                                **par.train_kwargs(enc, ds, args.max_length, args.truncation))
     from mixllm_jax import checkpoint
 
     step = checkpoint.save_router(router, args.out)
@@ -76,13 +78,15 @@ def _restore(args):
 
 
 def cmd_eval(args):
-    from mixllm_jax import pipeline
+    from mixllm_jax import distributed, pipeline
 
+    par = distributed.from_args(args)
     router = _restore(args)
     report = pipeline.evaluate_router(router, _load_data(args.train_data or args.data, args.models, "train"),
                                       _load_data(args.data, args.models, "test"), args.reference,
-                                      with_baselines=not args.no_baselines)
-    _report_out(report, Path(args.out), "evaluation")
+                                      with_baselines=not args.no_baselines, **par.eval_kwargs(router))
+    if par.writer:
+        _report_out(report, Path(args.out), "evaluation")
 
 
 def cmd_run(args):
@@ -175,6 +179,9 @@ def main(argv=None):
                    help="bandit features: embedding + nearest-domain one-hot (tag-enhanced), the head's "
                         "features, or the raw embedding")
     p.add_argument("--no-head", action="store_true", help="train no tag head; route on raw encoder embeddings")
+    from mixllm_jax import distributed  # light: jax is imported when a command runs
+
+    distributed.add_arguments(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved router and the baselines: table, report.json, plot")
@@ -185,6 +192,7 @@ def main(argv=None):
     p.add_argument("--reference", default="gpt-4-1106-preview", help="the LLM whose totals are 100%%")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone")
+    distributed.add_arguments(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("run", help="the main job: train on the RouterBench slice, evaluate on its test split")

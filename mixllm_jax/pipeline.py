@@ -17,11 +17,13 @@ TABLE2_COST_LEVELS = (10.0, 15.0, 20.0, 24.18, 30.0, 50.0)  # cost % of the refe
 
 
 def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: Sequence[float],
-                 alpha: float | None = None) -> evaluate.Sweep:
+                 alpha: float | None = None, route=None) -> evaluate.Sweep:
     """Choices [L, N] (as dataset model indices) of `router` on embeddings e [N, H] over a lambda grid.
 
     Offline evaluation: no latency penalty, recorded prompt tokens; alpha defaults to the router's.
+    route: a replacement for `engine.route` with its signature (e.g. the sharded one of mesh.py).
     """
+    route = route or engine.route
     x = np.asarray(router.embed_features(e))
     slot_to_model = np.full(router.state.capacity, -1)
     for j, m in enumerate(dataset.models):
@@ -30,20 +32,23 @@ def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: 
     chosen = []
     for cw in cost_weights:
         pol = Policy(cost_weight=float(cw), alpha=alpha, beta=0.0, in_batch_load=False)
-        chosen.append(slot_to_model[np.asarray(engine.route(router.state, x, dataset.prompt_tokens, pol).arm)])
+        chosen.append(slot_to_model[np.asarray(route(router.state, x, dataset.prompt_tokens, pol).arm)])
     return evaluate.Sweep(np.stack(chosen), list(map(float, cost_weights)), "cost_weight")
 
 
 def evaluate_router(router: Router, train_ds: Dataset, test_ds: Dataset, reference: str = REFERENCE,
                     with_baselines: bool = True, cache_dir=None, progress: bool = True,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, embed=None, route=None) -> dict:
     """The report of `router` (as `mixllm`, and `mixllm_no_exploration` with alpha = 0) beside the
-    baselines fitted on train_ds, all on the same embeddings and test split."""
-    emb = lambda ds: train.embed(router.encoder, ds, router.max_length, router.truncation_side, cache_dir, progress)
+    baselines fitted on train_ds, all on the same embeddings and test split.
+
+    embed (dataset -> [N, H]) and route (as engine.route) replace the defaults (distributed.py)."""
+    emb = embed or (lambda ds: train.embed(router.encoder, ds, router.max_length, router.truncation_side,
+                                           cache_dir, progress))
     e_test = emb(test_ds)
     cws = evaluate.COST_WEIGHTS
-    methods = {"mixllm": router_sweep(router, e_test, test_ds, cws),
-               "mixllm_no_exploration": router_sweep(router, e_test, test_ds, cws, alpha=0.0)}
+    methods = {"mixllm": router_sweep(router, e_test, test_ds, cws, route=route),
+               "mixllm_no_exploration": router_sweep(router, e_test, test_ds, cws, alpha=0.0, route=route)}
     methods.update(extra or {})
     if with_baselines:
         methods.update(baselines.run_baselines(emb(train_ds), train_ds, e_test, test_ds, cws))

@@ -56,10 +56,12 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, *,
                  head_config: tags.HeadConfig | None = tags.HeadConfig(), max_length: int = 256,
                  truncation_side: str = "left", feature_mode: str = "raw+domain", ridge: float = 30.0,
                  policy: Policy = Policy(),
-                 cache_dir=None, embeddings: np.ndarray | None = None, progress: bool = True) -> Router:
+                 cache_dir=None, embeddings: np.ndarray | None = None, progress: bool = True,
+                 fill=None) -> Router:
     """Train a Router on logged outcomes (see router.featurize for the feature modes).
 
-    head_config None trains no head (feature_mode must then be "raw").
+    head_config None trains no head (feature_mode must then be "raw"). fill: a replacement for
+    `fill_arms` with its signature (e.g. the sharded fills of mesh.py and distributed.py).
     """
     by_name = {s.name: s for s in specs}
     missing = [m for m in dataset.models if m not in by_name]
@@ -78,5 +80,5 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, *,
                     max_length=max_length, truncation_side=truncation_side, feature_mode=feature_mode)
     x = np.asarray(router.embed_features(e))
     state, router.registry = new_state([by_name[m] for m in dataset.models], x.shape[1], ridge)
-    router.state = fill_arms(state, router.registry, x, dataset)
+    router.state = (fill or fill_arms)(state, router.registry, x, dataset)
     return router
