@@ -16,13 +16,17 @@ sequential over the batch and so runs on the gathered [B, K] scores) follows in 
 computation. The per-block scores come from `policy.route_batch` itself, so the formula has one
 source. The decisions equal the unsharded ones (float32 rounding of the widths aside).
 
-Updates (`update_batch`, `fill_arms`): per-arm sufficient statistics S_k = sum w x x^T,
-R_k = sum w x y^T and counts, computed from each device's rows for its arms and summed over the
-"batch" axis (psum), then applied exactly: A += S, B += R, count += n, and A_inv recomputed from A
-(`bandit.spd_inverse`) for the arms that received observations. The result equals the unsharded
-update (`bandit.update_batch`, Woodbury steps) and the closed-form ridge within float32 tolerance.
-Statistics are additive, so `stats` + `apply_stats` also merge work done on several hosts (see
-`mixllm_jax.distributed`).
+Updates (`fill_arms`, `update_batch(method="stats")`): per-arm sufficient statistics
+S_k = sum w x x^T, R_k = sum w x y^T and counts, computed from each device's rows for its arms and
+summed over the "batch" axis (psum), then applied exactly: A += S, B += R, count += n, and A_inv
+recomputed from A (`bandit.spd_inverse`) for the arms that received observations. The result
+equals the unsharded update (`bandit.update_batch`, Woodbury steps) and the closed-form ridge within
+float32 tolerance. Statistics are additive, so `stats` + `apply_stats` also merge work done on
+several hosts (see `mixllm_jax.distributed`). Online batches default to `method="woodbury"` (the
+rows gathered, each arm block updated by its own Woodbury steps): a refresh costs K d^3 per batch
+and narrow (one arm per row) statistics K-fold one-hot work, so for batches of a few thousand rows
+the Woodbury steps are cheaper; the offline fill, where every query is an observation of every
+arm, has no such waste and refreshes once.
 
 Shapes: B must be a multiple of the mesh's batch size and K of its arms size (`route`, `update`
 and `fill_arms` pad B; `state.grow` pads K). Every entry point is jit-compiled once per (mesh,
@@ -353,19 +357,56 @@ def _update_fn(mesh: Mesh):
     return jax.jit(fn)
 
 
-def update_batch(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh) -> RouterState:
-    """`bandit.update_batch` over `mesh`: the rows split over "batch", the arms over "arms".
+@functools.lru_cache(maxsize=None)
+def _woodbury_fn(mesh: Mesh):
+    sspec, rep = state_specs(), P()
+    upd = P(ARMS)
 
-    Unchecked (see `update`). Each device sums its rows' statistics for its arms, the sums are
-    reduced over "batch" and applied exactly (A_inv recomputed from A for the arms observed), so the
-    result equals the sequential Woodbury updates within float32 tolerance. Rows of weight 0 are
-    skipped. Any B (padded inside to whole blocks per device).
+    def local(state, x, arm, targets, w):
+        k_local = state.capacity
+        k0 = jax.lax.axis_index(ARMS) * k_local
+        mine = (arm >= k0) & (arm < k0 + k_local)  # other blocks' rows: weight 0, skipped
+        new = bandit.update_batch(state, x, jnp.where(mine, arm - k0, 0), targets, jnp.where(mine, w, 0.0))
+        return new.A, new.A_inv, new.B, new.count
+
+    sharded = _shard_map(local, mesh, (sspec, rep, rep, rep, rep), (upd,) * 4)
+
+    def fn(state, x, arm, targets, weight):
+        TRACES["update_batch_woodbury"] += 1
+        w = jnp.ones((x.shape[0],), jnp.float32) if weight is None else weight.astype(jnp.float32)
+        A, A_inv, B, count = sharded(state, x.astype(jnp.float32), arm.astype(jnp.int32),
+                                     targets.astype(jnp.float32), w)
+        return state.replace(A=A, A_inv=A_inv, B=B, count=count)
+
+    return jax.jit(fn)
+
+
+UPDATE_METHODS = ("woodbury", "stats")
+
+
+def update_batch(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh,
+                 method: str = "woodbury") -> RouterState:
+    """`bandit.update_batch` over `mesh`. Unchecked (see `update`); rows of weight 0 are skipped.
+
+    method "woodbury" (default): the rows (B x (d + T + 2) floats) go to every device and each
+      applies the exact rank-m Woodbury steps of `bandit.update_batch` to its block of arms: the
+      arm axis splits the work, the batch axis repeats it (the replicated state stays identical).
+    method "stats": each device sums its rows' statistics (S_k = X^T W X, R_k = X^T W Y, counts)
+      for its arms, the sums are reduced over "batch" (psum) and applied exactly: A += S, B += R,
+      A_inv recomputed from A for the arms observed. The batch axis splits the sums, but each
+      device does one-hot work for all its arms (B K_local d^2) and a refresh of K_local d^3:
+      worth it for wide batch axes and large batches (the offline fill uses it).
+    Both equal the unsharded update (and the closed-form ridge) within float32 tolerance.
     """
-    return _update_fn(mesh)(shard_state(state, mesh), x, arm, targets, weight)
+    if method not in UPDATE_METHODS:
+        raise ValueError(f"method must be one of {UPDATE_METHODS}, got {method!r}")
+    fn = _update_fn(mesh) if method == "stats" else _woodbury_fn(mesh)
+    return fn(shard_state(state, mesh), x, arm, targets, weight)
 
 
-def update(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh) -> RouterState:
-    """Checked `update_batch` on the mesh (the same checks as `engine.update`)."""
+def update(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh, method: str = "woodbury"
+           ) -> RouterState:
+    """Checked, bucketed `update_batch` on the mesh (the same checks as `engine.update`)."""
     x = engine._finite_matrix("x", x, (state.dim,))
     n = x.shape[0]
     targets = engine._finite_matrix("targets", targets, (state.n_targets,))
@@ -383,7 +424,7 @@ def update(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh) -> R
     w = np.ones(n, np.float32) if weight is None else engine._batch_vector("weight", weight, n)
     size = _rows_multiple(engine.bucket(n), mesh)  # bounded set of shapes, as engine.update
     return update_batch(state, engine._pad(x, size), engine._pad(arm_arr.astype(np.int32), size),
-                        engine._pad(targets, size), engine._pad(w, size), mesh=mesh)
+                        engine._pad(targets, size), engine._pad(w, size), mesh=mesh, method=method)
 
 
 # ---- offline fill: statistics of a whole log, then one exact apply -----------------------------

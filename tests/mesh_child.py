@@ -122,15 +122,15 @@ def check_update():
     K, d, active = 8, 6, 6
     st0 = make_state(capacity=K, dim=d, n_active=active)
     xs, arms, ys, ws = [], [], [], []
-    states = {lay: st0 for lay in LAYOUTS}
+    states = {(lay, meth): st0 for lay in LAYOUTS for meth in M.UPDATE_METHODS}
     ref = st0
     for n in (1, 37, 300, 5, 1500):  # 1843 rows: more than one statistics block per device
         x, a, y = random_obs(rng, n, d, active)
         x[:, :-1] *= 0.5
         w = rng.integers(0, 3, n).astype(np.float32)  # 0: skipped, 2: counted twice
         a[: n // 3] = 2  # a hot arm
-        for nb, na in LAYOUTS:
-            states[(nb, na)] = M.update(states[(nb, na)], x, a, y, w, mesh=M.make_mesh(4, arms=na))
+        for (lay, meth), st in states.items():
+            states[(lay, meth)] = M.update(st, x, a, y, w, mesh=M.make_mesh(4, arms=lay[1]), method=meth)
         ref = engine.update(ref, x, a, y, w)
         xs.append(x), arms.append(a), ys.append(y), ws.append(w)
     x, a, y, w = map(np.concatenate, (xs, arms, ys, ws))
@@ -151,11 +151,15 @@ def check_update():
 
     # the same bucketed shapes compile once per mesh
     mesh = M.make_mesh(4, arms=2)
-    M.update(st0, x[:30], a[:30], y[:30], mesh=mesh)
+    M.update(st0, x[:30], a[:30], y[:30], mesh=mesh, method="stats")
     before = M.TRACES["update_batch"]
-    M.update(st0, x[30:55], a[30:55], y[30:55], mesh=mesh)
-    M.update(states[(2, 2)], x[:32], a[:32], y[:32], w[:32], mesh=mesh)
+    M.update(st0, x[30:55], a[30:55], y[30:55], mesh=mesh, method="stats")
+    M.update(states[((2, 2), "stats")], x[:32], a[:32], y[:32], w[:32], mesh=mesh, method="stats")
     assert M.TRACES["update_batch"] == before, M.TRACES
+    M.update(st0, x[:30], a[:30], y[:30], mesh=mesh, method="woodbury")
+    before = M.TRACES["update_batch_woodbury"]
+    M.update(states[((2, 2), "woodbury")], x[:32], a[:32], y[:32], w[:32], mesh=mesh)
+    assert M.TRACES["update_batch_woodbury"] == before, M.TRACES
 
     # the offline fill of a logged dataset, sharded, against train.fill_arms and numpy
     N, models = 700, ["m0", "m1", "m2"]

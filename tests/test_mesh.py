@@ -7,6 +7,7 @@ fixed when jax starts. Sizes are tiny; the children are bounded by timeouts.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -25,7 +26,10 @@ def child_env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
+               # N host devices already run at once: BLAS/LAPACK threads on top oversubscribe the
+               # cores (a 16 x 384^2 eigh took 50 s instead of 0.7 s on a loaded 2-core machine)
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     return env
 
 
@@ -184,6 +188,22 @@ def test_cli_train_on_devices_and_processes_equals_one_device(tmp_path):
     env["MIXLLM_CACHE"] = str(tmp_path / "cache2")  # each process embeds its own half afresh
     run_together([base + ["--out", str(tmp_path / "procs"), "--coordinator", f"127.0.0.1:{port}",
                           "--num-processes", "2", "--process-id", str(i)] for i in range(2)], env, timeout=300)
+    # eval: the sweep routed on the mesh, and the test split embedded by two processes
+    test = data.load_routerbench(split="test")
+    data.write_jsonl(test.select(np.arange(0, len(test), max(1, len(test) // 40))), tmp_path / "test.jsonl")
+    ev = [sys.executable, "-m", "mixllm_jax.cli", "eval", "--router", str(tmp_path / "one"), "--data",
+          str(tmp_path / "test.jsonl"), "--train-data", str(jsonl), "--models", models, "--no-baselines"]
+    subprocess.run(ev + ["--out", str(tmp_path / "eval-one")], env=env, check=True, timeout=300, capture_output=True)
+    p = subprocess.run(ev + ["--out", str(tmp_path / "eval-dev"), "--devices", "2"], env=env, timeout=300,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    port = free_port()
+    run_together([ev + ["--out", str(tmp_path / "eval-procs"), "--coordinator", f"127.0.0.1:{port}",
+                        "--num-processes", "2", "--process-id", str(i)] for i in range(2)], env, timeout=300)
+    points = lambda d: json.loads((tmp_path / d / "report.json").read_text())["methods"]["mixllm"]["points"]
+    assert points("eval-dev") == points("eval-one")
+    assert points("eval-procs") == points("eval-one")
+
     one = checkpoint.restore_router(tmp_path / "one")[0]
     for name in ("dev", "procs"):
         other = checkpoint.restore_router(tmp_path / name)[0]
@@ -192,3 +212,41 @@ def test_cli_train_on_devices_and_processes_equals_one_device(tmp_path):
         np.testing.assert_allclose(np.asarray(other.state.A), np.asarray(one.state.A), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(np.asarray(bandit.theta(other.state)), np.asarray(bandit.theta(one.state)),
                                    rtol=1e-3, atol=2e-4)
+
+
+# ---- the benchmarks -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_mesh_benchmark_quick_agrees(tmp_path):
+    """python -m benchmarks.mesh --quick: every sharded layout decides what one device decides."""
+    env = child_env(4)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.mesh", "--quick", "--out", str(tmp_path)], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "mesh.json").read_text())
+    sharded = [r for r in res["route"] if r["layout"] != "1 device"]
+    assert {r["layout"] for r in sharded} == {"4x1", "1x4", "2x2"}
+    assert all(r["same_arms"] == 1.0 and r["inf_pattern_equal"] and r["decisions_per_s"] > 0 for r in sharded)
+    upd = [r for r in res["update"] if r["layout"] != "1 device"]
+    assert {r["layout"] for r in upd} == {"4x1 woodbury", "4x1 stats", "1x4 woodbury", "1x4 stats"}
+    assert all(r["max_theta_diff"] < 1e-4 for r in upd)
+    assert "| 2x2 |" in (tmp_path / "mesh.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu.sh --smoke with JAX_PLATFORMS=cpu: every section runs and the report names the device."""
+    env = child_env(1)
+    env.update(PYTHON=sys.executable, OUT=str(tmp_path / "copied"))
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "out")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "gpu-cpu.json").read_text())
+    assert res["platform"] == "cpu" and not res.get("errors") and not res["skipped"]
+    assert {r["B"] for r in res["route"]} == {1, 64}
+    assert all(r["decisions_per_s"] > 0 and r["compile_s"] >= 0 for r in res["route"])
+    assert all(r.get("agree_numpy", 1.0) == 1.0 for r in res["route"])
+    assert res["text"] and res["text"][0]["texts_per_s"] > 0 and len(res["update"]) == 2
+    md = (tmp_path / "out" / "gpu-cpu.md").read_text()
+    assert "# mixllm-jax on cpu" in md and "## Text to decision" in md and "matmul peak" in md
+    assert (tmp_path / "copied" / "gpu-cpu.md").read_text() == md  # $OUT gets a copy
