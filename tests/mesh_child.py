@@ -259,18 +259,44 @@ def check_text():
     M.route_text_batch(params, None, None, st, ids[::-1].copy(), mask, pt, pol, valid,
                        enc_config=cfg, head_shape=None, mode="raw", mesh=mesh)
     assert M.TRACES["route_text_batch"] == before
-    # the encoder's batches split over the devices: same embeddings; a batch of 5 runs unsplit
-    class Tok:
-        backend_tokenizer = None
-        pad_token_id = 0
+    # Router.decide on the mesh: texts -> tokens -> the sharded fused path (padded to the mesh)
+    from mixllm_jax.router import Router
+    from mixllm_jax.state import ArmRegistry
 
-    enc = Encoder(params, cfg, Tok(), {"name": "tiny", "hidden_size": H})
+    enc = Encoder(params, cfg, tiny_tokenizer(cfg.vocab_size), {"name": "tiny", "hidden_size": H}, max_length=32)
+    trained = tags.TrainedHead(head_params, 6, 5, ("a", "b", "c"), np.asarray(centroids))
+    router = Router(encoder=enc, head=trained, state=states["raw+domain"], registry=ArmRegistry(8),
+                    policy=Policy(cost_weight=50.0, alpha=0.3, beta=0.1, tau=0.2), max_length=16)
+    texts = [" ".join(f"w{j}" for j in rng.integers(0, 40, n)) for n in (3, 9, 1, 30, 5)]
+    ref, ref_dom = router.decide(texts)
+    got, dom = M.decide(router, texts, mesh=M.make_mesh(4, arms=2))
+    np.testing.assert_array_equal(np.asarray(got.arm)[:5], np.asarray(ref.arm)[:5])
+    np.testing.assert_array_equal(np.asarray(dom)[:5], np.asarray(ref_dom)[:5])
+    _close(np.asarray(got.score)[:5], np.asarray(ref.score)[:5], what="decide")
+    _close(got.free_at, ref.free_at, what="decide free_at")  # padding rows book nothing
+
+    # the encoder's batches split over the devices: same embeddings; a batch of 5 runs unsplit
     sharded = M.shard_encoder(enc, M.make_mesh(4, arms=2))
     for n in (16, 8, 5):
         out = sharded._embed(sharded.params, ids[:n], mask[:n])
         np.testing.assert_allclose(np.asarray(out), np.asarray(enc.embed_ids(ids[:n], mask[:n])), atol=1e-6)
         assert len(out.sharding.device_set) == (4 if n % 4 == 0 else 1), (n, out.sharding)
     return {"traces": dict(M.TRACES)}
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A transformers fast tokenizer over the words w0, w1, ... ([CLS] text [SEP], BERT's layout)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(vocab_size - 4)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
 
 
 class FakeEncoder:

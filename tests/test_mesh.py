@@ -26,7 +26,7 @@ def child_env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", TRANSFORMERS_VERBOSITY="error",
                # N host devices already run at once: BLAS/LAPACK threads on top oversubscribe the
                # cores (a 16 x 384^2 eigh took 50 s instead of 0.7 s on a loaded 2-core machine)
                OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
