@@ -23,16 +23,37 @@ import time
 from pathlib import Path
 
 
-def _force_host_devices(n: int) -> None:
-    """N host devices, and one BLAS thread each (N devices already run at once; more threads
-    oversubscribe the cores: LAPACK's eigh then slows down by 10-100x on a loaded machine)."""
+def _force_host_devices(n: int, single_thread: bool = True) -> None:
+    """N host devices; with single_thread, one Eigen and one BLAS thread per device (N devices
+    already run at once; more threads oversubscribe the cores: LAPACK's eigh slowed down 10-100x on
+    a loaded 2-core machine, and a psum beside it intermittently wedged XLA:CPU's thread pool)."""
     if "jax" in sys.modules or "numpy" in sys.modules:
         return
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        flags = f"{flags} --xla_force_host_platform_device_count={n}"
+    if single_thread:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            flags += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def compile_seconds(fn, *args) -> float:
+    """jit(...).lower(...).compile() time; for a function of several programs (no .lower), the
+    first call less a steady one."""
+    import jax
+
+    t0 = time.perf_counter()
+    if hasattr(fn, "lower"):
+        fn.lower(*args).compile()
+        return time.perf_counter() - t0
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return max(first - (time.perf_counter() - t0), 0.0)
 
 
 def layouts(n: int) -> list[tuple[int, int]]:
@@ -65,7 +86,8 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
     meshes = {lay: M.make_mesh(cpus[:devices], arms=lay[1]) for lay in lays}
     placed = {lay: M.shard_state(st, m) for lay, m in meshes.items()}
     res = {"devices": f"{devices} x {cpus[0].device_kind} (forced host devices)", "cpu_count": os.cpu_count(),
-           "jax_version": jax.__version__, "K": K, "d": d, "route": [], "update": []}
+           "jax_version": jax.__version__, "K": K, "d": d, "route": [], "update": [],
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "-")}
     for B in Bs:
         x, p = T.queries(B, d)
         xj, pj = jax.device_put(jnp.asarray(x), cpus[0]), jax.device_put(jnp.asarray(p), cpus[0])
@@ -113,9 +135,7 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
             continue
         for method, fn in (("woodbury", M._woodbury_fn(m)), ("stats", M._update_fn(m))):
             name, s = f"{lay[0]}x{lay[1]} {method}", placed[lay]
-            t0 = time.perf_counter()
-            fn.lower(s, x, arm, y, None).compile()
-            compile_s[name] = time.perf_counter() - t0
+            compile_s[name] = compile_seconds(fn, s, x, arm, y, None)
             fns[name] = (lambda fn=fn, s=s: fn(s, x, arm, y, None).A_inv.block_until_ready(), True)
             th = np.asarray(bandit.theta(fn(s, x, arm, y, None)))
             agree[name] = dict(max_theta_diff=float(np.abs(th - th_ref).max()))
@@ -147,9 +167,14 @@ def markdown(res: dict, command: str) -> str:
     out = ["# Sharded vs unsharded route_batch on forced host devices", "",
            f"- devices: {res['devices']}, on {res['cpu_count']} CPU cores; jax {res['jax_version']}",
            f"- K = {res['K']} arms, d = {res['d']}; command: `{command}`",
-           "- a correctness check, not a speed claim: the host devices share the same cores, so a",
-           "  sharded layout cannot be faster than one device using every core; the rates show the",
-           "  sharded programs run, and the columns on the right that they decide what one device decides.",
+           f"- XLA_FLAGS `{res['xla_flags']}`, OPENBLAS_NUM_THREADS {res['openblas_threads']}",
+           "- a correctness check, not a speed claim: the host devices share this machine's cores. "
+           + ("With one thread per device (the default here) the 1-device row uses one core and the sharded "
+              "rows up to all of them, so a ratio above 1 is the cores, not the sharding. "
+              if "multi_thread_eigen=false" in res["xla_flags"] else
+              "With XLA's thread pool, one device already uses every core, so no layout can beat it. ")
+           + "The rates show that the sharded programs run; the columns on the right, that they decide "
+             "what one device decides.",
            "", "## route_batch (in_batch_load off)", "",
            "| B | layout (batch x arms) | decisions/s | vs 1 device | same arms | max abs score diff | compile s |",
            "|---|---|---|---|---|---|---|"]
@@ -174,9 +199,11 @@ def main(argv=None) -> int:
     ap.add_argument("--B", type=int, nargs="+", default=[1024, 4096, 16384], help="batch sizes")
     ap.add_argument("--update-B", type=int, default=4096)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, short samples (a smoke run)")
+    ap.add_argument("--multi-thread", action="store_true",
+                    help="keep XLA's and BLAS's thread pools (default: one thread per host device)")
     ap.add_argument("--out", type=Path, default=Path("runs/mesh"), help="folder for mesh.json and mesh.md")
     args = ap.parse_args(argv)
-    _force_host_devices(args.devices)
+    _force_host_devices(args.devices, single_thread=not args.multi_thread)
     kw = dict(devices=args.devices, K=args.K, d=args.d, Bs=tuple(args.B), update_B=args.update_B)
     if args.quick:
         kw.update(K=8, d=32, Bs=(64,), update_B=64, min_time=0.01, repeat=2, budget_s=0.05)

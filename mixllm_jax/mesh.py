@@ -333,6 +333,8 @@ def _rows_multiple(n: int, mesh: Mesh) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _update_fn(mesh: Mesh):
+    """method="stats": the statistics of each device's rows for its arms, psum over "batch", and
+    their exact apply, in one program."""
     sspec, row = state_specs(), P(BATCH)
     upd = P(ARMS)
 
