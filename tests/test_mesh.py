@@ -253,3 +253,14 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     md = (tmp_path / "out" / "gpu-cpu.md").read_text()
     assert "# mixllm-jax on cpu" in md and "## Text to decision" in md and "matmul peak" in md
     assert (tmp_path / "copied" / "gpu-cpu.md").read_text() == md  # $OUT gets a copy
+
+
+def test_devices_option_makes_cpu_host_devices():
+    """--devices N on a CPU with no XLA_FLAGS: N host devices (one Eigen thread each) and a mesh."""
+    env = {k: v for k, v in child_env(1).items() if k != "XLA_FLAGS"}
+    code = ("import argparse, jax; from mixllm_jax import distributed as D; "
+            "a = argparse.Namespace(devices=3, arm_shards=3, coordinator=None, num_processes=None, process_id=None); "
+            "p = D.from_args(a); print(len(jax.devices()), dict(p.mesh.shape))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "3 {'batch': 1, 'arms': 3}"
