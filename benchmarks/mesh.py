@@ -23,21 +23,16 @@ import time
 from pathlib import Path
 
 
-def _force_host_devices(n: int, single_thread: bool = True) -> None:
-    """N host devices; with single_thread, one Eigen and one BLAS thread per device (N devices
-    already run at once; more threads oversubscribe the cores: LAPACK's eigh slowed down 10-100x on
-    a loaded 2-core machine, and a psum beside it intermittently wedged XLA:CPU's thread pool)."""
+def _force_host_devices(n: int) -> None:
+    """N host devices and one BLAS thread each (N devices already run at once: more threads
+    oversubscribe the cores, and LAPACK's eigh slowed down 10-100x on a loaded 2-core machine)."""
     if "jax" in sys.modules or "numpy" in sys.modules:
         return
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        flags = f"{flags} --xla_force_host_platform_device_count={n}"
-    if single_thread:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        if "xla_cpu_multi_thread_eigen" not in flags:
-            flags += " --xla_cpu_multi_thread_eigen=false"
-    os.environ["XLA_FLAGS"] = flags.strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def compile_seconds(fn, *args) -> float:
@@ -168,13 +163,9 @@ def markdown(res: dict, command: str) -> str:
            f"- devices: {res['devices']}, on {res['cpu_count']} CPU cores; jax {res['jax_version']}",
            f"- K = {res['K']} arms, d = {res['d']}; command: `{command}`",
            f"- XLA_FLAGS `{res['xla_flags']}`, OPENBLAS_NUM_THREADS {res['openblas_threads']}",
-           "- a correctness check, not a speed claim: the host devices share this machine's cores. "
-           + ("With one thread per device (the default here) the 1-device row uses one core and the sharded "
-              "rows up to all of them, so a ratio above 1 is the cores, not the sharding. "
-              if "multi_thread_eigen=false" in res["xla_flags"] else
-              "With XLA's thread pool, one device already uses every core, so no layout can beat it. ")
-           + "The rates show that the sharded programs run; the columns on the right, that they decide "
-             "what one device decides.",
+           "- a correctness check, not a speed claim: the host devices share this machine's cores, and one "
+           "device already uses all of them (XLA's thread pool), so no layout can beat it here. The rates show "
+           "that the sharded programs run; the columns on the right, that they decide what one device decides.",
            "", "## route_batch (in_batch_load off)", "",
            "| B | layout (batch x arms) | decisions/s | vs 1 device | same arms | max abs score diff | compile s |",
            "|---|---|---|---|---|---|---|"]
@@ -199,11 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--B", type=int, nargs="+", default=[1024, 4096, 16384], help="batch sizes")
     ap.add_argument("--update-B", type=int, default=4096)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, short samples (a smoke run)")
-    ap.add_argument("--multi-thread", action="store_true",
-                    help="keep XLA's and BLAS's thread pools (default: one thread per host device)")
     ap.add_argument("--out", type=Path, default=Path("runs/mesh"), help="folder for mesh.json and mesh.md")
     args = ap.parse_args(argv)
-    _force_host_devices(args.devices, single_thread=not args.multi_thread)
+    _force_host_devices(args.devices)
     kw = dict(devices=args.devices, K=args.K, d=args.d, Bs=tuple(args.B), update_B=args.update_B)
     if args.quick:
         kw.update(K=8, d=32, Bs=(64,), update_B=64, min_time=0.01, repeat=2, budget_s=0.05)

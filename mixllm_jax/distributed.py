@@ -215,15 +215,10 @@ class Parallel:
 
 def _want_cpu_devices(n: int) -> None:
     """Ask for n CPU host devices before jax starts a backend (XLA reads XLA_FLAGS then; harmless
-    on a GPU: it sizes the CPU client), one Eigen thread each: n devices already share the cores
-    (with the default pool, a psum beside LAPACK's eigh intermittently wedged XLA:CPU here)."""
+    on a GPU: it sizes the CPU client)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-        return
-    flags += f" --xla_force_host_platform_device_count={int(n)}"
-    if n > 1 and "xla_cpu_multi_thread_eigen" not in flags:
-        flags += " --xla_cpu_multi_thread_eigen=false"
-    os.environ["XLA_FLAGS"] = flags.strip()
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()
 
 
 def from_args(args) -> Parallel:

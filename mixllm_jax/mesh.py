@@ -306,11 +306,22 @@ def _stats_local(x, m, y):
         return jax.lax.scan(step, first, jax.tree.map(lambda a: a[1:], blocks))[0]
 
 
-def _apply_local(state: RouterState, S, R, c) -> RouterState:
-    """A += S, B += R, count += c; A_inv recomputed from A where c > 0 (untouched elsewhere)."""
+def _on_cpu(mesh: Mesh) -> bool:
+    return mesh.devices.flat[0].platform == "cpu"
+
+
+def _apply_local(state: RouterState, S, R, c, one_by_one: bool = False) -> RouterState:
+    """A += S, B += R, count += c; A_inv recomputed from A where c > 0 (untouched elsewhere).
+
+    one_by_one (meshes of CPU devices): the arms' inverses in a lax.map, one eigh at a time. jax's
+    CPU eigh splits a batch of matrices over XLA's intra-op thread pool and waits for the pieces;
+    with several host devices the pool's threads can all be held by device executions waiting on
+    this one, and the process hangs (seen about every other run at K = 16, d = 384 on 4 host
+    devices: gdb showed ssyevd's ParallelBatchMap waiting with every pool thread parked).
+    """
     A = state.A + S
     with jax.default_matmul_precision("highest"):
-        fresh = bandit.spd_inverse(A)
+        fresh = jax.lax.map(bandit.spd_inverse, A) if one_by_one else bandit.spd_inverse(A)
     fresh = 0.5 * (fresh + jnp.swapaxes(fresh, 1, 2))
     A_inv = jnp.where((c > 0)[:, None, None], fresh, state.A_inv)
     return state.replace(A=A, A_inv=A_inv, B=state.B + R, count=state.count + c)
@@ -341,7 +352,7 @@ def _update_fn(mesh: Mesh):
     def local(state, x, arm, targets, w):
         S, R, c = _stats_local(x, _local_arm_weights(arm, w, state.capacity), targets)
         S, R, c = (jax.lax.psum(a, BATCH) for a in (S, R, c))
-        new = _apply_local(state, S, R, c)
+        new = _apply_local(state, S, R, c, one_by_one=_on_cpu(mesh))
         return new.A, new.A_inv, new.B, new.count
 
     sharded = _shard_map(local, mesh, (sspec, row, row, row, row), (upd,) * 4)
@@ -464,7 +475,7 @@ def _apply_fn(mesh: Mesh):
     upd = P(ARMS)
 
     def local(state, S, R, c):
-        new = _apply_local(state, S, R, c)
+        new = _apply_local(state, S, R, c, one_by_one=_on_cpu(mesh))
         return new.A, new.A_inv, new.B, new.count
 
     sharded = _shard_map(local, mesh, (state_specs(), upd, upd, upd), (upd,) * 4)

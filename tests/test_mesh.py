@@ -24,10 +24,7 @@ CHILD = Path(__file__).resolve().parent / "mesh_child.py"
 
 def child_env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
-    # one Eigen thread per host device: N devices already share the cores, and with the default
-    # thread pool a psum beside LAPACK's eigh intermittently wedged XLA:CPU on a loaded 2-core box
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false",
-               JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", TRANSFORMERS_VERBOSITY="error",
                # N host devices already run at once: BLAS/LAPACK threads on top oversubscribe the
@@ -256,7 +253,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
 
 
 def test_devices_option_makes_cpu_host_devices():
-    """--devices N on a CPU with no XLA_FLAGS: N host devices (one Eigen thread each) and a mesh."""
+    """--devices N on a CPU with no XLA_FLAGS: N host devices and a mesh."""
     env = {k: v for k, v in child_env(1).items() if k != "XLA_FLAGS"}
     code = ("import argparse, jax; from mixllm_jax import distributed as D; "
             "a = argparse.Namespace(devices=3, arm_shards=3, coordinator=None, num_processes=None, process_id=None); "
