@@ -82,7 +82,8 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
     placed = {lay: M.shard_state(st, m) for lay, m in meshes.items()}
     res = {"devices": f"{devices} x {cpus[0].device_kind} (forced host devices)", "cpu_count": os.cpu_count(),
            "jax_version": jax.__version__, "K": K, "d": d, "route": [], "update": [],
-           "xla_flags": os.environ.get("XLA_FLAGS", ""), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "-")}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "-"),
+           "load_average_start": T._load()}
     for B in Bs:
         x, p = T.queries(B, d)
         xj, pj = jax.device_put(jnp.asarray(x), cpus[0]), jax.device_put(jnp.asarray(p), cpus[0])
@@ -141,6 +142,7 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
         row.update(agree.get(name, {}))
         res["update"].append(row)
         print(_update_line(row), flush=True)
+    res["load_average_end"] = T._load()
     return res
 
 
@@ -162,7 +164,8 @@ def markdown(res: dict, command: str) -> str:
     out = ["# Sharded vs unsharded route_batch on forced host devices", "",
            f"- devices: {res['devices']}, on {res['cpu_count']} CPU cores; jax {res['jax_version']}",
            f"- K = {res['K']} arms, d = {res['d']}; command: `{command}`",
-           f"- XLA_FLAGS `{res['xla_flags']}`, OPENBLAS_NUM_THREADS {res['openblas_threads']}",
+           f"- XLA_FLAGS `{res['xla_flags']}`, OPENBLAS_NUM_THREADS {res['openblas_threads']}; load average "
+           f"{res.get('load_average_start')} at the start, {res.get('load_average_end')} at the end (other jobs)",
            "- a correctness check, not a speed claim: the host devices share this machine's cores, and one "
            "device already uses all of them (XLA's thread pool), so no layout can beat it here. The rates show "
            "that the sharded programs run; the columns on the right, that they decide what one device decides.",
