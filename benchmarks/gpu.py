@@ -260,6 +260,8 @@ def run(plan: Plan, deadline_s: float, command: str) -> dict:
                 print(f"{section.__name__} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if deadline.left() > 10:
             peak.measure_sizes()
+    except KeyboardInterrupt:  # gpu.sh's hard limit (SIGINT): keep what was measured
+        res.setdefault("errors", []).append("interrupted by the time limit")
     finally:
         res["matmul"] = peak.to_dict() if peak.gflops else None
         peak.release()

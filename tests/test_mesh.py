@@ -33,7 +33,7 @@ def child_env(devices: int) -> dict:
     return env
 
 
-def run_child(check: str, *args, devices: int = 4, timeout: float = 240) -> str:
+def run_child(check: str, *args, devices: int = 4, timeout: float = 420) -> str:
     p = subprocess.run([sys.executable, str(CHILD), check, *map(str, args)], env=child_env(devices),
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0 and f"ok {check}" in p.stdout, f"rc {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
