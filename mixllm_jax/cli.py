@@ -79,12 +79,14 @@ def router_config(args):
 
 
 def cmd_train(args) -> Path:
-    from mixllm_jax import checkpoint, encoder, train
+    from mixllm_jax import checkpoint, distributed, encoder, train
 
+    par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     ds = _load_data(args.data, args.models, "train")
     config = router_config(args)
     print(f"training on {len(ds)} queries x {len(ds.models)} LLMs; budget: {config.budget.describe()}")
-    router = train.train_router(ds, _models(args.models), encoder.load_encoder(args.encoder), config)
+    enc = encoder.load_encoder(args.encoder)
+    router = train.train_router(ds, _models(args.models), enc, config, **par.train_kwargs(enc, ds, config))
     ft = getattr(router.encoder, "finetune_report", None)
     if ft is not None:
         best = ft["history"][ft["best_epoch"] - 1] if ft["best_epoch"] else None
@@ -125,16 +127,20 @@ def _restore(args):
 
 
 def cmd_eval(args):
-    from mixllm_jax import pipeline
+    from mixllm_jax import distributed, pipeline
 
+    par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     test_ds = _load_data(args.data, args.models, args.split)
     reference = _reference(args.reference, test_ds)
     router = _restore(args)
-    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
-          f"reference: {reference}")
+    if par.writer:
+        print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
+              f"reference: {reference}")
     train_ds = None if args.no_baselines else _load_data(args.train_data or args.data, args.models, "train")
-    report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines)
-    _report_out(report, Path(args.out), "evaluation")
+    report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines,
+                                      **par.eval_kwargs(router))
+    if par.writer:
+        _report_out(report, Path(args.out), "evaluation")
 
 
 def _reference(name: str | None, dataset) -> str:
@@ -393,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", default="checkpoints/router",
                    help="checkpoint directory; each train adds a numbered step (the last 3 are kept)")
+    from mixllm_jax import distributed  # light: jax is imported when a command runs
+
+    distributed.add_arguments(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved router and the baselines: table, report.json, plot")
@@ -405,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
     p.add_argument("--split", default="test", help="the split of --data evaluated on (e.g. ood)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone (no train split needed)")
+    distributed.add_arguments(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("run", help="the main job: train on the RouterBench slice, evaluate on its test split")
