@@ -39,8 +39,15 @@ class _Lazy:
 mesh_mod = _Lazy()
 
 
+_INITIALIZED: tuple | None = None  # (coordinator, num_processes, process_id) of this process's run
+
+
 def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300) -> None:
-    """`jax.distributed.initialize` (before anything touches a device), with checked arguments."""
+    """`jax.distributed.initialize` (before anything touches a device), with checked arguments.
+
+    Once per process: a second call with the same arguments (a second command of the same run in
+    one process) does nothing."""
+    global _INITIALIZED
     import jax
 
     if not coordinator or ":" not in coordinator:
@@ -49,8 +56,11 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
     if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id!r}")
+    if _INITIALIZED == (coordinator, num_processes, process_id):
+        return
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=timeout_s)
+    _INITIALIZED = (coordinator, num_processes, process_id)
 
 
 def process_index() -> int:

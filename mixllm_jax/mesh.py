@@ -429,7 +429,9 @@ def arm_stats(x, quality, log_tokens, *, mesh: Mesh):
     The rows go over "batch" (padded with unobserved rows to whole blocks per device), the M LLMs
     over "arms" (padded with unobserved columns); each device sums its block, the blocks are
     psum-reduced over "batch". Returns (S [M, d, d], b [M, d, T], yy [M, T], n [M]) as fit.arm_stats,
-    equal to it within float32 rounding. For `train.train_router(arm_stats=...)`.
+    equal to it within float32 rounding, as host arrays: the fit that follows (eigh per arm and
+    ridge) runs on one device (CPU eigh sharded over host devices can deadlock, see _apply_local).
+    For `train.train_router(arm_stats=...)`.
     """
     y, obs = fit.log_targets(np.asarray(quality), np.asarray(log_tokens))
     x = np.asarray(x, np.float32)
@@ -438,7 +440,7 @@ def arm_stats(x, quality, log_tokens, *, mesh: Mesh):
     rows = _rows_multiple(n, mesh)
     pad = lambda a: np.pad(a, [(0, rows - n), (0, cols - M)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     out = _arm_stats_fn(mesh)(engine._pad(x, rows), pad(y), pad(obs))
-    return tuple(a[:M] for a in out)
+    return tuple(np.asarray(a)[:M] for a in out)
 
 
 # ---- the encoder, data-parallel ----------------------------------------------------------------

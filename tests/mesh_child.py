@@ -1,9 +1,11 @@
 """Checks of mixllm_jax.mesh / distributed run in a child process with forced host devices.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python tests/mesh_child.py CHECK [ARGS]
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python tests/mesh_child.py CHECK [ARGS] ...
 
-CHECK: route | update | text | dist PROCESS_ID NUM_PROCESSES PORT OUT_DIR. Exits 0 and prints
-"ok CHECK" when every assertion holds. Sizes are tiny (d, K < 10): these are correctness checks.
+CHECKs, run in order in one process (one jax start, one compilation cache): route | update | text |
+cli OUT_DIR | dist PROCESS_ID NUM_PROCESSES PORT OUT_DIR | cli-procs PROCESS_ID NUM_PROCESSES PORT OUT_DIR.
+Prints "ok CHECK" after each check whose assertions hold. Sizes are tiny (d, K < 10): these are
+correctness checks.
 """
 
 from __future__ import annotations
@@ -394,6 +396,13 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
         np.testing.assert_allclose(np.asarray(bandit.theta(filled))[k], np.linalg.solve(A, X.T @ Y),
                                    atol=2e-4, rtol=1e-3)
         assert float(filled.count[k]) == seen.sum()
+    # the same router as one process's (the plain statistics of the whole log)
+    one = train.train_router(ds, specs, None, cfg, embeddings=e, progress=False)
+    for f in ("A", "A_inv", "B", "count", "noise"):
+        ref = np.asarray(getattr(one.state, f))
+        np.testing.assert_allclose(host[f], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=f)
+    np.testing.assert_allclose([router.policy.cost_weight, router.policy.mix],
+                               [one.policy.cost_weight, one.policy.mix], rtol=1e-5)
     # every process saves, collectively (Orbax); the checkpoint restores to the merged state
     step = checkpoint.save_router(router, Path(out_dir) / f"ckpt-{num_processes}")
     if num_processes > 1:
@@ -404,8 +413,54 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
     return {"step": step}
 
 
+def _cli_commands(out: Path):
+    """(train argv, eval argv) of the CLI checks: the logs written by tests/test_mesh.py in `out`."""
+    from mixllm_jax import data
+
+    models = str(data.routerbench_dir() / "models.json")
+    train = ["train", "--data", str(out / "train.jsonl"), "--models", models, "--max-length", "32", "--no-head"]
+    ev = ["eval", "--data", str(out / "test.jsonl"), "--train-data", str(out / "train.jsonl"), "--models", models,
+          "--no-baselines"]
+    return train, ev
+
+
+def _cli(argv):
+    from mixllm_jax import cli
+
+    cli.main([str(a) for a in argv])
+
+
+def check_cli(out_dir: str):
+    """mixllm-jax train/eval plainly and with --devices 2 --arm-shards 2 (tests/test_mesh.py compares)."""
+    out = Path(out_dir)
+    train, ev = _cli_commands(out)
+    _cli(train + ["--out", out / "one"])
+    _cli(train + ["--out", out / "dev", "--devices", 2, "--arm-shards", 2])
+    _cli(ev + ["--router", out / "one", "--out", out / "eval-one"])
+    _cli(ev + ["--router", out / "dev", "--out", out / "eval-dev", "--devices", 2])
+    return {}
+
+
+def check_cli_procs(process_id: int, num_processes: int, port: int, out_dir: str):
+    """One process of `mixllm-jax train` and `eval` over processes (--coordinator ...)."""
+    out = Path(out_dir)
+    train, ev = _cli_commands(out)
+    run = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", num_processes, "--process-id", process_id]
+    _cli(train + ["--out", out / "procs"] + run)
+    _cli(ev + ["--router", out / "procs", "--out", out / "eval-procs"] + run)
+    return {}
+
+
+CHECKS = {"route": (check_route, 0), "update": (check_update, 0), "text": (check_text, 0), "cli": (check_cli, 1),
+          "dist": (check_dist, 4), "cli-procs": (check_cli_procs, 4)}
+
 if __name__ == "__main__":
-    check = sys.argv[1]
-    args = [int(a) if a.isdigit() else a for a in sys.argv[2:]]
-    info = {"route": check_route, "update": check_update, "text": check_text, "dist": check_dist}[check](*args)
-    print(f"ok {check} {json.dumps(info)}", flush=True)
+    import conftest  # noqa: F401  (the tests' persistent compilation cache)
+
+    argv = sys.argv[1:]
+    while argv:
+        name, argv = argv[0], argv[1:]
+        fn, arity = CHECKS[name]
+        args, argv = [int(a) if a.isdigit() else a for a in argv[:arity]], argv[arity:]
+        info = fn(*args)
+        print(f"ok {name} {json.dumps(info)}", flush=True)

@@ -1,6 +1,6 @@
 """Sharded compute (mixllm_jax.mesh, mixllm_jax.distributed) on forced CPU host devices.
 
-Each check runs in a child process (tests/mesh_child.py) with
+The checks run in child processes (tests/mesh_child.py, several checks per process) with
 XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu, since the device count is
 fixed when jax starts. Sizes are tiny; the children are bounded by timeouts.
 """
@@ -29,15 +29,9 @@ def child_env(devices: int) -> dict:
                PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", TRANSFORMERS_VERBOSITY="error",
                # N host devices already run at once: BLAS/LAPACK threads on top oversubscribe the
                # cores (a 16 x 384^2 eigh took 50 s instead of 0.7 s on a loaded 2-core machine)
-               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MIXLLM_COMPILATION_CACHE="off")  # the CLI keeps the tests' compilation cache (conftest)
     return env
-
-
-def run_child(check: str, *args, devices: int = 4, timeout: float = 420) -> str:
-    p = subprocess.run([sys.executable, str(CHILD), check, *map(str, args)], env=child_env(devices),
-                       capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0 and f"ok {check}" in p.stdout, f"rc {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p.stdout
 
 
 def run_together(cmds: list[list[str]], env: dict, timeout: float, cwd=None) -> list[subprocess.CompletedProcess]:
@@ -75,51 +69,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_sharded_decisions_equal_unsharded():
-    """route_batch batch-parallel (4x1), arm-parallel (1x4) and both (2x2), with and without the
-    in-batch load and a bonus: same arms, scores (float32), propensities and booked load; Thompson
-    and softmax/epsilon policies with the same key draw the same; no recompiles."""
-    run_child("route")
+def _cli_ready():
+    from mixllm_jax import data, encoder
+    try:
+        encoder.resolve_encoder()
+    except encoder.EncoderNotFoundError:
+        return False
+    return (data.routerbench_dir() / "models.json").exists()
+
+
+def _write_logs(out: Path) -> None:
+    """A small RouterBench train log (12 queries per task) and test log for the CLI checks."""
+    from mixllm_jax import data
+
+    ds = data.load_routerbench(split="train")
+    idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:12]
+                          for task in sorted({t[0] for t in ds.tags})])
+    data.write_jsonl(ds.select(idx), out / "train.jsonl")
+    test = data.load_routerbench(split="test")
+    data.write_jsonl(test.select(np.arange(0, len(test), max(1, len(test) // 40))), out / "test.jsonl")
 
 
 @pytest.mark.slow
-def test_sharded_updates_and_training_equal_unsharded_and_closed_form():
-    """Statistics reduced over the batch shards and applied exactly: equal to bandit.update_batch
-    (Woodbury) and to the numpy closed-form ridge; mesh.arm_stats equals fit.arm_stats and
-    train_router on them gives the unsharded router (state, evidence ridge, calibrated policy)."""
-    run_child("update")
+def test_sharded_compute_equals_unsharded(tmp_path):
+    """Two runs on forced host devices (their checks in tests/mesh_child.py):
 
+    4 devices, one process: route_batch batch-parallel (4x1), arm-parallel (1x4) and both (2x2),
+    with and without the in-batch load and a bonus, greedy/UCB and, with the same key, Thompson and
+    softmax/epsilon: same arms, scores, propensities and booked load, no recompiles; updates (Woodbury
+    per arm block, psum'ed statistics) equal bandit.update_batch and the closed form; mesh.arm_stats
+    equals fit.arm_stats and train_router on it gives the unsharded router; the fused text path and
+    the sharded encoder; and `mixllm-jax train/eval --devices 2 --arm-shards 2` beside plain ones.
+    2 processes (jax.distributed on 127.0.0.1, 2 devices each): each embeds its share of the log
+    and sums its share's arm statistics; the router is the same on both, equals one process's and
+    the closed form, and the collective checkpoint restores it; then `train`/`eval --coordinator`.
+    """
+    cli = _cli_ready()
+    env = child_env(4)
+    if cli:
+        _write_logs(tmp_path)
+    env["MIXLLM_CACHE"] = str(tmp_path / "cache")
+    p = subprocess.run([sys.executable, str(CHILD), "route", "update", "text"] + (["cli", str(tmp_path)] if cli else []),
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "ok text" in p.stdout and (not cli or "ok cli" in p.stdout), \
+        f"rc {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
 
-@pytest.mark.slow
-def test_sharded_text_to_decision_equals_unsharded():
-    """The fused encoder -> head -> decision path on the mesh (every feature mode) and the encoder
-    with its batches split over the devices."""
-    run_child("text")
-
-
-@pytest.mark.slow
-def test_two_processes_train_the_same_router_as_one(tmp_path):
-    """jax.distributed on 127.0.0.1: each process embeds its share and sums its share's arm
-    statistics (2 local devices each, arm-parallel); train_router on the merged statistics gives the
-    same state and policy on both processes, equal to one process's and to the closed form, and the
-    collective checkpoint restores it."""
-    run_child("dist", 0, 1, 0, tmp_path, devices=2)
     port = free_port()
-    cmds = [[sys.executable, str(CHILD), "dist", str(i), "2", str(port), str(tmp_path)] for i in range(2)]
-    outs = run_together(cmds, child_env(2), timeout=180)
+    env = child_env(2)
+    env["MIXLLM_CACHE"] = str(tmp_path / "cache-procs")  # each process embeds its own half afresh
+    run = lambda i: ["dist", i, 2, port, tmp_path] + (["cli-procs", i, 2, port, tmp_path] if cli else [])  # noqa: E731
+    outs = run_together([[sys.executable, str(CHILD), *map(str, run(i))] for i in range(2)], env, timeout=600)
     assert all("ok dist" in o.stdout for o in outs)
-    one = np.load(tmp_path / "state-1-0.npz")
     p0, p1 = np.load(tmp_path / "state-2-0.npz"), np.load(tmp_path / "state-2-1.npz")
     for f in ("A", "A_inv", "B", "count", "noise", "cost_weight", "mix"):
         np.testing.assert_array_equal(p0[f], p1[f])  # the same sum on every process
-        np.testing.assert_allclose(p0[f], one[f], rtol=1e-5, atol=1e-5 * np.abs(one[f]).max())  # float32 sums
-    np.testing.assert_array_equal(p0["count"], one["count"])
+    if not cli:
+        return
+    from mixllm_jax import bandit, checkpoint
+
+    points = lambda d: json.loads((tmp_path / d / "report.json").read_text())["methods"]["mixllm"]["points"]  # noqa: E731
+    assert points("eval-dev") == points("eval-one")
+    assert points("eval-procs") == points("eval-one")
+    one = checkpoint.restore_router(tmp_path / "one", encoder=None)[0]
+    for name in ("dev", "procs"):
+        other = checkpoint.restore_router(tmp_path / name, encoder=None)[0]
+        assert other.registry.slots == one.registry.slots
+        np.testing.assert_array_equal(np.asarray(other.state.count), np.asarray(one.state.count))
+        np.testing.assert_allclose(np.asarray(other.state.A), np.asarray(one.state.A), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(bandit.theta(other.state)), np.asarray(bandit.theta(one.state)),
+                                   rtol=1e-3, atol=2e-4)
+        assert other.policy.cost_weight == pytest.approx(one.policy.cost_weight, rel=1e-4)
 
 
 # ---- the command line ---------------------------------------------------------------------------
 
-def test_cli_sharding_options_are_checked():
+def test_cli_sharding_options_are_checked(capsys):
     from mixllm_jax import cli, distributed
 
     for argv, msg in ((["--coordinator", "127.0.0.1:1"], "go together"),
@@ -137,8 +161,9 @@ def test_cli_sharding_options_are_checked():
     from mixllm_jax.config import RouterConfig
 
     assert not par.active and par.writer and par.train_kwargs(None, None, RouterConfig()) == {}
-    out = subprocess.run([sys.executable, "-m", "mixllm_jax.cli", "train", "--help"], capture_output=True,
-                         text=True, env=child_env(1)).stdout
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
     for opt in ("--devices", "--arm-shards", "--coordinator", "--num-processes", "--process-id"):
         assert opt in out
 
@@ -157,66 +182,6 @@ def _parse(argv):
         # set_defaults(fn=...) binds the functions when the parser is built, inside main()
         cli.main(argv)
     return captured["args"]
-
-
-def _cli_ready():
-    from mixllm_jax import data, encoder
-    try:
-        encoder.resolve_encoder()
-    except encoder.EncoderNotFoundError:
-        return False
-    return (data.routerbench_dir() / "models.json").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _cli_ready(), reason="needs the default encoder and RouterBench data")
-def test_cli_train_on_devices_and_processes_equals_one_device(tmp_path):
-    """mixllm-jax train --devices 2 --arm-shards 2, and two processes (--coordinator ...), give the
-    router that plain `train` gives (no head, so the features are the embeddings themselves)."""
-    from mixllm_jax import bandit, checkpoint, data
-
-    ds = data.load_routerbench(split="train")
-    idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:12]
-                          for task in sorted({t[0] for t in ds.tags})])
-    jsonl = tmp_path / "train.jsonl"
-    data.write_jsonl(ds.select(idx), jsonl)
-    models = str(data.routerbench_dir() / "models.json")
-    env = child_env(2)
-    env["MIXLLM_CACHE"] = str(tmp_path / "cache")
-    base = [sys.executable, "-m", "mixllm_jax.cli", "train", "--data", str(jsonl), "--models", models,
-            "--max-length", "32", "--no-head"]
-    subprocess.run(base + ["--out", str(tmp_path / "one")], env=env, check=True, timeout=300, capture_output=True)
-    p = subprocess.run(base + ["--out", str(tmp_path / "dev"), "--devices", "2", "--arm-shards", "2"], env=env,
-                       timeout=300, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    port = free_port()
-    env["MIXLLM_CACHE"] = str(tmp_path / "cache2")  # each process embeds its own half afresh
-    run_together([base + ["--out", str(tmp_path / "procs"), "--coordinator", f"127.0.0.1:{port}",
-                          "--num-processes", "2", "--process-id", str(i)] for i in range(2)], env, timeout=300)
-    # eval: the sweep routed on the mesh, and the test split embedded by two processes
-    test = data.load_routerbench(split="test")
-    data.write_jsonl(test.select(np.arange(0, len(test), max(1, len(test) // 40))), tmp_path / "test.jsonl")
-    ev = [sys.executable, "-m", "mixllm_jax.cli", "eval", "--router", str(tmp_path / "one"), "--data",
-          str(tmp_path / "test.jsonl"), "--train-data", str(jsonl), "--models", models, "--no-baselines"]
-    subprocess.run(ev + ["--out", str(tmp_path / "eval-one")], env=env, check=True, timeout=300, capture_output=True)
-    p = subprocess.run(ev + ["--out", str(tmp_path / "eval-dev"), "--devices", "2"], env=env, timeout=300,
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    port = free_port()
-    run_together([ev + ["--out", str(tmp_path / "eval-procs"), "--coordinator", f"127.0.0.1:{port}",
-                        "--num-processes", "2", "--process-id", str(i)] for i in range(2)], env, timeout=300)
-    points = lambda d: json.loads((tmp_path / d / "report.json").read_text())["methods"]["mixllm"]["points"]
-    assert points("eval-dev") == points("eval-one")
-    assert points("eval-procs") == points("eval-one")
-
-    one = checkpoint.restore_router(tmp_path / "one")[0]
-    for name in ("dev", "procs"):
-        other = checkpoint.restore_router(tmp_path / name)[0]
-        assert other.registry.slots == one.registry.slots
-        np.testing.assert_array_equal(np.asarray(other.state.count), np.asarray(one.state.count))
-        np.testing.assert_allclose(np.asarray(other.state.A), np.asarray(one.state.A), rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(np.asarray(bandit.theta(other.state)), np.asarray(bandit.theta(one.state)),
-                                   rtol=1e-3, atol=2e-4)
 
 
 # ---- the benchmarks -----------------------------------------------------------------------------
