@@ -140,8 +140,10 @@ def arm_stats(x, quality, log_tokens, *, mesh=None):
     the processes' states); the result is the same on every process.
     """
     mesh = mesh_mod.make_mesh() if mesh is None else mesh
-    x = np.asarray(broadcast(np.asarray(x, np.float32)))
-    rows = own_rows(len(x))
+    n = len(x)
+    size = 1 << max(0, (n - 1).bit_length())  # few shapes over the folds: each is one collective program
+    x = np.asarray(broadcast(np.pad(np.asarray(x, np.float32), ((0, size - n), (0, 0)))))[:n]
+    rows = own_rows(n)
     local = mesh_mod.arm_stats(x[rows], np.asarray(quality)[rows], np.asarray(log_tokens)[rows], mesh=mesh)
     return sum_over_processes(local)
 

@@ -3,7 +3,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python tests/mesh_child.py CHECK [ARGS] ...
 
 CHECKs, run in order in one process (one jax start, one compilation cache): route | update | text |
-cli OUT_DIR | dist PROCESS_ID NUM_PROCESSES PORT OUT_DIR | cli-procs PROCESS_ID NUM_PROCESSES PORT OUT_DIR.
+cli OUT_DIR | bench OUT_DIR | dist PROCESS_ID NUM_PROCESSES PORT OUT_DIR |
+cli-procs PROCESS_ID NUM_PROCESSES PORT OUT_DIR.
 Prints "ok CHECK" after each check whose assertions hold. Sizes are tiny (d, K < 10): these are
 correctness checks.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +214,7 @@ def check_update():
         got = M.arm_stats(x, q, lt, mesh=M.make_mesh(4, arms=na))  # M = 3 LLMs padded to the arm shards
         for a, b, name in zip(got, single, ("S", "b", "yy", "n")):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-3, err_msg=f"{nb}x{na} {name}")
-    cfg = RouterConfig(head=None, features="raw", ridges=(1.0, 30.0), budget=Budget("share", 0.4))
+    cfg = RouterConfig(head=None, features="raw", ridges=(1.0, 30.0), budget=Budget("share", 0.4), folds=2)
     ref = train.train_router(ds, specs, None, cfg, embeddings=e, progress=False)
     sharded = train.train_router(ds, specs, None, cfg, embeddings=e, progress=False,
                                  arm_stats=partial(M.arm_stats, mesh=M.make_mesh(4, arms=2)))
@@ -379,7 +381,7 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
     from mixllm_jax.config import Budget, RouterConfig
 
     mesh = M.make_mesh(jax.local_devices()[:2], arms=2)
-    cfg = RouterConfig(head=None, features="raw", ridges=(3.0,), budget=Budget("share", 0.4))
+    cfg = RouterConfig(head=None, features="raw", ridges=(3.0,), budget=Budget("share", 0.4), folds=2)
     router = train.train_router(ds, specs, None, cfg, embeddings=e, progress=False,
                                 arm_stats=partial(D.arm_stats, mesh=mesh))
     filled, reg = router.state, router.registry
@@ -414,11 +416,13 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
 
 
 def _cli_commands(out: Path):
-    """(train argv, eval argv) of the CLI checks: the logs written by tests/test_mesh.py in `out`."""
+    """(train argv, eval argv) of the CLI checks: the logs and the tiny random BERT (hidden 32, MiniLM's
+    tokenizer) written by tests/test_mesh.py in `out`."""
     from mixllm_jax import data
 
     models = str(data.routerbench_dir() / "models.json")
-    train = ["train", "--data", str(out / "train.jsonl"), "--models", models, "--max-length", "32", "--no-head"]
+    train = ["train", "--data", str(out / "train.jsonl"), "--models", models, "--max-length", "32", "--no-head",
+             "--encoder", str(out / "tiny-bert")]
     ev = ["eval", "--data", str(out / "test.jsonl"), "--train-data", str(out / "train.jsonl"), "--models", models,
           "--no-baselines"]
     return train, ev
@@ -446,13 +450,23 @@ def check_cli_procs(process_id: int, num_processes: int, port: int, out_dir: str
     out = Path(out_dir)
     train, ev = _cli_commands(out)
     run = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", num_processes, "--process-id", process_id]
+    t0 = time.perf_counter()
     _cli(train + ["--out", out / "procs"] + run)
+    t1 = time.perf_counter()
     _cli(ev + ["--router", out / "procs", "--out", out / "eval-procs"] + run)
+    return {"train_s": round(t1 - t0, 1), "eval_s": round(time.perf_counter() - t1, 1)}
+
+
+def check_bench(out_dir: str):
+    """python -m benchmarks.mesh --quick, in this process (tests/test_mesh.py reads its results)."""
+    from benchmarks import mesh as bench
+
+    assert bench.main(["--quick", "--out", str(Path(out_dir) / "bench")]) == 0
     return {}
 
 
 CHECKS = {"route": (check_route, 0), "update": (check_update, 0), "text": (check_text, 0), "cli": (check_cli, 1),
-          "dist": (check_dist, 4), "cli-procs": (check_cli_procs, 4)}
+          "bench": (check_bench, 1), "dist": (check_dist, 4), "cli-procs": (check_cli_procs, 4)}
 
 if __name__ == "__main__":
     import conftest  # noqa: F401  (the tests' persistent compilation cache)
@@ -462,5 +476,6 @@ if __name__ == "__main__":
         name, argv = argv[0], argv[1:]
         fn, arity = CHECKS[name]
         args, argv = [int(a) if a.isdigit() else a for a in argv[:arity]], argv[arity:]
+        t0 = time.perf_counter()
         info = fn(*args)
-        print(f"ok {name} {json.dumps(info)}", flush=True)
+        print(f"ok {name} {json.dumps(info)} {time.perf_counter() - t0:.1f} s", flush=True)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,8 +80,12 @@ def _cli_ready():
 
 
 def _write_logs(out: Path) -> None:
-    """A small RouterBench train log (12 queries per task) and test log for the CLI checks."""
+    """A small RouterBench train log (12 queries per task), a test log and a tiny random BERT for
+    the CLI checks (hidden 32: the checks are of the plumbing, the numbers are checked above)."""
     from mixllm_jax import data
+    from test_static_encoder import tiny_bert_folder
+
+    tiny_bert_folder(out / "tiny-bert")
 
     ds = data.load_routerbench(split="train")
     idx = np.concatenate([np.flatnonzero([t == (task,) for t in ds.tags])[:12]
@@ -99,7 +104,8 @@ def test_sharded_compute_equals_unsharded(tmp_path):
     softmax/epsilon: same arms, scores, propensities and booked load, no recompiles; updates (Woodbury
     per arm block, psum'ed statistics) equal bandit.update_batch and the closed form; mesh.arm_stats
     equals fit.arm_stats and train_router on it gives the unsharded router; the fused text path and
-    the sharded encoder; and `mixllm-jax train/eval --devices 2 --arm-shards 2` beside plain ones.
+    the sharded encoder; `python -m benchmarks.mesh --quick`; and `mixllm-jax train/eval --devices 2
+    --arm-shards 2` beside plain ones.
     2 processes (jax.distributed on 127.0.0.1, 2 devices each): each embeds its share of the log
     and sums its share's arm statistics; the router is the same on both, equals one process's and
     the closed form, and the collective checkpoint restores it; then `train`/`eval --coordinator`.
@@ -109,10 +115,20 @@ def test_sharded_compute_equals_unsharded(tmp_path):
     if cli:
         _write_logs(tmp_path)
     env["MIXLLM_CACHE"] = str(tmp_path / "cache")
-    p = subprocess.run([sys.executable, str(CHILD), "route", "update", "text"] + (["cli", str(tmp_path)] if cli else []),
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "ok text" in p.stdout and (not cli or "ok cli" in p.stdout), \
+    p = subprocess.run([sys.executable, str(CHILD), "route", "update", "text", "bench", str(tmp_path)]
+                       + (["cli", str(tmp_path)] if cli else []), env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0 and "ok bench" in p.stdout and (not cli or "ok cli" in p.stdout), \
         f"rc {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    # python -m benchmarks.mesh --quick: every sharded layout decides what one device decides
+    res = json.loads((tmp_path / "bench" / "mesh.json").read_text())
+    sharded = [r for r in res["route"] if r["layout"] != "1 device"]
+    assert {r["layout"] for r in sharded} == {"4x1", "1x4", "2x2"}
+    assert all(r["same_arms"] == 1.0 and r["inf_pattern_equal"] and r["decisions_per_s"] > 0 for r in sharded)
+    upd = [r for r in res["update"] if r["layout"] != "1 device"]
+    assert {r["layout"] for r in upd} == {"4x1 woodbury", "4x1 stats", "1x4 woodbury", "1x4 stats"}
+    assert all(r["max_theta_diff"] < 1e-4 for r in upd)
+    assert "| 2x2 |" in (tmp_path / "bench" / "mesh.md").read_text()
 
     port = free_port()
     env = child_env(2)
@@ -187,27 +203,12 @@ def _parse(argv):
 # ---- the benchmarks -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_mesh_benchmark_quick_agrees(tmp_path):
-    """python -m benchmarks.mesh --quick: every sharded layout decides what one device decides."""
-    env = child_env(4)
-    p = subprocess.run([sys.executable, "-m", "benchmarks.mesh", "--quick", "--out", str(tmp_path)], env=env,
-                       cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((tmp_path / "mesh.json").read_text())
-    sharded = [r for r in res["route"] if r["layout"] != "1 device"]
-    assert {r["layout"] for r in sharded} == {"4x1", "1x4", "2x2"}
-    assert all(r["same_arms"] == 1.0 and r["inf_pattern_equal"] and r["decisions_per_s"] > 0 for r in sharded)
-    upd = [r for r in res["update"] if r["layout"] != "1 device"]
-    assert {r["layout"] for r in upd} == {"4x1 woodbury", "4x1 stats", "1x4 woodbury", "1x4 stats"}
-    assert all(r["max_theta_diff"] < 1e-4 for r in upd)
-    assert "| 2x2 |" in (tmp_path / "mesh.md").read_text()
-
-
-@pytest.mark.slow
 def test_gpu_script_smoke_on_cpu(tmp_path):
     """benchmarks/gpu.sh --smoke with JAX_PLATFORMS=cpu: every section runs and the report names the device."""
     env = child_env(1)
-    env.update(PYTHON=sys.executable, OUT=str(tmp_path / "copied"))
+    env.update(PYTHON=sys.executable, OUT=str(tmp_path / "copied"),  # and the tests' compilation cache:
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "out")],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
