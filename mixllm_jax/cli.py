@@ -79,15 +79,16 @@ def router_config(args):
 
 
 def cmd_train(args) -> Path:
-    from mixllm_jax import checkpoint, encoder, progress, train
+    from mixllm_jax import checkpoint, distributed, encoder, progress, train
 
+    par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     with progress.step("loading the data"):
         ds = _load_data(args.data, args.models, "train")
     config = router_config(args)
     print(f"training on {len(ds)} queries x {len(ds.models)} LLMs; budget: {config.budget.describe()}")
     with progress.step("loading the encoder"):
         enc = encoder.load_encoder(args.encoder)
-    router = train.train_router(ds, _models(args.models), enc, config)
+    router = train.train_router(ds, _models(args.models), enc, config, **par.train_kwargs(enc, ds, config))
     ft = getattr(router.encoder, "finetune_report", None)
     if ft is not None:
         best = ft["history"][ft["best_epoch"] - 1] if ft["best_epoch"] else None
@@ -154,8 +155,9 @@ def _restore(args):
 
 
 def cmd_eval(args):
-    from mixllm_jax import pipeline, progress
+    from mixllm_jax import distributed, pipeline, progress
 
+    par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     cost_weights = _grid(args.cost_weights, "--cost-weights")
     budgets = _grid(args.budgets, "--budgets", percent=True)
     if args.models is not None and args.reference is not None:  # before the data is even read
@@ -169,15 +171,18 @@ def cmd_eval(args):
     if unknown:  # before anything is embedded
         raise ValueError(f"the data's LLMs {unknown} are not LLMs of the router "
                          f"(its LLMs: {', '.join(router.registry.slots)})")
-    print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
-          f"reference: {reference}")
+    if par.writer:
+        print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
+              f"reference: {reference}")
     train_ds = None
     if not args.no_baselines:
         with progress.step("loading the training data (baselines)"):
             train_ds = _load_data(args.train_data or args.data, args.models, "train")
     report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines,
-                                      cost_weights=cost_weights, budgets_pct=budgets)
-    _report_out(report, Path(args.out), "evaluation", full=args.full_report)
+                                      cost_weights=cost_weights, budgets_pct=budgets,
+                                      **par.eval_kwargs(router))
+    if par.writer:
+        _report_out(report, Path(args.out), "evaluation", full=args.full_report)
 
 
 def _grid(text: str | None, option: str, percent: bool = False) -> list[float] | None:
@@ -464,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", default="checkpoints/router",
                    help="checkpoint directory; each train adds a numbered step (the last 3 are kept)")
+    from mixllm_jax import distributed  # light: jax is imported when a command runs
+
+    distributed.add_arguments(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved router and the baselines: table, report.json, plot")
@@ -484,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(mixllm@budgets) and the budget table (default: 24.18)")
     p.add_argument("--full-report", action="store_true",
                    help="report.json with every per-task operating point (default: per-task AIQ and budgets only)")
+    distributed.add_arguments(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("run", help="the main job: train on the RouterBench slice, evaluate on its test split")

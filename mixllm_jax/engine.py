@@ -63,12 +63,9 @@ def _batch_vector(name: str, a, n: int, *, hi: float) -> np.ndarray:
     return a
 
 
-def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None) -> Decision:
-    """Checked, bucketed `route_batch`: x [B, d], prompt_tokens [B] -> Decision sliced to B rows.
-
-    key: a jax.random key, required when the policy is stochastic (Thompson sampling, a softmax
-    temperature > 0 or epsilon > 0); split it for every call, or the draws repeat.
-    """
+def check_route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None):
+    """The checks of `route`: (x [B, d], prompt_tokens [B], bonus [B, K] | None, key | None) as
+    clean arrays, or a ValueError naming the field and value. Also used by mesh.route."""
     x = _finite_matrix("x", x, (state.dim,), MAX_ABS_X)
     n = x.shape[0]
     prompt_tokens = _batch_vector("prompt_tokens", prompt_tokens, n, hi=MAX_PROMPT_TOKENS)
@@ -90,22 +87,36 @@ def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=
         key = jnp.asarray(key)
         if key.shape != (2,) or key.dtype != jnp.uint32:
             raise ValueError(f"key must be a jax.random.PRNGKey (uint32 [2]), got {key.dtype} {key.shape}")
-    size = bucket(n)
     if bonus is not None:
         bonus = _finite_matrix("bonus", bonus, (state.capacity,), MAX_ABS_TARGET)
         if bonus.shape[0] != n:
             raise ValueError(f"bonus has {bonus.shape[0]} rows but x has {n}")
+    return x, prompt_tokens, bonus, key
+
+
+DECISION_ROWS = ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score", "propensity")
+
+
+def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None) -> Decision:
+    """Checked, bucketed `route_batch`: x [B, d], prompt_tokens [B] -> Decision sliced to B rows.
+
+    key: a jax.random key, required when the policy is stochastic (Thompson sampling, a softmax
+    temperature > 0 or epsilon > 0); split it for every call, or the draws repeat.
+    """
+    x, prompt_tokens, bonus, key = check_route(state, x, prompt_tokens, policy, bonus, key)
+    n = x.shape[0]
+    size = bucket(n)
+    if bonus is not None:
         bonus = jnp.asarray(_pad(bonus, size))
     book = np.arange(size) < n  # padding rows book no load
     d = route_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(prompt_tokens, size)),
                     policy, jnp.asarray(book), bonus, key)
-    return d.replace(**{k: getattr(d, k)[:n] for k in
-                        ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score",
-                         "propensity")})
+    return d.replace(**{k: getattr(d, k)[:n] for k in DECISION_ROWS})
 
 
-def update(state: RouterState, x, arm, targets, weight=None) -> RouterState:
-    """Checked, bucketed `update_batch`: x [B, d], arm [B] (active slots), targets [B, T], weight [B]."""
+def check_update(state: RouterState, x, arm, targets, weight=None):
+    """The checks of `update`: (x [B, d], arm [B] int32, targets [B, T], weight [B]) as clean
+    arrays, or a ValueError naming the field and value. Also used by mesh.update."""
     x = _finite_matrix("x", x, (state.dim,), MAX_ABS_X)
     n = x.shape[0]
     targets = _finite_matrix("targets", targets, (state.n_targets,), MAX_ABS_TARGET)
@@ -125,7 +136,12 @@ def update(state: RouterState, x, arm, targets, weight=None) -> RouterState:
     if bad.size:
         raise ValueError(f"arm {arm_arr[bad[0]]} (index {bad[0]}) is not an active arm")
     w = np.ones(n, np.float32) if weight is None else _batch_vector("weight", weight, n, hi=MAX_WEIGHT)
-    size = bucket(n)
-    return bandit.update_batch(state, jnp.asarray(_pad(x, size)),
-                               jnp.asarray(_pad(arm_arr.astype(np.int32), size)),
+    return x, arm_arr.astype(np.int32), targets, w
+
+
+def update(state: RouterState, x, arm, targets, weight=None) -> RouterState:
+    """Checked, bucketed `update_batch`: x [B, d], arm [B] (active slots), targets [B, T], weight [B]."""
+    x, arm, targets, w = check_update(state, x, arm, targets, weight)
+    size = bucket(x.shape[0])
+    return bandit.update_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(arm, size)),
                                jnp.asarray(_pad(targets, size)), jnp.asarray(_pad(w, size)))

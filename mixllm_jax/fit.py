@@ -58,11 +58,19 @@ def choose_ridge(S, b, yy, n, penalized, ridges):
     return best, priors[best], s2[best, jnp.arange(S.shape[0])]
 
 
-def arm_stats(x: np.ndarray, quality: np.ndarray, log_tokens: np.ndarray):
-    """sufficient_stats of a log: x [N, d]; quality, log_tokens [N, M] (NaN quality = not observed)."""
+def log_targets(quality: np.ndarray, log_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The targets y [N, M, 2] (quality, log tokens; 0 where unobserved) and observed [N, M] 0/1 of
+    a log: quality, log_tokens [N, M] (NaN quality = not observed)."""
     obs = np.isfinite(quality)
     y = np.stack([np.where(obs, quality, 0.0), np.where(obs, log_tokens, 0.0)], -1).astype(np.float32)
-    return sufficient_stats(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(obs, jnp.float32))
+    return y, obs.astype(np.float32)
+
+
+def arm_stats(x: np.ndarray, quality: np.ndarray, log_tokens: np.ndarray):
+    """sufficient_stats of a log: x [N, d]; quality, log_tokens [N, M] (NaN quality = not observed).
+    mesh.arm_stats computes the same sums over a device mesh."""
+    y, obs = log_targets(quality, log_tokens)
+    return sufficient_stats(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(obs))
 
 
 def state_from_stats(state: RouterState, slots: Sequence[int], stats, penalized: np.ndarray,

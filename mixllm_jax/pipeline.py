@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax import baselines, budget as budget_mod, evaluate, train
+from mixllm_jax import baselines, budget as budget_mod, engine, evaluate, train
 from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset
 from mixllm_jax.policy import Policy
@@ -18,13 +18,15 @@ REFERENCE = "gpt-4-1106-preview"
 TABLE2_COST_LEVELS = (10.0, 15.0, 20.0, 24.18, 30.0, 50.0)  # cost % of the reference
 
 
-def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: Sequence[float]) -> evaluate.Sweep:
+def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: Sequence[float],
+                 route=engine.route) -> evaluate.Sweep:
     """Choices [L, N] (as dataset model indices) of `router` on embeddings e [N, H] over a lambda grid.
 
-    Offline evaluation: no latency penalty or exploration, recorded prompt tokens.
+    Offline evaluation: no latency penalty or exploration, recorded prompt tokens. route: as
+    `engine.route` (mesh.route on a mesh).
     """
-    return evaluate.Sweep(train.sweep_choices(router, e, dataset, cost_weights), list(map(float, cost_weights)),
-                          "cost_weight")
+    return evaluate.Sweep(train.sweep_choices(router, e, dataset, cost_weights, route),
+                          list(map(float, cost_weights)), "cost_weight")
 
 
 BOOTSTRAP_AGAINST = ("per_task_best", "mlp", "ridge", "knn")  # mixllm minus each, paired over test queries
@@ -32,7 +34,7 @@ BUDGET_LEVELS_PCT = (5.0, 10.0, 15.0, 20.0, 24.18, 25.0, 30.0, 35.0, 40.0, 45.0,
 
 
 def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
-                levels_pct: Sequence[float] = BUDGET_LEVELS_PCT) -> list[dict]:
+                levels_pct: Sequence[float] = BUDGET_LEVELS_PCT, route=engine.route) -> list[dict]:
     """Each budget (% of the reference's cost) met on the router's curve and run on `dataset`:
     target, realised cost % and quality % of the reference, and the policy's mixture."""
     q, c = dataset.quality, dataset.cost
@@ -40,7 +42,7 @@ def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
     rows = []
     for level in levels_pct:
         pol = router.policy_for(Budget("share", level / 100.0, reference))
-        ch = train.policy_choices(router, e, dataset, pol)
+        ch = train.policy_choices(router, e, dataset, pol, route)
         got = np.arange(len(ch))
         rows.append({"budget_pct": float(level), "cost_pct": float(100 * c[got, ch].sum() / c[:, ref].sum()),
                      "quality_pct": float(100 * np.nansum(q[got, ch]) / np.nansum(q[:, ref])),
@@ -49,10 +51,10 @@ def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
 
 
 def budget_sweep(router: Router, e: np.ndarray, dataset: Dataset, reference: str,
-                 levels_pct: Sequence[float]) -> evaluate.Sweep:
+                 levels_pct: Sequence[float], route=engine.route) -> evaluate.Sweep:
     """Choices [B, N] of the router's policy at each budget (% of the reference's cost), each met on
     its held-out curve (a mixture of two cost weights): a sweep whose knob is ``budget_pct``."""
-    ch = [train.policy_choices(router, e, dataset, router.policy_for(Budget("share", b / 100.0, reference)))
+    ch = [train.policy_choices(router, e, dataset, router.policy_for(Budget("share", b / 100.0, reference)), route)
           for b in levels_pct]
     return evaluate.Sweep(np.stack(ch), [float(b) for b in levels_pct], "budget_pct")
 
@@ -60,24 +62,30 @@ def budget_sweep(router: Router, e: np.ndarray, dataset: Dataset, reference: str
 def evaluate_router(router: Router, train_ds: Dataset | None, test_ds: Dataset, reference: str = REFERENCE,
                     with_baselines: bool = True, cache_dir=None, progress: bool = True,
                     extra: dict | None = None, cost_weights: Sequence[float] | None = None,
-                    budgets_pct: Sequence[float] | None = None) -> dict:
+                    budgets_pct: Sequence[float] | None = None, embed=None,
+                    route=engine.route) -> dict:
     """The report of `router` beside the baselines fitted on train_ds, on the same embeddings and test
     split: its lambda sweep (`mixllm`, over `cost_weights`, default budget.CALIBRATION_GRID), its
     saved operating point (`mixllm@budget`), budgets met on its curve (`budgets`; with `budgets_pct`
     those levels, also as the sweep `mixllm@budgets` and the report's budget columns), and the
-    calibration of its quality predictions (`calibration`)."""
+    calibration of its quality predictions (`calibration`).
+
+    embed (dataset -> [N, H]) and route (as engine.route) replace the defaults (distributed.py:
+    the encoder's batches over devices and processes, the routing on a mesh)."""
     from mixllm_jax import progress as progress_mod
 
     step = progress_mod.step if progress else (lambda desc: contextlib.nullcontext())
-    emb = lambda ds: train.embed(router.encoder, ds, router.max_length, router.truncation_side, cache_dir, progress)
+    emb = embed or (lambda ds: train.embed(router.encoder, ds, router.max_length, router.truncation_side,
+                                           cache_dir, progress))
     e_test = emb(test_ds)
     cws = budget_mod.CALIBRATION_GRID if cost_weights is None else np.asarray(cost_weights, np.float64)
     with step(f"routing the test queries at {len(cws)} cost weights"):
-        methods = {"mixllm": router_sweep(router, e_test, test_ds, cws),
-                   "mixllm@budget": evaluate.Sweep(train.policy_choices(router, e_test, test_ds, router.policy),
+        methods = {"mixllm": router_sweep(router, e_test, test_ds, cws, route),
+                   "mixllm@budget": evaluate.Sweep(train.policy_choices(router, e_test, test_ds, router.policy,
+                                                                        route),
                                                    None, None)}
         if budgets_pct is not None and router.curve is not None:
-            methods["mixllm@budgets"] = budget_sweep(router, e_test, test_ds, reference, budgets_pct)
+            methods["mixllm@budgets"] = budget_sweep(router, e_test, test_ds, reference, budgets_pct, route)
     methods.update(extra or {})
     if with_baselines:
         e_train = emb(train_ds)
@@ -92,13 +100,13 @@ def evaluate_router(router: Router, train_ds: Dataset | None, test_ds: Dataset, 
                                                            reference)
                            for name in (progress_mod.bar(against, desc="bootstrap", unit="method", leave=False)
                                         if progress else against)}
-    q_hat, _, _ = train.predictions(router, e_test, test_ds.prompt_tokens, test_ds.models)
+    q_hat, _, _ = train.predictions(router, e_test, test_ds.prompt_tokens, test_ds.models, route)
     report["calibration"] = evaluate.calibration(q_hat, test_ds.quality)
     report["policy"] = {"budget": router.config.budget.describe(), "cost_weight": router.policy.cost_weight,
                         "mix_cost_weight": router.policy.mix_cost_weight, "mix": router.policy.mix}
     if router.curve is not None:
         report["budgets"] = budget_hits(router, e_test, test_ds, reference,
-                                        BUDGET_LEVELS_PCT if budgets_pct is None else budgets_pct)
+                                        BUDGET_LEVELS_PCT if budgets_pct is None else budgets_pct, route=route)
     return report
 
 

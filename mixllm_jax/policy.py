@@ -173,9 +173,16 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
     extra additive score term (the binary-feedback network's); key: a jax.random key for the
     policy's draws (None: a fixed key 0, so a stochastic policy repeats its draws).
     """
-    n = x.shape[0]
-    K = state.capacity
-    book = jnp.ones((n,), bool) if book is None else book
+    book = jnp.ones((x.shape[0],), bool) if book is None else book
+    return choose(state, *score_terms(state, x, prompt_tokens, policy, bonus), policy, book, key)
+
+
+def score_terms(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None):
+    """The per-(query, arm) terms of route_batch: (quality, tokens, cost, width, base), each [B, K].
+
+    base = quality - lambda cost (+ alpha width for UCB) (+ bonus), -inf on inactive arms. Every
+    entry depends on its own query and arm only, so a mesh computes it block by block (mesh.py).
+    """
     y_hat, width = bandit.predict(state, x)
     quality = y_hat[..., QUALITY]
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
@@ -185,7 +192,15 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
         base = base + policy.alpha * width
     if bonus is not None:
         base = base + bonus
-    base = jnp.where(state.active, base, -jnp.inf)
+    return quality, tokens, cost, width, jnp.where(state.active, base, -jnp.inf)
+
+
+def choose(state: RouterState, quality, tokens, cost, width, base, policy: Policy, book, key) -> Decision:
+    """route_batch's last step: the Decision from the score terms [B, K] (base: quality - lambda
+    cost, the UCB bonus and the extra bonus, -inf on inactive arms): latency penalty, exploration
+    draws, the choice and its propensity. Shared with the sharded route (mesh.py), which computes
+    the terms block by block and calls this on them."""
+    n, K = base.shape
     service = latency.service_time(state.ttft, state.tokens_per_s, tokens)
     pick, rows, draw = _picker(policy, n, K, policy.alpha * width,
                                jax.random.PRNGKey(0) if key is None else key)

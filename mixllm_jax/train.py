@@ -98,32 +98,35 @@ def _penalized(router: Router, dim: int) -> np.ndarray:
     return penalized_features(router.config.features, emb_dim, h and h.features, dim)
 
 
-def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str]):
+def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str],
+                route=engine.route):
     """Predicted quality and cost (USD) of each LLM of `models` for embeddings e [N, H]: ([N, M], [N, M]),
-    and each query's mixture draw u [N] (policy.query_uniform)."""
+    and each query's mixture draw u [N] (policy.query_uniform). route: `engine.route` or one with
+    its signature (mesh.route on a mesh, see distributed.py)."""
     x = router.embed_features(e)
-    d = engine.route(router.state, x, prompt_tokens, Policy(alpha=0.0, beta=0.0, in_batch_load=False))
+    d = route(router.state, x, prompt_tokens, Policy(alpha=0.0, beta=0.0, in_batch_load=False))
     cols = router.registry.columns(models)
     return np.asarray(d.quality)[:, cols], np.asarray(d.cost)[:, cols], np.asarray(query_uniform(x))
 
 
-def sweep_choices(router: Router, e: np.ndarray, dataset: Dataset, cost_weights) -> np.ndarray:
+def sweep_choices(router: Router, e: np.ndarray, dataset: Dataset, cost_weights, route=engine.route) -> np.ndarray:
     """Choices [L, N] (dataset columns) of the router over a lambda grid, no exploration or load:
     one prediction pass, every lambda scored at once (evaluate.choose_by_score)."""
-    q, c, _ = predictions(router, e, dataset.prompt_tokens, dataset.models)
+    q, c, _ = predictions(router, e, dataset.prompt_tokens, dataset.models, route)
     return choose_by_score(q, c, np.asarray(cost_weights, np.float64))
 
 
-def policy_choices(router: Router, e: np.ndarray, dataset: Dataset, policy: Policy) -> np.ndarray:
+def policy_choices(router: Router, e: np.ndarray, dataset: Dataset, policy: Policy,
+                   route=engine.route) -> np.ndarray:
     """Choices [N] (dataset columns) of one policy, its budget mixture included (offline: no load)."""
-    q, c, u = predictions(router, e, dataset.prompt_tokens, dataset.models)
+    q, c, u = predictions(router, e, dataset.prompt_tokens, dataset.models, route)
     a, b = choose_by_score(q, c, np.array([policy.cost_weight, policy.mix_cost_weight]))
     return np.where(u < policy.mix, b, a)
 
 
 def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: RouterConfig = RouterConfig(), *,
                  policy: Policy = Policy(), cache_dir=None, embeddings: np.ndarray | None = None,
-                 progress: bool = True) -> Router:
+                 progress: bool = True, arm_stats=fit.arm_stats) -> Router:
     """Train a Router on logged outcomes and set its policy to the config's budget.
 
     With config.finetune the encoder is first fine-tuned on the log (finetune.finetune_encoder) and
@@ -132,6 +135,8 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     fold is swept by arms fitted on the other folds (for each candidate ridge when the ridge is
     chosen on validation); the pooled curve of the best ridge is the OperatingCurve (budget.py), and
     the returned router's arms are fitted on all of train with that ridge.
+    arm_stats: the statistics of a log, `fit.arm_stats` or one with its signature (the sharded ones
+    of mesh.py and distributed.py: the same sums over devices and processes).
     """
     by_name = {s.name: s for s in specs}
     missing = [m for m in dataset.models if m not in by_name]
@@ -162,7 +167,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
         folds = progress_mod.bar(folds, desc="cross-fit the budget curve", unit="fold", leave=False) if progress else folds
         for f in folds:  # cross-fitted choices: each fold routed by arms fitted on the others
             rest, held = fold != f, fold == f
-            stats = fit.arm_stats(x[rest], dataset.quality[rest], lt[rest])
+            stats = arm_stats(x[rest], dataset.quality[rest], lt[rest])
             for i, rs in enumerate(candidates):
                 part = _fit_arms(router, dataset.models, by_name, x, stats, rs)
                 chosen[i][:, held] = sweep_choices(part, e[held], dataset.select(held), grid)
@@ -173,7 +178,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     elif config.ridge_selection == "validation":
         raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
-    router = _fit_arms(router, dataset.models, by_name, x, fit.arm_stats(x, dataset.quality, lt), ridges,
+    router = _fit_arms(router, dataset.models, by_name, x, arm_stats(x, dataset.quality, lt), ridges,
                        config.prior_weight)
     router.curve = curve
     budget = config.budget
