@@ -466,5 +466,4 @@ def shard_encoder(encoder, mesh: Mesh):
 
     enc = copy.copy(encoder)
     enc._embed = embed
-    enc._backends = encoder._backends
     return enc

@@ -75,11 +75,12 @@ def test_cost_blind_data_and_default_llm_changes(tmp_path):
     assert len(added) == 1 and {added[0], removed} == {"mid-a", "mid-b"}
 
 
-def test_data_options_are_checked(tmp_path):
+def test_data_options_are_checked(tmp_path, capsys):
     log, models = write_log(tmp_path)
     with pytest.raises(ValueError, match="not a model of the data"):
         E.load_data(quick=True, data_path=log, models=models)  # gpt-4-1106-preview is not in this log
     with pytest.raises(ValueError, match="needs its models file"):
         E.load_data(quick=True, data_path=log)
-    with pytest.raises(SystemExit, match="--models is required"):
+    with pytest.raises(SystemExit) as exit_:
         cli.main(["experiment", "latency", "--quick", "--data", str(log)])
+    assert exit_.value.code == 2 and "--models is required" in capsys.readouterr().err

@@ -200,7 +200,8 @@ def test_serve_route_runs_the_static_encoder(distilled):
     d, domain, x, fb, eligible = serve_route(
         enc.params, None, None, fs.params, router.state, ids, mask, pt, np.zeros(B, bool),
         np.full(B, p.cost_weight, np.float32), np.zeros(B, np.float32), float(p.mix_cost_weight),
-        np.full(B, np.inf, np.float32), np.ones((B, K), bool), float(p.alpha), float(p.beta), float(p.tau),
+        np.full(B, np.inf, np.float32), np.ones((B, K), bool), np.full(K, np.inf, np.float32),
+            float(p.alpha), float(p.beta), float(p.tau),
         enc_config=enc.config, head_shape=None, mode="raw", fb_hidden=int(fs.params["Dense_0"]["kernel"].shape[1]))
     want, _ = featurize(enc.embed_ids(ids, mask), None, None, head_shape=None, mode="raw")
     np.testing.assert_allclose(np.asarray(x), np.asarray(want), atol=1e-6)
