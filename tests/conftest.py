@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def secure_env(tmp_path_factory, served_router, stub_backend):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The fuzz suite's counts of generated cases by status code or outcome (test_fuzz.py)."""
     counts = getattr(config, "_mixllm_fuzz_counts", None)
+    if not counts and hasattr(config, "_tmp_path_factory"):  # under xdist: the worker's file
+        counts = {}
+        for f in config._tmp_path_factory.getbasetemp().glob("*/fuzz-counts.json"):
+            for suite, c in json.loads(f.read_text()).items():
+                counts.setdefault(suite, {}).update(c)
     if counts:
         terminalreporter.section("fuzz cases by status code / outcome")
         total = 0
