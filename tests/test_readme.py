@@ -80,6 +80,19 @@ def test_readme_cli_examples_run(readme_run):
     assert ran == ["train", "eval", "eval", "eval", "route", "route"]
     assert "chosen:" in out and (d / "runs" / "eval" / "report.json").is_file()
     assert "loading the" not in err and "it/s" not in err  # no progress output when not on a terminal
+    assert any(p.name.isdigit() for p in (d / "checkpoints" / "mine").iterdir())  # a numbered checkpoint step
+    for name in ("mixllm", "oracle", "random_mix", "per_task_best", "knn", "mlp", "ridge", "mixllm@budget"):
+        assert f"| {name} |" in out  # the first eval's table, with the baselines
+    # runs/eval/report.json: the second eval's (the ood split, no baselines, the default --out)
+    report = json.loads((d / "runs" / "eval" / "report.json").read_text())
+    assert report["reference"] == "gpt-4-1106-preview" and report["n_queries"] == 12  # 4 queries x 3 tasks
+    assert {"mixllm", "mixllm@budget", "gpt-4-1106-preview"} <= set(report["methods"])
+    assert "knn" not in report["methods"]
+    pts = report["methods"]["mixllm"]["points"]
+    assert {"cost_weight", "cost_pct", "quality_pct"} <= set(pts[0])
+    # a higher cost weight never makes the router's choices more expensive on average
+    assert pts[-1]["cost_pct"] <= pts[0]["cost_pct"]
+    assert (d / "runs" / "eval" / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ def small_router(enc):
     ds = ds.select(idx)
     e = enc.embed(ds.prompts, max_length=64)
     return train.train_router(ds, data.load_models(data.routerbench_dir() / "models.json"), enc,
-                              RouterConfig(head=HeadConfig(hidden=64, features=16, epochs=20), max_length=64),
+                              RouterConfig(head=HeadConfig(hidden=64, features=16, epochs=20), max_length=64,
+                                           ridges=(10.0, 100.0), folds=2),
                               embeddings=e, progress=False), ds, e
 
 
