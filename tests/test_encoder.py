@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 
 from mixllm_jax import encoder as enc_mod
-from mixllm_jax.encoder import (
-    BertConfig,
-    EncoderNotFoundError,
-    bucket,
-    load_encoder,
-    pad_batch,
-    padded_length,
-    params_from_state_dict,
-)
+from mixllm_jax.encoder import BertConfig, EncoderNotFoundError, load_encoder, params_from_state_dict
+from mixllm_jax.tokens import bucket, pad_batch, padded_length
 from mixllm_jax.paths import shared_dir
 
 
@@ -160,12 +153,19 @@ def test_missing_encoder_gives_clear_error(tmp_path, monkeypatch):
         load_encoder()
 
 
-def _tiny_state_dict(cfg, rng, prefix="bert."):
+def _tiny_state_dict(cfg, rng, prefix="bert.", fresh=False):
+    """A random BERT state dict of `cfg` (keys under `prefix`, plus a pooler the loader ignores); fresh:
+    as a newly initialised BERT (unit LayerNorm scales, zero biases, random matrices)."""
     h, f = cfg.hidden_size, cfg.intermediate_size
     sd = {}
 
     def put(name, *shape):
-        sd[prefix + name] = rng.normal(0, 0.2, shape).astype(np.float32)
+        if fresh and name.endswith("LayerNorm.weight"):
+            sd[prefix + name] = np.ones(shape, np.float32)
+        elif fresh and name.endswith("bias"):
+            sd[prefix + name] = np.zeros(shape, np.float32)
+        else:
+            sd[prefix + name] = rng.normal(0, 0.2, shape).astype(np.float32)
 
     put("embeddings.word_embeddings.weight", cfg.vocab_size, h)
     put("embeddings.position_embeddings.weight", cfg.max_position_embeddings, h)

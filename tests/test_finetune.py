@@ -12,40 +12,14 @@ from mixllm_jax import encoder as enc_mod
 from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 
+from test_encoder import _tiny_state_dict
+
 H = 32
 TINY = dict(model_type="bert", vocab_size=30522, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, hidden_act="gelu_new", max_position_embeddings=64, type_vocab_size=2,
             layer_norm_eps=1e-5)
 WORDS = ("apple river stone cloud paper light music garden window number table yellow forest bottle "
          "engine silver summer planet letter doctor").split()
-
-
-def _state_dict(cfg, rng):
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    sd = {}
-
-    def put(name, *shape):  # as a fresh BERT: unit LayerNorm scales, zero biases, random matrices
-        if name.endswith("LayerNorm.weight"):
-            sd[name] = np.ones(shape, np.float32)
-        elif name.endswith("bias"):
-            sd[name] = np.zeros(shape, np.float32)
-        else:
-            sd[name] = rng.normal(0, 0.2, shape).astype(np.float32)
-
-    put("embeddings.word_embeddings.weight", cfg.vocab_size, h)
-    put("embeddings.position_embeddings.weight", cfg.max_position_embeddings, h)
-    put("embeddings.token_type_embeddings.weight", cfg.type_vocab_size, h)
-    put("embeddings.LayerNorm.weight", h), put("embeddings.LayerNorm.bias", h)
-    for i in range(cfg.num_hidden_layers):
-        p = f"encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            put(p + f"attention.self.{name}.weight", h, h), put(p + f"attention.self.{name}.bias", h)
-        put(p + "attention.output.dense.weight", h, h), put(p + "attention.output.dense.bias", h)
-        put(p + "attention.output.LayerNorm.weight", h), put(p + "attention.output.LayerNorm.bias", h)
-        put(p + "intermediate.dense.weight", f, h), put(p + "intermediate.dense.bias", f)
-        put(p + "output.dense.weight", h, f), put(p + "output.dense.bias", h)
-        put(p + "output.LayerNorm.weight", h), put(p + "output.LayerNorm.bias", h)
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +30,8 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("enc") / "tiny-bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY))
-    save_file(_state_dict(enc_mod.BertConfig.from_dict(TINY), np.random.default_rng(1)),
-              str(folder / "model.safetensors"))
+    sd = _tiny_state_dict(enc_mod.BertConfig.from_dict(TINY), np.random.default_rng(1), prefix="", fresh=True)
+    save_file(sd, str(folder / "model.safetensors"))
     src = enc_mod._package_model_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / name, folder / name)

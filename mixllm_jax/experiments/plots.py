@@ -162,16 +162,21 @@ def regret_fig(r: dict):
     fig = Figure(figsize=(5 * len(rows), 4))
     axes = np.atleast_1d(fig.subplots(1, len(rows)))
     for ax, row in zip(axes, rows):
-        for m in r["modes"]:
-            c = row[m]["regret_curve"]
-            ax.plot(c["n"], c["regret"], label=f"{m} ({row[m]['regret_final']:.1f})")
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set(xlabel="online queries", ylabel="cumulative regret (quality - lambda cost)",
-               title=f"{row['split']}: regret vs the best fixed policy in hindsight")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _regret_panel(ax, [(m, row[m]["regret_curve"]["n"], row[m]["regret_curve"]["regret"], row[m]["regret_final"])
+                           for m in r["modes"]], "online queries", row["split"])
     fig.tight_layout()
     return fig
+
+
+def _regret_panel(ax, curves, xlabel: str, label: str) -> None:
+    """One axes of cumulative regret curves: (mode, n, regret, final) each."""
+    for m, n, regret, final in curves:
+        ax.plot(n, regret, label=f"{m} ({final:.1f})")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set(xlabel=xlabel, ylabel="cumulative regret (quality - lambda cost)",
+           title=f"{label}: regret vs the best fixed policy in hindsight")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def ood_regret_fig(r: dict):
@@ -184,13 +189,7 @@ def ood_regret_fig(r: dict):
     fig = Figure(figsize=(5 * max(len(streams), 1), 4))
     axes = np.atleast_1d(fig.subplots(1, max(len(streams), 1)))
     for ax, (label, ms) in zip(axes, streams):
-        for m, v in ms.items():
-            if "regret" in v:
-                ax.plot(v["regret"]["n"], v["regret"]["regret"], label=f"{m} ({v['regret']['final']:.1f})")
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set(xlabel="stream queries", ylabel="cumulative regret (quality - lambda cost)",
-               title=f"{label}: regret vs the best fixed policy in hindsight")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _regret_panel(ax, [(m, v["regret"]["n"], v["regret"]["regret"], v["regret"]["final"])
+                           for m, v in ms.items() if "regret" in v], "stream queries", label)
     fig.tight_layout()
     return fig
