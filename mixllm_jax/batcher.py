@@ -2,7 +2,9 @@
 
 A request submits one item per prompt; a single collector task takes the first waiting item,
 gathers more until `max_batch` items or `window_s` after that first item arrived (an item that
-already waited through the previous call goes at once), and hands the batch to `run_batch` on a
+already waited through the previous call goes at once) -- but waits only while more items are on
+their way (`expected`: announced by requests still being read or tokenized), so a lone request
+is not held for the window -- and hands the batch to `run_batch` on a
 one-thread executor, so the loop keeps accepting while the jitted call runs and only one call
 runs at a time. The number of items accepted but not finished is bounded by `queue_limit`:
 `submit` raises `Overloaded` past it instead of letting memory grow.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import time
@@ -58,6 +61,7 @@ class MicroBatcher:
         self.queue_limit = queue_limit
         self.on_batch = on_batch
         self.pending = 0  # accepted, not finished (queued + in the running batch)
+        self.expected = 0  # items announced as on their way (see `expect`), not yet submitted
         self._queue: asyncio.Queue[Item] | None = None
         self._task: asyncio.Task | None = None
         self._busy_s = 0.0  # EMA of a batch's run time: the Retry-After hint
@@ -83,6 +87,16 @@ class MicroBatcher:
 
     def retry_after(self) -> float:
         return max(1.0, round(self._busy_s * self.pending / max(self.max_batch, 1), 1))
+
+    @contextlib.contextmanager
+    def expect(self, n: int):
+        """Announce n items that will be submitted after this block (e.g. prompts being tokenized):
+        a batch being collected waits for them (up to the window) instead of leaving without them."""
+        self.expected += n
+        try:
+            yield
+        finally:
+            self.expected -= n
 
     async def submit(self, payloads: list) -> list:
         """Queue the payloads (one item each) and wait for all their results."""
@@ -114,7 +128,7 @@ class MicroBatcher:
                 except asyncio.QueueEmpty:
                     pass
                 timeout = deadline - time.perf_counter()
-                if timeout <= 0:
+                if timeout <= 0 or self.expected <= 0:  # the window is up, or nothing is on its way
                     break
                 try:
                     batch.append(await asyncio.wait_for(q.get(), timeout))

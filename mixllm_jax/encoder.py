@@ -434,8 +434,16 @@ class Encoder:
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
         return max_length
 
+    @property
+    def fast_ascii(self) -> bool:
+        """Whether ASCII texts take the tokenizer's fast path (tokens.FastWordPiece, BERT's kind)."""
+        if self._backend is None:
+            self._backend = tokens.backend(self.tokenizer)
+        return self._backend.fast is not None
+
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Every token id (with special tokens) of each text, untruncated."""
+        """Every token id (with special tokens) of each text, untruncated (ASCII texts through the
+        exact fast path of a BERT tokenizer, tokens.FastWordPiece)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not a string")
         texts = list(texts)
@@ -444,7 +452,7 @@ class Encoder:
                 raise TypeError(f"texts must be strings, got {type(t).__name__}")
         if self._backend is None:
             self._backend = tokens.backend(self.tokenizer)
-        return tokens.encode(self._backend, texts)
+        return self._backend.encode(texts)
 
     def encode_ids(self, texts: Sequence[str], max_length: int | None = None, truncation_side: str = "left") -> list[list[int]]:
         """Token ids (with special tokens) of each text, truncated to max_length tokens.

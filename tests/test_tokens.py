@@ -51,3 +51,51 @@ def test_truncate_equals_the_tokenizers_truncation():
         tok.enable_truncation(5, direction=side)
         assert tokens.truncate(full, 5, side) == tok.encode(text).ids
     tok.no_truncation()
+
+
+def _bert_tokenizer(lowercase=True):
+    """A small BERT-style tokenizer: BertNormalizer, BertPreTokenizer, WordPiece, [CLS] $A [SEP]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ["un", "##aff", "##able", "the", "cat", "##s", "run", "##ning", "3", "##14", "hello", "world", "x", "y"]
+    letters = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"]
+    punct = [chr(c) for c in range(33, 127) if not chr(c).isalnum()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + letters + ["##" + c for c in letters] + punct
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]",
+                                     max_input_chars_per_word=12))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return tok
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_fast_wordpiece_gives_the_tokenizers_ids(lowercase):
+    """The ASCII fast path equals `tokenizers` on random text (controls, case, punctuation, long words,
+    special-token text, non-ASCII), whichever path each text takes."""
+    import random
+
+    tok = _bert_tokenizer(lowercase)
+    b = tokens.Backend(tok)
+    assert b.fast is not None
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + ["[SEP]", "[mask]", "Unaffable", "cats", "é", "中", "\u00a0", "##", " "]
+    texts = ["", " ", "Hello, WORLD!\r\n3.14 unaffable\x01cats\x7f", "a" * 13, "[CLS] x [SEP]"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    assert b.encode(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=True)]
+    assert b.fast.encode("naïve") is None and b.fast.encode("x [SEP] y") is None  # left to the tokenizer
+    assert b.fast.encode("Unaffable!") == tok.encode("Unaffable!").ids
+
+
+def test_fast_wordpiece_only_for_bert_tokenizers():
+    """A tokenizer of another kind has no fast path (encode is the tokenizer's own)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tokens.FastWordPiece.build(tok) is None
+    assert tokens.encode(tok, ["a b"]) == [[1, 0]]
+    bert = _bert_tokenizer()
+    bert.post_processor = None  # no [CLS] ... [SEP]: not the kind the fast path knows
+    assert tokens.FastWordPiece.build(bert) is None

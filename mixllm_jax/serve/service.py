@@ -53,12 +53,29 @@ from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_a
 from mixllm_jax.serve.config import ServeConfig
 from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackRecords
 from mixllm_jax.serve.http import ApiError, is_num
-from mixllm_jax.serve.live_models import LiveModels, _num
+from mixllm_jax.serve.live_models import LiveModels
 from mixllm_jax.serve.metrics import Metrics
 from mixllm_jax.serve.usage import ANONYMOUS, MAX_TOKENS, Ledger, usage_view
 from mixllm_jax.state import ArmRegistry
 
 log = logging.getLogger(__name__)
+
+
+INLINE_TOKENIZE_CHARS = 16384  # ASCII prompts up to this many characters in all are tokenized on the event loop
+# (~0.1 ms per 1,700 characters); longer or non-ASCII ones in a worker thread
+
+# the explanation's fields per LLM, in order: (field, key of the host arrays of `_decide`), then "eligible"
+EXPLAINED = (("quality", "quality"), ("tokens", "tokens"), ("cost", "cost"), ("uncertainty", "uncertainty"),
+             ("wait", "wait"), ("penalty", "penalty"), ("feedback", "fb"), ("score", "score"))
+EXPLAINED_FIELDS = tuple(f for f, _ in EXPLAINED) + ("eligible",)
+
+
+def _finite_rows(a: np.ndarray) -> list[list]:
+    """[n, K] floats -> rows of Python floats, None where not finite (JSON has no inf or NaN)."""
+    a = np.asarray(a, np.float64)
+    if np.isfinite(a).all():
+        return a.tolist()
+    return np.where(np.isfinite(a), a, None).tolist()
 
 
 def rid_key(rid: str) -> bytes:
@@ -373,34 +390,35 @@ class RouterService(FeedbackRecords, LiveModels):
         h = self._decide(ids, mask, reqs)
         names = {s: nm for nm, s in self.registry.slots.items()}
         slots = sorted(names)
+        llms = [names[s] for s in slots]
         tags = self.router.head.tags if self.router.head is not None else None
+        n = len(reqs)
+        # the explanation's numbers for every row at once: [n, K'] Python lists (non-finite -> None)
+        cols = {f: _finite_rows(h[k][:n, slots]) for f, k in EXPLAINED}
+        eligible = h["eligible"][:n, slots].tolist()
+        arms, props = h["arm"][:n].tolist(), h["propensity"][:n].tolist()
+        chosen = h["tokens"][np.arange(n), np.clip(h["arm"][:n], 0, None)].astype(np.float64)
+        log_tokens = np.log(np.maximum(chosen, 1.0)).tolist()
+        domains = h["domain"][:n].tolist() if tags is not None and h["domain"] is not None else None
+        x = np.asarray(h["x"], np.float32)
         results, entries = [], []
         for i, r in enumerate(reqs):
-            arm = int(h["arm"][i])
+            arm = arms[i]
             if arm not in names or not h["eligible"][i, arm]:
                 results.append(self._no_eligible(r, h["tokens"][i]))
                 continue
             model = names[arm]
             rid = "req-" + uuid.uuid4().hex
-            expl = {}
-            for s in slots:
-                expl[names[s]] = {
-                    "quality": _num(h["quality"][i, s]), "tokens": _num(h["tokens"][i, s]),
-                    "cost": _num(h["cost"][i, s]), "uncertainty": _num(h["uncertainty"][i, s]),
-                    "wait": _num(h["wait"][i, s]), "penalty": _num(h["penalty"][i, s]),
-                    "feedback": _num(h["fb"][i, s]), "score": _num(h["score"][i, s]),
-                    "eligible": bool(h["eligible"][i, s])}
-            res = {"request_id": rid, "model": model,
-                   "domain": None if tags is None or h["domain"] is None else tags[int(h["domain"][i])],
+            row = [cols[f][i] for f, _ in EXPLAINED]
+            expl = {m: dict(zip(EXPLAINED_FIELDS, vals)) for m, *vals in zip(llms, *row, eligible[i])}
+            res = {"request_id": rid, "model": model, "domain": None if domains is None else tags[domains[i]],
                    "explanation": expl}
             if r.kind == "chat":
                 res["_backend"], res["_key"] = self.backends.get(model), r.key
             results.append(res)
             entries.append((rid, feedback_log.Entry(
-                x=np.asarray(h["x"][i], np.float32), slot=arm, generation=int(self.generation[arm]), model=model,
-                prompt_tokens=float(r.prompt_tokens),
-                log_tokens=float(np.log(max(float(h["tokens"][i, arm]), 1.0))),
-                propensity=float(h["propensity"][i]))))
+                x=x[i], slot=arm, generation=int(self.generation[arm]), model=model,
+                prompt_tokens=float(r.prompt_tokens), log_tokens=log_tokens[i], propensity=props[i])))
             self.metrics.decisions.labels(model).inc()
             self.ledger.decision(r.key, model)
         self.features.put_many(entries)
@@ -442,8 +460,12 @@ class RouterService(FeedbackRecords, LiveModels):
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, f"request queue is full ({b.pending} of {b.queue_limit} prompts waiting); "
                                 f"retry later", "overloaded", headers={"Retry-After": str(int(b.retry_after()))})
-        loop = asyncio.get_running_loop()
-        toks = await loop.run_in_executor(self.aux, self.tokenize, texts)
+        with b.expect(len(texts)):  # a batch being collected waits for these prompts
+            if (self.router.encoder.fast_ascii and sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS
+                    and all(map(str.isascii, texts))):
+                toks = self.tokenize(texts)  # the fast path (tokens.FastWordPiece): no thread hop
+            else:
+                toks = await asyncio.get_running_loop().run_in_executor(self.aux, self.tokenize, texts)
         reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key) for ids, pt in toks]
         try:
             self.metrics.queue.set(b.pending + len(reqs))
