@@ -337,6 +337,15 @@ def test_slow_headers_are_timed_out(env, srv):
     assert got == b"" and took < 8
 
 
+def test_oversized_request_heads_are_refused(env, srv):
+    """A request line plus headers over 64 KiB is answered 400 and its connection closed; 16 KiB is fine."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    got, took = _raw(srv.port, head + b"X-Pad: " + b"a" * (70 * 1024) + b"\r\n\r\n", 15)
+    assert got.startswith(b"HTTP/1.1 400") and took < 8, got[:200]
+    got, _ = _raw(srv.port, head + b"X-Pad: " + b"a" * (16 * 1024) + b"\r\nConnection: close\r\n\r\n", 15)
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+
+
 def test_many_slow_connections_are_all_released(env, srv):
     socks = []
     for i in range(30):
