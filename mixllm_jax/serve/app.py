@@ -71,8 +71,9 @@ from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
 from mixllm_jax.serve import gateway
 from mixllm_jax.serve.backends import request_backend
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
-from mixllm_jax.serve.http import (ApiError, check_prompt, error_response, get_bool, get_number, get_string,
-                                   read_json_object, reject_unknown, require_json, routing_text, model_spec)
+from mixllm_jax.serve.http import (ApiError, FastJSONResponse, check_prompt, error_response, get_bool, get_number,
+                                   get_string, read_json_object, reject_unknown, require_json, routing_text,
+                                   model_spec)
 from mixllm_jax.serve.metrics import CONTENT_TYPE_LATEST
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
@@ -165,7 +166,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
         book = get_bool(body, "book_load", True)
         out = await svc.route(prompts, point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=pol.candidates,
                               book=book, key=pol.key)
-        return JSONResponse(out[0] if single else {"routes": out})
+        return FastJSONResponse(out[0] if single else {"routes": out})
 
     @endpoint("feedback", "feedback", json_body=True)
     async def feedback(request):

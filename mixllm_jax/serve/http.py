@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any
 
+import orjson
 from starlette.responses import JSONResponse
 
 MAX_NAME = 200
@@ -34,6 +35,15 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
         self.code = code
+
+
+class FastJSONResponse(JSONResponse):
+    """A JSONResponse encoded by orjson (~20x faster than json on the ~100 floats of a route answer's
+    explanation). For content that is JSON as it is: str keys, finite floats (non-finite numbers
+    are None already), ints within 64 bits."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
 
 
 def error_response(status: int, message: str, type: str, param=None, headers=None, code=None) -> JSONResponse:
