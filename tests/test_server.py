@@ -138,6 +138,32 @@ def test_micro_batcher_batches_and_bounds_its_queue():
     assert sum(sizes) == 8 and max(sizes) <= 4 and b.pending == 0
 
 
+def test_micro_batcher_waits_only_for_announced_items():
+    """A lone item is not held for the window; an item announced with `expect` is waited for."""
+    import concurrent.futures
+
+    from mixllm_jax.batcher import MicroBatcher
+
+    sizes = []
+
+    async def main():
+        ex = concurrent.futures.ThreadPoolExecutor(1)
+        b = MicroBatcher(lambda p: (sizes.append(len(p)), p)[1], ex, window_s=60.0, max_batch=8, queue_limit=8)
+        b.start()
+        assert await asyncio.wait_for(b.submit([1]), 20) == [1]  # nothing on its way: not held 60 s
+        with b.expect(1):
+            first = asyncio.ensure_future(b.submit([2]))
+            await asyncio.sleep(0.1)
+            assert not first.done() and b.expected == 1  # held for the announced item
+        second = await asyncio.wait_for(b.submit([3]), 20)
+        assert await first == [2] and second == [3] and b.expected == 0
+        await b.stop()
+        ex.shutdown()
+
+    asyncio.run(main())
+    assert sizes == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
