@@ -124,7 +124,7 @@ class FastWordPiece:
     when a probe text does not come out as the tokenizer's own ids.
     """
 
-    MEMO_LIMIT = 1 << 18  # chunks memoized at most (then the memo starts again)
+    MEMO_LIMIT = 1 << 16  # chunks memoized at most (then the memo starts again)
     _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
     _CLEAN = {**{c: None for c in [*range(32), 127]}, 9: 32, 10: 32, 13: 32}
     PROBE = ("Hello, World!  It's 3.14\tpi\r\n\x01x\x7fy \x0bz\x0c--(don't) UNAFFABLE 12ab " + "a" * 101
@@ -173,16 +173,21 @@ class FastWordPiece:
 
 
 class _ChunkMemo(dict):
-    """chunk -> its ids, computed on a miss (`pieces`); at most `limit` chunks (then it starts again)."""
+    """chunk -> its ids, computed on a miss (`pieces`); keeps chunks of at most MAX_CHARS characters,
+    at most `limit` of them (then it starts again): ~10 MB at most."""
+
+    MAX_CHARS = 64
 
     def __init__(self, pieces, limit: int):
         super().__init__()
         self.pieces, self.limit = pieces, limit
 
     def __missing__(self, chunk: str) -> tuple:
-        if len(self) >= self.limit:
-            self.clear()
-        ids = self[chunk] = self.pieces(chunk)
+        ids = self.pieces(chunk)
+        if len(chunk) <= self.MAX_CHARS:  # a long chunk is rare, and would hold memory: not kept
+            if len(self) >= self.limit:
+                self.clear()
+            self[chunk] = ids
         return ids
 
 

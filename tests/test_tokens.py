@@ -99,3 +99,12 @@ def test_fast_wordpiece_only_for_bert_tokenizers():
     bert = _bert_tokenizer()
     bert.post_processor = None  # no [CLS] ... [SEP]: not the kind the fast path knows
     assert tokens.FastWordPiece.build(bert) is None
+
+
+def test_fast_wordpiece_memo_is_bounded():
+    tok = _bert_tokenizer()
+    b = tokens.Backend(tok)
+    b.fast.memo.limit = 3
+    texts = [f"cat{i} run{i}x" for i in range(10)] + ["x" * 80]
+    assert b.encode(texts) == [e.ids for e in tok.encode_batch(texts)]
+    assert 0 < len(b.fast.memo) <= 3 and "x" * 80 not in b.fast.memo  # long chunks are not kept
