@@ -147,7 +147,13 @@ async def read_json_object(request, limit: int, timeout_s: float | None = None) 
         return b"".join(chunks)
 
     try:
-        body = await asyncio.wait_for(read(), timeout_s) if timeout_s else await read()
+        if not timeout_s:
+            body = await read()
+        elif hasattr(asyncio, "timeout"):  # Python 3.11+: a deadline on this task, no task of its own
+            async with asyncio.timeout(timeout_s):
+                body = await read()
+        else:
+            body = await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout",
                        headers={"Connection": "close"}) from None
