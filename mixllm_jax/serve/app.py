@@ -70,6 +70,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
 from mixllm_jax.serve import gateway
 from mixllm_jax.serve.backends import request_backend
+from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
 from mixllm_jax.serve.http import (ApiError, check_prompt, error_response, get_bool, get_number, get_string,
                                    read_json_object, reject_unknown, require_json, routing_text, model_spec)
@@ -124,6 +125,10 @@ def create_app(cfg: ServeConfig) -> Starlette:
                 except ApiError as e:
                     status = e.status
                     return error_response(e.status, e.message, e.type, e.param, e.headers, e.code)
+                except ClusterUnavailable as e:
+                    status = 503
+                    return error_response(503, f"{e}; state changes are refused until it is back, routing "
+                                               f"goes on", "unavailable", headers={"Retry-After": "2"})
                 except Exception:  # noqa: BLE001
                     ref = uuid.uuid4().hex[:12]
                     log.exception("%s failed (reference %s)", label, ref)
@@ -179,10 +184,12 @@ def create_app(cfg: ServeConfig) -> Starlette:
                            param="thumbs")
         if quality is None and thumbs is None:
             raise ApiError(422, "give 'quality' (a number in [0, 1]) or 'thumbs' (\"up\"/\"down\")")
-        e = svc.features.get(rid)
+        e = await svc.lookup(rid)
         if e is None:
             raise ApiError(404, f"unknown request id {rid[:80]!r}: never issued, or older than the last "
-                                f"{cfg.feature_cache} routed requests", "not_found", param="request_id")
+                                f"{cfg.feature_cache} routed requests" +
+                           (f" (on any replica: {cfg.decision_ttl_s:g} s)" if cfg.cluster else ""),
+                           "not_found", param="request_id")
         if not svc.entry_live(e):
             raise ApiError(409, f"model {e.model!r} that served request {rid!r} has been removed; "
                                 f"feedback not applied", param="request_id")

@@ -15,7 +15,7 @@ import numpy as np
 
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.serve.backends import resolve_live_backend
-from mixllm_jax.serve.compute import fit_feedback, fit_generation, reset_feedback_slot
+from mixllm_jax.serve.compute import fit_feedback, fit_generation, reset_feedback_slot, share_load
 from mixllm_jax.serve.http import ApiError, is_num, model_spec
 from mixllm_jax.state import add_llm, remove_llm
 
@@ -54,6 +54,8 @@ class LiveModels:
                              ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
                              max_concurrency=spec["max_concurrency"], prior=spec["prior"])
         slot = reg.slots[name]
+        if self.cfg.concurrency_share < 1:
+            state = share_load(state, self.cfg.concurrency_share)
         if state.capacity != self.state.capacity:
             log.info("capacity grew from %d to %d arms (one recompile)", self.state.capacity, state.capacity)
         self.fs = reset_feedback_slot(fit_feedback(self.fs, state.capacity), slot)
@@ -125,8 +127,11 @@ class LiveModels:
         for f in ("price_in", "price_out", "ttft", "tokens_per_s", "B", "noise"):
             if not bool(np.all(np.isfinite(np.asarray(getattr(state, f))))):
                 raise ApiError(422, f"cannot add model {name!r}: its {f} would not be finite in float32")
-        self.journal.append(dict(spec, type="add_model")).result()
+        seq = self.journal.append(dict(spec, type="add_model")).result()
         self._drain()
+        if name not in self.registry.slots:  # --cluster: stored, not yet delivered back (rare)
+            raise ApiError(503, f"model {name!r} was recorded (event {seq}) but is not applied on this replica yet; "
+                                f"it will be", "unavailable", headers={"Retry-After": "1"})
         return self.model_info(name)
 
     async def remove_model(self, name: str) -> None:

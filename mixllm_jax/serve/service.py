@@ -50,6 +50,7 @@ from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
                                       extras_template, fit_feedback, fit_generation, reset_load,
                                       serve_route)
+from mixllm_jax.serve.cluster import lag_quantiles
 from mixllm_jax.serve.config import ServeConfig
 from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackRecords
 from mixllm_jax.serve.http import ApiError, is_num
@@ -112,6 +113,10 @@ class RouterService(FeedbackRecords, LiveModels):
         self.replayed = 0
         self._ckpt_lock = None
         self._periodic = None
+        self.cluster_mode = config.cluster is not None
+        self.ckpt_dir = Path(config.checkpoint)  # where checkpoints are saved (--cluster: the replica's shared folder)
+        self.side_dir = config.log_path  # spend.json and live_models.json beside them (--cluster: the same folder)
+        self.event_lag = collections.deque(maxlen=4096)  # --cluster: seconds from publish to applied here
 
     # ---- start / stop ---------------------------------------------------------------------
 
@@ -121,7 +126,20 @@ class RouterService(FeedbackRecords, LiveModels):
         self._ckpt_lock = asyncio.Lock()
         logdir = self.cfg.log_path
         logdir.mkdir(parents=True, exist_ok=True)
-        self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
+        restore_dir = None
+        if self.cluster_mode:
+            from mixllm_jax.serve.cluster import StreamJournal, newest_checkpoint
+
+            self.ckpt_dir = self.side_dir = self.cfg.shared_path / self.cfg.replica_name
+            self.side_dir.mkdir(parents=True, exist_ok=True)
+            newest = newest_checkpoint(self.cfg.shared_path)
+            if newest is not None:
+                restore_dir, self.side_dir = (newest[0], newest[1]), newest[0]
+            self.journal = await loop.run_in_executor(None, functools.partial(
+                StreamJournal, self.cfg.cluster, self.cfg.stream, self._on_durable,
+                decision_ttl_s=self.cfg.decision_ttl_s))
+        else:
+            self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
         self.features = feedback_log.FeatureStore(logdir / "requests", self.cfg.feature_cache)
         self.backends_file = load_backends_file(self.cfg.backends)
         self.file_backends = self.backends_file.backends
@@ -130,9 +148,14 @@ class RouterService(FeedbackRecords, LiveModels):
 
             self.file_windows = {s.name: s.context_window for s in load_models(self.cfg.context_windows)
                                  if s.context_window is not None}
-        self.ledger.load(logdir / "spend.json")
-        await loop.run_in_executor(self.worker, self._load)
-        self.journal.start(min_seq=self.applied_seq)
+        self.ledger.load(self.side_dir / "spend.json")
+        await loop.run_in_executor(self.worker, self._load, restore_dir)
+        if self.cluster_mode:  # the replay: the stream's events after the checkpoint, then apply them
+            self.replayed = await loop.run_in_executor(None, self.journal.start, self.applied_seq)
+            await loop.run_in_executor(self.worker, self._drain)
+            self.side_dir = self.ckpt_dir
+        else:
+            self.journal.start(min_seq=self.applied_seq)
         self.metrics.journal_seq.set(self.journal.seq)
         self.batcher = batcher.MicroBatcher(self._route_batch, self.worker, self.cfg.window_ms / 1000.0,
                                             self.cfg.max_batch, self.cfg.queue_limit, on_batch=self._on_batch)
@@ -170,13 +193,15 @@ class RouterService(FeedbackRecords, LiveModels):
 
     # ---- loading and replay (worker thread) ---------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, restore_dir: tuple[Path, int] | None = None) -> None:
+        """Restore the checkpoint (--checkpoint's latest step, or `restore_dir`'s (folder, step):
+        the newest shared one with --cluster) and replay the local journal after it."""
         if self.cfg.compilation_cache is not None:
             from mixllm_jax.cache import enable_compilation_cache
 
             enable_compilation_cache(None if self.cfg.compilation_cache == "auto" else self.cfg.compilation_cache)
-        ck = Path(self.cfg.checkpoint)
-        meta = read_metadata(ck)
+        ck, step = restore_dir if restore_dir is not None else (Path(self.cfg.checkpoint), None)
+        meta = read_metadata(ck, step)
         like, extras_kind = extras_template(meta)
         router, extras = restore_router(ck, step=meta["step"], extras_like=like)
         if router.encoder is None:
@@ -202,9 +227,9 @@ class RouterService(FeedbackRecords, LiveModels):
         self.fs = fit_feedback(fs, K)
         self.generation = fit_generation(generation, K)
         self.applied_seq = self.ckpt_seq = self.prev_ckpt_seq = seq
-        self.state = reset_load(router.state, 0.0)
+        self.state = reset_load(router.state, 0.0, self.cfg.concurrency_share)
         self.registry = router.registry
-        live = read_live_backends(self.cfg.log_path / "live_models.json")
+        live = read_live_backends(self.side_dir / "live_models.json")
         self.live_backends = {}
         for n, rec in live.items():
             b = resolve_live_backend(rec, self.backends_file, f"live_models.json: {str(n)[:80]!r}")
@@ -284,6 +309,9 @@ class RouterService(FeedbackRecords, LiveModels):
                 break
         if recs:
             self._apply(recs)
+            if self.cluster_mode and self.started:
+                now = time.time()
+                self.event_lag.extend(now - r["t_pub"] for r in recs if is_num(r.get("t_pub")))
 
     def _live(self, slot: int, generation: int) -> bool:
         return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.generation[slot]) == generation
@@ -298,8 +326,9 @@ class RouterService(FeedbackRecords, LiveModels):
             rec = records[i]
             typ = rec.get("type")
             if typ in ("quality", "thumbs"):
-                j = i
-                while j < len(records) and records[j].get("type") == typ:
+                j = i  # a run of one type is one update; with --cluster one message's records only, so
+                while j < len(records) and records[j].get("type") == typ and (  # every replica updates in
+                        not self.cluster_mode or records[j]["seq"] == rec["seq"]):  # the same float32 steps
                     j += 1
                 group = records[i:j]
                 try:
@@ -404,6 +433,12 @@ class RouterService(FeedbackRecords, LiveModels):
             self.metrics.decisions.labels(model).inc()
             self.ledger.decision(r.key, model)
         self.features.put_many(entries)
+        if self.cluster_mode:  # route() waits for the shared copies, so feedback may go to any replica
+            shared = self.journal.put_decisions(entries)
+            if shared is not None:
+                for res in results:
+                    if isinstance(res, dict):
+                        res["_shared"] = shared
         return results
 
     def _no_eligible(self, r: RouteReq, tokens: np.ndarray) -> ApiError:
@@ -447,7 +482,11 @@ class RouterService(FeedbackRecords, LiveModels):
         reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key) for ids, pt in toks]
         try:
             self.metrics.queue.set(b.pending + len(reqs))
-            return await b.submit(reqs)
+            out = await b.submit(reqs)
+            shared = {id(f): f for f in (r.pop("_shared", None) for r in out if isinstance(r, dict)) if f is not None}
+            for f in shared.values():
+                await asyncio.wrap_future(f)
+            return out
         except batcher.Overloaded as e:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, str(e), "overloaded", headers={"Retry-After": str(int(e.retry_after))}) from None
@@ -480,15 +519,18 @@ class RouterService(FeedbackRecords, LiveModels):
         loop = asyncio.get_running_loop()
         async with self._ckpt_lock:
             router, extras, seq, spend = await loop.run_in_executor(self.worker, self._snapshot)
-            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.cfg.log_path / "spend.json",
+            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.side_dir / "spend.json",
                                        spend)  # (decision counts change without journal records)
             if seq == self.ckpt_seq and not force:
                 return None
             await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
-                                       self.cfg.log_path / "live_models.json",
+                                       self.side_dir / "live_models.json",
                                        {n: b.record() for n, b in self.live_backends.items()})
             step = await loop.run_in_executor(self.aux, functools.partial(
-                save_router, router, self.cfg.checkpoint, keep=self.cfg.keep_checkpoints, extras=extras))
+                save_router, router, self.ckpt_dir, keep=self.cfg.keep_checkpoints, extras=extras))
+            if self.cluster_mode:  # the pointer other replicas restore from
+                await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.ckpt_dir / "latest.json",
+                                           {"step": step, "seq": seq})
             self.features.flush()
             self.journal.rotate()
             self.journal.prune(self.prev_ckpt_seq)  # one checkpoint of slack
@@ -531,10 +573,11 @@ class RouterService(FeedbackRecords, LiveModels):
             cached = self._digest_cache = (st, fs, h.digest())  # holds st and fs: their ids stay theirs
         h = hashlib.sha256(cached[2])
         h.update(np.asarray(self.generation, np.int64)[live].tobytes())
+        flags = [] if self.cluster_mode else sorted(  # --cluster: the flags are the shared bucket's
+            (rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items() if e.has_quality or e.has_thumbs)
         h.update(json.dumps({"registry": self.registry.to_dict(),
                              "backends": {n: b.record() for n, b in sorted(self.backends.items())},
-                             "flags": sorted((rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items()
-                                             if e.has_quality or e.has_thumbs)}, sort_keys=True).encode())
+                             "flags": flags}, sort_keys=True).encode())
         return h.hexdigest()
 
     async def digest(self) -> str:
@@ -549,4 +592,7 @@ class RouterService(FeedbackRecords, LiveModels):
                 "checkpoint_step": self.ckpt_step, "checkpoint_seq": self.ckpt_seq,
                 "replayed": self.replayed, "features": len(self.features), "capacity": self.state.capacity,
                 "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
-                "uptime_s": round(time.monotonic() - self.t0, 3)}
+                "uptime_s": round(time.monotonic() - self.t0, 3),
+                **({"cluster": {"replica": self.cfg.replica_name, "stream": self.cfg.stream,
+                                "connected": self.journal.nc.is_connected, "skipped_seqs": self.journal.gaps,
+                                "event_lag": lag_quantiles(self.event_lag)}} if self.cluster_mode else {})}
