@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from mixllm_jax import feedback_log
 
@@ -49,7 +48,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 2.0
 DELIVERY_TIMEOUT_S = 10.0
-LAG_SAMPLES = 4096
 
 
 class ClusterUnavailable(RuntimeError):
@@ -364,16 +362,6 @@ class StreamJournal:
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
         raise ClusterUnavailable("the decision's feedback record kept changing on other replicas; retry")
-
-
-def lag_quantiles(lag) -> dict:
-    """Event propagation lag (seconds from publish to applied here, e.g. the last LAG_SAMPLES live
-    events) -> {n, p50_ms, p99_ms}."""
-    a = np.asarray(lag, np.float64)
-    if not len(a):
-        return {"n": 0, "p50_ms": None, "p99_ms": None}
-    return {"n": int(len(a)), "p50_ms": round(float(np.percentile(a, 50)) * 1e3, 3),
-            "p99_ms": round(float(np.percentile(a, 99)) * 1e3, 3)}
 
 
 # ---- checkpoints in the shared folder -----------------------------------------------------------------

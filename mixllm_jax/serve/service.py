@@ -50,7 +50,6 @@ from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
                                       extras_template, fit_feedback, fit_generation, reset_load,
                                       serve_route)
-from mixllm_jax.serve.cluster import lag_quantiles
 from mixllm_jax.serve.config import ServeConfig
 from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackRecords
 from mixllm_jax.serve.http import ApiError, is_num
@@ -116,7 +115,6 @@ class RouterService(FeedbackRecords, LiveModels):
         self.cluster_mode = config.cluster is not None
         self.ckpt_dir = Path(config.checkpoint)  # where checkpoints are saved (--cluster: the replica's shared folder)
         self.side_dir = config.log_path  # spend.json and live_models.json beside them (--cluster: the same folder)
-        self.event_lag = collections.deque(maxlen=4096)  # --cluster: seconds from publish to applied here
 
     # ---- start / stop ---------------------------------------------------------------------
 
@@ -311,7 +309,9 @@ class RouterService(FeedbackRecords, LiveModels):
             self._apply(recs)
             if self.cluster_mode and self.started:
                 now = time.time()
-                self.event_lag.extend(now - r["t_pub"] for r in recs if is_num(r.get("t_pub")))
+                for r in recs:
+                    if is_num(r.get("t_pub")):
+                        self.metrics.event_lag.observe(max(now - r["t_pub"], 0.0))
 
     def _live(self, slot: int, generation: int) -> bool:
         return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.generation[slot]) == generation
@@ -594,5 +594,4 @@ class RouterService(FeedbackRecords, LiveModels):
                 "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
                 "uptime_s": round(time.monotonic() - self.t0, 3),
                 **({"cluster": {"replica": self.cfg.replica_name, "stream": self.cfg.stream,
-                                "connected": self.journal.nc.is_connected, "skipped_seqs": self.journal.gaps,
-                                "event_lag": lag_quantiles(self.event_lag)}} if self.cluster_mode else {})}
+                                "connected": self.journal.nc.is_connected, "skipped_seqs": self.journal.gaps}} if self.cluster_mode else {})}
