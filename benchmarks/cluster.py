@@ -13,7 +13,8 @@ event published by another, applied by all). Reported per N:
   * /v1/route requests/s (all replicas together) and p50/p99 latency; feedback events/s and p50/p99;
   * event propagation lag, publish -> applied on each replica (the `mixllm_event_lag_seconds`
     histograms of every replica's /metrics over the measured run, pooled; p50 and p99 interpolated
-    within buckets as Prometheus' histogram_quantile does);
+    within buckets as Prometheus' histogram_quantile does), under that load and "idle" (one client,
+    feedback on every request: the stream's own propagation, no routing batch to wait behind);
   * the load model's effect: mean predicted wait of the chosen LLM and the most-used LLM's share of
     decisions (each replica books its own traffic; --share-split books it against 1/N of the limit).
 Without --checkpoint it trains the server tests' small router (benchmarks/loadgen.py). On one
@@ -149,6 +150,22 @@ async def drive(ports: list[int], prompts: list[str], concurrency: int, max_requ
     return out
 
 
+def measure(ports, prompts, concurrency, requests, duration_s, feedback_every) -> dict:
+    """One driven run, with the event lag pooled over the replicas' histograms for that run."""
+    time.sleep(1.0)
+    before = [lag_buckets(p) for p in ports]
+    r = asyncio.run(drive(ports, prompts, concurrency, requests, duration_s, feedback_every))
+    time.sleep(1.0)  # let the last events reach every replica
+    pooled: dict[float, float] = {}
+    for p, b0 in zip(ports, before):
+        for le, c in lag_buckets(p).items():
+            pooled[le] = pooled.get(le, 0.0) + c - b0.get(le, 0.0)
+    r["lag"] = {"events_applied": int(pooled.get(float("inf"), 0)),
+                **{f"p{int(q * 100)}_ms": None if (v := histogram_quantile(pooled, q)) is None else round(v * 1e3, 2)
+                   for q in (0.5, 0.99)}}
+    return r
+
+
 def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) -> dict:
     folder = tmp / f"n{n}-share{share:.3f}"
     folder.mkdir()
@@ -164,23 +181,15 @@ def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) 
                  "--log-dir", str(folder / f"r{i}"), "--cluster", url, "--replica", f"r{i}",
                  "--shared-checkpoints", str(folder / "shared"), "--concurrency-share", str(share),
                  "--max-batch", str(a.max_batch), "--queue-limit", "4096", "--checkpoint-every-s", "3600",
-                 "--warmup", "--compilation-cache", str(Path(a.out) / "jax-cache")],
+                 "--warmup"],  # the default compilation cache: later levels and runs start warm
                 cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                 env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")))
         for i, port in enumerate(ports):
             wait_http(procs[i + 1], f"http://{HOST}:{port}/healthz", 900, folder / f"replica{i}.log")
         asyncio.run(drive(ports, prompts, min(8, a.concurrency), 48, 60, 1))  # warm: connections, shapes, updates
-        time.sleep(1.0)
-        before = [lag_buckets(p) for p in ports]
-        r = asyncio.run(drive(ports, prompts, a.concurrency, a.requests, a.duration_s, a.feedback_every))
-        time.sleep(1.0)  # let the last events reach every replica
-        pooled: dict[float, float] = {}
-        for p, b0 in zip(ports, before):
-            for le, c in lag_buckets(p).items():
-                pooled[le] = pooled.get(le, 0.0) + c - b0.get(le, 0.0)
-        r["lag"] = {"events_applied": int(pooled.get(float("inf"), 0)),
-                    **{f"p{int(q * 100)}_ms": None if (v := histogram_quantile(pooled, q)) is None else round(v * 1e3, 2)
-                       for q in (0.5, 0.99)}}
+        r = measure(ports, prompts, a.concurrency, a.requests, a.duration_s, a.feedback_every)
+        # the same at concurrency 1 with feedback on every request: propagation when the replicas are idle
+        r["idle"] = measure(ports, prompts, 1, 60, a.duration_s, 1)
         r.update(replicas=n, concurrency_share=share)
         return r
     finally:
@@ -199,12 +208,13 @@ def markdown(report: dict) -> str:
              f"`{report['command']}`; {report['concurrency']} clients, feedback on every "
              f"{report['feedback_every']}th request, sent to the next replica.", "",
              "| replicas | concurrency share | /v1/route req/s | p50 ms | p99 ms | feedback/s | p50 ms | p99 ms "
-             "| lag p50 ms | lag p99 ms | mean predicted wait s | top LLM share |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| lag p50 ms | lag p99 ms | idle: lag p50 ms | lag p99 ms | mean predicted wait s | top LLM share |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['replicas']} | {r['concurrency_share']:.3g} | {r['route']['per_s']} | {r['route']['p50_ms']} "
                      f"| {r['route']['p99_ms']} | {r['feedback']['per_s']} | {r['feedback']['p50_ms']} "
                      f"| {r['feedback']['p99_ms']} | {r['lag']['p50_ms']} | {r['lag']['p99_ms']} "
+                     f"| {r['idle']['lag']['p50_ms']} | {r['idle']['lag']['p99_ms']} "
                      f"| {r['load']['mean_predicted_wait_s']} | {r['load']['top_model_share']} |")
     return "\n".join(lines) + "\n"
 

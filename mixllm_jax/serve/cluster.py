@@ -319,6 +319,9 @@ class StreamJournal:
             got = await asyncio.wrap_future(self._call(self._get(kv_key(rid))))
         except (KeyError, ClusterUnavailable):
             return None
+        except (ValueError, TypeError):  # not a decision record: only replicas write the bucket
+            log.warning("decision %r in the bucket is damaged; ignored", rid[:80])
+            return None
         return None if got is None else got[0][0]
 
     async def _get(self, key: str):
