@@ -186,6 +186,10 @@ def test_llm_added_on_one_replica_is_routable_on_all(cluster):
         assert got["model"] == "new-llm"
         assert health(r)["compiled_route_shapes"] == n  # no recompile
     print(f"LLM add visible on every replica after {lag * 1e3:.0f} ms (HTTP polling included)")
+    assert reps[1].patch("/v1/models/new-llm", {"price_in_per_mtok": 9, "price_out_per_mtok": 9}).status_code == 200
+    for other in (reps[0], reps[2]):  # a reprice on one replica reaches the others
+        wait_until(lambda: [m["price_in_per_mtok"] for m in other.get("/v1/models").json()["data"]
+                            if m["id"] == "new-llm"] == [9], "the reprice reaches every replica")
     assert reps[2].delete("/v1/models/new-llm").status_code == 200
     converged(reps)
 

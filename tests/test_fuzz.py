@@ -189,14 +189,18 @@ def request(stub_host, models, hostile=True):
     gets = st.sampled_from(["/v1/models", "/v1/usage", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route",
                             "/nope", "/v1/models/x/y", "/%ff%fe"]).map(lambda p: ("GET", p, None))
     dels = HOSTILE_NAME.map(lambda n: ("DELETE", "/v1/models/" + urllib.parse.quote(n.replace("\\", "")), None))
-    what = st.one_of(post, post, post, post, gets, dels) if hostile else st.one_of(post, post, post, gets)
+    prices = body_of({"price_in_per_mtok": field(st.floats(0, 1e5), 0.7),
+                      "price_out_per_mtok": field(st.floats(0, 1e5), 0.7)}, ("price_in_per_mtok", "price_out_per_mtok"), 0.7)
+    patches = st.tuples(HOSTILE_NAME, weighted(prices, raw, 0.6)).map(  # (names no LLM has: nothing accepted)
+        lambda a: ("PATCH", "/v1/models/" + urllib.parse.quote(a[0].replace("\\", "")), a[1]))
+    what = st.one_of(post, post, post, post, gets, dels, patches) if hostile else st.one_of(post, post, post, gets)
 
     def build(args):
         (method, path, body), k, ct = args
         headers = {}
         if k != "none":
             headers["authorization"] = "Bearer " + (TEST_KEYS.get(k) or "wrong-key")
-        if ct is not None and method == "POST":
+        if ct is not None and method in ("POST", "PATCH"):
             headers["content-type"] = ct
         data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
         return method, path, headers, data
@@ -262,9 +266,9 @@ class Observer:
         if method == "POST" and path == "/v1/models":  # undo: keep the model count and capacity bounded
             d = self.client.delete("/v1/models/" + r.json()["id"], headers=self.srv.headers())
             assert d.status_code == 200, d.text
-        if method == "DELETE" or path in ("/v1/models", "/v1/feedback"):
+        if method in ("DELETE", "PATCH") or path in ("/v1/models", "/v1/feedback"):
             self.accepted_changes += 1
-        if method == "DELETE" or path in ("/v1/models", "/v1/feedback", "/v1/chat/completions"):
+        if method in ("DELETE", "PATCH") or path in ("/v1/models", "/v1/feedback", "/v1/chat/completions"):
             self.base = self.snapshot()  # an accepted change (or a chat's usage record): the new baseline
         return r
 

@@ -73,7 +73,8 @@ from mixllm_jax.serve.backends import request_backend
 from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
 from mixllm_jax.serve.http import (ApiError, check_prompt, error_response, get_bool, get_number, get_string,
-                                   read_json_object, reject_unknown, require_json, routing_text, model_spec)
+                                   read_json_object, reject_unknown, require_json, routing_text, model_spec,
+                                   MODEL_LIMITS)
 from mixllm_jax.serve.metrics import CONTENT_TYPE_LATEST
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
@@ -226,6 +227,17 @@ def create_app(cfg: ServeConfig) -> Starlette:
         info = await svc.add_model(spec)
         return JSONResponse(info, status_code=201)
 
+    @endpoint("models_reprice", "admin", json_body=True)
+    async def models_reprice(request):
+        body = await body_of(request)
+        reject_unknown(body, {"price_in_per_mtok", "price_out_per_mtok"})
+        lim = MODEL_LIMITS
+        pin = get_number(body, "price_in_per_mtok", default=..., lo=lim["price_in_per_mtok"][0],
+                         hi=lim["price_in_per_mtok"][1])
+        pout = get_number(body, "price_out_per_mtok", default=..., lo=lim["price_out_per_mtok"][0],
+                          hi=lim["price_out_per_mtok"][1])
+        return JSONResponse(await svc.reprice_model(request.path_params["name"], pin * 1e-6, pout * 1e-6))
+
     @endpoint("models_remove", "admin")
     async def models_remove(request):
         name = request.path_params["name"]
@@ -309,6 +321,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
         Route("/v1/usage", usage, methods=["GET"]),
         Route("/v1/models", models_add, methods=["POST"]),
         Route("/v1/models/{name:path}", models_remove, methods=["DELETE"]),
+        Route("/v1/models/{name:path}", models_reprice, methods=["PATCH"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)

@@ -349,7 +349,9 @@ class RouterService(FeedbackRecords, LiveModels):
                     self._apply_add(rec)
                 elif typ == "remove_model" and not replay_flags_only:
                     self._apply_remove(rec)
-                elif typ not in ("usage", "add_model", "remove_model"):
+                elif typ == "reprice_model" and not replay_flags_only:
+                    self._apply_reprice(rec)
+                elif typ not in ("usage", "add_model", "remove_model", "reprice_model"):
                     log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
             except Exception:  # noqa: BLE001
                 self._skip([rec], f"{typ} record")
