@@ -164,6 +164,9 @@ class ServerProc:
     def patch(self, path, body, key=None):
         return httpx.patch(self.url + path, json=body, timeout=60, headers=self.headers(key))
 
+    def put(self, path, body, key=None):
+        return httpx.put(self.url + path, json=body, timeout=60, headers=self.headers(key))
+
     def delete(self, path, key=None):
         return httpx.delete(self.url + path, timeout=60, headers=self.headers(key))
 

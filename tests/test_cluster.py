@@ -191,7 +191,10 @@ def test_llm_added_on_one_replica_is_routable_on_all(cluster):
         wait_until(lambda: [m["price_in_per_mtok"] for m in other.get("/v1/models").json()["data"]
                             if m["id"] == "new-llm"] == [9], "the reprice reaches every replica")
     assert reps[2].delete("/v1/models/new-llm").status_code == 200
+    assert reps[2].put("/v1/policy", {"cost_weight": 40.0}).status_code == 200  # a policy change, shared
+    assert reps[2].put("/v1/policy", {"cost_weight": 0.0}).status_code == 200
     converged(reps)
+    assert all(r.get("/v1/policy").json()["cost_weight"] == 0.0 for r in reps)
 
 
 def test_killed_replica_converges_without_losing_events(cluster):

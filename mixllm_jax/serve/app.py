@@ -69,6 +69,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
 from mixllm_jax.serve import gateway
+from mixllm_jax.config import Budget
 from mixllm_jax.serve.backends import request_backend
 from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
@@ -238,6 +239,33 @@ def create_app(cfg: ServeConfig) -> Starlette:
                           hi=lim["price_out_per_mtok"][1])
         return JSONResponse(await svc.reprice_model(request.path_params["name"], pin * 1e-6, pout * 1e-6))
 
+    @endpoint("policy", "route")
+    async def policy_get(request):
+        return JSONResponse(svc.policy_view())
+
+    @endpoint("policy_set", "admin", json_body=True)
+    async def policy_set(request):
+        body = await body_of(request)
+        reject_unknown(body, {"budget", "budget_usd", "cost_weight", "reference"})
+        given = [k for k in ("budget", "budget_usd", "cost_weight") if k in body]
+        if len(given) != 1:
+            raise ApiError(422, "give exactly one of 'budget' (a share of the reference LLM's cost, e.g. \"25%\"), "
+                                "'budget_usd' (mean USD per query) or 'cost_weight'")
+        ref = get_string(body, "reference", default=None, max_len=128)
+        if given == ["budget"]:
+            text = get_string(body, "budget", default=..., max_len=32)
+            try:
+                b = Budget.parse(text, ref)
+            except ValueError:
+                raise ApiError(422, f"field 'budget' must look like 25% or 0.25, got {text[:32]!r}",
+                               param="budget") from None
+            rec = {"kind": b.kind, "value": b.value, "reference": ref}
+        else:
+            k = given[0]
+            rec = {"kind": "usd" if k == "budget_usd" else "cost_weight", "reference": ref,
+                   "value": get_number(body, k, default=..., lo=0, hi=1e6)}
+        return JSONResponse(await svc.set_policy(rec))
+
     @endpoint("models_remove", "admin")
     async def models_remove(request):
         name = request.path_params["name"]
@@ -322,6 +350,8 @@ def create_app(cfg: ServeConfig) -> Starlette:
         Route("/v1/models", models_add, methods=["POST"]),
         Route("/v1/models/{name:path}", models_remove, methods=["DELETE"]),
         Route("/v1/models/{name:path}", models_reprice, methods=["PATCH"]),
+        Route("/v1/policy", policy_get, methods=["GET"]),
+        Route("/v1/policy", policy_set, methods=["PUT"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)

@@ -351,7 +351,9 @@ class RouterService(FeedbackRecords, LiveModels):
                     self._apply_remove(rec)
                 elif typ == "reprice_model" and not replay_flags_only:
                     self._apply_reprice(rec)
-                elif typ not in ("usage", "add_model", "remove_model", "reprice_model"):
+                elif typ == "policy" and not replay_flags_only:
+                    self.router = dataclasses.replace(self.router, policy=self._policy_for(rec))
+                elif typ not in ("usage", "add_model", "remove_model", "reprice_model", "policy"):
                     log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
             except Exception:  # noqa: BLE001
                 self._skip([rec], f"{typ} record")
@@ -495,6 +497,37 @@ class RouterService(FeedbackRecords, LiveModels):
         finally:
             self.metrics.queue.set(b.pending)
 
+    # ---- the operating point (PUT /v1/policy) -----------------------------------------------
+
+    def _policy_for(self, rec: dict):
+        """The router's policy at a budget record's operating point (ValueError if out of reach)."""
+        from mixllm_jax.config import Budget
+
+        budget = Budget(str(rec["kind"]), rec["value"], rec.get("reference"))
+        if budget.kind == "cost_weight" and self.router.curve is None:
+            return self.router.policy.replace(cost_weight=float(budget.value), mix_cost_weight=0.0, mix=0.0)
+        return self.router.policy_for(budget)
+
+    def policy_view(self) -> dict:
+        p = self.router.policy
+        return {"cost_weight": float(p.cost_weight), "mix_cost_weight": float(p.mix_cost_weight), "mix": float(p.mix),
+                "alpha": float(p.alpha), "beta": float(p.beta), "tau": float(p.tau), "explore": p.explore}
+
+    async def set_policy(self, rec: dict) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._set_policy, rec)
+
+    def _set_policy(self, rec: dict) -> dict:
+        """Move the default operating point ({"kind", "value", "reference"}: a config.Budget):
+        checked, journaled, applied on every replica; the new policy."""
+        self._drain()
+        try:
+            self._policy_for(rec)  # dry run
+        except (ValueError, KeyError) as e:
+            raise ApiError(422, f"cannot move the operating point: {e}") from None
+        self.journal.append(dict(rec, type="policy")).result()
+        self._drain()
+        return self.policy_view()
+
     async def journal_append(self, record: dict) -> int:
         return await asyncio.wrap_future(self.journal.append(record))
 
@@ -577,7 +610,7 @@ class RouterService(FeedbackRecords, LiveModels):
         h.update(np.asarray(self.generation, np.int64)[live].tobytes())
         flags = [] if self.cluster_mode else sorted(  # --cluster: the flags are the shared bucket's
             (rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items() if e.has_quality or e.has_thumbs)
-        h.update(json.dumps({"registry": self.registry.to_dict(),
+        h.update(json.dumps({"registry": self.registry.to_dict(), "policy": self.policy_view(),
                              "backends": {n: b.record() for n, b in sorted(self.backends.items())},
                              "flags": flags}, sort_keys=True).encode())
         return h.hexdigest()
