@@ -124,7 +124,7 @@ def _text_ready():
 @pytest.mark.skipif(not _text_ready(), reason="needs the default encoder and RouterBench data")
 def test_text_to_decision_tiny(tmp_path):
     from mixllm_jax import static_encoder
-    from test_static_encoder import tiny_bert_folder
+    from test_encoder import tiny_bert_folder
 
     static = tmp_path / "static"  # a static tier distilled from a tiny random BERT (seconds)
     static_encoder.distill(static, str(tiny_bert_folder(tmp_path / "bert")), dims=16, batch_size=4096, progress=False)
