@@ -161,6 +161,12 @@ class ServerProc:
             headers = {**JSON, **(headers or {})}
         return httpx.post(self.url + path, timeout=60, headers=self.headers(key, headers), **kw)
 
+    def patch(self, path, body, key=None):
+        return httpx.patch(self.url + path, json=body, timeout=60, headers=self.headers(key))
+
+    def put(self, path, body, key=None):
+        return httpx.put(self.url + path, json=body, timeout=60, headers=self.headers(key))
+
     def delete(self, path, key=None):
         return httpx.delete(self.url + path, timeout=60, headers=self.headers(key))
 

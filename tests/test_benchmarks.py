@@ -124,7 +124,7 @@ def _text_ready():
 @pytest.mark.skipif(not _text_ready(), reason="needs the default encoder and RouterBench data")
 def test_text_to_decision_tiny(tmp_path):
     from mixllm_jax import static_encoder
-    from test_static_encoder import tiny_bert_folder
+    from test_encoder import tiny_bert_folder
 
     static = tmp_path / "static"  # a static tier distilled from a tiny random BERT (seconds)
     static_encoder.distill(static, str(tiny_bert_folder(tmp_path / "bert")), dims=16, batch_size=4096, progress=False)
@@ -152,3 +152,13 @@ def test_text_to_decision_tiny(tmp_path):
     http = [t for t in res["targets"] if "/v1/route" in t["target"]]
     assert len(http) == 2 and all(t["status"] == "not measured" for t in http)
     assert "| static tier: /v1/route p50 latency at concurrency 1 | <= 10 ms |" in report.targets_table(res)
+
+
+def test_cluster_lag_quantile_interpolates_within_buckets():
+    from benchmarks.cluster import histogram_quantile
+
+    # 10 events: 2 at <= 1 ms, 6 more at <= 3 ms, 2 more at <= 10 ms (cumulative counts)
+    b = {0.001: 2, 0.003: 8, 0.01: 10, float("inf"): 10}
+    assert histogram_quantile(b, 0.5) == pytest.approx(0.001 + 0.002 * (5 - 2) / 6)
+    assert histogram_quantile(b, 0.99) == pytest.approx(0.003 + 0.007 * (9.9 - 8) / 2)
+    assert histogram_quantile({0.001: 0, float("inf"): 0}, 0.5) is None

@@ -184,6 +184,26 @@ def _tiny_state_dict(cfg, rng, prefix="bert.", fresh=False):
     return sd
 
 
+TINY_BERT = dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, hidden_act="gelu", max_position_embeddings=64, type_vocab_size=2,
+                 layer_norm_eps=1e-12)
+
+
+def tiny_bert_folder(folder, hf: dict = TINY_BERT, seed: int = 3, **state_kw):
+    """A random BERT of config `hf` (default 2 layers, hidden 32) with MiniLM's tokenizer (30522
+    tokens), written as a model folder; state_kw: _tiny_state_dict's prefix and fresh."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf))
+    save_file(_tiny_state_dict(BertConfig.from_dict(hf), np.random.default_rng(seed), **state_kw),
+              str(folder / "model.safetensors"))
+    src = enc_mod._package_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
 def test_generic_bert_config_from_local_folder(encoder, tmp_path):
     """A tiny random BERT with a 'bert.' key prefix loads from a folder and embeds to [N, 32]."""
     from safetensors.numpy import save_file

@@ -1,7 +1,6 @@
 """Encoder fine-tuning (finetune.py): losses, LoRA merge, identity digest, cache keys, checkpoints."""
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ from mixllm_jax import encoder as enc_mod
 from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 
-from test_encoder import _tiny_state_dict
+from test_encoder import tiny_bert_folder
 
 H = 32
 TINY = dict(model_type="bert", vocab_size=30522, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
@@ -25,16 +24,7 @@ WORDS = ("apple river stone cloud paper light music garden window number table y
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random 2-layer BERT in a folder (so a checkpoint can reload it by its path)."""
-    from safetensors.numpy import save_file
-
-    folder = tmp_path_factory.mktemp("enc") / "tiny-bert"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(TINY))
-    sd = _tiny_state_dict(enc_mod.BertConfig.from_dict(TINY), np.random.default_rng(1), prefix="", fresh=True)
-    save_file(sd, str(folder / "model.safetensors"))
-    src = enc_mod._package_model_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
+    folder = tiny_bert_folder(tmp_path_factory.mktemp("enc") / "tiny-bert", TINY, seed=1, prefix="", fresh=True)
     return enc_mod.load_encoder(str(folder), matmul_dtype="float32")  # exact comparisons below
 
 

@@ -186,17 +186,26 @@ def request(stub_host, models, hostile=True):
         return weighted(posts[path], raw, 0.75) if hostile else posts[path]
 
     post = st.sampled_from(sorted(posts)).flatmap(lambda p: body_for(p).map(lambda b: ("POST", p, b)))
-    gets = st.sampled_from(["/v1/models", "/v1/usage", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route",
+    gets = st.sampled_from(["/v1/models", "/v1/usage", "/v1/policy", "/healthz", "/metrics", "/healthz?digest=1", "/v1/route",
                             "/nope", "/v1/models/x/y", "/%ff%fe"]).map(lambda p: ("GET", p, None))
     dels = HOSTILE_NAME.map(lambda n: ("DELETE", "/v1/models/" + urllib.parse.quote(n.replace("\\", "")), None))
-    what = st.one_of(post, post, post, post, gets, dels) if hostile else st.one_of(post, post, post, gets)
+    prices = body_of({"price_in_per_mtok": field(st.floats(0, 1e5), 0.7),
+                      "price_out_per_mtok": field(st.floats(0, 1e5), 0.7)}, ("price_in_per_mtok", "price_out_per_mtok"), 0.7)
+    patches = st.tuples(HOSTILE_NAME, weighted(prices, raw, 0.6)).map(  # (names no LLM has: nothing accepted)
+        lambda a: ("PATCH", "/v1/models/" + urllib.parse.quote(a[0].replace("\\", "")), a[1]))
+    policy = body_of({"budget": field(st.sampled_from(["25%", "0.1", "150%", "0"]), 0.7),
+                      "budget_usd": field(st.floats(0, 1), 0.7), "cost_weight": field(st.floats(0, 1e3), 0.7),
+                      "reference": field(st.sampled_from(models), 0.7)}, (), 0.7)
+    puts = weighted(policy, raw, 0.6).map(lambda b: ("PUT", "/v1/policy", b))
+    what = (st.one_of(post, post, post, post, gets, dels, patches, puts) if hostile
+            else st.one_of(post, post, post, gets))
 
     def build(args):
         (method, path, body), k, ct = args
         headers = {}
         if k != "none":
             headers["authorization"] = "Bearer " + (TEST_KEYS.get(k) or "wrong-key")
-        if ct is not None and method == "POST":
+        if ct is not None and method in ("POST", "PATCH", "PUT"):
             headers["content-type"] = ct
         data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
         return method, path, headers, data
@@ -262,9 +271,9 @@ class Observer:
         if method == "POST" and path == "/v1/models":  # undo: keep the model count and capacity bounded
             d = self.client.delete("/v1/models/" + r.json()["id"], headers=self.srv.headers())
             assert d.status_code == 200, d.text
-        if method == "DELETE" or path in ("/v1/models", "/v1/feedback"):
+        if method in ("DELETE", "PATCH", "PUT") or path in ("/v1/models", "/v1/feedback"):
             self.accepted_changes += 1
-        if method == "DELETE" or path in ("/v1/models", "/v1/feedback", "/v1/chat/completions"):
+        if method in ("DELETE", "PATCH", "PUT") or path in ("/v1/models", "/v1/feedback", "/v1/chat/completions"):
             self.base = self.snapshot()  # an accepted change (or a chat's usage record): the new baseline
         return r
 
@@ -285,6 +294,8 @@ def test_fuzz_http_hostile_requests(secure_env, counts):
         obs.send("http_hostile", *req)
 
     run()
+    reset = obs.client.put("/v1/policy", json={"cost_weight": 0.0}, headers=srv.headers())  # the fixture's point
+    assert reset.status_code == 200, reset.text
     after = obs.decisions()
     names = set(before[0])
     assert [{m: v for m, v in d.items() if m in names} for d in after] == before

@@ -83,7 +83,7 @@ def _write_logs(out: Path) -> None:
     """A small RouterBench train log (12 queries per task), a test log and a tiny random BERT for
     the CLI checks (hidden 32: the checks are of the plumbing, the numbers are checked above)."""
     from mixllm_jax import data
-    from test_static_encoder import tiny_bert_folder
+    from test_encoder import tiny_bert_folder
 
     tiny_bert_folder(out / "tiny-bert")
 

@@ -133,3 +133,19 @@ def test_eval_test_only_file_no_baselines_and_full_report(readme_run, capsys):
     full = json.loads((d / "test-only" / "report.json").read_text())
     assert all("points" in pt for m in full["methods"].values() for pt in m["per_task"].values())
     assert (d / "runs" / "eval-budgets" / "report.json").stat().st_size < (d / "test-only" / "report.json").stat().st_size
+
+
+def test_readme_replicas_command_parses():
+    """The serve line of "Running several replicas" (with $i = 1) is accepted, and its config checks."""
+    from mixllm_jax import cli
+    from mixllm_jax.serve import config_from_args
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"### Running several replicas\n.*?```sh\n(.*?)```", text, re.S).group(1)
+    line = next(c for c in re.sub(r"\\\n\s*", " ", block).splitlines() if "mixllm-jax serve" in c)
+    argv = shlex.split(line.strip().replace("$i", "1").rstrip("&"), comments=True)
+    args, rest = cli.build_parser().parse_known_args(argv[1:])
+    assert not rest, rest
+    cfg = config_from_args(args)
+    cfg.check()
+    assert (cfg.cluster, cfg.replica, cfg.concurrency_share) == ("nats://127.0.0.1:4222", "r1", 0.34)

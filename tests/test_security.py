@@ -81,6 +81,10 @@ def test_keys_and_roles(env, srv):
     r = httpx.post(srv.url + "/v1/route", json={"prompt": PROMPT}, headers={"authorization": "Basic abc"}, timeout=30)
     assert r.status_code == 401 and "malformed Authorization" in r.json()["error"]["message"]
     assert srv.delete("/v1/models/" + env["models"][0], key=k["route"]).status_code == 403
+    assert srv.patch("/v1/models/" + env["models"][0], {"price_in_per_mtok": 0, "price_out_per_mtok": 0},
+                     key=k["client"]).status_code == 403
+    assert srv.put("/v1/policy", {"cost_weight": 1}, key=k["client"]).status_code == 403
+    assert srv.get("/v1/policy", key=k["feedback"]).status_code == 403
     assert srv.get("/metrics", key=k["client"]).status_code == 403
     assert srv.get("/metrics").status_code == 200
     assert snapshot(srv) == before

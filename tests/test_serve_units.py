@@ -177,3 +177,63 @@ def test_feedback_flags_round_trip_through_a_checkpoint_array():
     assert a.dtype == np.uint8 and a.shape == (51, 17)
     assert applied_from_array(a) == flags
     assert applied_from_array(applied_to_array({})) == {}
+
+
+# ---- --cluster (serve/cluster.py): the pure parts; the replicas themselves are in test_cluster.py
+
+
+@pytest.mark.parametrize("url, ok", [("nats://127.0.0.1:4222", True), ("tls://nats.internal:4222", True),
+                                     ("http://127.0.0.1:4222", False), ("nats://127.0.0.1", False),
+                                     ("nats://user:pw@host:4222", False), ("nats://h:4222/x", False)])
+def test_cluster_url_is_checked(url, ok):
+    from mixllm_jax.serve import ServeConfig
+
+    cfg = ServeConfig(checkpoint="ck", cluster=url)
+    if ok:
+        cfg.check()
+    else:
+        with pytest.raises(ValueError, match="cluster must be nats://HOST:PORT"):
+            cfg.check()
+    with pytest.raises(ValueError, match="stream must be"):
+        ServeConfig(checkpoint="ck", cluster="nats://h:1", stream="a.b").check()
+    with pytest.raises(ValueError, match="concurrency_share"):
+        ServeConfig(checkpoint="ck", concurrency_share=0.0).check()
+
+
+def test_decision_record_round_trips_with_its_claims():
+    from mixllm_jax.feedback_log import Entry
+    from mixllm_jax.serve.cluster import entry_from_json, entry_to_json, kv_key
+
+    e = Entry(x=np.linspace(-3, 3, 7).astype(np.float32), slot=4, generation=12, model="m/x", prompt_tokens=9.0,
+              log_tokens=3.5, propensity=0.25)
+    back, flags = entry_from_json(entry_to_json(e, flags=2))
+    assert flags == 2 and back.has_thumbs and not back.has_quality
+    np.testing.assert_array_equal(back.x, e.x)
+    assert (back.slot, back.generation, back.model, back.propensity) == (4, 12, "m/x", 0.25)
+    assert kv_key("req-0af3") == "req-0af3"
+    with pytest.raises(KeyError):
+        kv_key("req.a>*")  # not a bucket key: no wildcard or subject separator reaches NATS
+
+
+def test_newest_shared_checkpoint_is_the_highest_sequence(tmp_path):
+    from mixllm_jax.serve.cluster import newest_checkpoint
+
+    assert newest_checkpoint(tmp_path) is None
+    for name, step, seq in (("a", 3, 40), ("b", 9, 17), ("c", 1, 41)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "latest.json").write_text(json.dumps({"step": step, "seq": seq}))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "latest.json").write_text("{not json")
+    assert newest_checkpoint(tmp_path) == (tmp_path / "c", 1, 41)
+
+
+def test_concurrency_share_closes_serving_slots():
+    from mixllm_jax import state as S
+    from mixllm_jax.serve.compute import reset_load
+
+    st = S.init_state(4, 3, load_slots=8)
+    st = st.replace(max_concurrency=np.array([8, 3, 1, 8], np.int32), active=np.array([True, True, True, False]))
+    free = np.asarray(reset_load(st, 5.0, 0.5).free_at)
+    np.testing.assert_array_equal(np.isfinite(free).sum(axis=1), [4, 2, 1, 0])  # ceil(share * limit), >= 1
+    assert np.all(free[np.isfinite(free)] == 5.0)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(reset_load(st, 0.0).free_at)).sum(axis=1), [8, 3, 1, 0])

@@ -334,6 +334,15 @@ def test_live_add_and_remove_without_recompiling(env, srv):
     routed = srv.route(book_load=False)
     assert routed["model"] == "fresh-llm"
     assert srv.get("/healthz").json()["compiled_route_shapes"] == compiled  # no recompilation
+    cost = routed["explanation"]["fresh-llm"]["cost"]
+    p = srv.patch("/v1/models/fresh-llm", {"price_in_per_mtok": 5, "price_out_per_mtok": 7})  # reprice
+    assert p.status_code == 200, p.text
+    assert (p.json()["price_in_per_mtok"], p.json()["price_out_per_mtok"]) == (5, 7)
+    assert srv.route(book_load=False)["explanation"]["fresh-llm"]["cost"] > 100 * cost
+    assert srv.patch("/v1/models/fresh-llm", {"price_in_per_mtok": -1, "price_out_per_mtok": 1}).status_code == 422
+    assert srv.patch("/v1/models/fresh-llm", {"price_in_per_mtok": 1}).status_code == 422
+    assert srv.patch("/v1/models/no-such-llm", {"price_in_per_mtok": 1, "price_out_per_mtok": 1}).status_code == 404
+    assert srv.get("/healthz").json()["compiled_route_shapes"] == compiled
     chat = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]})
     assert chat.status_code == 200 and chat.headers["x-mixllm-model"] == "fresh-llm"
     assert stub_requests(env)[-1]["body"]["model"] == "fresh-at-backend"
@@ -444,6 +453,15 @@ def test_kill9_restart_loses_no_acknowledged_feedback(env, srv):
     r = srv.post("/v1/models", {"name": "durable-llm", "price_in_per_mtok": 1, "price_out_per_mtok": 2,
                                 "backend": {"base_url": env["stub"] + "/ok/v1"}})
     assert r.status_code == 201
+    assert srv.patch("/v1/models/durable-llm", {"price_in_per_mtok": 3, "price_out_per_mtok": 4}).status_code == 200
+    assert srv.get("/v1/policy").json()["cost_weight"] == 0  # the small router's operating point
+    for bad in ({"budget": "lots"}, {"budget": "25%", "cost_weight": 1}, {}, {"cost_weight": -1},
+                {"budget": "25%", "reference": "no-such-llm"}):
+        r = srv.put("/v1/policy", bad)
+        assert r.status_code == 422, (bad, r.text)
+    no_curve = srv.put("/v1/policy", {"budget": "10%"})  # the small router is trained without cross-fitting
+    assert no_curve.status_code == 422 and "no operating curve" in no_curve.json()["error"]["message"]
+    assert srv.put("/v1/policy", {"cost_weight": 250.0}).json()["cost_weight"] == 250.0
     obs = srv.observations()
     routes = srv.route(["first question", "second question", PROMPT, "def f(x): return x"])["routes"]
     acked = {}
@@ -459,6 +477,10 @@ def test_kill9_restart_loses_no_acknowledged_feedback(env, srv):
     assert h["checkpoint_step"] == 1 and h["replayed"] >= 4 and h["applied_seq"] >= seq
     after = srv.observations()
     assert "durable-llm" in after
+    [durable] = [m for m in srv.get("/v1/models").json()["data"] if m["id"] == "durable-llm"]
+    assert (durable["price_in_per_mtok"], durable["price_out_per_mtok"]) == (3, 4)  # the reprice was replayed
+    assert srv.get("/v1/policy").json()["cost_weight"] == 250.0  # and the policy change
+    assert srv.put("/v1/policy", {"cost_weight": 0}).status_code == 200
     for m, n in obs.items():
         assert after[m] == n + acked.get(m, 0), m
     replayed = srv.route(book_load=False)["explanation"]  # the replayed state predicts as the live one did

@@ -11,35 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from mixllm_jax import bandit, cache, cli, encoder as enc_mod, static_encoder as S
 from mixllm_jax.config import RouterConfig
 from mixllm_jax.data import ModelSpec
-from mixllm_jax.encoder import BertConfig
 from mixllm_jax.policy import Policy, route_batch
 from mixllm_jax.router import Router, featurize, route_text_batch
 from mixllm_jax.state import with_bias
 from mixllm_jax.train import new_state
 
-from test_encoder import _tiny_state_dict
+from test_encoder import tiny_bert_folder
 
 TEXTS = ["Write a Python function that reverses a list.", "What is the capital of France?",
          "Solve 3x + 5 = 20 for x.", "hello", ""]
-
-
-def tiny_bert_folder(folder):
-    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer (30522 tokens), as a folder."""
-    hf = dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=64, hidden_act="gelu", max_position_embeddings=64, type_vocab_size=2,
-              layer_norm_eps=1e-12)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf))
-    save_file(_tiny_state_dict(BertConfig.from_dict(hf), np.random.default_rng(3)), str(folder / "model.safetensors"))
-    src = enc_mod._package_model_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")

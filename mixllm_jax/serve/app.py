@@ -69,11 +69,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
 from mixllm_jax.serve import gateway
+from mixllm_jax.config import Budget
 from mixllm_jax.serve.backends import request_backend
+from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
 from mixllm_jax.serve.http import (ApiError, FastJSONResponse, check_prompt, error_response, get_bool, get_number,
                                    get_string, read_json_object, reject_unknown, require_json, routing_text,
-                                   model_spec)
+                                   model_spec, MODEL_LIMITS)
 from mixllm_jax.serve.metrics import CONTENT_TYPE_LATEST
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
@@ -126,6 +128,10 @@ def create_app(cfg: ServeConfig) -> Starlette:
                 except ApiError as e:
                     status = e.status
                     return error_response(e.status, e.message, e.type, e.param, e.headers, e.code)
+                except ClusterUnavailable as e:
+                    status = 503
+                    return error_response(503, f"{e}; state changes are refused until it is back, routing "
+                                               f"goes on", "unavailable", headers={"Retry-After": "2"})
                 except Exception:  # noqa: BLE001
                     ref = uuid.uuid4().hex[:12]
                     log.exception("%s failed (reference %s)", label, ref)
@@ -181,10 +187,12 @@ def create_app(cfg: ServeConfig) -> Starlette:
                            param="thumbs")
         if quality is None and thumbs is None:
             raise ApiError(422, "give 'quality' (a number in [0, 1]) or 'thumbs' (\"up\"/\"down\")")
-        e = svc.features.get(rid)
+        e = await svc.lookup(rid)
         if e is None:
             raise ApiError(404, f"unknown request id {rid[:80]!r}: never issued, or older than the last "
-                                f"{cfg.feature_cache} routed requests", "not_found", param="request_id")
+                                f"{cfg.feature_cache} routed requests" +
+                           (f" (on any replica: {cfg.decision_ttl_s:g} s)" if cfg.cluster else ""),
+                           "not_found", param="request_id")
         if not svc.entry_live(e):
             raise ApiError(409, f"model {e.model!r} that served request {rid!r} has been removed; "
                                 f"feedback not applied", param="request_id")
@@ -220,6 +228,44 @@ def create_app(cfg: ServeConfig) -> Starlette:
             spec["backend"] = request_backend(body["backend"], svc.backends_file).record()
         info = await svc.add_model(spec)
         return JSONResponse(info, status_code=201)
+
+    @endpoint("models_reprice", "admin", json_body=True)
+    async def models_reprice(request):
+        body = await body_of(request)
+        reject_unknown(body, {"price_in_per_mtok", "price_out_per_mtok"})
+        lim = MODEL_LIMITS
+        pin = get_number(body, "price_in_per_mtok", default=..., lo=lim["price_in_per_mtok"][0],
+                         hi=lim["price_in_per_mtok"][1])
+        pout = get_number(body, "price_out_per_mtok", default=..., lo=lim["price_out_per_mtok"][0],
+                          hi=lim["price_out_per_mtok"][1])
+        return JSONResponse(await svc.reprice_model(request.path_params["name"], pin * 1e-6, pout * 1e-6))
+
+    @endpoint("policy", "route")
+    async def policy_get(request):
+        return JSONResponse(svc.policy_view())
+
+    @endpoint("policy_set", "admin", json_body=True)
+    async def policy_set(request):
+        body = await body_of(request)
+        reject_unknown(body, {"budget", "budget_usd", "cost_weight", "reference"})
+        given = [k for k in ("budget", "budget_usd", "cost_weight") if k in body]
+        if len(given) != 1:
+            raise ApiError(422, "give exactly one of 'budget' (a share of the reference LLM's cost, e.g. \"25%\"), "
+                                "'budget_usd' (mean USD per query) or 'cost_weight'")
+        ref = get_string(body, "reference", default=None, max_len=128)
+        if given == ["budget"]:
+            text = get_string(body, "budget", default=..., max_len=32)
+            try:
+                b = Budget.parse(text, ref)
+            except ValueError:
+                raise ApiError(422, f"field 'budget' must look like 25% or 0.25, got {text[:32]!r}",
+                               param="budget") from None
+            rec = {"kind": b.kind, "value": b.value, "reference": ref}
+        else:
+            k = given[0]
+            rec = {"kind": "usd" if k == "budget_usd" else "cost_weight", "reference": ref,
+                   "value": get_number(body, k, default=..., lo=0, hi=1e6)}
+        return JSONResponse(await svc.set_policy(rec))
 
     @endpoint("models_remove", "admin")
     async def models_remove(request):
@@ -306,6 +352,9 @@ def create_app(cfg: ServeConfig) -> Starlette:
         Route("/v1/usage", usage, methods=["GET"]),
         Route("/v1/models", models_add, methods=["POST"]),
         Route("/v1/models/{name:path}", models_remove, methods=["DELETE"]),
+        Route("/v1/models/{name:path}", models_reprice, methods=["PATCH"]),
+        Route("/v1/policy", policy_get, methods=["GET"]),
+        Route("/v1/policy", policy_set, methods=["PUT"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)

@@ -23,6 +23,7 @@ import httpx
 import yaml
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.http import ApiError, is_num, loads_checked
 from mixllm_jax.serve.usage import record_usage
 
@@ -279,8 +280,11 @@ async def backend_failed(svc: RouterService, rid: str, model: str, reason: str, 
     e = svc.features.get(rid)
     note = ""
     if e is not None and not e.has_quality and svc.entry_live(e):
-        await svc.record_quality(rid, e, 0.0, "backend_failure")
-        note = f"; recorded as quality 0 for {model!r}"
+        try:
+            await svc.record_quality(rid, e, 0.0, "backend_failure")
+            note = f"; recorded as quality 0 for {model!r}"
+        except (ApiError, ClusterUnavailable) as err:  # --cluster: judged on another replica, or NATS is down
+            log.warning("quality 0 for %s not recorded: %s", rid, err)
     return BackendFailure(status, message + note, "backend_error",
                           headers={"x-mixllm-request-id": rid, "x-mixllm-model": model})
 

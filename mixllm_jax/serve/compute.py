@@ -97,12 +97,20 @@ def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask
 serve_route = jax.jit(_serve_route, static_argnames=("enc_config", "head_shape", "mode", "fb_hidden"))
 
 
-def reset_load(state, clock: float):
-    """Fresh load model at `clock`: every live arm's serving slots free now (free_at [K, C])."""
+def reset_load(state, clock: float, share: float = 1.0):
+    """Fresh load model at `clock`: every live arm's serving slots free now (free_at [K, C]), and
+    only `share` of each arm's max_concurrency (at least 1) usable by this replica."""
+    free = jnp.where(state.active[:, None], jnp.float32(clock), jnp.inf)
+    return share_load(state.replace(clock=jnp.asarray(clock, jnp.float32),
+                                    free_at=jnp.broadcast_to(free, state.free_at.shape).astype(jnp.float32)), share)
+
+
+def share_load(state, share: float):
+    """Close the serving slots past ceil(share * max_concurrency) (at least 1) of every arm: the
+    replica books its own traffic against its share of each LLM's concurrency limit."""
     C = state.load_slots
-    free = jnp.where(jnp.arange(C)[None, :] < state.max_concurrency[:, None], jnp.float32(clock), jnp.inf)
-    free = jnp.where(state.active[:, None], free, jnp.inf)
-    return state.replace(clock=jnp.asarray(clock, jnp.float32), free_at=free.astype(jnp.float32))
+    usable = jnp.maximum(jnp.ceil(share * state.max_concurrency.astype(jnp.float32)), 1.0)
+    return state.replace(free_at=jnp.where(jnp.arange(C)[None, :] < usable[:, None], state.free_at, jnp.inf))
 
 
 def fit_generation(generation: np.ndarray, K: int) -> np.ndarray:

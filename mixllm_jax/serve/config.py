@@ -68,6 +68,17 @@ class ServeConfig:
     book_load: bool = _opt(True, "decisions do not book predicted load on the live load model",
                            flag="--no-book-load", action="store_false")
     warmup: bool = _opt(False, "compile every batch/length shape before serving", action="store_true")
+    cluster: str | None = _opt(None, "nats://HOST:PORT of a NATS server with JetStream: replicas share every state "
+                                     "change through its stream and decisions through its key-value bucket "
+                                     "(see 'Running several replicas'); without it the local journal")
+    stream: str = _opt("mixllm", "with --cluster: the JetStream stream (and '<stream>-decisions' bucket) name")
+    replica: str | None = _opt(None, "with --cluster: this replica's name, its checkpoint folder under "
+                                     "--shared-checkpoints (default: HOST-PORT)")
+    shared_checkpoints: str | Path | None = _opt(None, "with --cluster: the folder every replica saves checkpoints "
+                                                       "into and restores the newest from (default: <checkpoint>.cluster)")
+    decision_ttl_s: float = _opt(3600.0, "with --cluster: seconds a decision can take feedback on any replica")
+    concurrency_share: float = _opt(1.0, "share of each LLM's max_concurrency this replica's load model books "
+                                         "against (1/replicas when the LLMs' limits are split among them)")
     compilation_cache: str | Path | None = _opt(
         "auto", "JAX persistent compilation cache dir ('auto': the cache directory's jax/, "
         "$MIXLLM_CACHE or ~/.cache/mixllm-jax; 'off')", type=_off_is_none)
@@ -95,6 +106,17 @@ class ServeConfig:
         for k in ("header_timeout_s", "body_timeout_s"):
             if not 0 < getattr(self, k) <= 3600:
                 raise ValueError(f"{k} must be in (0, 3600] seconds, got {getattr(self, k)}")
+        if not 0 < self.concurrency_share <= 1:
+            raise ValueError(f"concurrency_share must be in (0, 1], got {self.concurrency_share}")
+        if self.cluster is not None:
+            from mixllm_jax.serve.cluster import check_name, check_url
+
+            check_url(self.cluster)
+            check_name(self.stream, "stream")
+            if self.replica is not None:
+                check_name(self.replica, "replica")
+            if not 60 <= self.decision_ttl_s <= 30 * 86400:
+                raise ValueError(f"decision_ttl_s must be in [60, 2592000] seconds, got {self.decision_ttl_s}")
         from mixllm_jax.serve.auth import is_loopback
 
         if self.api_keys is None and not self.insecure and not is_loopback(self.host):
@@ -108,6 +130,21 @@ class ServeConfig:
             return Path(self.log_dir)
         ck = Path(self.checkpoint).absolute()
         return ck.with_name(ck.name + ".serve")
+
+    @property
+    def shared_path(self) -> Path:
+        """With --cluster: the folder of every replica's checkpoints."""
+        if self.shared_checkpoints is not None:
+            return Path(self.shared_checkpoints)
+        ck = Path(self.checkpoint).absolute()
+        return ck.with_name(ck.name + ".cluster")
+
+    @property
+    def replica_name(self) -> str:
+        import re
+        import socket
+
+        return self.replica or re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{self.port}")[-64:]
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ records are applied on its worker thread. Exactly-once feedback: see service.py'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import jax.numpy as jnp
@@ -99,10 +100,30 @@ class FeedbackRecords:
         return {"type": "thumbs", "rid": rid, "model": e.model, "slot": e.slot, "generation": e.generation,
                 "reward": 1.0 if up else 0.0, "propensity": e.propensity, "x": feedback_log.encode_x(e.x)}
 
+    async def lookup(self, rid: str):
+        """The feature entry of routed request `rid` (None if unknown). With --cluster, the shared
+        bucket's entry (a decision of any replica, with the feedback kinds claimed cluster-wide)
+        when it has one, else this replica's own."""
+        if self.cluster_mode:
+            e = await self.journal.get_decision(rid)
+            if e is not None:
+                return e
+        return self.features.get(rid)
+
     async def record_feedback(self, rid: str, e, records: list[dict]) -> list[int]:
         """Journal a request's feedback records together (one write: all or none), flagging the
-        entry first so a concurrent duplicate gets a 409; the flags are cleared if the write fails."""
+        entry first so a concurrent duplicate gets a 409 (with --cluster: claiming the kinds in the
+        shared bucket by compare-and-set); the flags are cleared if the write fails."""
         kinds = [r["type"] for r in records]
+        bits = (QUALITY_BIT if "quality" in kinds else 0) | (THUMBS_BIT if "thumbs" in kinds else 0)
+        claimed = False
+        if self.cluster_mode:
+            dup = await self.journal.claim(rid, bits)
+            if dup:
+                kind = "quality observation" if dup & QUALITY_BIT else "thumbs up/down"
+                raise ApiError(409, f"request {rid!r} already has a {kind}",
+                               param="quality" if dup & QUALITY_BIT else "thumbs")
+            claimed = dup == 0
         if "quality" in kinds:
             e.has_quality = True
         if "thumbs" in kinds:
@@ -114,6 +135,9 @@ class FeedbackRecords:
                 e.has_quality = False
             if "thumbs" in kinds:
                 e.has_thumbs = False
+            if claimed:
+                with contextlib.suppress(Exception):  # the publish failed: the claim goes back, if it can
+                    await self.journal.unclaim(rid, bits)
             raise
         for r in records:
             kind = r["type"] if r.get("source") != "backend_failure" else "backend_failure"

@@ -1,5 +1,6 @@
-"""Live LLMs: adding and removing an LLM while serving (POST /v1/models, DELETE /v1/models/{name}),
-validated in full, journaled, then applied (live and on replay alike), and the model list.
+"""Live LLMs: adding, repricing and removing an LLM while serving (POST /v1/models, PATCH and
+DELETE /v1/models/{name}), validated in full, journaled, then applied (live and on replay alike),
+and the model list.
 
 A part of RouterService (service.py), which owns the state these methods read and replace; changes
 are applied on its worker thread.
@@ -15,9 +16,9 @@ import numpy as np
 
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.serve.backends import resolve_live_backend
-from mixllm_jax.serve.compute import fit_feedback, fit_generation, reset_feedback_slot
+from mixllm_jax.serve.compute import fit_feedback, fit_generation, reset_feedback_slot, share_load
 from mixllm_jax.serve.http import ApiError, is_num, model_spec
-from mixllm_jax.state import add_llm, remove_llm
+from mixllm_jax.state import add_llm, remove_llm, set_prices
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class LiveModels:
                              ttft=spec["ttft_s"], tokens_per_s=spec["tokens_per_s"],
                              max_concurrency=spec["max_concurrency"], prior=spec["prior"])
         slot = reg.slots[name]
+        if self.cfg.concurrency_share < 1:
+            state = share_load(state, self.cfg.concurrency_share)
         if state.capacity != self.state.capacity:
             log.info("capacity grew from %d to %d arms (one recompile)", self.state.capacity, state.capacity)
         self.fs = reset_feedback_slot(fit_feedback(self.fs, state.capacity), slot)
@@ -125,7 +128,45 @@ class LiveModels:
         for f in ("price_in", "price_out", "ttft", "tokens_per_s", "B", "noise"):
             if not bool(np.all(np.isfinite(np.asarray(getattr(state, f))))):
                 raise ApiError(422, f"cannot add model {name!r}: its {f} would not be finite in float32")
-        self.journal.append(dict(spec, type="add_model")).result()
+        seq = self.journal.append(dict(spec, type="add_model")).result()
+        self._drain()
+        if name not in self.registry.slots:  # --cluster: stored, not yet delivered back (rare)
+            raise ApiError(503, f"model {name!r} was recorded (event {seq}) but is not applied on this replica yet; "
+                                f"it will be", "unavailable", headers={"Retry-After": "1"})
+        return self.model_info(name)
+
+    def _apply_reprice(self, rec: dict) -> None:
+        name, slot = rec["name"], self.registry.slots.get(rec["name"])
+        if slot is None or int(self.generation[slot]) != int(rec["generation"]):
+            log.warning("journal seq %d: model %r (generation %s) is gone; reprice skipped", rec["seq"], name,
+                        rec["generation"])
+            return
+        self.state = self._repriced(slot, float(rec["price_in"]), float(rec["price_out"]))
+        self._refresh_backends()
+
+    def _repriced(self, slot: int, price_in: float, price_out: float):
+        """The state with slot's new prices (USD per token), checked finite in float32 (ValueError)."""
+        if not (math.isfinite(np.float32(price_in)) and math.isfinite(np.float32(price_out))):
+            raise ValueError("prices must be finite in float32")
+        return set_prices(self.state, slot, price_in=price_in, price_out=price_out)
+
+    async def reprice_model(self, name: str, price_in: float, price_out: float) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._reprice_model, name, price_in,
+                                                                price_out)
+
+    def _reprice_model(self, name: str, price_in: float, price_out: float) -> dict:
+        """New prices (USD per token) for a live LLM: checked, journaled, applied; its model info."""
+        self._drain()
+        if name not in self.registry.slots:
+            raise ApiError(404, f"model {name!r} is not registered (known: {self.registry.names})",
+                           "not_found", param="name")
+        slot = self.registry.slots[name]
+        try:
+            self._repriced(slot, price_in, price_out)  # dry run
+        except ValueError as e:
+            raise ApiError(422, f"cannot reprice model {name!r}: {e}") from None
+        self.journal.append({"type": "reprice_model", "name": name, "generation": int(self.generation[slot]),
+                             "price_in": price_in, "price_out": price_out}).result()
         self._drain()
         return self.model_info(name)
 

@@ -9,6 +9,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LAG_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2,
+               5, 10, 30)
 
 
 class Metrics:
@@ -49,6 +51,8 @@ class Metrics:
         self.journal_seq = Gauge("mixllm_journal_seq", "last journaled sequence number", registry=r)
         self.applied_seq = Gauge("mixllm_applied_seq", "last applied sequence number", registry=r)
         self.ckpt_step = Gauge("mixllm_checkpoint_step", "last checkpoint step saved or restored", registry=r)
+        self.event_lag = Histogram("mixllm_event_lag_seconds", "--cluster: seconds from an event's publish (on any "
+                                   "replica) to its application here", buckets=LAG_BUCKETS, registry=r)
         self.ckpts = Counter("mixllm_checkpoints_total", "checkpoints saved", registry=r)
 
     def render(self) -> bytes:

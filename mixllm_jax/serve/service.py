@@ -129,6 +129,9 @@ class RouterService(FeedbackRecords, LiveModels):
         self.replayed = 0
         self._ckpt_lock = None
         self._periodic = None
+        self.cluster_mode = config.cluster is not None
+        self.ckpt_dir = Path(config.checkpoint)  # where checkpoints are saved (--cluster: the replica's shared folder)
+        self.side_dir = config.log_path  # spend.json and live_models.json beside them (--cluster: the same folder)
 
     # ---- start / stop ---------------------------------------------------------------------
 
@@ -138,7 +141,20 @@ class RouterService(FeedbackRecords, LiveModels):
         self._ckpt_lock = asyncio.Lock()
         logdir = self.cfg.log_path
         logdir.mkdir(parents=True, exist_ok=True)
-        self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
+        restore_dir = None
+        if self.cluster_mode:
+            from mixllm_jax.serve.cluster import StreamJournal, newest_checkpoint
+
+            self.ckpt_dir = self.side_dir = self.cfg.shared_path / self.cfg.replica_name
+            self.side_dir.mkdir(parents=True, exist_ok=True)
+            newest = newest_checkpoint(self.cfg.shared_path)
+            if newest is not None:
+                restore_dir, self.side_dir = (newest[0], newest[1]), newest[0]
+            self.journal = await loop.run_in_executor(None, functools.partial(
+                StreamJournal, self.cfg.cluster, self.cfg.stream, self._on_durable,
+                decision_ttl_s=self.cfg.decision_ttl_s))
+        else:
+            self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
         self.features = feedback_log.FeatureStore(logdir / "requests", self.cfg.feature_cache)
         self.backends_file = load_backends_file(self.cfg.backends)
         self.file_backends = self.backends_file.backends
@@ -147,9 +163,14 @@ class RouterService(FeedbackRecords, LiveModels):
 
             self.file_windows = {s.name: s.context_window for s in load_models(self.cfg.context_windows)
                                  if s.context_window is not None}
-        self.ledger.load(logdir / "spend.json")
-        await loop.run_in_executor(self.worker, self._load)
-        self.journal.start(min_seq=self.applied_seq)
+        self.ledger.load(self.side_dir / "spend.json")
+        await loop.run_in_executor(self.worker, self._load, restore_dir)
+        if self.cluster_mode:  # the replay: the stream's events after the checkpoint, then apply them
+            self.replayed = await loop.run_in_executor(None, self.journal.start, self.applied_seq)
+            await loop.run_in_executor(self.worker, self._drain)
+            self.side_dir = self.ckpt_dir
+        else:
+            self.journal.start(min_seq=self.applied_seq)
         self.metrics.journal_seq.set(self.journal.seq)
         self.batcher = batcher.MicroBatcher(self._route_batch, self.worker, self.cfg.window_ms / 1000.0,
                                             self.cfg.max_batch, self.cfg.queue_limit, on_batch=self._on_batch)
@@ -187,13 +208,15 @@ class RouterService(FeedbackRecords, LiveModels):
 
     # ---- loading and replay (worker thread) ---------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, restore_dir: tuple[Path, int] | None = None) -> None:
+        """Restore the checkpoint (--checkpoint's latest step, or `restore_dir`'s (folder, step):
+        the newest shared one with --cluster) and replay the local journal after it."""
         if self.cfg.compilation_cache is not None:
             from mixllm_jax.cache import enable_compilation_cache
 
             enable_compilation_cache(None if self.cfg.compilation_cache == "auto" else self.cfg.compilation_cache)
-        ck = Path(self.cfg.checkpoint)
-        meta = read_metadata(ck)
+        ck, step = restore_dir if restore_dir is not None else (Path(self.cfg.checkpoint), None)
+        meta = read_metadata(ck, step)
         like, extras_kind = extras_template(meta)
         router, extras = restore_router(ck, step=meta["step"], extras_like=like)
         if router.encoder is None:
@@ -219,9 +242,9 @@ class RouterService(FeedbackRecords, LiveModels):
         self.fs = fit_feedback(fs, K)
         self.generation = fit_generation(generation, K)
         self.applied_seq = self.ckpt_seq = self.prev_ckpt_seq = seq
-        self.state = reset_load(router.state, 0.0)
+        self.state = reset_load(router.state, 0.0, self.cfg.concurrency_share)
         self.registry = router.registry
-        live = read_live_backends(self.cfg.log_path / "live_models.json")
+        live = read_live_backends(self.side_dir / "live_models.json")
         self.live_backends = {}
         for n, rec in live.items():
             b = resolve_live_backend(rec, self.backends_file, f"live_models.json: {str(n)[:80]!r}")
@@ -301,6 +324,11 @@ class RouterService(FeedbackRecords, LiveModels):
                 break
         if recs:
             self._apply(recs)
+            if self.cluster_mode and self.started:
+                now = time.time()
+                for r in recs:
+                    if is_num(r.get("t_pub")):
+                        self.metrics.event_lag.observe(max(now - r["t_pub"], 0.0))
 
     def _live(self, slot: int, generation: int) -> bool:
         return 0 <= slot < self.state.capacity and bool(self._active[slot]) and int(self.generation[slot]) == generation
@@ -315,8 +343,9 @@ class RouterService(FeedbackRecords, LiveModels):
             rec = records[i]
             typ = rec.get("type")
             if typ in ("quality", "thumbs"):
-                j = i
-                while j < len(records) and records[j].get("type") == typ:
+                j = i  # a run of one type is one update; with --cluster one message's records only, so
+                while j < len(records) and records[j].get("type") == typ and (  # every replica updates in
+                        not self.cluster_mode or records[j]["seq"] == rec["seq"]):  # the same float32 steps
                     j += 1
                 group = records[i:j]
                 try:
@@ -337,7 +366,11 @@ class RouterService(FeedbackRecords, LiveModels):
                     self._apply_add(rec)
                 elif typ == "remove_model" and not replay_flags_only:
                     self._apply_remove(rec)
-                elif typ not in ("usage", "add_model", "remove_model"):
+                elif typ == "reprice_model" and not replay_flags_only:
+                    self._apply_reprice(rec)
+                elif typ == "policy" and not replay_flags_only:
+                    self.router = dataclasses.replace(self.router, policy=self._policy_for(rec))
+                elif typ not in ("usage", "add_model", "remove_model", "reprice_model", "policy"):
                     log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
             except Exception:  # noqa: BLE001
                 self._skip([rec], f"{typ} record")
@@ -392,7 +425,6 @@ class RouterService(FeedbackRecords, LiveModels):
         slots = sorted(names)
         llms = [names[s] for s in slots]
         tags = self.router.head.tags if self.router.head is not None else None
-        n = len(reqs)
         # the explanation's numbers for every row at once: [n, K'] Python lists (non-finite -> None)
         cols = {f: _finite_rows(h[k][:n, slots]) for f, k in EXPLAINED}
         eligible = h["eligible"][:n, slots].tolist()
@@ -422,6 +454,12 @@ class RouterService(FeedbackRecords, LiveModels):
             self.metrics.decisions.labels(model).inc()
             self.ledger.decision(r.key, model)
         self.features.put_many(entries)
+        if self.cluster_mode:  # route() waits for the shared copies, so feedback may go to any replica
+            shared = self.journal.put_decisions(entries)
+            if shared is not None:
+                for res in results:
+                    if isinstance(res, dict):
+                        res["_shared"] = shared
         return results
 
     def _no_eligible(self, r: RouteReq, tokens: np.ndarray) -> ApiError:
@@ -469,12 +507,47 @@ class RouterService(FeedbackRecords, LiveModels):
         reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key) for ids, pt in toks]
         try:
             self.metrics.queue.set(b.pending + len(reqs))
-            return await b.submit(reqs)
+            out = await b.submit(reqs)
+            shared = {id(f): f for f in (r.pop("_shared", None) for r in out if isinstance(r, dict)) if f is not None}
+            for f in shared.values():
+                await asyncio.wrap_future(f)
+            return out
         except batcher.Overloaded as e:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, str(e), "overloaded", headers={"Retry-After": str(int(e.retry_after))}) from None
         finally:
             self.metrics.queue.set(b.pending)
+
+    # ---- the operating point (PUT /v1/policy) -----------------------------------------------
+
+    def _policy_for(self, rec: dict):
+        """The router's policy at a budget record's operating point (ValueError if out of reach)."""
+        from mixllm_jax.config import Budget
+
+        budget = Budget(str(rec["kind"]), rec["value"], rec.get("reference"))
+        if budget.kind == "cost_weight" and self.router.curve is None:
+            return self.router.policy.replace(cost_weight=float(budget.value), mix_cost_weight=0.0, mix=0.0)
+        return self.router.policy_for(budget)
+
+    def policy_view(self) -> dict:
+        p = self.router.policy
+        return {"cost_weight": float(p.cost_weight), "mix_cost_weight": float(p.mix_cost_weight), "mix": float(p.mix),
+                "alpha": float(p.alpha), "beta": float(p.beta), "tau": float(p.tau), "explore": p.explore}
+
+    async def set_policy(self, rec: dict) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._set_policy, rec)
+
+    def _set_policy(self, rec: dict) -> dict:
+        """Move the default operating point ({"kind", "value", "reference"}: a config.Budget):
+        checked, journaled, applied on every replica; the new policy."""
+        self._drain()
+        try:
+            self._policy_for(rec)  # dry run
+        except (ValueError, KeyError) as e:
+            raise ApiError(422, f"cannot move the operating point: {e}") from None
+        self.journal.append(dict(rec, type="policy")).result()
+        self._drain()
+        return self.policy_view()
 
     async def journal_append(self, record: dict) -> int:
         return await asyncio.wrap_future(self.journal.append(record))
@@ -502,15 +575,18 @@ class RouterService(FeedbackRecords, LiveModels):
         loop = asyncio.get_running_loop()
         async with self._ckpt_lock:
             router, extras, seq, spend = await loop.run_in_executor(self.worker, self._snapshot)
-            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.cfg.log_path / "spend.json",
+            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.side_dir / "spend.json",
                                        spend)  # (decision counts change without journal records)
             if seq == self.ckpt_seq and not force:
                 return None
             await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
-                                       self.cfg.log_path / "live_models.json",
+                                       self.side_dir / "live_models.json",
                                        {n: b.record() for n, b in self.live_backends.items()})
             step = await loop.run_in_executor(self.aux, functools.partial(
-                save_router, router, self.cfg.checkpoint, keep=self.cfg.keep_checkpoints, extras=extras))
+                save_router, router, self.ckpt_dir, keep=self.cfg.keep_checkpoints, extras=extras))
+            if self.cluster_mode:  # the pointer other replicas restore from
+                await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.ckpt_dir / "latest.json",
+                                           {"step": step, "seq": seq})
             self.features.flush()
             self.journal.rotate()
             self.journal.prune(self.prev_ckpt_seq)  # one checkpoint of slack
@@ -553,10 +629,11 @@ class RouterService(FeedbackRecords, LiveModels):
             cached = self._digest_cache = (st, fs, h.digest())  # holds st and fs: their ids stay theirs
         h = hashlib.sha256(cached[2])
         h.update(np.asarray(self.generation, np.int64)[live].tobytes())
-        h.update(json.dumps({"registry": self.registry.to_dict(),
+        flags = [] if self.cluster_mode else sorted(  # --cluster: the flags are the shared bucket's
+            (rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items() if e.has_quality or e.has_thumbs)
+        h.update(json.dumps({"registry": self.registry.to_dict(), "policy": self.policy_view(),
                              "backends": {n: b.record() for n, b in sorted(self.backends.items())},
-                             "flags": sorted((rid, e.has_quality, e.has_thumbs) for rid, e in self.features.items()
-                                             if e.has_quality or e.has_thumbs)}, sort_keys=True).encode())
+                             "flags": flags}, sort_keys=True).encode())
         return h.hexdigest()
 
     async def digest(self) -> str:
@@ -571,4 +648,6 @@ class RouterService(FeedbackRecords, LiveModels):
                 "checkpoint_step": self.ckpt_step, "checkpoint_seq": self.ckpt_seq,
                 "replayed": self.replayed, "features": len(self.features), "capacity": self.state.capacity,
                 "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
-                "uptime_s": round(time.monotonic() - self.t0, 3)}
+                "uptime_s": round(time.monotonic() - self.t0, 3),
+                **({"cluster": {"replica": self.cfg.replica_name, "stream": self.cfg.stream,
+                                "connected": self.journal.nc.is_connected, "skipped_seqs": self.journal.gaps}} if self.cluster_mode else {})}

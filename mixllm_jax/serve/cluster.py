@@ -1,0 +1,386 @@
+"""Replicas that learn as one (`serve --cluster nats://HOST:PORT`): the journal as a NATS JetStream
+stream, decisions in a JetStream key-value bucket, checkpoints in a shared folder.
+
+* Events: every record the single-process journal would write (feedback with its features, arm
+  slot, targets, weight and propensity; usage; LLM added or removed) is published as one message
+  (a JSON list of the records written together) to the subject `<stream>.events` of the stream
+  `<stream>` (file storage; at --stream-max-mb it refuses new events rather than drop old ones).
+  `append` resolves once JetStream has stored the message *and* this replica's own consumer has
+  delivered it back, so a client's acknowledged write is durable and read back by the replica it
+  asked (read your writes). A record's seq is its message's stream sequence.
+* Every replica consumes the stream in order (an ordered push consumer, restarted from the last
+  sequence seen after a reconnect) and hands the records to `on_durable` exactly as the local
+  journal's writer does: all replicas apply the same records in the same order with the same code
+  (service.py `_apply`), so they hold bit-identical state.
+* Decisions: each routed request's feature entry is put in the key-value bucket `<stream>-decisions`
+  (TTL --decision-ttl-s, bounded by --decision-max-mb), so feedback for it may arrive at any replica.
+  Exactly-once feedback across replicas: a replica claims the request's feedback kinds in the bucket
+  by compare-and-set on the entry's revision before it publishes, and gives the claim back if the
+  publish fails.
+* Checkpoints: each replica saves into `<shared>/<replica>/` and writes `latest.json` (step, stream
+  sequence) after each save; a replica that starts restores the newest of them (the highest
+  sequence) and consumes the stream from the sequence after it. After a checkpoint the stream is
+  purged up to the previous checkpoint's sequence (one checkpoint of slack), so its size is bounded
+  by the events between checkpoints.
+
+No state is shared otherwise: the live load model and the per-key decision counts are each
+replica's own. See docs/architecture.md, "Replicas".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+from mixllm_jax import feedback_log
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 2.0
+DELIVERY_TIMEOUT_S = 10.0
+
+
+class ClusterUnavailable(RuntimeError):
+    """The event stream cannot take a write now (the message names the cause, not the address)."""
+
+
+def check_url(url: str) -> str:
+    """`nats://HOST:PORT` (or tls://), else ValueError naming it."""
+    if not isinstance(url, str) or not re.match(r"^(nats|tls)://[^/\s:@]+:\d{1,5}$", url):
+        raise ValueError(f"cluster must be nats://HOST:PORT (or tls://HOST:PORT), got {url!r}")
+    return url
+
+
+def check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"{what} must be 1-64 letters, digits, '_' or '-', got {name!r}")
+    return name
+
+
+def entry_to_json(e: feedback_log.Entry, flags: int = 0) -> bytes:
+    """A decision record of the bucket: the feature entry and its claimed feedback kinds (bits)."""
+    return json.dumps({"x": feedback_log.encode_x(e.x), "slot": e.slot, "generation": e.generation,
+                       "model": e.model, "prompt_tokens": e.prompt_tokens, "log_tokens": e.log_tokens,
+                       "propensity": e.propensity, "flags": flags}, separators=(",", ":")).encode()
+
+
+def entry_from_json(raw: bytes) -> tuple[feedback_log.Entry, int]:
+    d = json.loads(raw)
+    e = feedback_log.Entry(x=feedback_log.decode_x(d["x"]), slot=int(d["slot"]), generation=int(d["generation"]),
+                           model=str(d["model"]), prompt_tokens=float(d["prompt_tokens"]),
+                           log_tokens=float(d["log_tokens"]), propensity=float(d["propensity"]))
+    flags = int(d["flags"])
+    e.has_quality, e.has_thumbs = bool(flags & 1), bool(flags & 2)
+    return e, flags
+
+
+def kv_key(rid: str) -> str:
+    """Request ids are `req-<hex>` (service.py); anything else cannot be a bucket key."""
+    if not re.match(r"^[A-Za-z0-9_-]{1,200}$", rid):
+        raise KeyError(rid)
+    return rid
+
+
+class StreamJournal:
+    """The journal's interface (feedback_log.Journal: append, append_many, start, seq, read, rotate,
+    prune, close) over a JetStream stream, plus the shared decision bucket. The NATS client runs on
+    its own thread and event loop; the methods are thread-safe and return concurrent Futures."""
+
+    def __init__(self, url: str, stream: str, on_durable: Callable[[list[dict]], None],
+                 decision_ttl_s: float = 3600.0, decision_max_mb: int = 1024, stream_max_mb: int = 4096):
+        self.url, self.stream = check_url(url), check_name(stream, "stream")
+        self.subject = f"{stream}.events"
+        self.bucket = f"{stream}-decisions"
+        self.on_durable = on_durable
+        self.decision_ttl_s, self.decision_max_mb, self.stream_max_mb = decision_ttl_s, decision_max_mb, stream_max_mb
+        self.seq = 0  # the last stream sequence delivered to on_durable
+        self.gaps = 0  # sequences the consumer skipped (purged before this replica read them): state is stale
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._sub = None
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mixllm-nats", daemon=True)
+        self._thread.start()
+        self._call(self._connect()).result(CONNECT_TIMEOUT_S + 5)
+
+    def _call(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # ---- connection ----------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        import nats
+        from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+
+        async def on_error(e):
+            log.warning("NATS: %s", e)
+
+        async def on_disconnect():
+            log.warning("NATS: disconnected; writes are refused (503) until it reconnects, routing goes on")
+
+        async def on_reconnect():
+            log.info("NATS: reconnected; resuming the event stream after seq %d", self.seq)
+            if self._sub is not None:
+                await self._subscribe()
+
+        try:
+            self.nc = await nats.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=True,
+                                         max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                         error_cb=on_error, disconnected_cb=on_disconnect,
+                                         reconnected_cb=on_reconnect)
+        except Exception as e:  # noqa: BLE001  (nats raises several kinds)
+            raise ClusterUnavailable(f"cannot connect to the NATS server {self.url}: {type(e).__name__}: {e}") from None
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
+        cfg = StreamConfig(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
+                           discard=DiscardPolicy.NEW, max_bytes=self.stream_max_mb << 20)
+        try:
+            await self.js.stream_info(self.stream)
+        except Exception:  # noqa: BLE001  (not found: create it; another replica may race us, add is idempotent)
+            await self.js.add_stream(cfg)
+        try:
+            self.kv = await self.js.key_value(self.bucket)
+        except Exception:  # noqa: BLE001
+            self.kv = await self.js.create_key_value(KeyValueConfig(
+                bucket=self.bucket, ttl=self.decision_ttl_s, max_bytes=self.decision_max_mb << 20,
+                storage=StorageType.FILE))
+
+    async def _subscribe(self) -> None:
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001  (the old consumer went with the old connection)
+                pass
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.seq + 1)
+        self._sub = await self.js.subscribe(self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
+                                            idle_heartbeat=1.0, config=cfg)
+
+    async def _on_msg(self, msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq <= self.seq:
+            return  # delivered again after a consumer reset
+        if seq != self.seq + 1:
+            self.gaps += seq - self.seq - 1
+            log.error("event stream: seqs %d..%d were purged before this replica applied them; its state is stale "
+                      "(restart it: it restores the newest shared checkpoint)", self.seq + 1, seq - 1)
+        records = []
+        try:
+            body = json.loads(msg.data)
+            for rec in body:
+                if isinstance(rec, dict):
+                    records.append(dict(rec, seq=seq))
+        except (ValueError, TypeError):
+            log.error("event stream seq %d is not a JSON list of records; skipped", seq)
+        self.seq = seq
+        if records:
+            try:
+                self.on_durable(records)
+            except Exception:  # noqa: BLE001  (applying is the service's business)
+                log.exception("on_durable failed at seq %d", seq)
+        keep = []
+        for s, fut in self._waiters:
+            if s <= seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((s, fut))
+        self._waiters = keep
+
+    # ---- the journal's interface ----------------------------------------------------------------
+
+    def read(self) -> list[dict]:
+        """Nothing: the records after a checkpoint come through the stream at start()."""
+        return []
+
+    def start(self, min_seq: int = 0, timeout_s: float = 600.0) -> int:
+        """Consume the stream from min_seq + 1 and wait until every event published before this call
+        is delivered (the replay); returns how many were. RuntimeError if the stream no longer holds
+        the events after min_seq, or holds fewer than the checkpoint applied."""
+        return self._call(self._start(int(min_seq), timeout_s)).result()
+
+    async def _start(self, min_seq: int, timeout_s: float) -> int:
+        info = await self.js.stream_info(self.stream)
+        first, last = info.state.first_seq, info.state.last_seq
+        if last < min_seq:
+            raise RuntimeError(f"stream {self.stream!r} ends at seq {last} but the checkpoint holds events up to "
+                               f"seq {min_seq}: the stream was recreated; start from a checkpoint without events "
+                               f"(a new --shared-checkpoints folder) or restore the stream")
+        if info.state.messages and first > min_seq + 1:
+            raise RuntimeError(f"stream {self.stream!r} starts at seq {first} but the checkpoint holds events up to "
+                               f"seq {min_seq}: events {min_seq + 1}..{first - 1} were purged; restore a newer "
+                               f"checkpoint (the shared folder holds every replica's)")
+        self.seq = min_seq
+        await self._subscribe()
+        if last > min_seq:
+            await asyncio.wait_for(self._delivered(last), timeout_s)
+        return max(0, last - min_seq)
+
+    def _delivered(self, seq: int) -> asyncio.Future:
+        fut = self._loop.create_future()
+        if self.seq >= seq:
+            fut.set_result(None)
+        else:
+            self._waiters.append((seq, fut))
+        return fut
+
+    def append(self, record: dict) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        inner = self.append_many([record])
+        inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
+                                else fut.set_result(f.result()[0]))
+        return fut
+
+    def append_many(self, records: list[dict]) -> concurrent.futures.Future:
+        """Publish records as one message (all or none); the Future resolves to their seqs (the
+        message's stream sequence, one per record) once the message is stored and delivered here;
+        ClusterUnavailable when JetStream cannot take it."""
+        for rec in records:
+            feedback_log._check_json(rec)
+        if self._closed:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_exception(ClusterUnavailable("the replica is stopping"))
+            return fut
+        payload = json.dumps([dict(r, t_pub=round(time.time(), 6)) for r in records], separators=(",", ":"),
+                             allow_nan=False).encode()
+        return self._call(self._publish(payload, len(records)))
+
+    async def _publish(self, payload: bytes, n: int) -> list[int]:
+        import nats.errors
+        import nats.js.errors
+
+        if not self.nc.is_connected:
+            raise ClusterUnavailable("the event stream is unreachable (the NATS connection is down, reconnecting)")
+        try:
+            ack = await self.js.publish(self.subject, payload, stream=self.stream, timeout=PUBLISH_TIMEOUT_S)
+        except nats.errors.TimeoutError:
+            raise ClusterUnavailable(f"the event stream did not acknowledge within {PUBLISH_TIMEOUT_S:g} s") from None
+        except nats.js.errors.APIError as e:
+            raise ClusterUnavailable(f"the event stream refused the event ({e.description})") from None
+        except (nats.errors.Error, OSError) as e:
+            raise ClusterUnavailable(f"the event stream is unreachable ({type(e).__name__})") from None
+        try:  # read your writes: wait until this replica's consumer has it
+            await asyncio.wait_for(self._delivered(ack.seq), DELIVERY_TIMEOUT_S)
+        except asyncio.TimeoutError:  # stored, so acknowledged; this replica applies it when it arrives
+            log.warning("event seq %d stored but not delivered back within %g s", ack.seq, DELIVERY_TIMEOUT_S)
+        return [ack.seq] * n
+
+    def rotate(self) -> None:
+        """Nothing to rotate: the stream is purged by prune()."""
+
+    def prune(self, upto_seq: int) -> None:
+        """Purge the stream's events up to `upto_seq` (a checkpoint in the shared folder holds them)."""
+        if upto_seq > 0 and self.nc.is_connected:
+            fut = self._call(self.js.purge_stream(self.stream, seq=int(upto_seq) + 1))
+            fut.add_done_callback(lambda f: f.exception() and log.warning("stream purge failed: %s", f.exception()))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self.nc.drain()).result(5)
+        except Exception:  # noqa: BLE001
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    # ---- decisions -------------------------------------------------------------------------------
+
+    def put_decisions(self, items: list[tuple[str, feedback_log.Entry]]) -> concurrent.futures.Future | None:
+        """Put routed requests' entries in the bucket (concurrently); None when disconnected (the
+        decisions then take feedback on this replica only)."""
+        if not items or self._closed or not self.nc.is_connected:
+            return None
+        payloads = [(kv_key(rid), entry_to_json(e)) for rid, e in items]
+
+        async def put_all():
+            res = await asyncio.gather(*(self.kv.put(k, v) for k, v in payloads), return_exceptions=True)
+            bad = [r for r in res if isinstance(r, BaseException)]
+            if bad:
+                log.warning("%d of %d decisions not shared (%s): they take feedback on this replica only",
+                            len(bad), len(res), type(bad[0]).__name__)
+        return self._call(put_all())
+
+    async def get_decision(self, rid: str) -> feedback_log.Entry | None:
+        """The entry of a decision made on any replica (its has_quality / has_thumbs: the kinds
+        claimed so far), or None (unknown, expired, or the bucket unreachable)."""
+        try:
+            got = await asyncio.wrap_future(self._call(self._get(kv_key(rid))))
+        except (KeyError, ClusterUnavailable):
+            return None
+        except (ValueError, TypeError):  # not a decision record: only replicas write the bucket
+            log.warning("decision %r in the bucket is damaged; ignored", rid[:80])
+            return None
+        return None if got is None else got[0][0]
+
+    async def _get(self, key: str):
+        import nats.js.errors
+
+        if not self.nc.is_connected:
+            raise ClusterUnavailable("the decision store is unreachable (the NATS connection is down)")
+        try:
+            ent = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry_from_json(ent.value), ent.revision
+
+    async def claim(self, rid: str, bits: int) -> int | None:
+        """Set feedback kinds `bits` on a shared decision by compare-and-set. Returns the bits it
+        already had that collide (non-zero: a duplicate), 0 when claimed, None when the decision is
+        not in the bucket (the caller falls back to this replica's own entry)."""
+        return await asyncio.wrap_future(self._call(self._claim(rid, bits, set_bits=True)))
+
+    async def unclaim(self, rid: str, bits: int) -> None:
+        await asyncio.wrap_future(self._call(self._claim(rid, bits, set_bits=False)))
+
+    async def _claim(self, rid: str, bits: int, set_bits: bool) -> int | None:
+        import nats.js.errors
+
+        try:
+            key = kv_key(rid)
+        except KeyError:
+            return None
+        for _ in range(8):  # bounded: each retry means another replica changed the entry meanwhile
+            got = await self._get(key)
+            if got is None:
+                return None
+            (e, flags), rev = got
+            if set_bits and flags & bits:
+                return flags & bits
+            new = flags | bits if set_bits else flags & ~bits
+            try:
+                await self.kv.update(key, entry_to_json(e, new), last=rev)
+                return 0
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        raise ClusterUnavailable("the decision's feedback record kept changing on other replicas; retry")
+
+
+# ---- checkpoints in the shared folder -----------------------------------------------------------------
+
+
+def newest_checkpoint(shared: Path) -> tuple[Path, int, int] | None:
+    """(replica folder, step, stream seq) of the newest checkpoint any replica wrote to `shared`
+    (`<shared>/<replica>/latest.json`), or None."""
+    best = None
+    for p in sorted(Path(shared).glob("*/latest.json")):
+        try:
+            doc = json.loads(p.read_text())
+            step, seq = int(doc["step"]), int(doc["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable; ignored", p)
+            continue
+        if best is None or seq > best[2]:
+            best = (p.parent, step, seq)
+    return best
