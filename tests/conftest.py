@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -73,20 +74,35 @@ TEST_ROLES = {"admin": ["admin"], "route": ["route"], "feedback": ["feedback"], 
 
 
 @pytest.fixture(scope="session")
-def served_router(tmp_path_factory):
-    """(checkpoint dir, model names) of one small router, trained once per session
-    (MIXLLM_TEST_ROUTER=DIR: a checkpoint saved by serve_helpers.train_small_router instead: saves
-    minutes when iterating on the service tests)."""
+def served_router(tmp_path_factory, worker_id):
+    """(checkpoint dir, model names) of one small router, trained once per run: under pytest-xdist
+    the first worker that needs it trains it into the run's shared temporary folder, the others
+    wait for it (a file lock) and read it. MIXLLM_TEST_ROUTER=DIR: a checkpoint saved by
+    serve_helpers.train_small_router instead (saves minutes when iterating on the service tests)."""
     pytest.importorskip("httpx")
+    from filelock import FileLock
+
+    from mixllm_jax.checkpoint import read_metadata
     from serve_helpers import train_small_router
+
+    def saved(ck):
+        slots = read_metadata(ck)["registry"]["slots"]
+        return Path(ck), sorted(slots, key=slots.get)
 
     given = os.environ.get("MIXLLM_TEST_ROUTER")
     if given:
-        from mixllm_jax.checkpoint import read_metadata
-
-        slots = read_metadata(given)["registry"]["slots"]
-        return Path(given), sorted(slots, key=slots.get)
-    return train_small_router(tmp_path_factory.mktemp("router"))
+        return saved(given)
+    if worker_id == "master":  # not under xdist
+        return train_small_router(tmp_path_factory.mktemp("router"))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
+    with FileLock(str(shared / "served-router.lock")):
+        folder = shared / "served-router"
+        if not (folder / "done").exists():  # (a worker that failed half-way left no "done")
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            train_small_router(folder)
+            (folder / "done").touch()
+        return saved(folder / "ck")
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,8 @@ class ServerProc:
         shutil.copytree(router_ck, ck)
         return cls(tmp, ck, backends, **kw)
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the server; with wait=False, return at once (then call `wait()`)."""
         self.starts += 1
         self.log = self.tmp / f"server-{self.starts}.log"
         cmd = [sys.executable, "-m", "mixllm_jax.serve", "--checkpoint", str(self.checkpoint),
@@ -126,6 +127,10 @@ class ServerProc:
                "--checkpoint-every-s", "3600", *self.extra_args]
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", JAX_PLATFORMS="cpu", **self.env)
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
         wait_http(self.proc, self.url + "/healthz", self.log)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:

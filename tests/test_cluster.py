@@ -79,7 +79,9 @@ def cluster(tmp_path_factory, served_router, stub_backend):
            "models": models, "acked": 0}
     try:
         for r in reps:
-            r.start()
+            r.start(wait=False)  # the three start together
+        for r in reps:
+            r.wait()
         yield env
     finally:
         for r in reps + env.get("extra", []):
