@@ -174,12 +174,22 @@ def cmd_eval(args):
     if par.writer:
         print(f"router: {router.config.budget.describe()} (cost weight {router.policy.cost_weight:.4g}); "
               f"reference: {reference}")
+    extra = None
+    if args.compare:
+        from mixllm_jax import checkpoint
+
+        with progress.step("loading the router to compare"):
+            other = checkpoint.restore_router(args.compare)[0]
+        missing = [m for m in test_ds.models if m not in other.registry.slots]
+        if missing:
+            raise ValueError(f"the data's LLMs {missing} are not LLMs of the --compare router")
+        extra = {"compare": pipeline.compare_sweep(other, test_ds, cost_weights)}
     train_ds = None
     if not args.no_baselines:
         with progress.step("loading the training data (baselines)"):
             train_ds = _load_data(args.train_data or args.data, args.models, "train")
     report = pipeline.evaluate_router(router, train_ds, test_ds, reference, with_baselines=not args.no_baselines,
-                                      cost_weights=cost_weights, budgets_pct=budgets,
+                                      cost_weights=cost_weights, budgets_pct=budgets, extra=extra,
                                       **par.eval_kwargs(router))
     if par.writer:
         _report_out(report, Path(args.out), "evaluation", full=args.full_report)
@@ -485,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, curves.png")
     p.add_argument("--split", default="test", help="the split of --data evaluated on (e.g. ood)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the router alone (no train split needed)")
+    p.add_argument("--compare", metavar="CHECKPOINT",
+                   help="another router (e.g. on another encoder) run on the same queries as method 'compare', "
+                        "with the paired bootstrap of this router minus it")
     p.add_argument("--cost-weights", help="the lambda grid of the sweeps, a comma list (quality per USD), e.g. "
                                           "0,10,100,1000 (default: 0 and 161 values from 0.1 to 1e7)")
     p.add_argument("--budgets", help="budgets to read quality at, comma list of %% of the reference's cost, e.g. "

@@ -29,8 +29,16 @@ def router_sweep(router: Router, e: np.ndarray, dataset: Dataset, cost_weights: 
                           list(map(float, cost_weights)), "cost_weight")
 
 
-BOOTSTRAP_AGAINST = ("per_task_best", "mlp", "ridge", "knn")  # mixllm minus each, paired over test queries
+BOOTSTRAP_AGAINST = ("per_task_best", "mlp", "ridge", "knn", "compare")  # mixllm minus each, paired over test queries
 BUDGET_LEVELS_PCT = (5.0, 10.0, 15.0, 20.0, 24.18, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0)
+
+
+def compare_sweep(other: Router, dataset: Dataset, cost_weights: Sequence[float] | None = None,
+                  cache_dir=None) -> evaluate.Sweep:
+    """Another router's lambda sweep on `dataset`, on its own encoder's embeddings (`eval --compare`)."""
+    cws = budget_mod.CALIBRATION_GRID if cost_weights is None else np.asarray(cost_weights, np.float64)
+    e = train.embed(other.encoder, dataset, other.max_length, other.truncation_side, cache_dir, progress=False)
+    return router_sweep(other, e, dataset, cws)
 
 
 def budget_hits(router: Router, e: np.ndarray, dataset: Dataset, reference: str,

@@ -133,6 +133,11 @@ def test_eval_test_only_file_no_baselines_and_full_report(readme_run, capsys):
     full = json.loads((d / "test-only" / "report.json").read_text())
     assert all("points" in pt for m in full["methods"].values() for pt in m["per_task"].values())
     assert (d / "runs" / "eval-budgets" / "report.json").stat().st_size < (d / "test-only" / "report.json").stat().st_size
+    # --compare: another router on the same queries, paired bootstrap of the difference (itself: exactly 0)
+    cli.main(argv + [str(d / "compare"), "--compare", str(d / "checkpoints" / "mine")])
+    boot = json.loads((d / "compare" / "report.json").read_text())["bootstrap"]["compare"]
+    assert boot["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    assert boot["task_mean_quality"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
 
 def test_readme_replicas_command_parses():
