@@ -204,7 +204,7 @@ def run_level(ck: Path, n: int, share: float, a, prompts: list[str], tmp: Path) 
                 cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                 env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")))
         for i, port in enumerate(ports):
-            wait_http(procs[i], f"http://{HOST}:{port}/healthz", 900, folder / f"replica{i}.log")
+            wait_http(procs[i], f"http://{HOST}:{port}/healthz", folder / f"replica{i}.log", 900)
         asyncio.run(drive(ports, prompts, min(8, a.concurrency), 48, 60, 1))  # warm: connections, shapes, updates
         r = measure(ports, prompts, a.concurrency, a.requests, a.duration_s, a.feedback_every)
         # the same at concurrency 1 with feedback on every request: propagation when the replicas are idle

@@ -196,20 +196,23 @@ def scrape(port: int) -> dict:
     return vals
 
 
-def wait_http(proc, url: str, timeout: float, log: Path) -> None:
+def wait_http(proc, url: str, log: Path, timeout: float = 180.0) -> None:
+    """Wait until `url` answers 200 (bounded); RuntimeError with the log's tail if `proc` exits first
+    or the time runs out (the tests' servers start through it too)."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{url}: process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{url}: process exited ({proc.returncode}):\n{Path(log).read_text()[-4000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} did not come up within {timeout} s")
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{Path(log).read_text()[-4000:]}")
 
 
 def markdown(report: dict) -> str:
@@ -306,8 +309,8 @@ def main(argv=None) -> dict:
              "--warmup", "--compilation-cache", str(cache)],
             cwd=REPO, stdout=open(srv_log, "w"), stderr=subprocess.STDOUT,
             env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")))
-        wait_http(procs[0], f"http://{HOST}:{stub_port}/_health", 60, stub_log)
-        wait_http(procs[1], f"http://{HOST}:{port}/healthz", 900, srv_log)
+        wait_http(procs[0], f"http://{HOST}:{stub_port}/_health", stub_log, 60)
+        wait_http(procs[1], f"http://{HOST}:{port}/healthz", srv_log, 900)
         print(f"server up (with warm-up compile) in {time.perf_counter() - t:.1f} s", flush=True)
 
         http = {}

@@ -118,6 +118,14 @@ def _read_lines(path: Path, *, repair: bool) -> Iterator[tuple[int, dict]]:
             os.fsync(f.fileno())
 
 
+def first_result(inner: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A Future of the first item of `inner`'s result (a list), or of its exception."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
+                            else fut.set_result(f.result()[0]))
+    return fut
+
+
 class Journal:
     """Append-only, fsync'ed, sequence-numbered JSONL log with one writer thread (group commit).
 
@@ -185,11 +193,7 @@ class Journal:
         """Queue one record; the Future resolves to its seq once it is on disk. A record that is not
         valid JSON (NaN, inf, a lone surrogate, a non-string key) raises ValueError here, alone,
         instead of failing the group commit it would have joined."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        inner = self.append_many([record])
-        inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
-                                else fut.set_result(f.result()[0]))
-        return fut
+        return first_result(self.append_many([record]))
 
     def append_many(self, records: list[dict]) -> concurrent.futures.Future:
         """Queue records written together (one write and fsync: all of them or none); the Future

@@ -12,41 +12,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from benchmarks.loadgen import free_port, wait_http  # noqa: F401  (the tests' servers start through them)
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Which of these animals is a mammal? (A) shark (B) whale (C) trout (D) eel"
 START_TIMEOUT_S = 180  # a bound on waiting for startup, not a performance assertion
 JSON = {"content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(proc: subprocess.Popen, url: str, log: Path, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} before answering {url}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
 def train_small_router(tmp: Path) -> tuple[Path, list[str]]:
@@ -77,7 +56,7 @@ def start_stub(tmp: Path) -> tuple[subprocess.Popen, str]:
     stub = subprocess.Popen([sys.executable, str(REPO / "tests" / "stub_backend.py"), "--port", str(port),
                              "--hang-s", "20"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_http(stub, url + "/_health", log)
+    wait_http(stub, url + "/_health", log, START_TIMEOUT_S)
     return stub, url
 
 
@@ -131,7 +110,7 @@ class ServerProc:
             self.wait()
 
     def wait(self) -> None:
-        wait_http(self.proc, self.url + "/healthz", self.log)
+        wait_http(self.proc, self.url + "/healthz", self.log, START_TIMEOUT_S)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
+from benchmarks.loadgen import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "mesh_child.py"
@@ -62,12 +63,6 @@ def run_together(cmds: list[list[str]], env: dict, timeout: float, cwd=None) -> 
 def _tail(text: str, n: int = 4000) -> str:
     lines = [l for l in text.splitlines() if not l.startswith(("[Gloo]", "    @"))]
     return "\n".join(lines)[-n:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli_ready():

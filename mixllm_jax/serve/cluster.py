@@ -235,11 +235,7 @@ class StreamJournal:
         return fut
 
     def append(self, record: dict) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        inner = self.append_many([record])
-        inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
-                                else fut.set_result(f.result()[0]))
-        return fut
+        return feedback_log.first_result(self.append_many([record]))
 
     def append_many(self, records: list[dict]) -> concurrent.futures.Future:
         """Publish records as one message (all or none); the Future resolves to their seqs (the

@@ -123,21 +123,21 @@ class ServeConfig:
             raise ValueError(f"refusing to serve on {self.host} without API keys: anyone who reaches it could "
                              f"add backends and models; give --api-keys FILE (or --insecure to accept that)")
 
+    def _beside_checkpoint(self, given, suffix: str) -> Path:
+        if given is not None:
+            return Path(given)
+        ck = Path(self.checkpoint).absolute()
+        return ck.with_name(ck.name + suffix)
+
     @property
     def log_path(self) -> Path:
         """The journal and request-feature folder."""
-        if self.log_dir is not None:
-            return Path(self.log_dir)
-        ck = Path(self.checkpoint).absolute()
-        return ck.with_name(ck.name + ".serve")
+        return self._beside_checkpoint(self.log_dir, ".serve")
 
     @property
     def shared_path(self) -> Path:
         """With --cluster: the folder of every replica's checkpoints."""
-        if self.shared_checkpoints is not None:
-            return Path(self.shared_checkpoints)
-        ck = Path(self.checkpoint).absolute()
-        return ck.with_name(ck.name + ".cluster")
+        return self._beside_checkpoint(self.shared_checkpoints, ".cluster")
 
     @property
     def replica_name(self) -> str:
