@@ -57,10 +57,17 @@ FAST_MODULES = {"test_state", "test_bandit", "test_policy", "test_engine", "test
                 "test_cli_options"}
 
 
+# The longest modules first (each runs whole on one xdist worker, --dist loadfile): the other worker
+# takes the many short ones meanwhile instead of idling at the end while one long module finishes.
+LONGEST_FIRST = ("test_mesh", "test_readme", "test_cluster", "test_gateway", "test_security", "test_server")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
             item.add_marker(pytest.mark.fast)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(it.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable: order within a module kept
 
 
 # ---- the HTTP service (test_server.py, test_security.py, test_fuzz.py): see serve_helpers.py
