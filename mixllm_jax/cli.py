@@ -223,18 +223,13 @@ def _reference(name: str | None, names, where: str, specs=None) -> str:
 
 
 def cmd_run(args):
-    """Train on the RouterBench slice's train split, evaluate on its test split."""
-    args.data = args.models = None
-    args.encoder, args.no_head, args.epochs, args.tag_weight, args.features = None, False, 300, 1.0, "raw+domain"
-    args.domains, args.cost_weight, args.budget_usd, args.budget_reference = None, None, None, "gpt-4-1106-preview"
-    args.out = args.router_out
-    router_dir = cmd_train(args)
-    args.router, args.step, args.train_data, args.split = router_dir, None, None, "test"
-    args.reference, args.no_baselines = "gpt-4-1106-preview", False
-    args.cost_weights = args.budgets = None
-    args.full_report = False
-    args.out = args.report_out
-    cmd_eval(args)
+    """Train on the RouterBench slice's train split, evaluate on its test split: `train` then `eval`,
+    each with its own defaults but for run's options."""
+    ap, ref = build_parser(), "gpt-4-1106-preview"
+    router_dir = cmd_train(ap.parse_args(["train", "--max-length", str(args.max_length), "--truncation",
+                                          args.truncation, "--budget", args.budget, "--budget-reference", ref,
+                                          "--out", str(args.router_out)]))
+    cmd_eval(ap.parse_args(["eval", "--router", str(router_dir), "--reference", ref, "--out", str(args.report_out)]))
 
 
 def cmd_ablation(args):

@@ -85,3 +85,22 @@ def test_data_llms_missing_from_the_router_is_an_error_before_embedding(tmp_path
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "are not LLMs of the router" in err and "mistralai/mistral-7b-chat" in err
+
+
+def test_run_is_train_then_eval_with_their_defaults(monkeypatch, tmp_path):
+    """`run` hands train and eval namespaces parsed by their own parsers (every option present, a new
+    one included: one missing once broke `make run`), with run's options in them."""
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_train", lambda a: seen.setdefault("train", a) and tmp_path / "ck")
+    monkeypatch.setattr(cli, "cmd_eval", lambda a: seen.setdefault("eval", a))
+    ap = cli.build_parser()
+    cli.cmd_run(ap.parse_args(["run", "--max-length", "64", "--router-out", str(tmp_path / "ck"),
+                               "--report-out", str(tmp_path / "r")]))
+    train, ev = seen["train"], seen["eval"]
+    want = ap.parse_args(["train"])
+    assert set(vars(train)) == set(vars(want))  # every train option, nothing else
+    assert (train.max_length, train.budget, train.budget_reference, train.out) == (
+        64, "24.18%", "gpt-4-1106-preview", str(tmp_path / "ck"))
+    assert set(vars(ev)) == set(vars(ap.parse_args(["eval", "--router", "x"])))
+    assert (ev.router, ev.reference, ev.out, ev.split, ev.no_baselines, ev.compare) == (
+        str(tmp_path / "ck"), "gpt-4-1106-preview", str(tmp_path / "r"), "test", False, None)
