@@ -214,3 +214,32 @@ def test_nats_down_writes_refused_routing_goes_on_then_nothing_lost(cluster):
     converged(reps)
     for rep in reps:
         assert total_observations(rep) == pytest.approx(before + acked)
+
+
+def test_stream_refuses_a_checkpoint_it_cannot_continue(cluster):
+    """A replica whose checkpoint is older than the stream's first event (purged), or newer than
+    its last (the stream recreated), does not start (StreamJournal.start raises)."""
+    from mixllm_jax.serve.cluster import StreamJournal
+
+    got = []
+    j = StreamJournal(cluster["nats"].url, "purgecheck", got.extend)
+    try:
+        assert j.start(0) == 0  # a new stream: nothing to replay
+        seqs = [j.append({"type": "usage", "n": i}).result(10) for i in range(4)]
+        assert seqs == [1, 2, 3, 4] and [r["n"] for r in got] == [0, 1, 2, 3]  # delivered back, in order
+        j.prune(2)  # a checkpoint at seq 2 lets the stream drop 1..2
+        wait_until(lambda: j._call(j.js.stream_info("purgecheck")).result(10).state.first_seq == 3,
+                   "the purge reaches the stream")
+        with pytest.raises(RuntimeError, match="were purged"):
+            j.start(min_seq=1)
+        with pytest.raises(RuntimeError, match="was recreated"):
+            j.start(min_seq=9)
+        assert j.start(min_seq=2) == 2  # the checkpoint at 2 continues: events 3 and 4 replayed
+        j.prune(4)  # everything purged: the stream is empty, its next seq 5
+        wait_until(lambda: j._call(j.js.stream_info("purgecheck")).result(10).state.messages == 0,
+                   "the purge reaches the stream")
+        with pytest.raises(RuntimeError, match="were purged"):
+            j.start(min_seq=2)
+        assert j.start(min_seq=4) == 0
+    finally:
+        j.close()

@@ -216,7 +216,7 @@ class StreamJournal:
             raise RuntimeError(f"stream {self.stream!r} ends at seq {last} but the checkpoint holds events up to "
                                f"seq {min_seq}: the stream was recreated; start from a checkpoint without events "
                                f"(a new --shared-checkpoints folder) or restore the stream")
-        if info.state.messages and first > min_seq + 1:
+        if last > min_seq and first > min_seq + 1:  # (all purged: first = last + 1)
             raise RuntimeError(f"stream {self.stream!r} starts at seq {first} but the checkpoint holds events up to "
                                f"seq {min_seq}: events {min_seq + 1}..{first - 1} were purged; restore a newer "
                                f"checkpoint (the shared folder holds every replica's)")
