@@ -23,6 +23,13 @@ import time
 from pathlib import Path
 
 
+def _rows(t: dict, B: int, rate: str, compile_s: dict, agree: dict) -> list[dict]:
+    """One result row per layout of T.measure_all's {layout: (seconds, _)}: its rate (`rate`: B per
+    second), seconds, compile time, speed against one device and its agreement figures."""
+    return [dict(B=B, layout=name, **{rate: B / sec}, seconds=sec, compile_s=compile_s[name],
+                 vs_1_device=t["1 device"][0] / sec, **agree.get(name, {})) for name, (sec, _) in t.items()]
+
+
 def _force_host_devices(n: int) -> None:
     """N host devices and one BLAS thread each (N devices already run at once: more threads
     oversubscribe the cores, and LAPACK's eigh slowed down 10-100x on a loaded 2-core machine)."""
@@ -109,11 +116,7 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
             agree[name] = dict(same_arms=float(np.mean(np.asarray(got.arm) == np.asarray(ref.arm))),
                                max_score_diff=float(np.abs(sc[fin] - rs[fin]).max()),
                                inf_pattern_equal=bool(np.array_equal(np.isinf(sc), ~fin)))
-        t = T.measure_all(fns, suite)
-        for name, (sec, _) in t.items():
-            row = dict(B=B, layout=name, decisions_per_s=B / sec, seconds=sec, compile_s=compile_s[name],
-                       vs_1_device=t["1 device"][0] / sec)
-            row.update(agree.get(name, {}))
+        for row in _rows(T.measure_all(fns, suite), B, "decisions_per_s", compile_s, agree):
             res["route"].append(row)
             print(_route_line(row), flush=True)
 
@@ -135,11 +138,7 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
             fns[name] = (lambda fn=fn, s=s: fn(s, x, arm, y, None).A_inv.block_until_ready(), True)
             th = np.asarray(bandit.theta(fn(s, x, arm, y, None)))
             agree[name] = dict(max_theta_diff=float(np.abs(th - th_ref).max()))
-    t = T.measure_all(fns, suite)
-    for name, (sec, _) in t.items():
-        row = dict(B=update_B, layout=name, updates_per_s=update_B / sec, seconds=sec, compile_s=compile_s[name],
-                   vs_1_device=t["1 device"][0] / sec)
-        row.update(agree.get(name, {}))
+    for row in _rows(T.measure_all(fns, suite), update_B, "updates_per_s", compile_s, agree):
         res["update"].append(row)
         print(_update_line(row), flush=True)
     res["load_average_end"] = T._load()

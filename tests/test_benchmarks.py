@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import peers, report, throughput as T
+from test_encoder import encoder_and_routerbench_ready
 from mixllm_jax.policy import Policy, route_batch
 
 TINY = T.Suite(center=(4, 16, 32), route_B=(1, 32), route_K=(2, 4), route_d=(8, 16), update_B=(32,),
@@ -111,17 +112,8 @@ def test_main_writes_the_outputs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "b" / "results.md").exists()
 
 
-def _text_ready():
-    from mixllm_jax import data, encoder
-    try:
-        encoder.resolve_encoder()
-    except encoder.EncoderNotFoundError:
-        return False
-    return (data.routerbench_dir() / "models.json").exists()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _text_ready(), reason="needs the default encoder and RouterBench data")
+@pytest.mark.skipif(not encoder_and_routerbench_ready(), reason="needs the default encoder and RouterBench data")
 def test_text_to_decision_tiny(tmp_path):
     from mixllm_jax import static_encoder
     from test_encoder import tiny_bert_folder

@@ -184,6 +184,16 @@ def _tiny_state_dict(cfg, rng, prefix="bert.", fresh=False):
     return sd
 
 
+def encoder_and_routerbench_ready() -> bool:
+    """Whether the default encoder's weights and the shared RouterBench slice are installed."""
+    from mixllm_jax import data
+    try:
+        enc_mod.resolve_encoder()
+    except EncoderNotFoundError:
+        return False
+    return (data.routerbench_dir() / "models.json").exists()
+
+
 TINY_BERT = dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, hidden_act="gelu", max_position_embeddings=64, type_vocab_size=2,
                  layer_norm_eps=1e-12)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from benchmarks.loadgen import free_port
+from test_encoder import encoder_and_routerbench_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "mesh_child.py"
@@ -65,15 +66,6 @@ def _tail(text: str, n: int = 4000) -> str:
     return "\n".join(lines)[-n:]
 
 
-def _cli_ready():
-    from mixllm_jax import data, encoder
-    try:
-        encoder.resolve_encoder()
-    except encoder.EncoderNotFoundError:
-        return False
-    return (data.routerbench_dir() / "models.json").exists()
-
-
 def _write_logs(out: Path) -> None:
     """A small RouterBench train log (12 queries per task), a test log and a tiny random BERT for
     the CLI checks (hidden 32: the checks are of the plumbing, the numbers are checked above)."""
@@ -105,7 +97,7 @@ def test_sharded_compute_equals_unsharded(tmp_path):
     and sums its share's arm statistics; the router is the same on both, equals one process's and
     the closed form, and the collective checkpoint restores it; then `train`/`eval --coordinator`.
     """
-    cli = _cli_ready()
+    cli = encoder_and_routerbench_ready()
     env = child_env(4)
     if cli:
         _write_logs(tmp_path)
