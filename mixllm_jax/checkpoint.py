@@ -66,7 +66,10 @@ if TYPE_CHECKING:  # router.py imports this module: import Router lazily at run 
     from mixllm_jax.router import Router
 
 DEFAULT_DIR = Path("checkpoints")
-FORMAT_VERSION = 3  # 3: metadata checksum, fine-tuned encoder layers; 2: RouterConfig under one key, operating curve, per-feature ridge
+FORMAT_VERSION = 4  # 4: domain centroids in the embedding space; 3: metadata checksum, fine-tuned encoder layers; 2: RouterConfig under one key, operating curve, per-feature ridge
+_NO_CHECKSUM = " (saved without a metadata checksum by an older mixllm_jax: train or save it again)"
+OLDER_FORMATS = {1: _NO_CHECKSUM, 2: _NO_CHECKSUM,
+                 3: " (its domain centroids are in the tag head's feature space, an older mixllm_jax's: train it again)"}
 META_CHECKSUM = "meta_sha256"
 ARRAY_ITEMS = ("state", "head", "extras", "encoder")
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -379,8 +382,7 @@ def _read_meta(mngr, directory: Path, step: int) -> dict:
         raise CheckpointError(f"{where} is corrupted: its metadata {meta_file} is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        old = (" (saved without a metadata checksum by an older mixllm_jax: train or save it again)"
-               if version in (1, 2) else "")
+        old = OLDER_FORMATS.get(version, "") if isinstance(version, int) else ""
         raise CheckpointError(f"{where} has format version {repr(version)[:20]}, which this mixllm_jax cannot "
                               f"read (it reads format version {FORMAT_VERSION}){old}")
     want = meta.get(META_CHECKSUM)

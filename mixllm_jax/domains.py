@@ -6,8 +6,9 @@ zero centroid), and its features (`raw+domain`) carry G + S domain columns, so t
 has an intercept per spare domain from the start (zero in the offline log, prior precision
 `fit.INTERCEPT_PRECISION`: an opened domain's intercepts are free, and wide, for every arm).
 
-`DomainGrowth` watches the stream in arrival order. For each query, z = head(e) and its cosine to
-every live centroid (the G trained ones and those opened so far):
+`DomainGrowth` watches the stream in arrival order. For each query, the cosine of its embedding e
+to every live centroid (the G trained ones and those opened so far; centroids live in the
+encoder's embedding space, tags.TrainedHead):
 
 * far: cosine < `threshold` to every trained centroid (by default the `quantile` (1%) of the
   training queries' cosine to their nearest centroid) and < 2 threshold^2 - 1 to every opened one
@@ -16,7 +17,7 @@ every live centroid (the G trained ones and those opened so far):
   queries; once `min_members` (3) pending queries are within 2 threshold^2 - 1 of each other, a
   new domain opens at their mean (so one outlier of a trained domain opens nothing);
 * it then belongs to its nearest live centroid (the new one when it just opened);
-* an opened domain's centroid moves to the running mean of its queries' unit features (online
+* an opened domain's centroid moves to the running mean of its queries' unit embeddings (online
   k-means; trained centroids never move, they define what the offline fit saw).
 
 The query's features use the domain as it is when the query arrives, exactly what an online
@@ -55,7 +56,7 @@ def _unit(z: np.ndarray) -> np.ndarray:
 class DomainGrowth:
     """The growing set of domains of a router with spare slots (see the module docstring).
 
-    centroids [G + S, F]: trained, opened and unopened (zero) rows; n_trained = G; counts [G + S]
+    centroids [G + S, H]: trained, opened and unopened (zero) rows; n_trained = G; counts [G + S]
     queries seen per opened domain; threshold: the cosine below which a query opens a domain.
     """
 
@@ -89,15 +90,15 @@ class DomainGrowth:
         if n_trained == len(c):
             raise ValueError("the router has no spare domain slot: train it with RouterConfig(spare_domains=S)")
         if threshold is None:
-            z = _unit(np.asarray(tags.apply_head(head, e_train)))
-            threshold = float(np.quantile((z @ _unit(c[:n_trained]).T).max(1), quantile))
+            u = _unit(np.asarray(e_train, np.float32))
+            threshold = float(np.quantile((u @ _unit(c[:n_trained]).T).max(1), quantile))
         return cls(centroids=c.copy(), n_trained=n_trained, threshold=float(threshold), counts=np.zeros(len(c)),
                    min_members=int(min_members))
 
-    def observe(self, z: np.ndarray, start: int = 0) -> np.ndarray:
-        """Process queries z [N, F] (head features) in order: open and move domains; returns each
-        query's domain [N] as it was when the query arrived. `start`: the stream index of z[0]."""
-        u = _unit(np.asarray(z, np.float32))
+    def observe(self, e: np.ndarray, start: int = 0) -> np.ndarray:
+        """Process queries' embeddings e [N, H] in order: open and move domains; returns each
+        query's domain [N] as it was when the query arrived. `start`: the stream index of e[0]."""
+        u = _unit(np.asarray(e, np.float32))
         out = np.zeros(len(u), np.int64)
         for i, ui in enumerate(u):
             live = np.linalg.norm(self.centroids, axis=1) > 0
@@ -127,8 +128,7 @@ class DomainGrowth:
     def stream_features(self, router: Router, e: np.ndarray, start: int = 0) -> np.ndarray:
         """Bandit features [N, d] of a stream's embeddings e [N, H] in arrival order, with domains
         opened and moved as the stream goes (each query's domain as of its arrival)."""
-        z = np.asarray(tags.apply_head(router.head, e))
-        dom = self.observe(z, start)
+        dom = self.observe(e, start)
         onehot = DOMAIN_SCALE * np.eye(len(self.centroids), dtype=np.float32)[dom]
         return np.concatenate([np.asarray(e, np.float32), onehot, np.ones((len(e), 1), np.float32)], 1)
 

@@ -28,7 +28,7 @@ SOFT_DOMAIN_TEMPERATURE = 20.0  # soft membership = softmax(T * cosine to each d
 def featurize(e, head_params, centroids, *, head_shape, mode: str):
     """Bandit features of encoder embeddings e [N, H]: (x [N, d], nearest domain [N] or None).
 
-    mode "raw+domain" (default): [e, DOMAIN_SCALE * one-hot of the nearest tag centroid, 1] -- the
+    mode "raw+domain" (default): [e, DOMAIN_SCALE * one-hot of the nearest domain centroid, 1] -- the
       tag-enhanced embedding: per-domain intercepts plus the per-query embedding;
     "soft-domain": [e, DOMAIN_SCALE * softmax(T * cosine to each centroid), 1];
     "head": [tag-head features z, 1] (neural-linear);  "raw": [e, 1].
@@ -37,12 +37,12 @@ def featurize(e, head_params, centroids, *, head_shape, mode: str):
     """
     if head_shape is None:
         return with_bias(e), None
-    z = tags.TagHead(*head_shape).apply({"params": head_params}, e)
-    # a zero centroid is an unopened spare domain (domains.py): never the nearest
-    cos = jnp.where(jnp.linalg.norm(centroids, axis=1) > 0, tags.unit(z) @ tags.unit(centroids).T, -jnp.inf)
+    # domains live in the embedding space (centroids [G, H], tags.TrainedHead); a zero centroid is an
+    # unopened spare domain (domains.py): never the nearest
+    cos = jnp.where(jnp.linalg.norm(centroids, axis=1) > 0, tags.unit(e) @ tags.unit(centroids).T, -jnp.inf)
     domain = jnp.argmax(cos, axis=1)
     if mode == "head":
-        f = z
+        f = tags.TagHead(*head_shape).apply({"params": head_params}, e)
     elif mode == "raw":
         f = e
     elif mode == "soft-domain":

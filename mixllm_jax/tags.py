@@ -5,7 +5,11 @@ Trained with optax on cached embeddings e [N, H] and domain tags (multi-hot [N, 
     tokens (NaN targets are masked) -- the LinUCB arms then sit on these features (neural-linear);
   - intra-domain: each query's unit feature vector is pulled toward its domain's centroid;
   - inter-domain: domain centroids are pushed at least `margin` apart.
-Tags are needed only in training; `nearest_domain` explains a query by its closest centroid.
+Each domain is also kept as the mean unit *embedding* of its training queries (the centroids of
+`TrainedHead`): routing assigns a query to the nearest of these in the encoder's space, not in the
+head's (docs/architecture.md, "Domains": the head's space separates the training tags better but
+sends unseen tasks to the wrong domain). Tags are needed only in training; `nearest_domain`
+explains a query by its closest centroid.
 A log without tags gets domains from spherical k-means over its embeddings (`kmeans_domains`).
 """
 
@@ -36,7 +40,8 @@ class TagHead(nn.Module):
 
 
 class TrainedHead(NamedTuple):
-    """What routing needs of a trained head: params, sizes, tag names and centroids [G, F]."""
+    """What routing needs of a trained head: params, sizes, tag names and the domains' centroids
+    [G, H] in the encoder's embedding space (mean unit embedding of each tag's training queries)."""
 
     params: dict
     hidden: int
@@ -145,8 +150,7 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
             epochs.set_postfix(loss=f"{float(losses[0]):.3f}",
                               **({"val": f"{best_loss:.3f}"} if n_val and np.isfinite(best_loss) else {}))
     params = best if n_val else params
-    z = module.apply({"params": params["head"]}, e_d)
-    c, _ = centroids(z, t_d)
+    c, _ = centroids(e_d, t_d)
     return TrainedHead(jax.device_get(params["head"]), config.hidden, config.features, names, np.asarray(c))
 
 
@@ -155,9 +159,9 @@ def apply_head(head: TrainedHead, e) -> jnp.ndarray:
     return head.module().apply({"params": head.params}, e)
 
 
-def nearest_domain(head: TrainedHead, z) -> np.ndarray:
-    """Index into head.tags of each query's closest domain centroid (cosine): z [N, F] -> [N]."""
-    return np.asarray(jnp.argmax(unit(z) @ unit(jnp.asarray(head.centroids)).T, axis=1))
+def nearest_domain(head: TrainedHead, e) -> np.ndarray:
+    """Index into head.tags of each query's closest domain centroid (cosine): embeddings e [N, H] -> [N]."""
+    return np.asarray(jnp.argmax(unit(jnp.asarray(e)) @ unit(jnp.asarray(head.centroids)).T, axis=1))
 
 
 def separation_ratio(z, tag_onehot) -> float:

@@ -373,11 +373,15 @@ def test_incompatible_format_version(saved):
     meta = json.loads(meta_file.read_text())
     meta["format_version"] = 999
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format version 999.*reads format version 3"):
+    with pytest.raises(CheckpointError, match="format version 999.*reads format version 4"):
         restore_router(directory)
     meta["format_version"] = 2
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="without a metadata checksum by an older mixllm_jax"):
+        restore_router(directory)
+    meta["format_version"] = 3
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="domain centroids are in the tag head's feature space"):
         restore_router(directory)
 
 
