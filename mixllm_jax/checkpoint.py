@@ -239,9 +239,7 @@ def _policy_dict(policy: Policy) -> dict:
 
 def _embedding_dim(head: tags.TrainedHead | None, state: RouterState) -> int:
     """The dimension of the encoder embeddings this router consumes."""
-    if head is None:
-        return state.dim - 1
-    return int(np.shape(head.params["Dense_0"]["kernel"])[0])
+    return state.dim - 1 if head is None else int(np.shape(head.centroids)[1])
 
 
 def _feature_dim(router, emb_dim: int) -> int:
@@ -275,7 +273,8 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
 
     items = {"state": _to_host({f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, "state")}
     if head is not None:
-        items["head"] = _to_host({"params": head.params, "centroids": head.centroids}, "head")
+        items["head"] = _to_host({"centroids": head.centroids} | ({} if head.params is None else {"params": head.params}),
+                                 "head")
     if extras is not None and jax.tree_util.tree_leaves(extras):
         items["extras"] = _to_host(extras, "extras")
     if _finetuned(router.encoder):
@@ -553,7 +552,7 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
     head = None
     if meta["head"] is not None:
         h = meta["head"]
-        head = tags.TrainedHead(restored["head"]["params"], int(h["hidden"]), int(h["features"]),
+        head = tags.TrainedHead(restored["head"].get("params"), int(h["hidden"]), int(h["features"]),
                                 tuple(h["tags"]), restored["head"]["centroids"])
         if _embedding_dim(head, state) != emb_dim:
             raise CheckpointError(f"{where} is corrupted: head input dim {_embedding_dim(head, state)} "

@@ -162,7 +162,8 @@ class RouterConfig:
       Bayesian evidence. Either way each arm's noise scale is its evidence estimate.
     domains: None uses the data's tags as domains (k-means into DEFAULT_DOMAINS when it has none);
       an int N clusters the embeddings into N domains (k-means) whatever the tags.
-    head: the tag head (None: no head, features must be "raw").
+    head: the domains and the tag head (None: neither, features must be "raw"); the head's network is
+      trained only for features "head", the other modes need the domains alone (tags.domain_head).
     budget: the operating point saved in the checkpoint and used by route, serve, eval, simulate.
     folds: cross-fitting folds of train that calibrate the budget and choose the ridge (the final
       fit uses all of train); < 2 turns calibration off (then only cost_weight budgets work).

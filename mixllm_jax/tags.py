@@ -41,7 +41,10 @@ class TagHead(nn.Module):
 
 class TrainedHead(NamedTuple):
     """What routing needs of a trained head: params, sizes, tag names and the domains' centroids
-    [G, H] in the encoder's embedding space (mean unit embedding of each tag's training queries)."""
+    [G, H] in the encoder's embedding space (mean unit embedding of each tag's training queries).
+
+    params None (hidden = features = 0): domains only, no network (`domain_head`): what every
+    feature mode but "head" needs."""
 
     params: dict
     hidden: int
@@ -152,6 +155,13 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
     params = best if n_val else params
     c, _ = centroids(e_d, t_d)
     return TrainedHead(jax.device_get(params["head"]), config.hidden, config.features, names, np.asarray(c))
+
+
+def domain_head(e: np.ndarray, tags: Sequence[Sequence[str]]) -> TrainedHead:
+    """The domains of e [N, H] and their tags, without a network: centroids [G, H]."""
+    onehot, names = multi_hot(tags)
+    c, _ = centroids(jnp.asarray(e, jnp.float32), jnp.asarray(onehot))
+    return TrainedHead(None, 0, 0, names, np.asarray(c))
 
 
 def apply_head(head: TrainedHead, e) -> jnp.ndarray:

@@ -73,11 +73,12 @@ def domain_tags(dataset: Dataset, e: np.ndarray, config: RouterConfig) -> list[t
 
 
 def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, progress: bool) -> Router:
-    """A Router with its tag head trained (no arms yet)."""
+    """A Router with its domains (and, for features "head", its tag head trained); no arms yet."""
     head = None
     if config.head is not None:
-        head = tags.train_head(e, domain_tags(dataset, e, config), dataset.quality,
-                               log_tokens(dataset.completion_tokens), config.head, progress=progress)
+        dom = domain_tags(dataset, e, config)
+        head = tags.train_head(e, dom, dataset.quality, log_tokens(dataset.completion_tokens), config.head,
+                               progress=progress) if config.features == "head" else tags.domain_head(e, dom)
         head = domains.with_spare(head, config.spare_domains)  # unopened slots for domains.DomainGrowth
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
@@ -94,7 +95,7 @@ def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray,
 
 def _penalized(router: Router, dim: int) -> np.ndarray:
     h = router.head
-    emb_dim = dim - 1 if h is None else int(np.shape(h.params["Dense_0"]["kernel"])[0])
+    emb_dim = dim - 1 if h is None else int(np.shape(h.centroids)[1])
     return penalized_features(router.config.features, emb_dim, h and h.features, dim)
 
 
