@@ -189,7 +189,14 @@ def _budget_key(b: float) -> str:
     return f"{b:g}"
 
 
-def _summary(points: list[dict], c_max: float, budgets: Sequence[float]) -> dict[str, Any]:
+def one_price(cost) -> bool:
+    """Every LLM costs the same on every query (cost [N, M]): no routing choice changes the cost, so
+    there is no cost-quality curve and no AIQ."""
+    c = np.nan_to_num(np.asarray(cost, np.float64))
+    return bool(np.all(np.abs(c - c[:, :1]) <= 1e-9 * max(np.abs(c).max(initial=0.0), 1e-30)))
+
+
+def _summary(points: list[dict], c_max: float, budgets: Sequence[float], flat: bool = False) -> dict[str, Any]:
     costs = [p["cost_pct"] for p in points]
     quals = [p["quality_pct"] for p in points]
     best_q, best_p = {}, {}
@@ -197,7 +204,7 @@ def _summary(points: list[dict], c_max: float, budgets: Sequence[float]) -> dict
         i = metrics.best_point_under_cost(costs, quals, b)
         best_q[_budget_key(b)] = None if i < 0 else quals[i]
         best_p[_budget_key(b)] = None if i < 0 else points[i]
-    return {"aiq": metrics.aiq(costs, quals, c_max=c_max), "points": points,
+    return {"aiq": None if flat else metrics.aiq(costs, quals, c_max=c_max), "points": points,
             "best_quality_at_cost_pct": best_q, "best_point_at_cost_pct": best_p}
 
 
@@ -228,6 +235,7 @@ def evaluate(methods: Mapping[str, MethodLike], dataset, reference_name: str,
     sweeps = {name: _as_sweep(name, m, cws) for name, m in methods.items()}
     pts = {name: points_for(s.chosen, q, c, ref, s.knobs, s.knob) for name, s in sweeps.items()}
     c_max = max(p["cost_pct"] for ps in pts.values() for p in ps)
+    flat = one_price(c)
 
     keys = np.asarray(task_keys(dataset.tags), dtype=object)
     tasks = list(dict.fromkeys(keys.tolist()))
@@ -251,12 +259,12 @@ def evaluate(methods: Mapping[str, MethodLike], dataset, reference_name: str,
         entry = {"kind": "single" if s.chosen.shape[0] == 1 and s.knob is None else "sweep",
                  "knob": s.knob,
                  "task_mean_quality": float(100 * np.mean([np.nanmean(got[r]) for r in task_rows]))}
-        entry.update(_summary(pts[name], c_max, budgets))
-        entry["per_task"] = {t: _summary(task_pts[t][name], task_info[t]["c_max_pct"], budgets)
+        entry.update(_summary(pts[name], c_max, budgets, flat))
+        entry["per_task"] = {t: _summary(task_pts[t][name], task_info[t]["c_max_pct"], budgets, flat)
                              if t in task_pts else _EMPTY_TASK for t in tasks}
         out_methods[name] = entry
     return {"reference": reference_name, "n_queries": int(q.shape[0]), "models": models,
-            "c_max_pct": float(c_max), "budgets_pct": [float(b) for b in budgets],
+            "c_max_pct": float(c_max), "flat_cost": flat, "budgets_pct": [float(b) for b in budgets],
             "cost_weights": [float(x) for x in cws], "tasks": task_info, "methods": out_methods}
 
 
@@ -267,7 +275,7 @@ def paired_bootstrap(chosen_a, chosen_b, dataset, reference_name: str, n_boot: i
     Every resample draws N queries with replacement, shared by both methods, and recomputes both
     methods' AIQ (points as % of the reference on the resample, c_max shared by the two) and
     task-mean quality. Returns {"aiq" | "task_mean_quality": {"diff", "lo", "hi"}}: the difference
-    on the full test set and its 95% percentile interval.
+    on the full test set and its 95% percentile interval (AIQ: nan when every LLM costs the same).
     """
     q = np.nan_to_num(np.asarray(dataset.quality, np.float64))
     c = np.asarray(dataset.cost, np.float64)
@@ -280,13 +288,14 @@ def paired_bootstrap(chosen_a, chosen_b, dataset, reference_name: str, n_boot: i
     for ch in (chosen_a, chosen_b):
         ch = np.atleast_2d(np.asarray(ch))
         per.append((q[rows, ch], c[rows, ch]))  # [L, N] chosen quality and cost
+    flat = one_price(c)  # no curve: AIQ nan
 
     def stats(idx):
         qr, cr = q[idx, ref].sum(), c[idx, ref].sum()
         cost_pct = [100 * cq[1][:, idx].sum(1) / cr for cq in per]
         qual_pct = [100 * cq[0][:, idx].sum(1) / qr for cq in per]
         c_max = max(float(x.max()) for x in cost_pct)
-        aiq_ = [metrics.aiq(cp, qp, c_max=c_max) for cp, qp in zip(cost_pct, qual_pct)]
+        aiq_ = [np.nan if flat else metrics.aiq(cp, qp, c_max=c_max) for cp, qp in zip(cost_pct, qual_pct)]
         t, cnt = task_id[idx], np.bincount(task_id[idx], minlength=n_tasks)
         tmq = [100 * np.mean((np.bincount(t, cq[0][0, idx], n_tasks) / np.maximum(cnt, 1))[cnt > 0]) for cq in per]
         return aiq_[0] - aiq_[1], tmq[0] - tmq[1]
@@ -364,8 +373,8 @@ def _fmt(x, nd=2) -> str:
 def _order(report) -> list[str]:
     """Sweeps by AIQ (best first), then one-point methods (single LLMs) by quality."""
     ms = report["methods"]
-    return sorted(ms, key=lambda n: (ms[n]["kind"] == "single",
-                                     -(ms[n]["points"][0]["quality_pct"] if ms[n]["kind"] == "single" else ms[n]["aiq"])))
+    return sorted(ms, key=lambda n: (ms[n]["kind"] == "single", -(ms[n]["points"][0]["quality_pct"]
+                                     if ms[n]["kind"] == "single" or ms[n]["aiq"] is None else ms[n]["aiq"])))
 
 
 NO_AIQ = "—"  # a one-point method (a single LLM) has no curve: its AIQ is not shown
@@ -383,7 +392,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     for name in _order(report):
         m = report["methods"][name]
         row = [name + (" (ref)" if name == report["reference"] else ""),
-               NO_AIQ if m["kind"] == "single" else _fmt(m["aiq"])]
+               NO_AIQ if m["kind"] == "single" or m["aiq"] is None else _fmt(m["aiq"])]
         for b in budgets:
             p = m["best_point_at_cost_pct"].get(_budget_key(b))
             row.append("-" if p is None else f"{p['quality_pct']:.2f} ({p['cost_pct']:.2f})")
@@ -393,7 +402,10 @@ def format_table(report: Mapping[str, Any]) -> str:
         row.append(f"{low['cost_pct']:.2f} ({low['quality_pct']:.2f})")
         row.append(_fmt(m.get("task_mean_quality")))
         lines.append("| " + " | ".join(row) + " |")
-    if any(m["kind"] == "single" for m in report["methods"].values()):
+    if report.get("flat_cost"):
+        lines.append(f"\n{NO_AIQ}: every LLM costs the same on these queries, so no method has a cost-quality curve "
+                     "and no AIQ: compare quality.")
+    elif any(m["kind"] == "single" for m in report["methods"].values()):
         lines.append(f"\n{NO_AIQ}: one operating point (a single LLM) has no curve, so no AIQ; its quality "
                      "and cost are in the other columns.")
     return "\n".join(lines)
@@ -415,7 +427,7 @@ def format_task_table(report: Mapping[str, Any], methods_per_table: int = 6) -> 
             for name in chunk:
                 m = report["methods"][name]
                 pt = m["per_task"][t]
-                aiq = NO_AIQ if m["kind"] == "single" else _fmt(pt["aiq"])
+                aiq = NO_AIQ if m["kind"] == "single" or report.get("flat_cost") else _fmt(pt["aiq"])
                 cells.append(f"{aiq} / {_fmt(pt['best_quality_at_cost_pct'].get(b))}")
             lines.append(f"| {t} ({info['n_queries']}) | " + " | ".join(cells) + " |")
         out += ["", "\n".join(lines)]
@@ -437,7 +449,8 @@ def format_bootstrap_table(boot: Mapping[str, Any]) -> str:
     """Markdown: mixllm minus each method, with the 95% paired-bootstrap interval."""
     lines = ["| mixllm minus | AIQ diff [95% CI] | task-mean quality diff [95% CI] |", "| --- | --- | --- |"]
     for name, b in boot.items():
-        cell = lambda k: f"{b[k]['diff']:+.2f} [{b[k]['lo']:+.2f}, {b[k]['hi']:+.2f}]"  # noqa: E731
+        cell = lambda k: NO_AIQ if math.isnan(b[k]["diff"]) else \
+            f"{b[k]['diff']:+.2f} [{b[k]['lo']:+.2f}, {b[k]['hi']:+.2f}]"  # noqa: E731
         lines.append(f"| {name} | {cell('aiq')} | {cell('task_mean_quality')} |")
     return "\n".join(lines)
 

@@ -130,7 +130,7 @@ def quality_at_cost_levels(report: dict, levels: Sequence[float] = TABLE2_COST_L
         c = [p["cost_pct"] for p in m["points"]]
         q = [p["quality_pct"] for p in m["points"]]
         cells = [metrics.best_quality_under_cost(c, q, l) for l in levels]
-        rows.append(f"| {name} | {m['aiq']:.2f} | {m['task_mean_quality']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
+        rows.append(f"| {name} | {evaluate.NO_AIQ if m['aiq'] is None else format(m['aiq'], '.2f')} | {m['task_mean_quality']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
     return "\n".join(rows)
 
 

@@ -1,12 +1,14 @@
 """Evaluation: operating points against hand-computed values, the report's schema and files."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from mixllm_jax.data import Dataset
-from mixllm_jax.evaluate import (calibration, compact, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate, format_table,
+from mixllm_jax.evaluate import (calibration, compact, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate,
+                                 format_bootstrap_table, format_table,
                                  format_task_table, points_for, single_llm_methods, write_report)
 
 # 3 queries, 2 models; model 0 is the reference: total quality 2, total cost 0.06.
@@ -188,4 +190,25 @@ def test_paired_bootstrap_by_hand():
     assert out["task_mean_quality"]["diff"] == pytest.approx(100 * (1.0 + 0.25) / 2)
     assert 0 < out["task_mean_quality"]["lo"] <= out["task_mean_quality"]["hi"]
     same = paired_bootstrap(a, a, ds, "m0", n_boot=50)
-    assert same["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    assert same["task_mean_quality"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    cheaper = dataclasses.replace(ds, cost=np.tile([1.0, 0.5], (n, 1)))
+    assert paired_bootstrap(a, a, cheaper, "m0", n_boot=50)["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+
+
+def test_llms_of_one_price_have_no_aiq():
+    """When every LLM costs the same there is no cost-quality curve: AIQ is None in the report, "—"
+    in the tables (with the reason), nan in the bootstrap; quality is still compared."""
+    n = 40
+    quality = np.stack([np.r_[np.ones(30), np.zeros(10)], np.r_[np.zeros(30), np.ones(10)]], 1)
+    ds = small_dataset(quality, np.full((n, 2), 1e-3), tags=[("a",)] * 20 + [("b",)] * 20)
+    oracle = Sweep(choose_by_score(quality, ds.cost, COST_WEIGHTS), list(COST_WEIGHTS))
+    rep = evaluate({"oracle": oracle, **single_llm_methods(ds.models, n)}, ds, "m0")
+    assert rep["flat_cost"] and rep["methods"]["oracle"]["aiq"] is None
+    assert all(pt["aiq"] is None for pt in rep["methods"]["oracle"]["per_task"].values())
+    table = format_table(rep)
+    row = next(x for x in table.splitlines() if x.startswith("| oracle |"))
+    assert row.split(" | ")[1] == "—" and "every LLM costs the same" in table
+    assert "— / " in format_task_table(rep)
+    boot = paired_bootstrap(oracle.chosen, np.zeros(n, int), ds, "m0", n_boot=50)
+    assert np.isnan(boot["aiq"]["diff"]) and boot["task_mean_quality"]["diff"] == pytest.approx(100 * 0.25)
+    assert "| x | — | +25.00" in format_bootstrap_table({"x": boot})
