@@ -5,11 +5,11 @@ Trained with optax on cached embeddings e [N, H] and domain tags (multi-hot [N, 
     tokens (NaN targets are masked) -- the LinUCB arms then sit on these features (neural-linear);
   - intra-domain: each query's unit feature vector is pulled toward its domain's centroid;
   - inter-domain: domain centroids are pushed at least `margin` apart.
-Each domain is also kept as the mean unit *embedding* of its training queries (the centroids of
-`TrainedHead`): routing assigns a query to the nearest of these in the encoder's space, not in the
-head's (docs/architecture.md, "Domains": the head's space separates the training tags better but
-sends unseen tasks to the wrong domain). Tags are needed only in training; `nearest_domain`
-explains a query by its closest centroid.
+The head's features are the bandit's in mode "head" only. Domains, in every mode, are the mean unit
+*embeddings* of each tag's training queries (`domain_head`, the centroids of `TrainedHead`): a
+query belongs to the nearest in the encoder's space, not in the head's, which separates the
+training tags better but sends unseen tasks to the wrong domain (docs/architecture.md, "Domains").
+Tags are needed only in training; `nearest_domain` explains a query by its closest centroid.
 A log without tags gets domains from spherical k-means over its embeddings (`kmeans_domains`).
 """
 
@@ -46,7 +46,7 @@ class TrainedHead(NamedTuple):
     params None (hidden = features = 0): domains only, no network (`domain_head`): what every
     feature mode but "head" needs."""
 
-    params: dict
+    params: dict | None
     hidden: int
     features: int
     tags: tuple[str, ...]
@@ -153,8 +153,8 @@ def train_head(e: np.ndarray, tags: Sequence[Sequence[str]], quality: np.ndarray
             epochs.set_postfix(loss=f"{float(losses[0]):.3f}",
                               **({"val": f"{best_loss:.3f}"} if n_val and np.isfinite(best_loss) else {}))
     params = best if n_val else params
-    c, _ = centroids(e_d, t_d)
-    return TrainedHead(jax.device_get(params["head"]), config.hidden, config.features, names, np.asarray(c))
+    return domain_head(e, tags)._replace(params=jax.device_get(params["head"]), hidden=config.hidden,
+                                         features=config.features)
 
 
 def domain_head(e: np.ndarray, tags: Sequence[Sequence[str]]) -> TrainedHead:
