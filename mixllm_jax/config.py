@@ -11,6 +11,7 @@ import re
 
 FEATURE_MODES = ("raw+domain", "soft-domain", "head", "raw")
 DEFAULT_RIDGES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+DEFAULT_DOMAIN_PRECISIONS = (0.1, 1000.0)  # domain intercepts: free, or pulled to the arm's mean
 RIDGE_SELECTION = ("validation", "evidence")
 DEFAULT_DOMAINS = 20  # k-means clusters when a log has no tags (the paper derives ~20 domains)
 
@@ -155,11 +156,14 @@ class RouterConfig:
 
     max_length, truncation_side: tokens kept per prompt and which end is cut.
     features: bandit features, see router.featurize ("raw+domain" default).
-    ridges: candidate ridges of the embedding coefficients. Intercepts (bias, domain terms) are
-      not shrunk (fit.py).
-    ridge_selection: "validation" (default) takes the one ridge whose held-out cost-quality curve
-      is best (budget.OperatingCurve.score); "evidence" lets each arm take the ridge of highest
-      Bayesian evidence. Either way each arm's noise scale is its evidence estimate.
+    ridges: candidate ridges of the embedding coefficients.
+    domain_precisions: candidate prior precisions of the domain intercepts: 0.1 leaves each
+      domain's intercept free, 1000 pulls it towards the arm's overall mean (~110 pseudo-observations
+      at DOMAIN_SCALE 3: what small domains, many tags or k-means clusters of a small log, need). Never
+      towards 0: the bias is free (fit.py). Chosen together with the ridge.
+    ridge_selection: "validation" (default) takes the one (ridge, domain precision) whose held-out
+      cost-quality curve is best (budget.OperatingCurve.score); "evidence" lets each arm take the
+      pair of highest Bayesian evidence. Either way each arm's noise scale is its evidence estimate.
     domains: None uses the data's tags as domains (k-means into DEFAULT_DOMAINS when it has none);
       an int N clusters the embeddings into N domains (k-means) whatever the tags.
     head: the domains and the tag head (None: neither, features must be "raw"); the head's network is
@@ -180,6 +184,7 @@ class RouterConfig:
     truncation_side: str = "left"
     features: str = "raw+domain"
     ridges: tuple[float, ...] = DEFAULT_RIDGES
+    domain_precisions: tuple[float, ...] = DEFAULT_DOMAIN_PRECISIONS
     ridge_selection: str = "validation"
     domains: int | None = None
     head: HeadConfig | None = HeadConfig()
@@ -198,8 +203,10 @@ class RouterConfig:
             raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
         if not isinstance(self.max_length, int) or not 8 <= self.max_length <= 512:
             raise ValueError(f"max_length must be an integer in [8, 512], got {self.max_length!r}")
-        if not self.ridges or not all(0 < r < 1e9 for r in self.ridges):
-            raise ValueError(f"ridges must be positive numbers, got {self.ridges!r}")
+        for name in ("ridges", "domain_precisions"):
+            v = getattr(self, name)
+            if not v or not all(isinstance(r, (int, float)) and 0 < r < 1e9 for r in v):
+                raise ValueError(f"{name} must be positive numbers, got {v!r}")
         if self.ridge_selection not in RIDGE_SELECTION:
             raise ValueError(f"ridge_selection must be one of {RIDGE_SELECTION}, got {self.ridge_selection!r}")
         if self.domains is not None and not (isinstance(self.domains, int) and 2 <= self.domains <= 1000):
@@ -231,8 +238,9 @@ class RouterConfig:
             d["head"] = HeadConfig(**d["head"])
         if "budget" in d:
             d["budget"] = Budget(**d["budget"])
-        if "ridges" in d:
-            d["ridges"] = tuple(float(r) for r in d["ridges"])
+        for name in ("ridges", "domain_precisions"):
+            if name in d:
+                d[name] = tuple(float(r) for r in d[name])
         if d.get("finetune") is not None:
             d["finetune"] = FinetuneConfig.from_dict(d["finetune"])
         return cls(**d)

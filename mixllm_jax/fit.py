@@ -1,10 +1,12 @@
 """Offline fit of every arm from logged outcomes, with the ridge of each arm chosen by evidence.
 
 Bayesian linear regression per arm: y = x^T theta + noise (s.d. sigma), prior theta ~ N(0, sigma^2
-diag(r)^-1). Embedding coefficients get the ridge r of highest marginal likelihood (evidence) from a
-grid; intercept features (bias, domain terms) get a tiny precision, so they are not shrunk towards 0
-and each arm's predictions are unbiased per domain. sigma^2 at the chosen ridge is the arm's noise
-scale, which makes the LinUCB width a posterior s.d. See docs/architecture.md, "Predictors".
+diag(p)^-1), p one row of a grid of candidate prior precisions (`prior_grid`): the ridge r on the
+embedding coefficients, a precision s on the domain intercepts (s small: each domain's intercept
+free; large: pulled towards the arm's overall mean, never towards 0, since the bias is free) and a
+tiny precision on the bias. Each arm takes the row of highest marginal likelihood (evidence), or
+the caller passes one row (chosen on validation, train.py). sigma^2 at the chosen row is the arm's
+noise scale, which makes the LinUCB width a posterior s.d. See docs/architecture.md, "Predictors".
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ def log_evidence(S, b, yy, n, prior):
     return -0.5 * n * jnp.log(s2) + 0.5 * jnp.log(prior).sum() - 0.5 * log_det, s2
 
 
-@jax.jit
-def choose_ridge(S, b, yy, n, penalized, ridges):
-    """Per arm, the ridge of highest evidence. penalized [d] bool, ridges [R].
+def prior_grid(penalized: np.ndarray, ridges: Sequence[float], domain: np.ndarray | None = None,
+               domain_precisions: Sequence[float] = (INTERCEPT_PRECISION,)) -> np.ndarray:
+    """Candidate prior precisions [R * S, d]: ridge r (of R) on the `penalized` [d] features,
+    precision s (of S) on the `domain` [d] features, INTERCEPT_PRECISION on the rest (the bias)."""
+    penalized = np.asarray(penalized, bool)
+    domain = np.zeros_like(penalized) if domain is None else np.asarray(domain, bool)
+    return np.array([np.where(penalized, r, np.where(domain, s, INTERCEPT_PRECISION))
+                     for r in ridges for s in domain_precisions], np.float32)
 
-    Returns (ridge index [M], prior precision [M, d], sigma^2 [M]).
+
+@jax.jit
+def choose_prior(S, b, yy, n, priors):
+    """Per arm, the candidate prior precision (a row of priors [C, d]) of highest evidence.
+
+    Returns (row index [M], prior precision [M, d], sigma^2 [M]).
     """
-    priors = jnp.where(penalized[None, :], ridges[:, None], INTERCEPT_PRECISION)  # [R, d]
     ev, s2 = jax.vmap(lambda p: jax.vmap(log_evidence, (0, 0, 0, 0, None))(S, b, yy, n, p))(priors)
     best = jnp.argmax(ev, axis=0)  # [M]
     return best, priors[best], s2[best, jnp.arange(S.shape[0])]
@@ -73,37 +84,35 @@ def arm_stats(x: np.ndarray, quality: np.ndarray, log_tokens: np.ndarray):
     return sufficient_stats(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(obs))
 
 
-def state_from_stats(state: RouterState, slots: Sequence[int], stats, penalized: np.ndarray,
-                     ridges: Sequence[float], prior_weight: float = 1.0) -> tuple[RouterState, np.ndarray]:
+def state_from_stats(state: RouterState, slots: Sequence[int], stats, priors: np.ndarray,
+                     prior_weight: float = 1.0) -> tuple[RouterState, np.ndarray]:
     """Fill the arms at `slots` (one per data column) from arm_stats, exactly and at once.
 
-    Each arm gets A = w (diag(prior) + X^T X), B = w X^T Y, count w n and its noise (the ridge of
-    highest evidence among `ridges`); A_inv is computed from A. w = prior_weight in (0, 1] discounts
+    Each arm gets A = w (diag(prior) + X^T X), B = w X^T Y, count w n and its noise, with prior its
+    row of highest evidence among the candidates priors [C, d] (`prior_grid`); A_inv is computed
+    from A. w = prior_weight in (0, 1] discounts
     the log (a power prior): theta = A^-1 B is unchanged, but the log counts as w n pseudo-
     observations, so the posterior s.d.s (widths) grow by 1 / sqrt(w) and an online observation
     (weight 1) moves an arm as much as 1 / w logged ones. The state's fresh-arm prior becomes the
-    median chosen ridge. Returns (state, chosen ridge [M]).
+    median chosen prior. Returns (state, chosen prior precision [M, d]).
     """
     if not 0.0 < prior_weight <= 1.0:
         raise ValueError(f"prior_weight must be in (0, 1], got {prior_weight!r}")
     S, b, yy, n = stats
     w = jnp.float32(prior_weight)
-    r = jnp.asarray(ridges, jnp.float32)
-    idx, prior, s2 = choose_ridge(S, b, yy, n, jnp.asarray(penalized), r)
+    _, prior, s2 = choose_prior(S, b, yy, n, jnp.asarray(priors, jnp.float32))
     sl = jnp.asarray(np.asarray(slots, np.int32))
     b = jnp.pad(b, ((0, 0), (0, 0), (0, state.n_targets - b.shape[2])))
     A = w * (jax.vmap(jnp.diag)(prior) + S)
-    fresh = jnp.where(jnp.asarray(penalized), jnp.median(r[idx]), INTERCEPT_PRECISION)
     # eager on purpose: XLA CPU may run two LAPACK calls of one jitted program concurrently, which
     # was seen to deadlock (jaxlib 0.10.2); only the filled arms are inverted
     state = state.replace(A=state.A.at[sl].set(A), A_inv=state.A_inv.at[sl].set(spd_inverse(A)),
                           B=state.B.at[sl].set(w * b), count=state.count.at[sl].set(w * n),
-                          noise=state.noise.at[sl].set(jnp.sqrt(s2)), ridge=fresh)
-    return state, np.asarray(r[idx])
+                          noise=state.noise.at[sl].set(jnp.sqrt(s2)), ridge=jnp.median(prior, axis=0))
+    return state, np.asarray(prior)
 
 
 def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,
-              log_tokens: np.ndarray, penalized: np.ndarray, ridges: Sequence[float],
-              prior_weight: float = 1.0) -> tuple[RouterState, np.ndarray]:
-    """state_from_stats of a whole log: x [N, d]; quality, log_tokens [N, M]; penalized [d] bool."""
-    return state_from_stats(state, slots, arm_stats(x, quality, log_tokens), penalized, ridges, prior_weight)
+              log_tokens: np.ndarray, priors: np.ndarray, prior_weight: float = 1.0) -> tuple[RouterState, np.ndarray]:
+    """state_from_stats of a whole log: x [N, d]; quality, log_tokens [N, M]; priors [C, d] (prior_grid)."""
+    return state_from_stats(state, slots, arm_stats(x, quality, log_tokens), priors, prior_weight)

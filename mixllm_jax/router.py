@@ -33,7 +33,8 @@ def featurize(e, head_params, centroids, *, head_shape, mode: str):
     "soft-domain": [e, DOMAIN_SCALE * softmax(T * cosine to each centroid), 1];
     "head": [tag-head features z, 1] (neural-linear);  "raw": [e, 1].
     head_shape = (hidden, features), or None when there is no head (then mode must be "raw").
-    The first `penalized_features` columns are shrunk by the ridge, the rest (intercepts) are not.
+    The first columns are shrunk by the ridge, the domain intercepts by their own precision
+    (`feature_groups`, fit.prior_grid).
     """
     if head_shape is None:
         return with_bias(e), None
@@ -52,10 +53,15 @@ def featurize(e, head_params, centroids, *, head_shape, mode: str):
     return with_bias(f), domain
 
 
-def penalized_features(mode: str, embedding_dim: int, head_features: int | None, dim: int) -> np.ndarray:
-    """[dim] bool: which features the ridge shrinks (embedding or head features, not intercepts)."""
+def feature_groups(mode: str, embedding_dim: int, head_features: int | None, dim: int,
+                   spare_domains: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """([dim] bool, [dim] bool): the features the ridge shrinks (embedding or head features) and the
+    trained domains' intercepts (fit.prior_grid gives them their own precision; the bias and the
+    spare domains' columns, unobserved offline, keep a tiny one)."""
     n = head_features if mode == "head" else embedding_dim
-    return np.arange(dim) < n
+    i = np.arange(dim)
+    domain = (i >= n) & (i < dim - 1 - spare_domains) if mode in ("raw+domain", "soft-domain") else np.zeros(dim, bool)
+    return i < n, domain
 
 
 @functools.partial(jax.jit, static_argnames=("enc_config", "head_shape", "mode"))

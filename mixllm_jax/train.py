@@ -14,7 +14,7 @@ from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.evaluate import choose_by_score
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.policy import Policy, query_uniform
-from mixllm_jax.router import Router, penalized_features
+from mixllm_jax.router import Router, feature_groups
 from mixllm_jax.state import ArmRegistry, add_llm, init_state
 
 UPDATE_CHUNK = 8192
@@ -83,20 +83,22 @@ def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, p
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
 
-def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray, stats, ridges,
+def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray, stats, priors,
               prior_weight: float = 1.0) -> Router:
-    """A copy of `router` whose arms (one per model) are filled from arm stats of features x (the
-    log discounted to prior_weight pseudo-observations per query, fit.state_from_stats)."""
+    """A copy of `router` whose arms (one per model) are filled from arm stats of features x, each
+    with the candidate prior precision of highest evidence among priors [C, d] (the log discounted
+    to prior_weight pseudo-observations per query, fit.state_from_stats)."""
     state, registry = new_state([specs[m] for m in models], x.shape[1])
-    state, _ = fit.state_from_stats(state, registry.columns(models), stats, _penalized(router, x.shape[1]), ridges,
-                                    prior_weight)
+    state, _ = fit.state_from_stats(state, registry.columns(models), stats, priors, prior_weight)
     return dataclasses.replace(router, state=state, registry=registry)
 
 
-def _penalized(router: Router, dim: int) -> np.ndarray:
-    h = router.head
+def _prior_grid(router: Router, dim: int) -> np.ndarray:
+    """The config's candidate prior precisions [R * S, dim]: ridges x domain precisions."""
+    h, c = router.head, router.config
     emb_dim = dim - 1 if h is None else int(np.shape(h.centroids)[1])
-    return penalized_features(router.config.features, emb_dim, h and h.features, dim)
+    penalized, domain = feature_groups(c.features, emb_dim, h and h.features, dim, c.spare_domains)
+    return fit.prior_grid(penalized, c.ridges, domain, c.domain_precisions)
 
 
 def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str],
@@ -156,10 +158,10 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     router = _with_head(dataset, e, encoder, config, progress)
     x = np.asarray(router.embed_features(e))
     lt = log_tokens(dataset.completion_tokens)
-    curve, ridges = None, config.ridges
+    curve, priors = None, _prior_grid(router, x.shape[1])
     if config.folds >= 2 and len(dataset) >= 5 * config.folds:
         fold = np.random.default_rng(0).permutation(len(dataset)) % config.folds
-        candidates = [(r,) for r in config.ridges] if config.ridge_selection == "validation" else [config.ridges]
+        candidates = list(priors[:, None]) if config.ridge_selection == "validation" else [priors]
         grid = budget_mod.CALIBRATION_GRID
         chosen = np.zeros((len(candidates), len(grid), len(dataset)), np.int32)
         from mixllm_jax import progress as progress_mod
@@ -169,17 +171,17 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
         for f in folds:  # cross-fitted choices: each fold routed by arms fitted on the others
             rest, held = fold != f, fold == f
             stats = arm_stats(x[rest], dataset.quality[rest], lt[rest])
-            for i, rs in enumerate(candidates):
-                part = _fit_arms(router, dataset.models, by_name, x, stats, rs)
+            for i, ps in enumerate(candidates):
+                part = _fit_arms(router, dataset.models, by_name, x, stats, ps)
                 chosen[i][:, held] = sweep_choices(part, e[held], dataset.select(held), grid)
         curves = [budget_mod.curve_from_choices(ch, grid, dataset.quality, dataset.cost, dataset.models)
                   for ch in chosen]
         best = int(np.argmax([c.score() for c in curves]))
-        curve, ridges = curves[best], candidates[best]
+        curve, priors = curves[best], candidates[best]
     elif config.ridge_selection == "validation":
         raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
-    router = _fit_arms(router, dataset.models, by_name, x, arm_stats(x, dataset.quality, lt), ridges,
+    router = _fit_arms(router, dataset.models, by_name, x, arm_stats(x, dataset.quality, lt), priors,
                        config.prior_weight)
     router.curve = curve
     budget = config.budget

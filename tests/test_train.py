@@ -64,9 +64,10 @@ def test_final_arms_are_the_closed_form_fit_of_the_whole_log(trained):
     router, ds, e = trained
     x = np.asarray(router.embed_features(e), np.float64)
     lt = train.log_tokens(ds.completion_tokens)
-    r = float(router.state.ridge[0])
-    assert r in CFG.ridges
-    prior = np.where(np.arange(x.shape[1]) < e.shape[1], r, fit.INTERCEPT_PRECISION)
+    prior = np.asarray(router.state.ridge, np.float64)  # the chosen row of the prior grid (one for every arm)
+    assert np.isclose(CFG.ridges, prior[0]).any() and np.all(prior[:e.shape[1]] == prior[0])
+    assert all(np.isclose(CFG.domain_precisions, p).any() for p in prior[e.shape[1]:-1])
+    assert prior[-1] == np.float32(fit.INTERCEPT_PRECISION)
     for col, name in enumerate(ds.models):
         k = router.registry.slot(name)
         theta = np.linalg.solve(np.diag(prior) + x.T @ x, x.T @ np.stack([ds.quality[:, col], lt[:, col]], 1))
