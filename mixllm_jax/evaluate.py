@@ -275,7 +275,7 @@ def paired_bootstrap(chosen_a, chosen_b, dataset, reference_name: str, n_boot: i
     Every resample draws N queries with replacement, shared by both methods, and recomputes both
     methods' AIQ (points as % of the reference on the resample, c_max shared by the two) and
     task-mean quality. Returns {"aiq" | "task_mean_quality": {"diff", "lo", "hi"}}: the difference
-    on the full test set and its 95% percentile interval (AIQ: nan when every LLM costs the same).
+    on the full test set and its 95% percentile interval (AIQ: None when every LLM costs the same).
     """
     q = np.nan_to_num(np.asarray(dataset.quality, np.float64))
     c = np.asarray(dataset.cost, np.float64)
@@ -288,7 +288,7 @@ def paired_bootstrap(chosen_a, chosen_b, dataset, reference_name: str, n_boot: i
     for ch in (chosen_a, chosen_b):
         ch = np.atleast_2d(np.asarray(ch))
         per.append((q[rows, ch], c[rows, ch]))  # [L, N] chosen quality and cost
-    flat = one_price(c)  # no curve: AIQ nan
+    flat = one_price(c)  # no curve: no AIQ
 
     def stats(idx):
         qr, cr = q[idx, ref].sum(), c[idx, ref].sum()
@@ -304,7 +304,7 @@ def paired_bootstrap(chosen_a, chosen_b, dataset, reference_name: str, n_boot: i
     rng = np.random.default_rng(seed)
     boot = np.array([stats(rng.integers(0, len(rows), len(rows))) for _ in range(n_boot)])
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-    return {name: {"diff": float(full[i]), "lo": float(lo[i]), "hi": float(hi[i])}
+    return {name: {k: None if flat and name == "aiq" else float(v[i]) for k, v in (("diff", full), ("lo", lo), ("hi", hi))}
             for i, name in enumerate(("aiq", "task_mean_quality"))}
 
 
@@ -449,7 +449,7 @@ def format_bootstrap_table(boot: Mapping[str, Any]) -> str:
     """Markdown: mixllm minus each method, with the 95% paired-bootstrap interval."""
     lines = ["| mixllm minus | AIQ diff [95% CI] | task-mean quality diff [95% CI] |", "| --- | --- | --- |"]
     for name, b in boot.items():
-        cell = lambda k: NO_AIQ if math.isnan(b[k]["diff"]) else \
+        cell = lambda k: NO_AIQ if b[k]["diff"] is None else \
             f"{b[k]['diff']:+.2f} [{b[k]['lo']:+.2f}, {b[k]['hi']:+.2f}]"  # noqa: E731
         lines.append(f"| {name} | {cell('aiq')} | {cell('task_mean_quality')} |")
     return "\n".join(lines)
@@ -486,7 +486,7 @@ def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
         xs = np.geomspace(hc[0], max(report["c_max_pct"], hc[0] * 1.0001), 400)
         color = cmap(i % 10)
         ax.plot(xs, np.interp(xs, hc, hq), styles[i % 4], color=color, lw=2.4 - 0.25 * (i % 4),
-                label=f"{name} (AIQ {m['aiq']:.1f})")
+                label=name if m["aiq"] is None else f"{name} (AIQ {m['aiq']:.1f})")
         ax.scatter(c, q, s=10, color=color, alpha=0.6)
     for name in singles:
         p = report["methods"][name]["points"][0]

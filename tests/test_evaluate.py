@@ -195,7 +195,7 @@ def test_paired_bootstrap_by_hand():
     assert paired_bootstrap(a, a, cheaper, "m0", n_boot=50)["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
 
-def test_llms_of_one_price_have_no_aiq():
+def test_llms_of_one_price_have_no_aiq(tmp_path):
     """When every LLM costs the same there is no cost-quality curve: AIQ is None in the report, "—"
     in the tables (with the reason), nan in the bootstrap; quality is still compared."""
     n = 40
@@ -210,5 +210,8 @@ def test_llms_of_one_price_have_no_aiq():
     assert row.split(" | ")[1] == "—" and "every LLM costs the same" in table
     assert "— / " in format_task_table(rep)
     boot = paired_bootstrap(oracle.chosen, np.zeros(n, int), ds, "m0", n_boot=50)
-    assert np.isnan(boot["aiq"]["diff"]) and boot["task_mean_quality"]["diff"] == pytest.approx(100 * 0.25)
+    assert boot["aiq"] == {"diff": None, "lo": None, "hi": None}
+    assert boot["task_mean_quality"]["diff"] == pytest.approx(100 * 0.25)
+    json.dumps({"report": rep, "bootstrap": boot}, allow_nan=False)  # report.json stays strict JSON
+    assert all(p.exists() for p in write_report(rep, tmp_path).values())  # report files and plot
     assert "| x | — | +25.00" in format_bootstrap_table({"x": boot})
