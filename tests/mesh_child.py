@@ -255,7 +255,7 @@ def check_text():
     valid = mask.any(1)
     head = tags.TagHead(6, 5)
     head_params = head.init(jax.random.PRNGKey(1), jnp.zeros((1, H)))["params"]
-    centroids = jnp.asarray(rng.normal(size=(G, 5)), jnp.float32)
+    centroids = jnp.asarray(rng.normal(size=(G, H)), jnp.float32)  # domains in the embedding space
     heads = {"raw+domain": (head_params, centroids, (6, 5), H + G + 1),
              "head": (head_params, centroids, (6, 5), 5 + 1), "raw": (None, None, None, H + 1)}
     # (feature mode, in-batch load, layout): every layout, mode and load path once (each compiles
