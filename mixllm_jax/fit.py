@@ -1,4 +1,4 @@
-"""Offline fit of every arm from logged outcomes, with the ridge of each arm chosen by evidence.
+"""Offline fit of every arm from logged outcomes, with each arm's prior precisions chosen by evidence.
 
 Bayesian linear regression per arm: y = x^T theta + noise (s.d. sigma), prior theta ~ N(0, sigma^2
 diag(p)^-1), p one row of a grid of candidate prior precisions (`prior_grid`): the ridge r on the
@@ -90,8 +90,8 @@ def state_from_stats(state: RouterState, slots: Sequence[int], stats, priors: np
 
     Each arm gets A = w (diag(prior) + X^T X), B = w X^T Y, count w n and its noise, with prior its
     row of highest evidence among the candidates priors [C, d] (`prior_grid`); A_inv is computed
-    from A. w = prior_weight in (0, 1] discounts
-    the log (a power prior): theta = A^-1 B is unchanged, but the log counts as w n pseudo-
+    from A. w = prior_weight in (0, 1] discounts the log (a power prior): theta = A^-1 B is
+    unchanged, but the log counts as w n pseudo-
     observations, so the posterior s.d.s (widths) grow by 1 / sqrt(w) and an online observation
     (weight 1) moves an arm as much as 1 / w logged ones. The state's fresh-arm prior becomes the
     median chosen prior. Returns (state, chosen prior precision [M, d]).
