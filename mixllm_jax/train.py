@@ -83,14 +83,14 @@ def _with_head(dataset: Dataset, e: np.ndarray, encoder, config: RouterConfig, p
     return Router(encoder=encoder, head=head, state=None, registry=None, config=config)
 
 
-def _fit_arms(router: Router, models: Sequence[str], specs: dict, x: np.ndarray, stats, priors,
-              prior_weight: float = 1.0) -> Router:
-    """A copy of `router` whose arms (one per model) are filled from arm stats of features x, each
-    with the candidate prior precision of highest evidence among priors [C, d] (the log discounted
-    to prior_weight pseudo-observations per query, fit.state_from_stats)."""
-    state, registry = new_state([specs[m] for m in models], x.shape[1])
+def _fit_arms(router: Router, empty, models: Sequence[str], stats, priors, prior_weight: float = 1.0) -> Router:
+    """A copy of `router` whose arms (one per model of the empty (state, registry) of new_state) are
+    filled from arm stats, each with the candidate prior precision of highest evidence among
+    priors [C, d] (the log discounted to prior_weight pseudo-observations per query,
+    fit.state_from_stats)."""
+    state, registry = empty
     state, _ = fit.state_from_stats(state, registry.columns(models), stats, priors, prior_weight)
-    return dataclasses.replace(router, state=state, registry=registry)
+    return dataclasses.replace(router, state=state, registry=ArmRegistry.from_dict(registry.to_dict()))
 
 
 def _prior_grid(router: Router, dim: int) -> np.ndarray:
@@ -159,6 +159,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     x = np.asarray(router.embed_features(e))
     lt = log_tokens(dataset.completion_tokens)
     curve, priors = None, _prior_grid(router, x.shape[1])
+    empty = new_state([by_name[m] for m in dataset.models], x.shape[1])  # one for every fit below
     if config.folds >= 2 and len(dataset) >= 5 * config.folds:
         fold = np.random.default_rng(0).permutation(len(dataset)) % config.folds
         candidates = list(priors[:, None]) if config.ridge_selection == "validation" else [priors]
@@ -172,7 +173,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
             rest, held = fold != f, fold == f
             stats = arm_stats(x[rest], dataset.quality[rest], lt[rest])
             for i, ps in enumerate(candidates):
-                part = _fit_arms(router, dataset.models, by_name, x, stats, ps)
+                part = _fit_arms(router, empty, dataset.models, stats, ps)
                 chosen[i][:, held] = sweep_choices(part, e[held], dataset.select(held), grid)
         curves = [budget_mod.curve_from_choices(ch, grid, dataset.quality, dataset.cost, dataset.models)
                   for ch in chosen]
@@ -181,8 +182,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     elif config.ridge_selection == "validation":
         raise ValueError(f"choosing the ridge on validation needs cross-fitting: {len(dataset)} queries are too "
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
-    router = _fit_arms(router, dataset.models, by_name, x, arm_stats(x, dataset.quality, lt), priors,
-                       config.prior_weight)
+    router = _fit_arms(router, empty, dataset.models, arm_stats(x, dataset.quality, lt), priors, config.prior_weight)
     router.curve = curve
     budget = config.budget
     if curve is not None:
