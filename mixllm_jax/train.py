@@ -93,12 +93,17 @@ def _fit_arms(router: Router, empty, models: Sequence[str], stats, priors, prior
     return dataclasses.replace(router, state=state, registry=ArmRegistry.from_dict(registry.to_dict()))
 
 
-def _prior_grid(router: Router, dim: int) -> np.ndarray:
-    """The config's candidate prior precisions [R * S, dim]: ridges x domain precisions."""
+def _feature_groups(router: Router, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """router.feature_groups of this router's features of dimension dim: (penalized [dim], domain [dim])."""
     h, c = router.head, router.config
     emb_dim = dim - 1 if h is None else int(np.shape(h.centroids)[1])
-    penalized, domain = feature_groups(c.features, emb_dim, h and h.features, dim, c.spare_domains)
-    return fit.prior_grid(penalized, c.ridges, domain, c.domain_precisions)
+    return feature_groups(c.features, emb_dim, h and h.features, dim, c.spare_domains)
+
+
+def _prior_grid(router: Router, dim: int) -> np.ndarray:
+    """The config's candidate prior precisions [R * S, dim]: ridges x domain precisions."""
+    penalized, domain = _feature_groups(router, dim)
+    return fit.prior_grid(penalized, router.config.ridges, domain, router.config.domain_precisions)
 
 
 def predictions(router: Router, e: np.ndarray, prompt_tokens: np.ndarray, models: Sequence[str],
@@ -201,7 +206,9 @@ def summary(router: Router, dataset: Dataset, e: np.ndarray) -> dict:
     queries, predicted / logged total cost), and the operating point.
 
     Returns {"domains": {name: n} | None, "fit": {llm: {"quality_rmse", "cost_ratio", "n"}},
-    "budget": str, "cost_weight", "mix_cost_weight", "mix", "held_out": {"spend_usd", "quality"} | None}.
+    "budget": str, "cost_weight", "mix_cost_weight", "mix", "held_out": {"spend_usd", "quality"} | None,
+    "ridge", "domain_precision": the prior precisions the fit chose (median over arms; None: no such
+    features)}.
     """
     q_hat, c_hat, _ = predictions(router, e, dataset.prompt_tokens, dataset.models)
     fit_err = {}
@@ -227,7 +234,11 @@ def summary(router: Router, dataset: Dataset, e: np.ndarray) -> dict:
         quality = (1 - p.mix) * _curve_at(c, p.cost_weight, "quality") + p.mix * _curve_at(c, p.mix_cost_weight,
                                                                                           "quality")
         held = {"spend_usd": spend, "quality": quality, "n_queries": c.n_queries}
-    return {"domains": domains_n, "fit": fit_err, "budget": router.config.budget.describe(),
+    prior = np.asarray(router.state.ridge)
+    penalized, domain = _feature_groups(router, prior.shape[0])
+    chosen = {"ridge": float(prior[penalized][0]) if penalized.any() else None,
+              "domain_precision": float(prior[domain][0]) if domain.any() else None}
+    return {"domains": domains_n, "fit": fit_err, "budget": router.config.budget.describe(), **chosen,
             "cost_weight": float(p.cost_weight), "mix_cost_weight": float(p.mix_cost_weight), "mix": float(p.mix),
             "held_out": held}
 

@@ -103,6 +103,7 @@ def test_train_ends_with_a_summary(readme_run):
     assert "quality RMSE" in fit and "gpt-4-1106-preview" in fit and "mistralai/mistral-7b-chat" in fit
     assert re.search(r"budget: 25% of the most expensive LLM's cost -> cost weight \(lambda\) [0-9.e+]+", out)
     assert "on the held-out (cross-fitted) curve: " in out
+    assert re.search(r"prior: ridge [0-9.e+]+ on the embedding, domain intercepts' precision (0\.1|1e\+03) ", out)
 
 
 @pytest.mark.slow
