@@ -120,8 +120,9 @@ def format_train_summary(s: dict) -> str:
         ratio = "-" if f["cost_ratio"] is None else f"{f['cost_ratio']:.3f}"
         lines.append(f"    {m:40s} {f['n']:7d} {rmse:>13s} {ratio:>22s}")
     if s.get("ridge") is not None:
-        dom = "" if s.get("domain_precision") is None else (
-            f", domain intercepts' precision {s['domain_precision']:.3g} (towards each LLM's mean)")
+        d = s.get("domain_precision")
+        dom = "" if d is None else f", domain intercepts' precision {d:.3g} " + (
+            "(free)" if d < 1 else "(pulled towards each LLM's mean)")
         lines.append(f"  prior: ridge {s['ridge']:.4g} on the embedding{dom}")
     point = f"cost weight (lambda) {s['cost_weight']:.4g}" + (
         f", {100 * s['mix']:.1f}% of queries at {s['mix_cost_weight']:.4g}" if s["mix"] else "")

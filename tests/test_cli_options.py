@@ -63,7 +63,8 @@ def test_train_summary_format():
          "held_out": {"spend_usd": 0.0012, "quality": 0.71, "n_queries": 40},
          "ridge": 300.0, "domain_precision": 1000.0}
     out = cli.format_train_summary(s)
-    assert "prior: ridge 300 on the embedding, domain intercepts' precision 1e+03" in out
+    assert "prior: ridge 300 on the embedding, domain intercepts' precision 1e+03 (pulled towards" in out
+    assert "precision 0.1 (free)" in cli.format_train_summary({**s, "domain_precision": 0.1})
     assert "20 domains" in out and "d19 (19)" in out and "8 more" in out
     assert "0.2500" in out and "1.020" in out and "llama" in out
     assert "25% of gpt-4's cost -> cost weight (lambda) 120, 40.0% of queries at 300" in out
