@@ -290,6 +290,9 @@ class Journal:
             self._file = None
 
 
+QUALITY_BIT, THUMBS_BIT = 1, 2  # feedback kinds as bits (Entry.applied, the shared decisions' flags)
+
+
 @dataclasses.dataclass
 class Entry:
     """What later feedback on one routed request needs."""
@@ -303,7 +306,7 @@ class Entry:
     observed_tokens: float | None = None
     has_quality: bool = False  # a quality observation is journaled (or being journaled)
     has_thumbs: bool = False
-    applied: int = 0  # feedback kinds applied from the journal (bits: 1 quality, 2 thumbs), checkpointed
+    applied: int = 0  # feedback kinds applied from the journal (QUALITY_BIT | THUMBS_BIT), checkpointed
     propensity: float = 1.0  # probability the router's policy had of choosing this arm (ope.py)
 
 

@@ -80,7 +80,7 @@ def entry_from_json(raw: bytes) -> tuple[feedback_log.Entry, int]:
                            model=str(d["model"]), prompt_tokens=float(d["prompt_tokens"]),
                            log_tokens=float(d["log_tokens"]), propensity=float(d["propensity"]))
     flags = int(d["flags"])
-    e.has_quality, e.has_thumbs = bool(flags & 1), bool(flags & 2)
+    e.has_quality, e.has_thumbs = bool(flags & feedback_log.QUALITY_BIT), bool(flags & feedback_log.THUMBS_BIT)
     return e, flags
 
 

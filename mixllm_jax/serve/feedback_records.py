@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixllm_jax import engine, feedback, feedback_log, tokens
+from mixllm_jax.feedback_log import QUALITY_BIT, THUMBS_BIT
 from mixllm_jax.serve.http import ApiError
 from mixllm_jax.serve.usage import MAX_TOKENS
-
-QUALITY_BIT, THUMBS_BIT = 1, 2  # Entry.applied: the request's journaled feedback kinds
 
 
 class FeedbackRecords:

@@ -45,13 +45,14 @@ import numpy as np
 
 from mixllm_jax import batcher, feedback, feedback_log, tokens
 from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
+from mixllm_jax.feedback_log import QUALITY_BIT, THUMBS_BIT
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
                                       extras_template, fit_feedback, fit_generation, reset_load,
                                       serve_route)
 from mixllm_jax.serve.config import ServeConfig
-from mixllm_jax.serve.feedback_records import QUALITY_BIT, THUMBS_BIT, FeedbackRecords
+from mixllm_jax.serve.feedback_records import FeedbackRecords
 from mixllm_jax.serve.http import ApiError, is_num
 from mixllm_jax.serve.live_models import LiveModels
 from mixllm_jax.serve.metrics import Metrics
