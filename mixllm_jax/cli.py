@@ -274,8 +274,8 @@ def cmd_experiment(args):
 
     kw = {}
     if args.seeds:
-        if args.name != "continual":
-            raise ValueError("--seeds goes with the continual experiment")
+        if args.name not in ("continual", "out-of-domain"):
+            raise ValueError("--seeds goes with the continual and out-of-domain experiments")
         kw["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.splits:
         if args.name != "continual":
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_data_args(p)
     p.add_argument("--quick", action="store_true", help="a small subset on one-hot task features (seconds)")
     p.add_argument("--out", default="runs/experiments", help="folder for NAME.json/.md/.png")
-    p.add_argument("--seeds", help="continual: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--seeds", help="continual, out-of-domain (its ood split): comma-separated seeds (default 0,1,2)")
     p.add_argument("--splits", help="continual: comma-separated offline fractions, no supplementary ones "
                                     "(default 0.8,0.5,0.3 plus 0.1,0.05)")
     p.add_argument("--modes", help="continual, out-of-domain: comma-separated online modes among none, refined, "

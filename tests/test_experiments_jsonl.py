@@ -45,8 +45,9 @@ def test_out_of_domain_on_a_jsonl_with_an_ood_split(tmp_path, capsys):
     log, models = write_log(tmp_path)
     out = tmp_path / "runs"
     cli.main(["experiment", "out-of-domain", "--quick", "--data", str(log), "--models", str(models),
-              "--reference", "big", "--out", str(out)])
-    assert "## The data's `ood` split" in capsys.readouterr().out
+              "--reference", "big", "--seeds", "0,1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "## The data's `ood` split" in printed and "Over seeds 0, 1" in printed
     r = json.loads((out / "out-of-domain.json").read_text())
     assert r["reference"] == "big" and r["data"]["n_ood"] == 30 and r["data"]["cost_blind"] is False
     assert r["tasks"] == ["a", "b"] and r["skipped_tasks"] == []  # held-out tasks, as on RouterBench
@@ -59,6 +60,14 @@ def test_out_of_domain_on_a_jsonl_with_an_ood_split(tmp_path, capsys):
         assert 0.0 <= m["by_task"]["c"]["mean_quality"] <= 100.0
     assert s["modes"]["none"]["drop_rel_pct"] is not None
     assert s["mean_quality_over_tasks"]["oracle"] >= s["mean_quality_over_tasks"]["best_single"]
+    o = r["ood_split_seeds"]  # each seed draws its own halves; the figures are averaged over them
+    assert o["seeds"] == [0, 1] and len(o["per_seed"]) == 2
+    assert o["per_seed"][0]["refined"]["regret"] == s["modes"]["refined"]["regret"]["final"]
+    for m in s["modes"]:
+        per = [p[m]["drop_rel_pct"] for p in o["per_seed"]]
+        assert abs(o["mean"][m]["drop_rel_pct"] - (per[0] + per[1]) / 2) < 1e-9
+    red = r["drop_reduction_pct_points"]["ood_split_refined"]
+    assert abs(red - (o["mean"]["refined"]["drop_rel_pct"] - o["mean"]["none"]["drop_rel_pct"])) < 1e-9
     assert (out / "out-of-domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

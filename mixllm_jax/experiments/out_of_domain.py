@@ -36,7 +36,7 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
             config: sim.StreamConfig = sim.StreamConfig(),
             budget_pct: float = BUDGET_PCT, beta: float = STREAM_BETA, tau: float = STREAM_TAU,
             alpha: float = ONLINE_ALPHA, explore: str = "ucb", prior_weight: float = 1.0, grow_domains: bool = True,
-            spare_domains: int = 4, fast_fit: bool = True, seed: int = 0, held_out_tasks: bool = True,
+            spare_domains: int = 4, fast_fit: bool = True, seeds: Sequence[int] = (0, 1, 2), held_out_tasks: bool = True,
             ood_stream_frac: float = 0.5, n_windows: int = 20, progress: bool = True) -> dict:
     """Held-out tasks (unless held_out_tasks=False): for each task T of `tasks` (default every task
     of d.train that has test queries), a router trained on the other tasks' train queries streams
@@ -52,7 +52,14 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
     `explore` at alpha posterior s.d.s; binary: the on-policy feedback network). grow_domains: the
     streaming routers keep `spare_domains` free domain slots and open domains for far queries as
     the stream goes (domains.DomainGrowth; the same features for every mode); every final state
-    is evaluated greedily with the grown domains."""
+    is evaluated greedily with the grown domains.
+
+    seeds: the ood split is drawn and streamed once per seed (its stream / evaluation halves and
+    the stream order), and its drops, reductions and regrets are averaged over them
+    (report["ood_split_seeds"]; report["ood_split"] details the first seed); the held-out tasks'
+    streams (each task's own train queries) are ordered by the first seed."""
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
     if not held_out_tasks and d.ood is None:
         raise ValueError("nothing to run: held_out_tasks is off and the data has no ood split")
     t_start = time.time()
@@ -79,7 +86,7 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
         te_rows = np.flatnonzero(keys_te == task)
         tr_rows = np.flatnonzero(keys_tr != task)
         on_rows = np.flatnonzero(keys_tr == task)
-        on_rows = on_rows[np.random.default_rng(seed).permutation(len(on_rows))]
+        on_rows = on_rows[np.random.default_rng(seeds[0]).permutation(len(on_rows))]
         if not (len(te_rows) and len(tr_rows) and len(on_rows)):
             raise ValueError(f"task {task!r}: needs train queries of other tasks and train + test queries of its own")
         test_t = d.test.select(te_rows)
@@ -100,19 +107,26 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
         entry["domains"] = growth.summary() if growth is not None else None
         per_task.append(entry)
     mean = {m: float(np.mean([e["modes"][m]["drop_rel_pct"] for e in per_task])) for m in modes} if per_task else {}
-    split = None
+    split, over_seeds = None, None
     if d.ood is not None:
-        split, last[OOD_SPLIT] = _ood_split(d, ind, lam_in, world, modes, config, budget_pct, beta, tau, alpha, seed,
-                                            ood_stream_frac, progress, d_ref, opts)
+        splits = []
+        for i, seed in enumerate(seeds):
+            s, runs = _ood_split(d, ind, lam_in, world, modes, config, budget_pct, beta, tau, alpha, seed,
+                                 ood_stream_frac, progress, d_ref, opts)
+            splits.append(s)
+            if i == 0:
+                split, last[OOD_SPLIT] = s, runs
+        over_seeds = _over_seeds(splits, seeds, modes)
     report = {"experiment": "out-of-domain", "latency_note": sim.LATENCY_NOTE, "reference": d.reference,
               "data": d.info(), "features": d.features, "config": config_dict(config), "modes": list(modes),
               "tasks": tasks_run, "skipped_tasks": skipped, "in_domain_cost_weight": lam_in,
               "cost_weight_from": calibration_note(d, budget_pct, "each router's training data"),
-              "per_task": per_task, "mean_drop_rel_pct": mean, "ood_split": split, "paper": PAPER_OOD,
+              "per_task": per_task, "mean_drop_rel_pct": mean, "ood_split": split, "ood_split_seeds": over_seeds,
+              "seeds": list(seeds), "paper": PAPER_OOD,
               "online": {"explore": explore, "alpha": alpha, "prior_weight": prior_weight, "grow_domains": grow_domains,
                          "spare_domains": spare_domains if grow_domains else 0,
                          "fast_fit": FAST_FIT if fast_fit else None},
-              "drop_reduction_pct_points": _reductions(mean, split, modes),
+              "drop_reduction_pct_points": _reductions(mean, over_seeds, modes),
               "seconds": time.time() - t_start}
     md = _ood_md(report)
     fig = plots.ood_fig(report, last, n_windows)
@@ -239,17 +253,27 @@ def _grown_features(router: Router, e_train: np.ndarray, e_stream: np.ndarray, g
     return x, growth.apply_to(router), growth
 
 
-def _reductions(mean: dict, split: dict | None, modes: Sequence[str]) -> dict:
+def _over_seeds(splits: Sequence[dict], seeds: Sequence[int], modes: Sequence[str]) -> dict:
+    """The ood split's figures per seed and their means: {"seeds", "per_seed": [{mode: {quality_at_cap,
+    drop_rel_pct, regret}}], "mean": {mode: the same, averaged}} (regret: the stream's final one)."""
+    per_seed = [{m: {"quality_at_cap": s["modes"][m]["quality_at_cap"], "drop_rel_pct": s["modes"][m]["drop_rel_pct"],
+                     "regret": s["modes"][m].get("regret", {}).get("final")} for m in modes} for s in splits]
+    mean = {m: {k: (None if any(p[m][k] is None for p in per_seed) else float(np.mean([p[m][k] for p in per_seed])))
+                for k in per_seed[0][m]} for m in modes}
+    return {"seeds": list(seeds), "per_seed": per_seed, "mean": mean}
+
+
+def _reductions(mean: dict, over_seeds: dict | None, modes: Sequence[str]) -> dict:
     """How many points each learning mode reduces the drop of no online learning by (held-out
-    tasks' mean, and the ood split): the paper's -5.44 -> -3.35 is 2.09 points."""
+    tasks' mean, and the ood split's mean over seeds): the paper's -5.44 -> -3.35 is 2.09 points."""
     out = {}
     for m in modes:
         if m == "none":
             continue
         if mean:
             out[f"held_out_{m}"] = mean[m] - mean["none"]
-        if split is not None:
-            ms = split["modes"]
+        if over_seeds is not None:
+            ms = over_seeds["mean"]
             out[f"ood_split_{m}"] = ms[m]["drop_rel_pct"] - ms["none"]["drop_rel_pct"]
     return out
 
@@ -284,6 +308,8 @@ def _ood_md(r: dict) -> str:
             lines += ["", f"Not held out (no test queries, or no other task): {', '.join(r['skipped_tasks'])}."]
     if r["ood_split"] is not None:
         lines += ([""] if r["per_task"] else []) + _ood_split_md(r["ood_split"], modes, r["config"]["rate"])
+        if len(r["seeds"]) > 1:
+            lines += [""] + _seeds_md(r["ood_split_seeds"], modes)
     lines += ["", f"The paper: {r['paper']['none']:+.2f}% without online learning, {r['paper']['online']:+.2f}% with it "
               f"(the drop reduced by {r['paper']['online'] - r['paper']['none']:.2f} points)."]
     o = r["online"]
@@ -308,6 +334,21 @@ def _ood_md(r: dict) -> str:
                      f"opened domain {g['queries_per_opened_domain']}; opened at stream queries "
                      f"{[o['at'] for o in g['opened_at']]}")
     return "\n".join(lines)
+
+
+def _seeds_md(o: dict, modes: Sequence[str]) -> list[str]:
+    """The ood split over seeds: each mode's drop, its reduction and its stream regret (mean, per seed)."""
+    seeds = ", ".join(map(str, o["seeds"]))
+    none = o["mean"]["none"]["drop_rel_pct"]
+    lines = [f"Over seeds {seeds} (each draws its own stream / evaluation halves and stream order; the tables above "
+             f"are seed {o['seeds'][0]}'s): mean, then per seed.", "",
+             "| mode | drop % vs seen | drop reduced by (points) | stream regret |", "| --- | --- | --- | --- |"]
+    for m in modes:
+        mean, per = o["mean"][m], [p[m] for p in o["per_seed"]]
+        red = "" if m == "none" or none is None or mean["drop_rel_pct"] is None else fmt(mean["drop_rel_pct"] - none, 2, True)
+        lines.append(f"| {m} | {fmt(mean['drop_rel_pct'], 2, True)} ({', '.join(fmt(p['drop_rel_pct'], 2, True) for p in per)}) "
+                     f"| {red} | {fmt(mean['regret'], 1)} ({', '.join(fmt(p['regret'], 1) for p in per)}) |")
+    return lines
 
 
 def _ood_split_md(s: dict, modes: Sequence[str], rate: float) -> list[str]:

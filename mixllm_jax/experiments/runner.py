@@ -36,7 +36,8 @@ def run_experiment(name: str, out_dir: str | Path = "runs/experiments", quick: b
     if quick and name == "latency":
         kwargs.setdefault("repeat", 2)
         kwargs.setdefault("rates", (10.0, 40.0))
-    if quick and name == "continual":
+    if quick and name in ("continual", "out-of-domain"):
         kwargs.setdefault("seeds", (0,))
+    if quick and name == "continual":
         kwargs.setdefault("extra_splits", ())
     return fn(d, out_dir, **kwargs)
