@@ -100,7 +100,7 @@ def _feature_groups(router: Router, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return feature_groups(c.features, emb_dim, h and h.features, dim, c.spare_domains)
 
 
-def _prior_grid(router: Router, dim: int) -> np.ndarray:
+def prior_candidates(router: Router, dim: int) -> np.ndarray:
     """The config's candidate prior precisions [R * S, dim]: ridges x domain precisions."""
     penalized, domain = _feature_groups(router, dim)
     return fit.prior_grid(penalized, router.config.ridges, domain, router.config.domain_precisions)
@@ -163,7 +163,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
     router = _with_head(dataset, e, encoder, config, progress)
     x = np.asarray(router.embed_features(e))
     lt = log_tokens(dataset.completion_tokens)
-    curve, priors = None, _prior_grid(router, x.shape[1])
+    curve, priors = None, prior_candidates(router, x.shape[1])
     empty = new_state([by_name[m] for m in dataset.models], x.shape[1])  # one for every fit below
     if config.folds >= 2 and len(dataset) >= 5 * config.folds:
         fold = np.random.default_rng(0).permutation(len(dataset)) % config.folds

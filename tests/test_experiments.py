@@ -8,6 +8,7 @@ import pytest
 from mixllm_jax import experiments as E
 from mixllm_jax import simulate as sim
 from mixllm_jax.data import routerbench_dir
+from mixllm_jax.experiments import common
 
 RB = routerbench_dir()
 pytestmark = pytest.mark.skipif(not (RB / "models.json").exists(), reason=f"RouterBench slice not at {RB}")
@@ -43,6 +44,22 @@ def test_latency_experiment(quick, tmp_path):
         assert m["cascade_frontier"]["mean_calls"] > 1.0
         assert "mixllm_vs_unconstrained_rel_pct" in pr["acceptance"]
     assert "## Acceptance" in md and "| 60 |" in md
+
+
+def test_full_information_reference_is_a_refit_of_both_parts(quick):
+    """refit_arms (the continual experiment's full-information reference) equals training offline
+    on both parts at once: same statistics, the same prior chosen by evidence, the same arms."""
+    off_i, on_i = common.split_idx(len(quick.train), 0.3, 0)
+    off, on = quick.train.select(off_i), quick.train.select(on_i)
+    router = common.fit_offline(off, quick.e_train[off_i], quick, progress=False)
+    xs = [common.router_features(router, quick.e_train[i]) for i in (off_i, on_i)]
+    state = common.refit_arms(router, xs, [off, on])
+    both = common.fit_offline(common.concat([off, on]), np.concatenate([quick.e_train[off_i], quick.e_train[on_i]]), quick,
+                         progress=False)
+    np.testing.assert_allclose(np.asarray(state.A), np.asarray(both.state.A), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(state.B), np.asarray(both.state.B), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(state.noise), np.asarray(both.state.noise), rtol=1e-4)
+    assert not np.allclose(np.asarray(state.A), np.asarray(router.state.A))  # the online part counts
 
 
 def test_continual_experiment(quick, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 
 from mixllm_jax.config import Budget, RouterConfig
 from mixllm_jax import data as data_mod
-from mixllm_jax import encoder, evaluate, metrics, simulate as sim, tags, train
+from mixllm_jax import encoder, evaluate, fit, metrics, simulate as sim, tags, train
 from mixllm_jax.data import Dataset
 from mixllm_jax.policy import Policy
 from mixllm_jax.router import Router
@@ -203,6 +203,16 @@ def fit_offline(ds: Dataset, e: np.ndarray, d: ExperimentData, capacity: int | N
         reg.capacity = capacity
         router.registry = reg
     return router
+
+
+def refit_arms(router: Router, xs: Sequence[np.ndarray], parts: Sequence[Dataset]):
+    """The router's arms refitted on the logs `parts` together (features xs [N_i, d], every LLM's
+    outcome), each arm's prior re-chosen by evidence among the config's candidates: what full
+    information could teach the arms, their hyper-parameters included. Returns the state."""
+    ds, x = concat(parts), np.concatenate(xs)
+    state, _ = fit.fit_state(router.state, router.registry.columns(ds.models), x, ds.quality,
+                             train.log_tokens(ds.completion_tokens), train.prior_candidates(router, x.shape[1]))
+    return state
 
 
 def router_features(router: Router, e: np.ndarray) -> np.ndarray:
