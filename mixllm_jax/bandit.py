@@ -1,7 +1,10 @@
-"""Per-arm ridge regression (LinUCB) over the stacked state: predictions and exact online updates.
+"""Per-arm ridge regression (LinUCB) over the stacked state: predictions and online updates.
 
 Arm k keeps A_k = r I + sum w x x^T, its inverse A_inv_k, and B_k = sum w x y^T for T targets;
-theta_k = A_inv_k B_k. One inverse serves all targets, since they share the inputs.
+theta_k = A_inv_k B_k. One inverse serves all targets, since they share the inputs. Every arm's
+prediction adds the shared online component's x^T phi (phi = shared_A_inv shared_B, 0 until
+online feedback arrives); `split` divides each observation's surprise between the observed arm
+and phi (docs/architecture.md, "Online learning").
 """
 
 from __future__ import annotations
@@ -18,14 +21,53 @@ def theta(state: RouterState) -> jnp.ndarray:
     return jnp.einsum("kij,kjt->kit", state.A_inv, state.B)
 
 
+def shared_theta(state: RouterState) -> jnp.ndarray:
+    """Coefficients of the shared online component: [d, T]."""
+    return state.shared_A_inv @ state.shared_B
+
+
 def predict(state: RouterState, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Targets and LinUCB widths for a batch x [B, d].
 
-    Returns (y_hat [B, K, T], width [B, K]) with width = noise_k * sqrt(x^T A_inv_k x), the
-    posterior s.d. of the predicted quality.
+    Returns (y_hat [B, K, T], width [B, K]): y_hat = x^T (theta_k + phi), width = noise_k *
+    sqrt(x^T A_inv_k x), the posterior s.d. of the arm's own part (phi's is the same for every arm,
+    so it changes no decision).
     """
-    y_hat = jnp.einsum("bi,kit->bkt", x, theta(state))
+    y_hat = jnp.einsum("bi,kit->bkt", x, theta(state)) + (x @ shared_theta(state))[:, None, :]
     return y_hat, state.noise * jnp.sqrt(jnp.maximum(_quadratic_forms(x, state.A_inv), 0.0))
+
+
+def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.ndarray,
+          w: jnp.ndarray) -> tuple[RouterState, jnp.ndarray]:
+    """Share a batch's surprises between the observed arms and the shared component.
+
+    x [B, d], arm [B] (in range), targets [B, T], w [B] (0: skipped). Each row's surprise
+    r = y - x^T (theta_k + phi) is split as a Kalman step with independent posteriors would
+    (mean field, in units of the arm's noise): the arm moves by A_inv_k x r / (1 + u_k + u_s) and phi
+    by shared_A_inv x r / (1 + u_k + u_s), u_k = x^T A_inv_k x and u_s = x^T shared_A_inv x. Both
+    are ordinary ridge steps with the targets y_k = x^T theta_k + r (1 + u_k) / (1 + u_k + u_s) and
+    y_s = x^T phi + r (1 + u_s) / (1 + u_k + u_s). The split uses the state before the batch; phi
+    takes its rows in rank-MAX_CHUNK Woodbury steps. Returns (state with phi updated, y_k [B, T]).
+    """
+    rows = jnp.arange(x.shape[0])
+    y_arm = jnp.einsum("bi,bit->bt", x, theta(state)[arm])
+    y_sh = x @ shared_theta(state)
+    u_arm = _quadratic_forms(x, state.A_inv)[rows, arm]
+    u_sh = jnp.einsum("bi,ij,bj->b", x, state.shared_A_inv, x)
+    r = targets - y_arm - y_sh
+    den = 1.0 + u_arm + u_sh
+    y_k = y_arm + r * ((1.0 + u_arm) / den)[:, None]
+    y_s = y_sh + r * ((1.0 + u_sh) / den)[:, None]
+    m = min(MAX_CHUNK, x.shape[0])
+    n = -(-x.shape[0] // m) * m
+    pad = lambda a: jnp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))  # weight 0: no-ops
+    xs, ys, ws = (pad(a).reshape((n // m, m) + a.shape[1:]) for a in (x, y_s, w))
+
+    def step(carry, chunk):
+        return _woodbury(*carry, *chunk), None
+
+    (A, A_inv, B), _ = jax.lax.scan(step, (state.shared_A, state.shared_A_inv, state.shared_B), (xs, ys, ws))
+    return state.replace(shared_A=A, shared_A_inv=0.5 * (A_inv + A_inv.T), shared_B=B), y_k
 
 
 WIDTH_CHUNK = 256  # rows per block of the width computation: keeps [rows, K, d] cache-sized
@@ -80,11 +122,24 @@ def update_batch(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: 
     """Add observations (x [B, d], arm [B] int, targets [B, T], weight [B] >= 0) to the state.
 
     Unchecked and jit-compiled (one compile per batch shape); see `engine.update` for the checked,
-    bucketed entry point. Rows with weight 0 are skipped (padding). The result equals applying the
-    observations one at a time in batch order: each arm's observations, in batch order, are cut into
-    chunks of m = clip(B // K, 1, 64) (a power of two) and every chunk is one rank-m Woodbury step
-    on its arm. A loop over the chunks that exist (at most B / m + K) keeps the work proportional to
-    B whether the batch is spread over arms or all on one.
+    bucketed entry point. Rows with weight 0 are skipped (padding). First `split` gives each row's
+    share to the shared component and returns the arms' targets; then `update_arms`.
+    """
+    n = x.shape[0]
+    w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
+    state, y_k = split(state, x, jnp.clip(arm.astype(jnp.int32), 0, state.capacity - 1), targets, w)
+    return update_arms(state, x, arm, y_k, w)
+
+
+@jax.jit
+def update_arms(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.ndarray,
+                weight: jnp.ndarray | None = None) -> RouterState:
+    """Ridge steps of the arms alone: (x [B, d], arm [B], targets [B, T], weight [B]) added to
+    each row's arm, with the result of applying them one at a time in batch order (the closed-form
+    ridge of each arm's rows): each arm's rows, in batch order, are cut into chunks of
+    m = clip(B // K, 1, 64) (a power of two) and every chunk is one rank-m Woodbury step on its
+    arm. A loop over the chunks that exist (at most B / m + K) keeps the work proportional to B
+    whether the batch is spread over arms or all on one.
     """
     n, K = x.shape[0], state.capacity
     m = min(MAX_CHUNK, 1 << max(0, (n // K).bit_length() - 1))
@@ -113,36 +168,48 @@ def update_batch(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: 
     return state.replace(A=A, A_inv=A_inv, B=B, count=state.count + counts)
 
 
+def _stacked(state: RouterState) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(A, A_inv) of the arms and, last, the shared component: [K + 1, d, d]."""
+    return (jnp.concatenate([state.A, state.shared_A[None]]), jnp.concatenate([state.A_inv, state.shared_A_inv[None]]))
+
+
 @jax.jit
 def drift(state: RouterState) -> jnp.ndarray:
-    """Per-arm float32 drift of A_inv from the exact inverse: max |A_k A_inv_k - I|, [K]."""
+    """Float32 drift of each inverse from the exact one, max |A A_inv - I|: [K + 1] (the arms',
+    then the shared component's)."""
+    A, A_inv = _stacked(state)
     eye = jnp.eye(state.dim, dtype=jnp.float32)
-    return jnp.abs(jnp.einsum("kij,kjl->kil", state.A, state.A_inv) - eye).max(axis=(1, 2))
+    return jnp.abs(jnp.einsum("kij,kjl->kil", A, A_inv) - eye).max(axis=(1, 2))
 
 
 @jax.jit
 def refresh(state: RouterState, which: jnp.ndarray | None = None) -> RouterState:
-    """Recompute A_inv from the precision matrix A for arms where `which` [K] is True."""
-    fresh = spd_inverse(state.A)
+    """Recompute the inverses from the precision matrices where `which` [K + 1] is True (the
+    arms, then the shared component; None: all)."""
+    A, A_inv = _stacked(state)
+    fresh = spd_inverse(A)
     if which is not None:
-        fresh = jnp.where(which[:, None, None], fresh, state.A_inv)
-    return state.replace(A_inv=fresh)
+        fresh = jnp.where(which[:, None, None], fresh, A_inv)
+    return state.replace(A_inv=fresh[:-1], shared_A_inv=fresh[-1])
 
 
 def merge(base: RouterState, *replicas: RouterState) -> RouterState:
-    """Merge replicas that started from `base`: sum their additive deltas of A, B and count.
+    """Merge replicas that started from `base`: sum their additive deltas of A, B and count (the
+    arms' and the shared component's).
 
-    Exact, because updates are additive in (A, B); A_inv is recomputed from A.
+    Exact given each replica's steps, because those are additive in (A, B); the inverses are
+    recomputed from A.
     """
-    A, B, count = base.A, base.B, base.count
+    fields = ("A", "B", "count", "shared_A", "shared_B")
+    total = {f: getattr(base, f) for f in fields}
     for rep in replicas:
-        A, B, count = A + rep.A - base.A, B + rep.B - base.B, count + rep.count - base.count
-    return refresh(base.replace(A=A, B=B, count=count))
+        total = {f: total[f] + getattr(rep, f) - getattr(base, f) for f in fields}
+    return refresh(base.replace(**total))
 
 
 @jax.jit
 def maintain(state: RouterState, tol: float = 1e-4) -> tuple[RouterState, jnp.ndarray]:
-    """Detect float32 drift and refresh the arms past `tol` from A. Returns (state, drift [K]).
+    """Detect float32 drift and refresh the inverses past `tol`. Returns (state, drift [K + 1]).
 
     Costs about one d^3 matmul per arm: call it every few thousand updates, not per batch.
     """

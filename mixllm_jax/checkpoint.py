@@ -60,16 +60,17 @@ from mixllm_jax import tags
 from mixllm_jax.budget import OperatingCurve
 from mixllm_jax.config import RouterConfig
 from mixllm_jax.policy import Policy
-from mixllm_jax.state import ArmRegistry, RouterState, grow
+from mixllm_jax.state import ArmRegistry, RouterState, grow, shared_prior
 
 if TYPE_CHECKING:  # router.py imports this module: import Router lazily at run time
     from mixllm_jax.router import Router
 
 DEFAULT_DIR = Path("checkpoints")
-FORMAT_VERSION = 4  # 4: domain centroids in the embedding space; 3: metadata checksum, fine-tuned encoder layers; 2: RouterConfig under one key, operating curve, per-feature ridge
+FORMAT_VERSION = 5  # 5: the shared online component; 4: domain centroids in the embedding space; 3: metadata checksum, fine-tuned encoder layers; 2: RouterConfig under one key, operating curve, per-feature ridge
 _NO_CHECKSUM = " (saved without a metadata checksum by an older mixllm_jax: train or save it again)"
 OLDER_FORMATS = {1: _NO_CHECKSUM, 2: _NO_CHECKSUM,
                  3: " (its domain centroids are in the tag head's feature space, an older mixllm_jax's: train it again)"}
+READS_FORMATS = (4, FORMAT_VERSION)  # a format-4 state gets the shared online component at its prior
 META_CHECKSUM = "meta_sha256"
 ARRAY_ITEMS = ("state", "head", "extras", "encoder")
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -380,10 +381,10 @@ def _read_meta(mngr, directory: Path, step: int) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} is corrupted: its metadata {meta_file} is not a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS_FORMATS:
         old = OLDER_FORMATS.get(version, "") if isinstance(version, int) else ""
         raise CheckpointError(f"{where} has format version {repr(version)[:20]}, which this mixllm_jax cannot "
-                              f"read (it reads format version {FORMAT_VERSION}){old}")
+                              f"read (it reads format versions {' and '.join(map(str, READS_FORMATS))}){old}")
     want = meta.get(META_CHECKSUM)
     try:
         got = meta_checksum(meta)
@@ -421,6 +422,14 @@ def _load_encoder(identity: dict):
         if identity.get("path") and Path(identity["path"]).is_dir():
             return enc_mod.load_encoder(identity["path"], **kw)
         raise
+
+
+def upgrade_state(version: int, arrays: dict) -> dict:
+    """A saved state's arrays in this format: format 4 predates the shared online component, which
+    starts at its prior (of the saved ridge), as after an offline fit."""
+    if version == 4 and {"ridge", "B"} <= set(arrays) and not {"shared_A", "shared_A_inv", "shared_B"} & set(arrays):
+        return {**arrays, **shared_prior(jax.numpy.asarray(arrays["ridge"]), int(np.shape(arrays["B"])[-1]))}
+    return arrays
 
 
 def restore_router(directory: str | Path = DEFAULT_DIR / "router", step: int | None = None,
@@ -517,6 +526,7 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
         _verify(tree, manifest[item], item, where)
 
     fields = {f.name for f in dataclasses.fields(RouterState)}
+    restored["state"] = upgrade_state(meta["format_version"], restored["state"])
     if set(restored["state"]) != fields:
         raise CheckpointError(f"{where} is incompatible: state fields {sorted(restored['state'])} "
                               f"!= {sorted(fields)}")

@@ -19,7 +19,7 @@ import jax.scipy.linalg
 import numpy as np
 
 from mixllm_jax.bandit import spd_inverse
-from mixllm_jax.state import QUALITY, RouterState
+from mixllm_jax.state import QUALITY, RouterState, shared_prior
 
 INTERCEPT_PRECISION = 0.1  # prior precision of intercept features: ~0.1 pseudo-observations
 
@@ -112,9 +112,11 @@ def state_from_stats(state: RouterState, slots: Sequence[int], stats, priors: np
 
 @jax.jit
 def _fill(state: RouterState, sl, A, A_inv, B, count, noise, ridge) -> RouterState:
-    """The state with arms sl [M] set (one compiled program: eager scatters cost ~30 ms each)."""
+    """The state with arms sl [M] set and the shared online component back at its prior (of the
+    new ridge): one compiled program (eager scatters cost ~30 ms each)."""
     return state.replace(A=state.A.at[sl].set(A), A_inv=state.A_inv.at[sl].set(A_inv), B=state.B.at[sl].set(B),
-                         count=state.count.at[sl].set(count), noise=state.noise.at[sl].set(noise), ridge=ridge)
+                         count=state.count.at[sl].set(count), noise=state.noise.at[sl].set(noise), ridge=ridge,
+                         **shared_prior(ridge, state.n_targets))
 
 
 def fit_state(state: RouterState, slots: Sequence[int], x: np.ndarray, quality: np.ndarray,

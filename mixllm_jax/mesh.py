@@ -56,13 +56,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixllm_jax import bandit, engine, fit
 from mixllm_jax import policy as policy_mod
 from mixllm_jax.policy import Decision, Policy
-from mixllm_jax.state import RouterState
+from mixllm_jax.state import ARMLESS_FIELDS, RouterState
 
 BATCH, ARMS = "batch", "arms"
 STATS_BLOCK = 512  # rows per step of the statistics scan: bounds the [rows, K, d] intermediate
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per entry point
 
-_SCALAR_FIELDS = ("clock", "ridge")  # every other RouterState field has the leading arm axis K
 _DECISION_BK = ("quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score")  # [B, K] fields
 
 
@@ -110,8 +109,8 @@ def arm_size(mesh: Mesh) -> int:
 
 
 def state_specs() -> RouterState:
-    """PartitionSpecs of a RouterState: the leading arm axis on "arms", scalars replicated."""
-    return RouterState(**{f.name: P() if f.name in _SCALAR_FIELDS else P(ARMS)
+    """PartitionSpecs of a RouterState: the leading arm axis on "arms", the arm-less fields replicated."""
+    return RouterState(**{f.name: P() if f.name in ARMLESS_FIELDS else P(ARMS)
                           for f in dataclasses.fields(RouterState)})
 
 
@@ -285,6 +284,12 @@ def _update_stats(x, m, y):
             (m > 0).sum(0).astype(jnp.float32))
 
 
+def _split(state: RouterState, x, arm, targets, w):
+    """bandit.split on the whole (sharded) state: the shared component's step and the arms' targets."""
+    arm = jnp.clip(arm.astype(jnp.int32), 0, state.capacity - 1)
+    return bandit.split(state, x.astype(jnp.float32), arm, targets.astype(jnp.float32), w)
+
+
 def _on_cpu(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform == "cpu"
 
@@ -340,6 +345,7 @@ def _update_fn(mesh: Mesh):
         TRACES["update_batch"] += 1
         n = x.shape[0]
         w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
+        state, targets = _split(state, x, arm, targets, w)
         size = _rows_multiple(n, mesh)
         pad = lambda a: jnp.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1))  # weight 0: no-ops
         A, A_inv, B, count = sharded(state, pad(x.astype(jnp.float32)), pad(arm.astype(jnp.int32)),
@@ -358,7 +364,7 @@ def _woodbury_fn(mesh: Mesh):
         k_local = state.capacity
         k0 = jax.lax.axis_index(ARMS) * k_local
         mine = (arm >= k0) & (arm < k0 + k_local)  # other blocks' rows: weight 0, skipped
-        new = bandit.update_batch(state, x, jnp.where(mine, arm - k0, 0), targets, jnp.where(mine, w, 0.0))
+        new = bandit.update_arms(state, x, jnp.where(mine, arm - k0, 0), targets, jnp.where(mine, w, 0.0))
         return new.A, new.A_inv, new.B, new.count
 
     sharded = _shard_map(local, mesh, (sspec, rep, rep, rep, rep), (upd,) * 4)
@@ -366,6 +372,7 @@ def _woodbury_fn(mesh: Mesh):
     def fn(state, x, arm, targets, weight):
         TRACES["update_batch_woodbury"] += 1
         w = jnp.ones((x.shape[0],), jnp.float32) if weight is None else weight.astype(jnp.float32)
+        state, targets = _split(state, x, arm, targets, w)
         A, A_inv, B, count = sharded(state, x.astype(jnp.float32), arm.astype(jnp.int32),
                                      targets.astype(jnp.float32), w)
         return state.replace(A=A, A_inv=A_inv, B=B, count=count)
@@ -388,7 +395,8 @@ def update_batch(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh
       A_inv recomputed from A for the arms observed. The batch axis splits the sums, but each
       device does one-hot work for all its arms (B K_local d^2) and a refresh of K_local d^3:
       worth it for wide batch axes and large batches.
-    Both equal the unsharded update (and the closed-form ridge) within float32 tolerance.
+    Both first `bandit.split` the rows (the shared component's step and the arms' targets) and
+    equal the unsharded update within float32 tolerance.
     """
     if method not in UPDATE_METHODS:
         raise ValueError(f"method must be one of {UPDATE_METHODS}, got {method!r}")

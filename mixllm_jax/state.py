@@ -19,6 +19,7 @@ import numpy as np
 from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 
 QUALITY, LOG_TOKENS = 0, 1  # target columns of B: quality, log completion tokens
+ARMLESS_FIELDS = ("clock", "ridge", "shared_A", "shared_A_inv", "shared_B")  # the rest have the arm axis K
 DEFAULT_TARGETS = ("quality", "log_tokens")
 
 
@@ -38,6 +39,11 @@ class RouterState:
     ridge: [d] the prior precision r of each feature in a fresh arm (small on intercept features,
       so they are not shrunk towards 0; see docs/architecture.md, "Predictors").
     noise: [K] each arm's quality noise scale (s.d.); the LinUCB width is noise * sqrt(x^T A_inv x).
+    shared_A, shared_A_inv: [d, d], shared_B: [d, T]: the shared online component, a ridge model
+      added to every arm's prediction and learned from online feedback only (bandit.update_batch
+      splits each observation's surprise between the observed arm and it, so a shift common to
+      every LLM, e.g. an unseen task that is harder for all, is not charged to the one observed).
+      It starts at its prior (diag(ridge), 0: it predicts 0). See docs/architecture.md, "Online learning".
     """
 
     A: jnp.ndarray
@@ -54,6 +60,9 @@ class RouterState:
     clock: jnp.ndarray
     ridge: jnp.ndarray
     noise: jnp.ndarray
+    shared_A: jnp.ndarray
+    shared_A_inv: jnp.ndarray
+    shared_B: jnp.ndarray
 
     @property
     def capacity(self) -> int:
@@ -112,7 +121,14 @@ def init_state(capacity: int, dim: int, n_targets: int = 2, load_slots: int = 32
         clock=jnp.zeros((), jnp.float32),
         ridge=jnp.asarray(r),
         noise=jnp.ones((capacity,), jnp.float32),
+        **shared_prior(jnp.asarray(r), n_targets),
     )
+
+
+def shared_prior(ridge: jnp.ndarray, n_targets: int) -> dict:
+    """The shared online component at its prior precision ridge [d] (RouterState fields)."""
+    return {"shared_A": jnp.diag(ridge), "shared_A_inv": jnp.diag(1.0 / ridge),
+            "shared_B": jnp.zeros((ridge.shape[0], n_targets), jnp.float32)}
 
 
 def _check_slot(state: RouterState, slot: int, *, want_active: bool | None) -> int:
@@ -147,6 +163,7 @@ def add_arm(state: RouterState, slot: int, *, price_in: float, price_out: float,
       "mean": theta = mean theta of the active arms (warm start);
       a float p: predicted quality p for every query (on the bias feature), log tokens as "mean";
       an array [T]: per-target values on the bias feature.
+    Its predictions also hold the shared online component's (bandit.predict), as every arm's do.
     """
     slot = _check_slot(state, slot, want_active=False)
     price_in = _check_nonneg("price_in", price_in)
@@ -231,7 +248,7 @@ def grow(state: RouterState, capacity: int) -> RouterState:
     cat = lambda a, b: jnp.concatenate([a, b], axis=0)
     return state.replace(**{
         f.name: cat(getattr(state, f.name), getattr(fresh, f.name))
-        for f in dataclasses.fields(state) if f.name not in ("clock", "ridge")})
+        for f in dataclasses.fields(state) if f.name not in ARMLESS_FIELDS})
 
 
 class ArmRegistry:

@@ -373,7 +373,7 @@ def test_incompatible_format_version(saved):
     meta = json.loads(meta_file.read_text())
     meta["format_version"] = 999
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format version 999.*reads format version 4"):
+    with pytest.raises(CheckpointError, match="format version 999.*reads format versions 4 and 5"):
         restore_router(directory)
     meta["format_version"] = 2
     meta_file.write_text(json.dumps(meta))
@@ -516,3 +516,21 @@ def test_capacity_smaller_is_an_error_larger_routes_identically(built, saved):
     # the grown router takes new LLMs in the new slots
     st, reg = S.add_llm(big.state, big.registry, "new", price_in=1e-7, price_out=1e-7)
     assert reg.slots["new"] == 3 and st.capacity == 16
+
+
+def test_a_format_4_state_gets_the_shared_component_at_its_prior():
+    """Format 4 predates the shared online component: it is added at its prior (predicting 0), the
+    saved arms untouched; a format-5 state is read as it is."""
+    import numpy as np
+    from mixllm_jax import bandit, state as S
+
+    st = S.init_state(4, 6, ridge=np.arange(1, 7, dtype=np.float32))
+    v4 = {f: np.asarray(getattr(st, f)) for f in ("A", "A_inv", "B", "count", "active", "price_in", "price_out", "ttft",
+                                                 "tokens_per_s", "max_concurrency", "free_at", "clock", "ridge", "noise")}
+    up = ckpt.upgrade_state(4, v4)
+    restored = S.RouterState(**up)
+    np.testing.assert_array_equal(np.asarray(restored.shared_A), np.diag(np.arange(1, 7, dtype=np.float32)))
+    np.testing.assert_array_equal(np.asarray(bandit.shared_theta(restored)), np.zeros((6, 2)))
+    assert all(up[f] is v4[f] for f in v4)
+    five = {**v4, "shared_A": 1, "shared_A_inv": 2, "shared_B": 3}
+    assert ckpt.upgrade_state(5, five) is five

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixllm_jax import engine, state as S
+from mixllm_jax import bandit, engine, state as S
 from mixllm_jax.policy import Policy, choice_probs
 from conftest import make_state, numpy_ridge, random_obs
 
@@ -12,7 +12,7 @@ from conftest import make_state, numpy_ridge, random_obs
 def trained(rng, n=300, dim=6, n_arms=3, noise=(0.2, 0.3, 0.5)):
     st = make_state(dim=dim, n_active=n_arms)
     x, a, y = random_obs(rng, n, dim, n_arms)
-    st = engine.update(st, x, a, y)
+    st = bandit.update_arms(st, x, a, y)  # the arms alone: numpy's closed-form ridge
     return st.replace(noise=st.noise.at[:n_arms].set(np.asarray(noise, np.float32))), (x, a, y)
 
 

@@ -74,8 +74,8 @@ def test_prior_weight_keeps_predictions_and_widens_the_posterior(rng):
     np.testing.assert_allclose(np.asarray(disc.count)[:3], w * np.asarray(full.count)[:3], rtol=1e-6)
     # one observation of weight 1 on the discounted arm == weight 1/w on the full-weight arm
     t = np.array([[5.0, 1.0]], np.float32)
-    a = bandit.update_batch(disc, xq[:1], np.array([0]), t, np.array([1.0], np.float32))
-    b = bandit.update_batch(full, xq[:1], np.array([0]), t, np.array([1 / w], np.float32))
+    a = bandit.update_arms(disc, xq[:1], np.array([0]), t, np.array([1.0], np.float32))
+    b = bandit.update_arms(full, xq[:1], np.array([0]), t, np.array([1 / w], np.float32))
     np.testing.assert_allclose(np.asarray(bandit.predict(a, xq)[0]), np.asarray(bandit.predict(b, xq)[0]), atol=2e-3)
     import pytest
     with pytest.raises(ValueError, match="prior_weight"):

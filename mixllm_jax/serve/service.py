@@ -622,7 +622,8 @@ class RouterService(FeedbackRecords, LiveModels):
                       "max_concurrency", "noise"):
                 h.update(f.encode())
                 h.update(np.ascontiguousarray(np.asarray(getattr(st, f))[live]).tobytes())
-            h.update(np.asarray(st.ridge).tobytes())
+            for f in ("ridge", "shared_A", "shared_A_inv", "shared_B"):
+                h.update(np.ascontiguousarray(np.asarray(getattr(st, f))).tobytes())
             for name, layer in sorted(fs.params.items()):
                 for k, v in sorted(layer.items()):
                     v = np.asarray(v)
