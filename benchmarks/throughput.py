@@ -163,12 +163,13 @@ def random_obs(K, d, n_obs=None, seed=0):
 
 
 def random_state(K, d, n_obs=None, seed=0):
-    """A state with K active arms, each fitted on a few random observations."""
+    """A state with K active arms, each fitted on a few random observations (the arms alone: the
+    shared online component stays at its prior, so the numpy references hold)."""
     st = S.init_state(K, d)
     for k in range(K):
         st = S.add_arm(st, k, price_in=1e-6 * (k + 1), price_out=3e-6 * (k + 1))
     x, arm, y = random_obs(K, d, n_obs, seed)
-    return bandit.update_batch(st, jnp.asarray(x), jnp.asarray(arm), jnp.asarray(y))
+    return bandit.update_arms(st, jnp.asarray(x), jnp.asarray(arm), jnp.asarray(y))
 
 
 def queries(B, d, seed=1):

@@ -33,13 +33,13 @@ def test_numpy_reference_picks_the_same_arms_as_route_batch(K, d, B, seed):
     assert len(np.unique(ref)) > 1  # the check is not trivially one arm everywhere
 
 
-def test_numpy_update_matches_update_batch():
+def test_numpy_update_matches_the_arms_update():
     K, d = 4, 8
     st = T.random_state(K, d)
     x, arm, y = T.random_obs(K, d, 12, seed=5)
     A_inv, B = np.array(st.A_inv), np.array(st.B)
     T.numpy_update(A_inv, B, x, arm, y)
-    new = T.bandit.update_batch(st, jnp.asarray(x), jnp.asarray(arm), jnp.asarray(y))
+    new = T.bandit.update_arms(st, jnp.asarray(x), jnp.asarray(arm), jnp.asarray(y))
     np.testing.assert_allclose(A_inv, np.asarray(new.A_inv), atol=1e-5)
     np.testing.assert_allclose(B, np.asarray(new.B), atol=1e-5)
 

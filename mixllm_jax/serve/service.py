@@ -344,9 +344,13 @@ class RouterService(FeedbackRecords, LiveModels):
             rec = records[i]
             typ = rec.get("type")
             if typ in ("quality", "thumbs"):
-                j = i  # a run of one type is one update; with --cluster one message's records only, so
-                while j < len(records) and records[j].get("type") == typ and (  # every replica updates in
-                        not self.cluster_mode or records[j]["seq"] == rec["seq"]):  # the same float32 steps
+                # a run of one type is one update, except quality: one record's observations are one
+                # step, since bandit.split shares a batch's surprises from the state before it (live
+                # drains and replay group records differently); with --cluster one message's records
+                # only, so every replica updates in the same float32 steps
+                j = i
+                while j < len(records) and records[j].get("type") == typ and (
+                        (not self.cluster_mode and typ == "thumbs") or records[j]["seq"] == rec["seq"]):
                     j += 1
                 group = records[i:j]
                 try:
