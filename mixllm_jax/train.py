@@ -47,8 +47,9 @@ def new_state(specs: Sequence[ModelSpec], dim: int, ridge: float | np.ndarray = 
 
 def fill_arms(state, registry: ArmRegistry, x: np.ndarray, dataset: Dataset, weight: float = 1.0,
               progress: bool = False):
-    """Online-style fit: every (query, LLM) outcome with a known quality is one Sherman-Morrison
-    update of that LLM's arm (what the continual-learning stream does, in bulk)."""
+    """Online-style fit: every (query, LLM) outcome with a known quality updates that LLM's arm and
+    the shared online component (engine.update in chunks of UPDATE_CHUNK rows: what refined
+    feedback does in the stream, in bulk)."""
     from mixllm_jax import progress as progress_mod
 
     q, lt = dataset.quality, log_tokens(dataset.completion_tokens)

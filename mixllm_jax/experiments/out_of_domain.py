@@ -54,10 +54,10 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
     the stream goes (domains.DomainGrowth; the same features for every mode); every final state
     is evaluated greedily with the grown domains.
 
-    seeds: the ood split is drawn and streamed once per seed (its stream / evaluation halves and
-    the stream order), and its drops, reductions and regrets are averaged over them
-    (report["ood_split_seeds"]; report["ood_split"] details the first seed); the held-out tasks'
-    streams (each task's own train queries) are ordered by the first seed."""
+    seeds: each protocol runs once per seed, and its drops, reductions and regrets are averaged
+    over them (report["held_out_seeds"], report["ood_split_seeds"]; report["per_task"] and
+    report["ood_split"] detail the first seed): a seed orders each held-out task's stream, and
+    draws the ood split's stream / evaluation halves and their order."""
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     if not held_out_tasks and d.ood is None:
@@ -82,12 +82,12 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
             skipped = [t for t in tasks_run if not ((keys_te == t).any() and (keys_tr != t).any())]
             tasks_run = [t for t in tasks_run if t not in skipped]
         x_te_in = router_features(ind, d.e_test)
+    by_seed = [[] for _ in seeds]  # each seed's held-out task entries
     for task in tasks_run:
         te_rows = np.flatnonzero(keys_te == task)
         tr_rows = np.flatnonzero(keys_tr != task)
-        on_rows = np.flatnonzero(keys_tr == task)
-        on_rows = on_rows[np.random.default_rng(seeds[0]).permutation(len(on_rows))]
-        if not (len(te_rows) and len(tr_rows) and len(on_rows)):
+        on_all = np.flatnonzero(keys_tr == task)
+        if not (len(te_rows) and len(tr_rows) and len(on_all)):
             raise ValueError(f"task {task!r}: needs train queries of other tasks and train + test queries of its own")
         test_t = d.test.select(te_rows)
         cws, pts_in = sweep(ind.state, ind.registry, x_te_in[te_rows], test_t, 0.0, [lam_in], reference=d.reference)
@@ -96,17 +96,25 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
         ood = fit_offline(d.train.select(tr_rows), d.e_train[tr_rows], d, progress=progress)
         lam = calibrate(ood, router_features(ood, d.e_train[tr_rows]), d.train.select(tr_rows), budget_pct, 0.0,
                         d.reference)
-        x_stream, ood_eval, growth = _grown_features(ood, d.e_train[tr_rows], d.e_train[on_rows], grow_domains)
-        stream = sim.make_stream(d.train.select(on_rows), x_stream, config, d.reference)
-        entry = {"task": task, "n_train_other_tasks": len(tr_rows), "n_stream": len(on_rows), "n_test": len(te_rows),
-                 "cost_cap_pct": cap, "in_domain": {"quality_at_cap": q_in, "at_cost_weight": point_at(cws, pts_in, lam_in)},
-                 "cost_weight": lam}
-        entry["modes"], last[task] = _stream_modes(d, ood, lam, stream, world, router_features(ood_eval, d.e_test[te_rows]),
-                                                   test_t, cap, q_in, modes, config, beta, tau, alpha, task, progress,
-                                                   opts=opts, stream_ds=d.train.select(on_rows))
-        entry["domains"] = growth.summary() if growth is not None else None
-        per_task.append(entry)
-    mean = {m: float(np.mean([e["modes"][m]["drop_rel_pct"] for e in per_task])) for m in modes} if per_task else {}
+        for i, seed in enumerate(seeds):  # each seed orders the stream (and so the domains it opens)
+            on_rows = on_all[np.random.default_rng(seed).permutation(len(on_all))]
+            x_stream, ood_eval, growth = _grown_features(ood, d.e_train[tr_rows], d.e_train[on_rows], grow_domains)
+            stream = sim.make_stream(d.train.select(on_rows), x_stream, config, d.reference)
+            entry = {"task": task, "n_train_other_tasks": len(tr_rows), "n_stream": len(on_rows),
+                     "n_test": len(te_rows), "cost_cap_pct": cap,
+                     "in_domain": {"quality_at_cap": q_in, "at_cost_weight": point_at(cws, pts_in, lam_in)},
+                     "cost_weight": lam}
+            entry["modes"], runs = _stream_modes(d, ood, lam, stream, world,
+                                                 router_features(ood_eval, d.e_test[te_rows]), test_t, cap, q_in,
+                                                 modes, config, beta, tau, alpha, task, progress, opts=opts,
+                                                 stream_ds=d.train.select(on_rows))
+            entry["domains"] = growth.summary() if growth is not None else None
+            by_seed[i].append(entry)
+            if i == 0:
+                per_task.append(entry)
+                last[task] = runs
+    held_out_seeds = _over_seeds([_task_mean(es, modes) for es in by_seed], seeds, modes) if per_task else None
+    mean = {m: held_out_seeds["mean"][m]["drop_rel_pct"] for m in modes} if per_task else {}
     split, over_seeds = None, None
     if d.ood is not None:
         splits = []
@@ -121,7 +129,8 @@ def run_ood(d: ExperimentData, out_dir, *, tasks: Sequence[str] | None = None,
               "data": d.info(), "features": d.features, "config": config_dict(config), "modes": list(modes),
               "tasks": tasks_run, "skipped_tasks": skipped, "in_domain_cost_weight": lam_in,
               "cost_weight_from": calibration_note(d, budget_pct, "each router's training data"),
-              "per_task": per_task, "mean_drop_rel_pct": mean, "ood_split": split, "ood_split_seeds": over_seeds,
+              "per_task": per_task, "mean_drop_rel_pct": mean, "held_out_seeds": held_out_seeds,
+              "ood_split": split, "ood_split_seeds": over_seeds,
               "seeds": list(seeds), "paper": PAPER_OOD,
               "online": {"explore": explore, "alpha": alpha, "prior_weight": prior_weight, "grow_domains": grow_domains,
                          "spare_domains": spare_domains if grow_domains else 0,
@@ -253,8 +262,20 @@ def _grown_features(router: Router, e_train: np.ndarray, e_stream: np.ndarray, g
     return x, growth.apply_to(router), growth
 
 
+def _task_mean(entries: Sequence[dict], modes: Sequence[str]) -> dict:
+    """One seed's held-out tasks as one entry for `_over_seeds`: each mode's quality and drop
+    averaged over the tasks, its stream regrets summed."""
+    out = {}
+    for m in modes:
+        regrets = [e["modes"][m].get("regret", {}).get("final") for e in entries]
+        out[m] = {"quality_at_cap": float(np.mean([e["modes"][m]["quality_at_cap"] for e in entries])),
+                  "drop_rel_pct": float(np.mean([e["modes"][m]["drop_rel_pct"] for e in entries])),
+                  "regret": {"final": None if None in regrets else float(np.sum(regrets))}}
+    return {"modes": out}
+
+
 def _over_seeds(splits: Sequence[dict], seeds: Sequence[int], modes: Sequence[str]) -> dict:
-    """The ood split's figures per seed and their means: {"seeds", "per_seed": [{mode: {quality_at_cap,
+    """A protocol's figures per seed and their means: {"seeds", "per_seed": [{mode: {quality_at_cap,
     drop_rel_pct, regret}}], "mean": {mode: the same, averaged}} (regret: the stream's final one)."""
     per_seed = [{m: {"quality_at_cap": s["modes"][m]["quality_at_cap"], "drop_rel_pct": s["modes"][m]["drop_rel_pct"],
                      "regret": s["modes"][m].get("regret", {}).get("final")} for m in modes} for s in splits]
@@ -303,13 +324,18 @@ def _ood_md(r: dict) -> str:
         for e in r["per_task"]:
             lines.append(f"| {e['task']} | {e['n_stream']} / {e['n_test']} | {fmt(e['cost_cap_pct'])} | {fmt(e['in_domain']['quality_at_cap'])} | "
                          + " | ".join(f"{fmt(e['modes'][m]['quality_at_cap'])} ({fmt(e['modes'][m]['drop_rel_pct'], 2, True)}%)" for m in modes) + " |")
-        lines.append("| mean | | | | " + " | ".join(f"({fmt(r['mean_drop_rel_pct'][m], 2, True)}%)" for m in modes) + " |")
+        lines.append("| mean | | | | " + " | ".join(f"({fmt(np.mean([e['modes'][m]['drop_rel_pct'] for e in r['per_task']]), 2, True)}%)"
+                                                for m in modes) + " |")
+        if len(r["seeds"]) > 1:
+            lines += [""] + _seeds_md(r["held_out_seeds"], modes, "orders each held-out task's stream; stream regret: "
+                                                                   "the tasks' sum")
         if r["skipped_tasks"]:
             lines += ["", f"Not held out (no test queries, or no other task): {', '.join(r['skipped_tasks'])}."]
     if r["ood_split"] is not None:
         lines += ([""] if r["per_task"] else []) + _ood_split_md(r["ood_split"], modes, r["config"]["rate"])
         if len(r["seeds"]) > 1:
-            lines += [""] + _seeds_md(r["ood_split_seeds"], modes)
+            lines += [""] + _seeds_md(r["ood_split_seeds"], modes, "draws its own stream / evaluation halves and "
+                                                                   "stream order")
     lines += ["", f"The paper: {r['paper']['none']:+.2f}% without online learning, {r['paper']['online']:+.2f}% with it "
               f"(the drop reduced by {r['paper']['online'] - r['paper']['none']:.2f} points)."]
     o = r["online"]
@@ -336,12 +362,11 @@ def _ood_md(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _seeds_md(o: dict, modes: Sequence[str]) -> list[str]:
-    """The ood split over seeds: each mode's drop, its reduction and its stream regret (mean, per seed)."""
+def _seeds_md(o: dict, modes: Sequence[str], what: str) -> list[str]:
+    """A protocol over seeds: each mode's drop, its reduction and its stream regret (mean, per seed)."""
     seeds = ", ".join(map(str, o["seeds"]))
     none = o["mean"]["none"]["drop_rel_pct"]
-    lines = [f"Over seeds {seeds} (each draws its own stream / evaluation halves and stream order; the tables above "
-             f"are seed {o['seeds'][0]}'s): mean, then per seed.", "",
+    lines = [f"Over seeds {seeds} (each {what}; the table above is seed {o['seeds'][0]}'s): mean, then per seed.", "",
              "| mode | drop % vs seen | drop reduced by (points) | stream regret |", "| --- | --- | --- | --- |"]
     for m in modes:
         mean, per = o["mean"][m], [p[m] for p in o["per_seed"]]
