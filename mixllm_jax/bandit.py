@@ -49,10 +49,9 @@ def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.nda
     y_s = x^T phi + r (1 + u_s) / (1 + u_k + u_s). The split uses the state before the batch; phi
     takes its rows in rank-MAX_CHUNK Woodbury steps. Returns (state with phi updated, y_k [B, T]).
     """
-    rows = jnp.arange(x.shape[0])
     y_arm = jnp.einsum("bi,bit->bt", x, theta(state)[arm])
     y_sh = x @ shared_theta(state)
-    u_arm = _quadratic_forms(x, state.A_inv)[rows, arm]
+    u_arm = _own_quadratic_forms(x, arm, w, state.A_inv)
     u_sh = jnp.einsum("bi,ij,bj->b", x, state.shared_A_inv, x)
     r = targets - y_arm - y_sh
     den = 1.0 + u_arm + u_sh
@@ -128,7 +127,48 @@ def update_batch(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: 
     n = x.shape[0]
     w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
     state, y_k = split(state, x, jnp.clip(arm.astype(jnp.int32), 0, state.capacity - 1), targets, w)
+    # the shared component's Woodbury steps finish before the arms' start: XLA CPU running two
+    # LAPACK loops of one program at once was seen to deadlock (see fit.state_from_stats)
+    state, y_k = jax.lax.optimization_barrier((state, y_k))
     return update_arms(state, x, arm, y_k, w)
+
+
+def _arm_chunks(arm: jnp.ndarray, w: jnp.ndarray, K: int):
+    """Each arm's rows (weight > 0), in batch order, cut into chunks of m = clip(B // K, 1, 64) rows
+    (a power of two). Returns (number of chunks, chunk(c) -> (arm k, row indices [m], valid [m]),
+    rows per arm [K])."""
+    n = arm.shape[0]
+    m = min(MAX_CHUNK, 1 << max(0, (n // K).bit_length() - 1))
+    # Weight-0 rows (padding) go to a sentinel arm K that sorts last and is never applied.
+    arm = jnp.where(w > 0, arm.astype(jnp.int32), K)
+    order = jnp.argsort(arm, stable=True)  # each arm's observations, contiguous, in batch order
+    counts = jnp.zeros((K,), jnp.int32).at[arm].add(1, mode="drop")
+    start = jnp.cumsum(counts) - counts  # [K] first position of each arm in `order`
+    chunks = (counts + m - 1) // m
+    chunk_end = jnp.cumsum(chunks)  # [K]: chunks of arms 0..k
+    j = jnp.arange(m)
+
+    def chunk(c):
+        k = jnp.searchsorted(chunk_end, c, side="right")  # arm of chunk c
+        rank = (c - (chunk_end[k] - chunks[k])) * m + j  # [m] ranks within the arm
+        return k, order[jnp.minimum(start[k] + rank, n - 1)], rank < counts[k]
+
+    return chunk_end[-1], chunk, counts
+
+
+def _own_quadratic_forms(x: jnp.ndarray, arm: jnp.ndarray, w: jnp.ndarray, A_inv: jnp.ndarray) -> jnp.ndarray:
+    """x_b^T A_inv[arm_b] x_b for each row's own arm [B] (0 for weight-0 rows), in the chunks of
+    `_arm_chunks`: B d^2 work instead of _quadratic_forms' B K d^2."""
+    n = x.shape[0]
+    n_chunks, chunk, _ = _arm_chunks(arm, w, A_inv.shape[0])
+
+    def body(carry):
+        c, u = carry
+        k, idx, valid = chunk(c)
+        q = jnp.einsum("md,de,me->m", x[idx], A_inv[k], x[idx])
+        return c + 1, u.at[jnp.where(valid, idx, n)].set(q, mode="drop")
+
+    return jax.lax.while_loop(lambda c: c[0] < n_chunks, body, (0, jnp.zeros((n,), x.dtype)))[1]
 
 
 @jax.jit
@@ -141,29 +181,16 @@ def update_arms(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: j
     arm. A loop over the chunks that exist (at most B / m + K) keeps the work proportional to B
     whether the batch is spread over arms or all on one.
     """
-    n, K = x.shape[0], state.capacity
-    m = min(MAX_CHUNK, 1 << max(0, (n // K).bit_length() - 1))
-    w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
-    # Weight-0 rows (padding) go to a sentinel arm K that sorts last and is never applied.
-    arm = jnp.where(w > 0, arm.astype(jnp.int32), K)
-    order = jnp.argsort(arm, stable=True)  # each arm's observations, contiguous, in batch order
-    counts = jnp.zeros((K,), jnp.int32).at[arm].add(1, mode="drop")
-    start = jnp.cumsum(counts) - counts  # [K] first position of each arm in `order`
-    chunks = (counts + m - 1) // m
-    chunk_end = jnp.cumsum(chunks)  # [K]: chunks of arms 0..k
-    j = jnp.arange(m)
+    w = jnp.ones((x.shape[0],), jnp.float32) if weight is None else weight.astype(jnp.float32)
+    n_chunks, chunk, counts = _arm_chunks(arm, w, state.capacity)
 
     def body(carry):
         c, A, A_inv, B = carry
-        k = jnp.searchsorted(chunk_end, c, side="right")  # arm of chunk c
-        rank = (c - (chunk_end[k] - chunks[k])) * m + j  # [m] ranks within the arm
-        idx = order[jnp.minimum(start[k] + rank, n - 1)]
-        wk = jnp.where(rank < counts[k], w[idx], 0.0)
-        a, ai, b = _woodbury(A[k], A_inv[k], B[k], x[idx], targets[idx], wk)
+        k, idx, valid = chunk(c)
+        a, ai, b = _woodbury(A[k], A_inv[k], B[k], x[idx], targets[idx], jnp.where(valid, w[idx], 0.0))
         return c + 1, A.at[k].set(a), A_inv.at[k].set(ai), B.at[k].set(b)
 
-    _, A, A_inv, B = jax.lax.while_loop(
-        lambda c: c[0] < chunk_end[-1], body, (0, state.A, state.A_inv, state.B))
+    _, A, A_inv, B = jax.lax.while_loop(lambda c: c[0] < n_chunks, body, (0, state.A, state.A_inv, state.B))
     A_inv = 0.5 * (A_inv + jnp.swapaxes(A_inv, 1, 2))  # keep it exactly symmetric
     return state.replace(A=A, A_inv=A_inv, B=B, count=state.count + counts)
 
