@@ -103,14 +103,9 @@ def test_llm_changes_experiment(quick, tmp_path):
 
 
 def test_out_of_domain_experiment(quick, tmp_path):
-    r = E.run_experiment("out-of-domain", tmp_path, quick=True, data=quick, seeds=(0, 1))
+    r = E.run_experiment("out-of-domain", tmp_path, quick=True, data=quick)
     data, md = read(r, "out-of-domain")
     assert [e["task"] for e in data["per_task"]] == ["arc-challenge", "mbpp", "winogrande"]
-    o = data["held_out_seeds"]  # each seed orders the streams; the mean is over seeds of the tasks' mean
-    assert o["seeds"] == [0, 1] and "Over seeds 0, 1" in md
-    first = np.mean([e["modes"]["refined"]["drop_rel_pct"] for e in data["per_task"]])
-    assert o["per_seed"][0]["refined"]["drop_rel_pct"] == pytest.approx(first)
-    assert data["mean_drop_rel_pct"]["refined"] == pytest.approx(np.mean([p["refined"]["drop_rel_pct"] for p in o["per_seed"]]))
     modes = {"none", "refined", "binary", "refined_greedy", "refined_thompson"}
     for e in data["per_task"]:
         assert set(e["modes"]) == modes

@@ -66,6 +66,10 @@ def test_out_of_domain_on_a_jsonl_with_an_ood_split(tmp_path, capsys):
     for m in s["modes"]:
         per = [p[m]["drop_rel_pct"] for p in o["per_seed"]]
         assert abs(o["mean"][m]["drop_rel_pct"] - (per[0] + per[1]) / 2) < 1e-9
+    h = r["held_out_seeds"]  # the held-out tasks too: each seed orders the streams, means over seeds
+    first = np.mean([e["modes"]["refined"]["drop_rel_pct"] for e in r["per_task"]])
+    assert h["seeds"] == [0, 1] and h["per_seed"][0]["refined"]["drop_rel_pct"] == pytest.approx(first)
+    assert r["mean_drop_rel_pct"]["refined"] == pytest.approx(np.mean([p["refined"]["drop_rel_pct"] for p in h["per_seed"]]))
     red = r["drop_reduction_pct_points"]["ood_split_refined"]
     assert abs(red - (o["mean"]["refined"]["drop_rel_pct"] - o["mean"]["none"]["drop_rel_pct"])) < 1e-9
     assert (out / "out-of-domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
