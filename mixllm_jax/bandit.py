@@ -41,14 +41,19 @@ def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.nda
           w: jnp.ndarray) -> tuple[RouterState, jnp.ndarray]:
     """Share a batch's surprises between the observed arms and the shared component.
 
-    x [B, d], arm [B] (in range), targets [B, T], w [B] (0: skipped). Each row's surprise
+    x [B, d], arm [B] int (clipped into range: padding rows go with weight 0), targets [B, T], w [B]
+    (0: skipped). Each row's surprise
     r = y - x^T (theta_k + phi) is split as a Kalman step with independent posteriors would
     (mean field, in units of the arm's noise): the arm moves by A_inv_k x r / (1 + u_k + u_s) and phi
     by shared_A_inv x r / (1 + u_k + u_s), u_k = x^T A_inv_k x and u_s = x^T shared_A_inv x. Both
     are ordinary ridge steps with the targets y_k = x^T theta_k + r (1 + u_k) / (1 + u_k + u_s) and
     y_s = x^T phi + r (1 + u_s) / (1 + u_k + u_s). The split uses the state before the batch; phi
-    takes its rows in rank-MAX_CHUNK Woodbury steps. Returns (state with phi updated, y_k [B, T]).
+    takes its rows in rank-MAX_CHUNK Woodbury steps, finished before anything uses the results (an
+    optimization barrier: XLA CPU running two LAPACK loops of one program at once, e.g. these and
+    the arms' steps, was seen to deadlock; see fit.state_from_stats). Returns (state with phi
+    updated, y_k [B, T]).
     """
+    arm = jnp.clip(arm.astype(jnp.int32), 0, state.capacity - 1)
     y_arm = jnp.einsum("bi,bit->bt", x, theta(state)[arm])
     y_sh = x @ shared_theta(state)
     u_arm = _own_quadratic_forms(x, arm, w, state.A_inv)
@@ -66,7 +71,7 @@ def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.nda
         return _woodbury(*carry, *chunk), None
 
     (A, A_inv, B), _ = jax.lax.scan(step, (state.shared_A, state.shared_A_inv, state.shared_B), (xs, ys, ws))
-    return state.replace(shared_A=A, shared_A_inv=0.5 * (A_inv + A_inv.T), shared_B=B), y_k
+    return jax.lax.optimization_barrier((state.replace(shared_A=A, shared_A_inv=0.5 * (A_inv + A_inv.T), shared_B=B), y_k))
 
 
 WIDTH_CHUNK = 256  # rows per block of the width computation: keeps [rows, K, d] cache-sized
@@ -126,10 +131,7 @@ def update_batch(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: 
     """
     n = x.shape[0]
     w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
-    state, y_k = split(state, x, jnp.clip(arm.astype(jnp.int32), 0, state.capacity - 1), targets, w)
-    # the shared component's Woodbury steps finish before the arms' start: XLA CPU running two
-    # LAPACK loops of one program at once was seen to deadlock (see fit.state_from_stats)
-    state, y_k = jax.lax.optimization_barrier((state, y_k))
+    state, y_k = split(state, x, arm, targets, w)
     return update_arms(state, x, arm, y_k, w)
 
 

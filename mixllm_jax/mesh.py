@@ -284,12 +284,6 @@ def _update_stats(x, m, y):
             (m > 0).sum(0).astype(jnp.float32))
 
 
-def _split(state: RouterState, x, arm, targets, w):
-    """bandit.split on the whole (sharded) state: the shared component's step and the arms' targets."""
-    arm = jnp.clip(arm.astype(jnp.int32), 0, state.capacity - 1)
-    return bandit.split(state, x.astype(jnp.float32), arm, targets.astype(jnp.float32), w)
-
-
 def _on_cpu(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform == "cpu"
 
@@ -345,7 +339,7 @@ def _update_fn(mesh: Mesh):
         TRACES["update_batch"] += 1
         n = x.shape[0]
         w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
-        state, targets = _split(state, x, arm, targets, w)
+        state, targets = bandit.split(state, x.astype(jnp.float32), arm, targets.astype(jnp.float32), w)
         size = _rows_multiple(n, mesh)
         pad = lambda a: jnp.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1))  # weight 0: no-ops
         A, A_inv, B, count = sharded(state, pad(x.astype(jnp.float32)), pad(arm.astype(jnp.int32)),
@@ -372,7 +366,7 @@ def _woodbury_fn(mesh: Mesh):
     def fn(state, x, arm, targets, weight):
         TRACES["update_batch_woodbury"] += 1
         w = jnp.ones((x.shape[0],), jnp.float32) if weight is None else weight.astype(jnp.float32)
-        state, targets = _split(state, x, arm, targets, w)
+        state, targets = bandit.split(state, x.astype(jnp.float32), arm, targets.astype(jnp.float32), w)
         A, A_inv, B, count = sharded(state, x.astype(jnp.float32), arm.astype(jnp.int32),
                                      targets.astype(jnp.float32), w)
         return state.replace(A=A, A_inv=A_inv, B=B, count=count)
