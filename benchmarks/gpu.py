@@ -84,8 +84,8 @@ def bench_route(plan: Plan, peak, suite, res: dict, deadline: Deadline):
     import numpy as np
 
     from benchmarks import throughput as T
-    from mixllm_jax import mesh as M
-    from mixllm_jax.policy import Policy, route_batch
+    from mixllm_jax.offline import mesh as M
+    from mixllm_jax.core.policy import Policy, route_batch
 
     K, d = plan.K, plan.d
     st = jax.block_until_ready(T.random_state(K, d))
@@ -135,7 +135,7 @@ def encoder_params(plan: Plan):
     import jax
     import jax.numpy as jnp
 
-    from mixllm_jax import encoder as E
+    from mixllm_jax.text import encoder as E
 
     if plan.encoder == "minilm":
         try:
@@ -161,9 +161,9 @@ def bench_text(plan: Plan, suite, res: dict, deadline: Deadline):
     import numpy as np
 
     from benchmarks import throughput as T
-    from mixllm_jax import encoder as E
-    from mixllm_jax.policy import Policy
-    from mixllm_jax.router import route_text_batch
+    from mixllm_jax.text import encoder as E
+    from mixllm_jax.core.policy import Policy
+    from mixllm_jax.text.router import route_text_batch
 
     params, config, what = encoder_params(plan)
     res["text_encoder"] = what
@@ -204,7 +204,8 @@ def bench_update(plan: Plan, suite, res: dict, deadline: Deadline):
     import numpy as np
 
     from benchmarks import throughput as T
-    from mixllm_jax import bandit, mesh as M
+    from mixllm_jax.core import bandit
+    from mixllm_jax.offline import mesh as M
 
     if deadline.left() < 30:
         res["skipped"].append("updates: deadline")

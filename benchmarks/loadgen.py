@@ -133,8 +133,11 @@ async def closed_loop(port: int, path: str, bodies: list[bytes], concurrency: in
 def small_checkpoint(folder: Path, encoder_name: str | None = None, max_length: int = 64) -> Path:
     """The server tests' router: 100 RouterBench train queries, tiny head, max_length 64 (by default),
     on the default encoder or `encoder_name` (e.g. static:DIR, the static tier)."""
-    from mixllm_jax import checkpoint, data, encoder, train
-    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
+    from mixllm_jax.store import checkpoint
+    from mixllm_jax import data
+    from mixllm_jax.text import encoder
+    from mixllm_jax.offline import train
+    from mixllm_jax.core.config import Budget, HeadConfig, RouterConfig
 
     enc = encoder.load_encoder(encoder_name)
     ds = data.load_routerbench(split="train")
@@ -152,7 +155,7 @@ def small_checkpoint(folder: Path, encoder_name: str | None = None, max_length: 
 
 def offline_throughput(checkpoint_dir: Path, prompts: list[str], batches: list[int], min_time_s: float) -> dict:
     """Router.decide over the prompts in batches: prompts/s per batch size (compile excluded)."""
-    from mixllm_jax import checkpoint
+    from mixllm_jax.store import checkpoint
 
     router, _ = checkpoint.restore_router(checkpoint_dir)
     out = {}
@@ -294,7 +297,7 @@ def main(argv=None) -> dict:
         procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "stub_backend.py"), "--port",
                                        str(stub_port), "--delay-s", str(a.backend_delay_s)],
                                       stdout=open(stub_log, "w"), stderr=subprocess.STDOUT))
-        from mixllm_jax import checkpoint
+        from mixllm_jax.store import checkpoint
 
         models = checkpoint.read_metadata(ck)["registry"]["slots"]
         (tmp / "backends.yaml").write_text(json.dumps(

@@ -74,8 +74,9 @@ def run(devices: int = 4, K: int = 16, d: int = 384, Bs=(1024, 4096, 16384), upd
     import numpy as np
 
     from benchmarks import throughput as T
-    from mixllm_jax import bandit, mesh as M
-    from mixllm_jax.policy import Policy, route_batch
+    from mixllm_jax.core import bandit
+    from mixllm_jax.offline import mesh as M
+    from mixllm_jax.core.policy import Policy, route_batch
 
     cpus = jax.devices("cpu")
     if len(cpus) < devices:

@@ -4,7 +4,7 @@
   observation at a time. It keeps one float64 ridge regression per arm and recomputes the inverse
   with `np.linalg.inv` on every fit.
 - sentence-transformers on torch CPU (`sentence-transformers`, `torch`): the same MiniLM weights
-  (the folder `mixllm_jax.encoder.resolve_encoder()` finds), encoding text to embeddings.
+  (the folder `mixllm_jax.text.encoder.resolve_encoder()` finds), encoding text to embeddings.
 
 Each `find_*` returns (version string, None) or (None, why it is not available); nothing here
 raises on a missing package.

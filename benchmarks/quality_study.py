@@ -31,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mixllm_jax import cache, data, encoder as enc_mod, metrics, paths, tags
-from mixllm_jax.config import HeadConfig
-from mixllm_jax.evaluate import choose_by_score
-from mixllm_jax.router import DOMAIN_SCALE
-from mixllm_jax.train import log_tokens
+from mixllm_jax.text import cache, encoder as enc_mod, tags
+from mixllm_jax import data
+from mixllm_jax.core import metrics
+from mixllm_jax.util import paths
+from mixllm_jax.core.config import HeadConfig
+from mixllm_jax.offline.evaluate import choose_by_score
+from mixllm_jax.text.router import DOMAIN_SCALE
+from mixllm_jax.offline.train import log_tokens
 
 LAMBDAS = np.concatenate([[0.0], np.logspace(-1, 7, 161)])
 FOLDS = 5

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax import bandit, state as S
-from mixllm_jax.policy import Policy, route_batch
+from mixllm_jax.core import bandit, state as S
+from mixllm_jax.core.policy import Policy, route_batch
 
 # The timed routing policy (numbers traced; in_batch_load off: the pure scoring that numpy and
 # MABWiser also do; the center configuration is also timed with in_batch_load on).
@@ -245,7 +245,7 @@ class Workspace:
             return None
         if self.static != "auto":
             return Path(self.static)
-        from mixllm_jax import cache, static_encoder
+        from mixllm_jax.text import cache, static_encoder
 
         folder = cache.default_cache_dir() / "static-encoder"
         if not (folder / "model.safetensors").is_file():
@@ -431,9 +431,10 @@ def text_setup(ws: Workspace) -> dict:
 
     Returns {} with "skipped" set when the data or the encoder is not here.
     """
-    from mixllm_jax import data as data_mod, encoder as enc_mod
-    from mixllm_jax.config import Budget, RouterConfig
-    from mixllm_jax.train import train_router
+    from mixllm_jax import data as data_mod
+    from mixllm_jax.text import encoder as enc_mod
+    from mixllm_jax.core.config import Budget, RouterConfig
+    from mixllm_jax.offline.train import train_router
 
     suite = ws.suite
     try:

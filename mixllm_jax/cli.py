@@ -57,7 +57,7 @@ def _models(path: str | None):
 
 def router_config(args):
     """The RouterConfig of train-style options (one place: train, run, ablation)."""
-    from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
+    from mixllm_jax.core.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 
     finetune = None
     if getattr(args, "finetune_encoder", False):
@@ -79,7 +79,10 @@ def router_config(args):
 
 
 def cmd_train(args) -> Path:
-    from mixllm_jax import checkpoint, distributed, encoder, progress, train
+    from mixllm_jax.store import checkpoint
+    from mixllm_jax.offline import distributed, train
+    from mixllm_jax.text import encoder
+    from mixllm_jax.util import progress
 
     par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     with progress.step("loading the data"):
@@ -135,7 +138,8 @@ def format_train_summary(s: dict) -> str:
 
 
 def _report_out(report, out: Path, title: str, full: bool = False):
-    from mixllm_jax import evaluate, progress
+    from mixllm_jax.offline import evaluate
+    from mixllm_jax.util import progress
 
     with progress.step("writing the report and plots"):
         files = evaluate.write_report(report, out, full=full)
@@ -154,13 +158,14 @@ def _report_out(report, out: Path, title: str, full: bool = False):
 
 
 def _restore(args):
-    from mixllm_jax import checkpoint
+    from mixllm_jax.store import checkpoint
 
     return checkpoint.restore_router(args.router, step=args.step)[0]
 
 
 def cmd_eval(args):
-    from mixllm_jax import distributed, pipeline, progress
+    from mixllm_jax.offline import distributed, pipeline
+    from mixllm_jax.util import progress
 
     par = distributed.from_args(args)  # first: jax.distributed and device counts precede any device use
     cost_weights = _grid(args.cost_weights, "--cost-weights")
@@ -181,7 +186,7 @@ def cmd_eval(args):
               f"reference: {reference}")
     extra = None
     if args.compare:
-        from mixllm_jax import checkpoint
+        from mixllm_jax.store import checkpoint
 
         with progress.step("loading the router to compare"):
             other = checkpoint.restore_router(args.compare)[0]
@@ -238,7 +243,8 @@ def cmd_run(args):
 
 
 def cmd_ablation(args):
-    from mixllm_jax import encoder, pipeline
+    from mixllm_jax.text import encoder
+    from mixllm_jax.offline import pipeline
 
     train_ds = _load_data(args.data, args.models, "train")
     report = pipeline.ablation(args.kind, train_ds, _models(args.models), encoder.load_encoder(args.encoder),
@@ -258,7 +264,7 @@ def _experiment_data(args) -> dict:
 
 
 def cmd_simulate(args):
-    from mixllm_jax import experiments
+    from mixllm_jax.sim import experiments
 
     report = experiments.simulate_main(
         out_dir=args.out, rate=args.rate, arrival=args.arrival, batch_s=args.batch_s,
@@ -270,7 +276,7 @@ def cmd_simulate(args):
 
 
 def cmd_experiment(args):
-    from mixllm_jax import experiments
+    from mixllm_jax.sim import experiments
 
     kw = {}
     if args.seeds:
@@ -300,8 +306,8 @@ def cmd_experiment(args):
 
 def cmd_ope(args):
     """Off-policy estimates of a saved router's policy from a log with propensities."""
-    from mixllm_jax import ope
-    from mixllm_jax.config import Budget
+    from mixllm_jax.offline import ope
+    from mixllm_jax.core.config import Budget
 
     router = _restore(args)
     policy = router.policy
@@ -332,9 +338,9 @@ def cmd_ope(args):
 
 
 def cmd_serve(args) -> None:
-    from mixllm_jax.serve import app, config
+    from mixllm_jax.serve import app, options
 
-    app.run(config.config_from_args(args), debug=args.debug)
+    app.run(options.config_from_args(args), debug=args.debug)
 
 
 def cmd_hash_key(args) -> None:
@@ -395,7 +401,7 @@ def cmd_bench(args, rest):
 
 
 def cmd_distill(args):
-    from mixllm_jax import static_encoder
+    from mixllm_jax.text import static_encoder
 
     cfg = static_encoder.distill(args.out, args.source, dims=args.dims, weighting=args.weighting,
                                  batch_size=args.batch_size)
@@ -406,8 +412,8 @@ def cmd_distill(args):
 
 
 def cmd_route(args):
-    from mixllm_jax import progress
-    from mixllm_jax.config import Budget
+    from mixllm_jax.util import progress
+    from mixllm_jax.core.config import Budget
 
     with progress.step("loading the router"):
         router = _restore(args)
@@ -439,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--models", help="models file (prices per million tokens; default: RouterBench's models.json)")
 
     def config_args(p):
-        from mixllm_jax.config import FEATURE_MODES
+        from mixllm_jax.core.config import FEATURE_MODES
 
         p.add_argument("--encoder", default=None,
                        help="HF id or local folder (default all-MiniLM-L6-v2), or static:DIR for a static encoder "
@@ -479,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", default="checkpoints/router",
                    help="checkpoint directory; each train adds a numbered step (the last 3 are kept)")
-    from mixllm_jax import distributed  # light: jax is imported when a command runs
+    from mixllm_jax.offline import distributed# light: jax is imported when a command runs
 
     distributed.add_arguments(p)
     p.set_defaults(fn=cmd_train)
@@ -595,9 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP router: /v1/route, OpenAI-compatible /v1/chat/completions proxy, "
                                      "feedback, live LLM add/remove, /metrics")
-    from mixllm_jax.serve import config  # light: the web stack is imported when the server starts
+    from mixllm_jax.serve import options  # light: the web stack is imported when the server starts
 
-    config.add_serve_arguments(p)
+    options.add_serve_arguments(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("hash-key", help="the SHA-256 of an API key (read from stdin) as a serve --api-keys entry")
@@ -635,7 +641,7 @@ def main(argv=None):
     if getattr(args, "kind", None) and args.out is None:
         args.out = f"runs/ablation-{args.kind}"
     if args.command in COMPILATION_CACHED:
-        from mixllm_jax.cache import enable_compilation_cache
+        from mixllm_jax.text.cache import enable_compilation_cache
 
         enable_compilation_cache()
     return run_command(lambda: args.fn(args), debug=args.debug)

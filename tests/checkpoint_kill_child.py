@@ -37,7 +37,7 @@ def main() -> None:
     elif mode != "writing":
         raise SystemExit(f"unknown mode {mode!r}")
 
-    from mixllm_jax import checkpoint
+    from mixllm_jax.store import checkpoint
 
     router, _ = checkpoint.restore_router(directory, encoder=None)
     big = np.random.default_rng(0).standard_normal(n, dtype=np.float32)

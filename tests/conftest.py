@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixllm_jax import state as S
+from mixllm_jax.core import state as S
 
 # Compiled XLA programs persist across test runs (the fast tier is mostly compile time).
 jax.config.update("jax_compilation_cache_dir",
@@ -89,7 +89,7 @@ def served_router(tmp_path_factory, worker_id):
     pytest.importorskip("httpx")
     from filelock import FileLock
 
-    from mixllm_jax.checkpoint import read_metadata
+    from mixllm_jax.store.checkpoint import read_metadata
     from serve_helpers import train_small_router
 
     def saved(ck):

@@ -1,4 +1,4 @@
-"""Checks of mixllm_jax.mesh / distributed run in a child process with forced host devices.
+"""Checks of mixllm_jax.offline.mesh / distributed run in a child process with forced host devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python tests/mesh_child.py CHECK [ARGS] ...
 
@@ -34,7 +34,7 @@ def _close(a, b, rtol=1e-5, atol=1e-5, what=""):
 def fitted_state(K=8, d=6, active=6, n=300, seed=0):
     import jax.numpy as jnp
     from conftest import make_state, random_obs
-    from mixllm_jax import bandit
+    from mixllm_jax.core import bandit
 
     rng = np.random.default_rng(seed)
     st = make_state(capacity=K, dim=d, n_active=active)
@@ -46,8 +46,9 @@ def check_route():
     import jax
     import jax.numpy as jnp
     from conftest import random_obs
-    from mixllm_jax import engine, mesh as M
-    from mixllm_jax.policy import Policy, advance_clock, commit_load, route_batch
+    from mixllm_jax.core import engine
+    from mixllm_jax.offline import mesh as M
+    from mixllm_jax.core.policy import Policy, advance_clock, commit_load, route_batch
 
     assert len(jax.devices()) == 4, jax.devices()
     st, rng = fitted_state()
@@ -147,7 +148,8 @@ def _numpy_ridge_all(x, arm, y, K, d, ridge=1.0, w=None, prior=None):
 def check_update():
     import jax.numpy as jnp
     from conftest import make_state, random_obs
-    from mixllm_jax import bandit, engine, mesh as M, train
+    from mixllm_jax.core import bandit, engine
+    from mixllm_jax.offline import mesh as M, train
     from mixllm_jax.data import Dataset, ModelSpec
 
     rng = np.random.default_rng(1)
@@ -200,8 +202,8 @@ def check_update():
     # the offline statistics of a logged dataset, sharded, against fit.arm_stats; training from them
     from functools import partial
 
-    from mixllm_jax import fit
-    from mixllm_jax.config import Budget, RouterConfig
+    from mixllm_jax.core import fit
+    from mixllm_jax.core.config import Budget, RouterConfig
 
     N, models = 700, ["m0", "m1", "m2"]
     specs = [ModelSpec(mm, 1.0 + i, 2.0 + i) for i, mm in enumerate(models)]
@@ -232,7 +234,7 @@ def check_update():
 def tiny_encoder_params(seed=0):
     import jax
     import jax.numpy as jnp
-    from mixllm_jax.encoder import BertConfig, BertEncoder
+    from mixllm_jax.text.encoder import BertConfig, BertEncoder
 
     cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=16, max_position_embeddings=32)
@@ -243,10 +245,12 @@ def tiny_encoder_params(seed=0):
 def check_text():
     import jax
     import jax.numpy as jnp
-    from mixllm_jax import mesh as M, state as S, tags
-    from mixllm_jax.encoder import Encoder
-    from mixllm_jax.policy import Policy
-    from mixllm_jax.router import route_text_batch
+    from mixllm_jax.offline import mesh as M
+    from mixllm_jax.core import state as S
+    from mixllm_jax.text import tags
+    from mixllm_jax.text.encoder import Encoder
+    from mixllm_jax.core.policy import Policy
+    from mixllm_jax.text.router import route_text_batch
 
     cfg, params = tiny_encoder_params()
     rng = np.random.default_rng(2)
@@ -296,9 +300,9 @@ def check_text():
                        enc_config=cfg, head_shape=None, mode="raw", mesh=mesh)
     assert M.TRACES["route_text_batch"] == before
     # Router.decide on the mesh: texts -> tokens -> the sharded fused path (padded to the mesh)
-    from mixllm_jax.config import RouterConfig
-    from mixllm_jax.router import Router
-    from mixllm_jax.state import ArmRegistry
+    from mixllm_jax.core.config import RouterConfig
+    from mixllm_jax.text.router import Router
+    from mixllm_jax.core.state import ArmRegistry
 
     enc = Encoder(params, cfg, tiny_tokenizer(cfg.vocab_size), {"name": "tiny", "hidden_size": H}, max_length=32)
     trained = tags.TrainedHead(head_params, 6, 5, ("a", "b", "c"), np.asarray(centroids))
@@ -355,12 +359,14 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
     """One process of a jax.distributed run (num_processes 1: no coordinator, the reference)."""
     import jax
 
-    from mixllm_jax import distributed as D
+    from mixllm_jax.offline import distributed as D
 
     if num_processes > 1:
         D.initialize(f"127.0.0.1:{port}", num_processes, process_id, timeout_s=60)
     assert jax.process_count() == num_processes and jax.process_index() == process_id
-    from mixllm_jax import bandit, checkpoint, mesh as M, train
+    from mixllm_jax.core import bandit
+    from mixllm_jax.store import checkpoint
+    from mixllm_jax.offline import mesh as M, train
     from mixllm_jax.data import Dataset, ModelSpec
 
     rng = np.random.default_rng(3)
@@ -382,7 +388,7 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
     # arm-parallel), against the closed form of the whole log
     from functools import partial
 
-    from mixllm_jax.config import Budget, RouterConfig
+    from mixllm_jax.core.config import Budget, RouterConfig
 
     mesh = M.make_mesh(jax.local_devices()[:2], arms=2)
     cfg = RouterConfig(head=None, features="raw", ridges=(3.0,), budget=Budget("share", 0.4), folds=2)

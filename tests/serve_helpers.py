@@ -31,8 +31,11 @@ JSON = {"content-type": "application/json"}
 def train_small_router(tmp: Path) -> tuple[Path, list[str]]:
     """A small router (34 queries per RouterBench task, one ridge, no cross-fitting: quick) saved with
     Orbax: (checkpoint dir, models)."""
-    from mixllm_jax import checkpoint, data, encoder, train
-    from mixllm_jax.config import Budget, HeadConfig, RouterConfig
+    from mixllm_jax.store import checkpoint
+    from mixllm_jax import data
+    from mixllm_jax.text import encoder
+    from mixllm_jax.offline import train
+    from mixllm_jax.core.config import Budget, HeadConfig, RouterConfig
 
     enc = encoder.load_encoder()
     ds = data.load_routerbench(split="train")

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax import bandit, engine
+from mixllm_jax.core import bandit, engine
 from conftest import make_state, numpy_ridge, random_obs
 
 

@@ -4,11 +4,11 @@ and all of them on the RouterBench slice."""
 import numpy as np
 import pytest
 
-from mixllm_jax import metrics
-from mixllm_jax.baselines import (KNNRouter, MLPRouter, Oracle, PerTaskBest, RandomMix,
+from mixllm_jax.core import metrics
+from mixllm_jax.offline.baselines import (KNNRouter, MLPRouter, Oracle, PerTaskBest, RandomMix,
                                   RidgeRouter, SingleLLM, one_hot_task_embeddings, run_baselines)
 from mixllm_jax.data import Dataset, load_routerbench, routerbench_dir
-from mixllm_jax.evaluate import COST_WEIGHTS, evaluate, points_for
+from mixllm_jax.offline.evaluate import COST_WEIGHTS, evaluate, points_for
 
 RB = routerbench_dir()
 needs_rb = pytest.mark.skipif(not (RB / "models.json").exists(), reason=f"RouterBench slice not at {RB}")

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import peers, report, throughput as T
 from test_encoder import encoder_and_routerbench_ready
-from mixllm_jax.policy import Policy, route_batch
+from mixllm_jax.core.policy import Policy, route_batch
 
 TINY = T.Suite(center=(4, 16, 32), route_B=(1, 32), route_K=(2, 4), route_d=(8, 16), update_B=(32,),
                text_lengths=(16,), text_batch=8, text_train=16, peak_sizes=(64,), peer_updates=2,
@@ -115,7 +115,7 @@ def test_main_writes_the_outputs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not encoder_and_routerbench_ready(), reason="needs the default encoder and RouterBench data")
 def test_text_to_decision_tiny(tmp_path):
-    from mixllm_jax import static_encoder
+    from mixllm_jax.text import static_encoder
     from test_encoder import tiny_bert_folder
 
     static = tmp_path / "static"  # a static tier distilled from a tiny random BERT (seconds)

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax import budget, policy
-from mixllm_jax.config import Budget, RouterConfig
+from mixllm_jax.core import budget, policy
+from mixllm_jax.core.config import Budget, RouterConfig
 
 
 def _curve():

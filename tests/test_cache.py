@@ -1,9 +1,9 @@
-"""Tests of the on-disk embedding cache (mixllm_jax.cache)."""
+"""Tests of the on-disk embedding cache (mixllm_jax.text.cache)."""
 
 import numpy as np
 import pytest
 
-from mixllm_jax.cache import EmbeddingCache, default_cache_dir, embed_cached
+from mixllm_jax.text.cache import EmbeddingCache, default_cache_dir, embed_cached
 
 IDENT = {"name": "fake/encoder", "path": "/somewhere", "hidden_size": 4, "model_bytes": 123}
 

@@ -14,13 +14,14 @@ import numpy as np
 import optax
 import pytest
 
-from mixllm_jax.config import HeadConfig, RouterConfig
-from mixllm_jax import checkpoint as ckpt
-from mixllm_jax import engine, tags
-from mixllm_jax import state as S
-from mixllm_jax.checkpoint import CheckpointError, list_steps, restore_router, save_router
-from mixllm_jax.policy import Policy, route_batch
-from mixllm_jax.router import Router
+from mixllm_jax.core.config import HeadConfig, RouterConfig
+from mixllm_jax.store import checkpoint as ckpt
+from mixllm_jax.core import engine
+from mixllm_jax.text import tags
+from mixllm_jax.core import state as S
+from mixllm_jax.store.checkpoint import CheckpointError, list_steps, restore_router, save_router
+from mixllm_jax.core.policy import Policy, route_batch
+from mixllm_jax.text.router import Router
 
 H, F, N, M = 12, 8, 64, 3  # embedding dim, head features, queries, LLMs
 CHILD = Path(__file__).with_name("checkpoint_kill_child.py")
@@ -140,22 +141,22 @@ def test_round_trip_is_bit_identical(built, tmp_path):
 
 def test_feedback_state_round_trip(built, tmp_path):
     """The binary-feedback network's state (a NamedTuple of flax params, optax state, scalars)."""
-    from mixllm_jax import feedback
+    from mixllm_jax.core import feedback_net
 
     router, x, p_tok = built
     K = router.state.capacity
-    fs = feedback.init_feedback(x.shape[1], K, hidden=8)
+    fs = feedback_net.init_feedback(x.shape[1], K, hidden=8)
     rng = np.random.default_rng(5)
-    fs = feedback.update(fs, jnp.asarray(x), jnp.asarray(rng.integers(0, 3, N), jnp.int32),
+    fs = feedback_net.update(fs, jnp.asarray(x), jnp.asarray(rng.integers(0, 3, N), jnp.int32),
                          jnp.asarray(rng.integers(0, 2, N), jnp.float32), router.state.active)
     save_router(router, tmp_path, extras={"feedback": fs})
-    back, got = restore_router(tmp_path, extras_like={"feedback": feedback.init_feedback(x.shape[1], K, hidden=8)})
-    assert isinstance(got["feedback"], feedback.FeedbackState)
+    back, got = restore_router(tmp_path, extras_like={"feedback": feedback_net.init_feedback(x.shape[1], K, hidden=8)})
+    assert isinstance(got["feedback"], feedback_net.FeedbackState)
     assert_same_leaves(fs, got["feedback"])
-    bonus = feedback.bonus(fs, jnp.asarray(x))
-    np.testing.assert_array_equal(np.asarray(bonus), np.asarray(feedback.bonus(got["feedback"], jnp.asarray(x))))
+    bonus = feedback_net.bonus(fs, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(bonus), np.asarray(feedback_net.bonus(got["feedback"], jnp.asarray(x))))
     a = engine.route(router.state, x, p_tok, router.policy, bonus=bonus)
-    b = engine.route(back.state, x, p_tok, back.policy, bonus=feedback.bonus(got["feedback"], jnp.asarray(x)))
+    b = engine.route(back.state, x, p_tok, back.policy, bonus=feedback_net.bonus(got["feedback"], jnp.asarray(x)))
     np.testing.assert_array_equal(np.asarray(a.score), np.asarray(b.score))
 
 
@@ -194,7 +195,7 @@ def test_orbax_layout_and_atomic_rename(built, tmp_path):
 
 def test_encoder_identity_and_auto_loading(built, tmp_path, monkeypatch):
     """encoder="auto" loads the encoder named in the checkpoint (stubbed here: no weights needed)."""
-    from mixllm_jax import encoder as enc_mod
+    from mixllm_jax.text import encoder as enc_mod
 
     router, x, p_tok = built
     identity = {"name": "org/tiny-encoder", "path": "/nowhere", "hidden_size": H, "model_bytes": 123}
@@ -522,7 +523,7 @@ def test_a_format_4_state_gets_the_shared_component_at_its_prior():
     """Format 4 predates the shared online component: it is added at its prior (predicting 0), the
     saved arms untouched; a format-5 state is read as it is."""
     import numpy as np
-    from mixllm_jax import bandit, state as S
+    from mixllm_jax.core import bandit, state as S
 
     st = S.init_state(4, 6, ridge=np.arange(1, 7, dtype=np.float32))
     v4 = {f: np.asarray(getattr(st, f)) for f in ("A", "A_inv", "B", "count", "active", "price_in", "price_out", "ttft",

@@ -2,7 +2,8 @@
 --cost-weights / --budgets grids, progress only on a terminal, the train summary, a compact report."""
 import pytest
 
-from mixllm_jax import cli, data, progress
+from mixllm_jax import cli, data
+from mixllm_jax.util import progress
 
 MODELS = str(data.routerbench_dir() / "models.json")
 
@@ -78,7 +79,7 @@ def test_train_summary_format():
 def test_data_llms_missing_from_the_router_is_an_error_before_embedding(tmp_path, capsys, monkeypatch):
     import types
 
-    from mixllm_jax import train
+    from mixllm_jax.offline import train
 
     fake = types.SimpleNamespace(registry=types.SimpleNamespace(slots={"gpt-4-1106-preview": 0, "claude-v2": 1}))
     monkeypatch.setattr(cli, "_restore", lambda args: fake)

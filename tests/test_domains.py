@@ -4,9 +4,9 @@ queries keep their trained domains, and the grown head routes with the new domai
 import numpy as np
 import pytest
 
-from mixllm_jax import domains, tags
-from mixllm_jax.config import HeadConfig, RouterConfig
-from mixllm_jax.router import DOMAIN_SCALE, Router
+from mixllm_jax.text import domains, tags
+from mixllm_jax.core.config import HeadConfig, RouterConfig
+from mixllm_jax.text.router import DOMAIN_SCALE, Router
 
 
 def _clusters(rng, centers, n):

@@ -1,4 +1,4 @@
-"""Tests of the Flax BERT sentence encoder (mixllm_jax.encoder)."""
+"""Tests of the Flax BERT sentence encoder (mixllm_jax.text.encoder)."""
 
 import json
 import shutil
@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from mixllm_jax import encoder as enc_mod
-from mixllm_jax.encoder import BertConfig, EncoderNotFoundError, load_encoder, params_from_state_dict
-from mixllm_jax.tokens import bucket, pad_batch, padded_length
-from mixllm_jax.paths import shared_dir
+from mixllm_jax.text import encoder as enc_mod
+from mixllm_jax.text.encoder import BertConfig, EncoderNotFoundError, load_encoder, params_from_state_dict
+from mixllm_jax.text.tokens import bucket, pad_batch, padded_length
+from mixllm_jax.util.paths import shared_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mixllm_jax import bandit, engine
-from mixllm_jax.policy import Policy, route_batch
+from mixllm_jax.core import bandit, engine
+from mixllm_jax.core.policy import Policy, route_batch
 from conftest import make_state, random_obs
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.data import Dataset
-from mixllm_jax.evaluate import (calibration, compact, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate,
+from mixllm_jax.offline.evaluate import (calibration, compact, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate,
                                  format_bootstrap_table, format_table,
                                  format_task_table, points_for, single_llm_methods, write_report)
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from mixllm_jax import experiments as E
-from mixllm_jax import simulate as sim
+from mixllm_jax.sim import experiments as E
+from mixllm_jax.sim import simulate as sim
 from mixllm_jax.data import routerbench_dir
-from mixllm_jax.experiments import common
+from mixllm_jax.sim.experiments import common
 
 RB = routerbench_dir()
 pytestmark = pytest.mark.skipif(not (RB / "models.json").exists(), reason=f"RouterBench slice not at {RB}")
@@ -119,7 +119,8 @@ def test_out_of_domain_experiment(quick, tmp_path):
 
 
 def test_ope_experiment(quick, tmp_path):
-    from mixllm_jax import cli, ope
+    from mixllm_jax import cli
+    from mixllm_jax.offline import ope
 
     r = E.run_experiment("ope", tmp_path, quick=True, data=quick)
     data, md = read(r, "ope")

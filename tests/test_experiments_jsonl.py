@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax import cli
-from mixllm_jax import experiments as E
+from mixllm_jax.sim import experiments as E
 
 MODELS = [  # name, USD per million tokens in / out; latency profile
     ("big", 10.0, 30.0), ("mid-a", 1.0, 2.0), ("mid-b", 1.0, 2.0), ("small", 0.1, 0.2)]

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from mixllm_jax import bandit, engine, state as S
-from mixllm_jax.policy import Policy, choice_probs
+from mixllm_jax.core import bandit, engine, state as S
+from mixllm_jax.core.policy import Policy, choice_probs
 from conftest import make_state, numpy_ridge, random_obs
 
 

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from mixllm_jax import cache, finetune
-from mixllm_jax import encoder as enc_mod
-from mixllm_jax.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
+from mixllm_jax.text import cache, finetune
+from mixllm_jax.text import encoder as enc_mod
+from mixllm_jax.core.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 
 from test_encoder import tiny_bert_folder
@@ -153,7 +153,8 @@ def test_config_round_trip_and_checks():
 
 @pytest.mark.slow
 def test_finetuned_router_save_restore_same_decisions(tiny, tmp_path, monkeypatch):
-    from mixllm_jax import checkpoint, train
+    from mixllm_jax.store import checkpoint
+    from mixllm_jax.offline import train
 
     monkeypatch.setenv("MIXLLM_CACHE", str(tmp_path / "cache"))
     ds, _ = synthetic(120, seed=3)

@@ -3,8 +3,8 @@ the ridge the data support; intercepts are not shrunk."""
 
 import numpy as np
 
-from mixllm_jax import fit
-from mixllm_jax.state import init_state
+from mixllm_jax.core import fit
+from mixllm_jax.core.state import init_state
 
 
 def _data(rng, n=400, d=6, m=3, signal=1.0):
@@ -60,7 +60,7 @@ def test_evidence_prefers_small_ridge_with_signal_and_large_without(rng):
 def test_prior_weight_keeps_predictions_and_widens_the_posterior(rng):
     """A discounted log (power prior w): theta unchanged, widths x 1/sqrt(w), count w n, and one
     online observation moves the arm like 1/w logged ones."""
-    from mixllm_jax import bandit
+    from mixllm_jax.core import bandit
 
     x, q, lt = _data(rng)
     pen = np.arange(6) < 5

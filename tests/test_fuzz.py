@@ -486,8 +486,8 @@ def _digest(state) -> str:
 
 
 def test_fuzz_engine_route(engine_state, counts):
-    from mixllm_jax import engine
-    from mixllm_jax.policy import Policy
+    from mixllm_jax.core import engine
+    from mixllm_jax.core.policy import Policy
 
     digest = _digest(engine_state)
     knobs = st.tuples(*[st.floats(0, 10)] * 4, st.floats(0, 1))
@@ -516,7 +516,7 @@ def test_fuzz_engine_route(engine_state, counts):
 
 
 def test_fuzz_engine_update(engine_state, counts):
-    from mixllm_jax import engine
+    from mixllm_jax.core import engine
 
     digest = _digest(engine_state)
     arm = lambda n: weighted(  # noqa: E731

@@ -36,8 +36,8 @@ CHAT = [{"role": "user", "content": PROMPT}]
 
 def with_curve(src: Path, models: list[str], dst: Path) -> Path:
     """The router at `src` saved to `dst` with a synthetic operating curve (spend falls as lambda grows)."""
-    from mixllm_jax import checkpoint
-    from mixllm_jax.budget import OperatingCurve
+    from mixllm_jax.store import checkpoint
+    from mixllm_jax.core.budget import OperatingCurve
 
     router, _ = checkpoint.restore_router(src)
     ref = {m: 1e-3 if m == "gpt-4-1106-preview" else 1e-4 for m in models}

@@ -16,7 +16,7 @@ pytest.importorskip("yaml")
 
 from mixllm_jax.serve.auth import ApiKey, KeyBudget, hash_key, load_keys  # noqa: E402
 from mixllm_jax.serve.http import ApiError  # noqa: E402
-from mixllm_jax.serve.usage import Ledger, cost_cap, usage_view  # noqa: E402
+from mixllm_jax.serve.spend import Ledger, cost_cap, usage_view  # noqa: E402
 
 
 def test_catalog_loads_and_validates():
@@ -120,8 +120,8 @@ def test_cost_cap_under_key_budgets():
 
 
 def fake_service(curve=None, pinned="allow"):
-    from mixllm_jax.config import RouterConfig
-    from mixllm_jax.policy import Policy
+    from mixllm_jax.core.config import RouterConfig
+    from mixllm_jax.core.policy import Policy
 
     slots = {"big": 0, "small": 1, "mid": 2}
     return types.SimpleNamespace(
@@ -131,7 +131,7 @@ def fake_service(curve=None, pinned="allow"):
 
 
 def test_model_field():
-    from mixllm_jax.budget import OperatingCurve
+    from mixllm_jax.core.budget import OperatingCurve
     from mixllm_jax.serve.gateway import parse_model
 
     svc = fake_service()
@@ -185,7 +185,7 @@ def test_backend_context_window():
 def test_an_empty_feature_write_leaves_the_log_readable(tmp_path):
     """A batch whose requests were all refused (e.g. no context window fits) writes nothing: a blank
     line made the request log unreadable at the next start."""
-    from mixllm_jax.feedback_log import Entry, FeatureStore
+    from mixllm_jax.store.journal import Entry, FeatureStore
 
     fs = FeatureStore(tmp_path, capacity=4)
     fs.put_many([("r1", Entry(np.zeros(3, np.float32), slot=0, generation=0, model="m", prompt_tokens=1, log_tokens=1))])

@@ -1,4 +1,4 @@
-"""Sharded compute (mixllm_jax.mesh, mixllm_jax.distributed) on forced CPU host devices.
+"""Sharded compute (mixllm_jax.offline.mesh, mixllm_jax.offline.distributed) on forced CPU host devices.
 
 The checks run in child processes (tests/mesh_child.py, several checks per process) with
 XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu, since the device count is
@@ -128,7 +128,8 @@ def test_sharded_compute_equals_unsharded(tmp_path):
         np.testing.assert_array_equal(p0[f], p1[f])  # the same sum on every process
     if not cli:
         return
-    from mixllm_jax import bandit, checkpoint
+    from mixllm_jax.core import bandit
+    from mixllm_jax.store import checkpoint
 
     points = lambda d: json.loads((tmp_path / d / "report.json").read_text())["methods"]["mixllm"]["points"]  # noqa: E731
     assert points("eval-dev") == points("eval-one")
@@ -147,7 +148,8 @@ def test_sharded_compute_equals_unsharded(tmp_path):
 # ---- the command line ---------------------------------------------------------------------------
 
 def test_cli_sharding_options_are_checked(capsys):
-    from mixllm_jax import cli, distributed
+    from mixllm_jax import cli
+    from mixllm_jax.offline import distributed
 
     for argv, msg in ((["--coordinator", "127.0.0.1:1"], "go together"),
                       (["--arm-shards", "2"], "needs --devices"),
@@ -161,7 +163,7 @@ def test_cli_sharding_options_are_checked(capsys):
         distributed.from_args(_parse(["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2",
                                       "--process-id", "2"]))
     par = distributed.from_args(_parse(["train"]))
-    from mixllm_jax.config import RouterConfig
+    from mixllm_jax.core.config import RouterConfig
 
     assert not par.active and par.writer and par.train_kwargs(None, None, RouterConfig()) == {}
     with pytest.raises(SystemExit):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mixllm_jax.metrics import (aiq, best_point_under_cost, best_quality_under_cost,
+from mixllm_jax.core.metrics import (aiq, best_point_under_cost, best_quality_under_cost,
                                 hull_quality_at_cost, non_decreasing_convex_hull,
                                 pct_of_reference, totals)
 

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from mixllm_jax import engine, feedback_log, ope
-from mixllm_jax.policy import Policy, choice_probs
+from mixllm_jax.core import engine
+from mixllm_jax.store import journal
+from mixllm_jax.offline import ope
+from mixllm_jax.core.policy import Policy, choice_probs
 from conftest import make_state, random_obs
 
 
@@ -63,7 +65,7 @@ def test_policy_probs_of_a_router(rng):
     st = make_state(4, 6, 3)
     x, a, y = random_obs(rng, 300, 6, 3)
     st = engine.update(st, x, a, y)
-    from mixllm_jax.state import ArmRegistry
+    from mixllm_jax.core.state import ArmRegistry
 
     reg = ArmRegistry(4)
     reg.slots = {"a": 0, "b": 1, "c": 2}
@@ -102,7 +104,7 @@ def test_logs_round_trip_and_server_folder(tmp_path, rng):
     with open(tmp_path / "srv" / "requests" / "requests-000000000.jsonl", "w") as f:
         for i in range(3):
             f.write(json.dumps({"id": f"r{i}", "slot": i, "arm_id": 0, "model": "abc"[i], "pt": 5.0, "lt": 1.0,
-                                "x": feedback_log.encode_x(x[i]), "p": 0.2 * (i + 1)}) + "\n")
+                                "x": journal.encode_x(x[i]), "p": 0.2 * (i + 1)}) + "\n")
     with open(tmp_path / "srv" / "journal" / "journal-000000001.jsonl", "w") as f:
         f.write(json.dumps({"seq": 1, "type": "quality", "rid": "r2", "quality": 0.9, "source": "user"}) + "\n")
         f.write(json.dumps({"seq": 2, "type": "quality", "rid": "r0", "quality": 0.1, "source": "user"}) + "\n")

@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax import bandit, engine, latency, state as S
-from mixllm_jax.policy import Policy, commit_load, predict_cost, route_batch
+from mixllm_jax.core import bandit, engine, latency, state as S
+from mixllm_jax.core.policy import Policy, commit_load, predict_cost, route_batch
 from conftest import make_state, numpy_ridge, random_obs
 
 GREEDY = Policy(cost_weight=0.0, alpha=0.0, beta=0.0)

@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 
-from mixllm_jax.config import HeadConfig, RouterConfig
-from mixllm_jax import data, encoder, tags, train
-from mixllm_jax.policy import Policy
-from mixllm_jax.tokens import truncate
+from mixllm_jax.core.config import HeadConfig, RouterConfig
+from mixllm_jax import data
+from mixllm_jax.text import encoder, tags
+from mixllm_jax.offline import train
+from mixllm_jax.core.policy import Policy
+from mixllm_jax.text.tokens import truncate
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_fused_path_equals_step_by_step(small_router, enc):
     d, domain = router.decide(texts, Policy(cost_weight=10.0))
     ids, mask, p_tok = router.tokenize(texts)
     x = router.embed_features(enc.embed_ids(ids, mask))
-    from mixllm_jax import engine
+    from mixllm_jax.core import engine
     ref = engine.route(router.state, np.asarray(x)[:6], p_tok[:6], Policy(cost_weight=10.0))
     np.testing.assert_array_equal(np.asarray(d.arm)[:6], np.asarray(ref.arm))
     np.testing.assert_allclose(np.asarray(d.score)[:6][:, :11], np.asarray(ref.score)[:, :11], atol=1e-5)

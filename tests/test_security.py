@@ -375,7 +375,7 @@ def test_many_slow_connections_are_all_released(env, srv):
 def test_serve_refuses_an_edited_checkpoint_in_one_line(env, tmp_path):
     import shutil
 
-    from mixllm_jax import checkpoint
+    from mixllm_jax.store import checkpoint
 
     ck = tmp_path / "ck"
     src = env["server"].checkpoint

@@ -5,7 +5,7 @@ import dataclasses
 import subprocess
 import sys
 
-from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
+from mixllm_jax.serve.options import ServeConfig, add_serve_arguments, config_from_args
 
 # the flags `mixllm-jax serve` had before they were generated from the fields
 FLAGS = ("--checkpoint", "--backends", "--host", "--port", "--window-ms", "--max-batch", "--queue-limit",
@@ -58,7 +58,7 @@ def test_non_loopback_needs_keys_or_insecure():
 
 
 def test_config_is_light_to_import():
-    code = ("import sys, mixllm_jax.serve, mixllm_jax.serve.config; "
+    code = ("import sys, mixllm_jax.serve, mixllm_jax.serve.options; "
             "print(sorted(m for m in ('jax', 'flax', 'starlette', 'uvicorn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -137,7 +137,7 @@ def test_get_number_never_overflows():
 
 
 def test_journal_writes_a_group_whole_and_refuses_bad_records_alone(tmp_path):
-    from mixllm_jax.feedback_log import Journal
+    from mixllm_jax.store.journal import Journal
 
     j = Journal(tmp_path)
     j.start()
@@ -152,7 +152,7 @@ def test_journal_writes_a_group_whole_and_refuses_bad_records_alone(tmp_path):
 
 
 def test_feature_store_is_first_in_first_out_across_restarts(tmp_path):
-    from mixllm_jax.feedback_log import Entry, FeatureStore
+    from mixllm_jax.store.journal import Entry, FeatureStore
 
     fs = FeatureStore(tmp_path, capacity=10)
     x = np.zeros(3, np.float32)
@@ -201,7 +201,7 @@ def test_cluster_url_is_checked(url, ok):
 
 
 def test_decision_record_round_trips_with_its_claims():
-    from mixllm_jax.feedback_log import Entry
+    from mixllm_jax.store.journal import Entry
     from mixllm_jax.serve.cluster import entry_from_json, entry_to_json, kv_key
 
     e = Entry(x=np.linspace(-3, 3, 7).astype(np.float32), slot=4, generation=12, model="m/x", prompt_tokens=9.0,
@@ -228,7 +228,7 @@ def test_newest_shared_checkpoint_is_the_highest_sequence(tmp_path):
 
 
 def test_concurrency_share_closes_serving_slots():
-    from mixllm_jax import state as S
+    from mixllm_jax.core import state as S
     from mixllm_jax.serve.compute import reset_load
 
     st = S.init_state(4, 3, load_slots=8)

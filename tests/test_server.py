@@ -51,7 +51,7 @@ def stub_requests(env) -> list:
 
 
 def test_journal_group_commit_replay_and_torn_tail(tmp_path):
-    from mixllm_jax.feedback_log import Journal, LogError
+    from mixllm_jax.store.journal import Journal, LogError
 
     seen = []
     j = Journal(tmp_path, on_durable=seen.extend)
@@ -81,7 +81,7 @@ def test_journal_group_commit_replay_and_torn_tail(tmp_path):
 
 
 def test_feature_store_is_bounded_and_reloads(tmp_path):
-    from mixllm_jax.feedback_log import Entry, FeatureStore
+    from mixllm_jax.store.journal import Entry, FeatureStore
 
     fs = FeatureStore(tmp_path, capacity=10)
     x = np.arange(5, dtype=np.float32)
@@ -108,7 +108,7 @@ def test_micro_batcher_batches_and_bounds_its_queue():
     import concurrent.futures
     import threading
 
-    from mixllm_jax.batcher import MicroBatcher, Overloaded
+    from mixllm_jax.serve.batcher import MicroBatcher, Overloaded
 
     gate = threading.Event()
     sizes = []
@@ -142,7 +142,7 @@ def test_micro_batcher_waits_only_for_announced_items():
     """A lone item is not held for the window; an item announced with `expect` is waited for."""
     import concurrent.futures
 
-    from mixllm_jax.batcher import MicroBatcher
+    from mixllm_jax.serve.batcher import MicroBatcher
 
     sizes = []
 
@@ -282,7 +282,7 @@ def test_chat_proxy_streams(env, srv):
 def test_served_decisions_journal_their_propensity(env, srv):
     """Every routed decision's propensity is in the request log and in the feedback journal record,
     so the server's logs can be evaluated off-policy (ope.read_log on the log folder)."""
-    from mixllm_jax import ope
+    from mixllm_jax.offline import ope
 
     r = srv.route(book_load=False)
     fb = srv.post("/v1/feedback", {"request_id": r["request_id"], "quality": 0.25})
@@ -495,7 +495,7 @@ def test_kill9_restart_loses_no_acknowledged_feedback(env, srv):
 
 
 def test_sigterm_checkpoints_and_restart_replays_nothing(env, srv):
-    from mixllm_jax import checkpoint
+    from mixllm_jax.store import checkpoint
 
     obs = srv.observations()
     seq = srv.get("/healthz").json()["applied_seq"]

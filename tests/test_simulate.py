@@ -2,10 +2,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax import simulate as sim
-from mixllm_jax import state as S
+from mixllm_jax.sim import simulate as sim
+from mixllm_jax.core import state as S
 from mixllm_jax.data import Dataset, ModelSpec
-from mixllm_jax.policy import Policy
+from mixllm_jax.core.policy import Policy
 
 
 def specs_and_data(n, quality, tokens, prompt=100.0, specs=None, tags=None):
@@ -151,7 +151,8 @@ def test_no_penalty_router_matches_offline_choices():
     ds = specs_and_data(n, rng.random((n, 3)), rng.integers(1, 200, (n, 3)), specs=specs)
     st, reg = toy_router(specs, [0.5, 0.6, 0.7], dim=dim)
     arm = rng.integers(0, 3, n).astype(np.int32)
-    from mixllm_jax import engine, train
+    from mixllm_jax.core import engine
+    from mixllm_jax.offline import train
     st = engine.update(st, x, arm, np.stack([ds.quality[np.arange(n), arm],
                                              train.log_tokens(ds.completion_tokens[np.arange(n), arm])], 1))
     cfg = sim.StreamConfig(rate=50.0)  # heavily loaded: waits do not matter with beta = 0
@@ -226,8 +227,8 @@ def test_binary_feedback_trains_the_network_and_enters_the_score():
     res = sim.run_router(stream, sim.World.from_specs(specs), st, reg, Policy(cost_weight=50.0), cfg,
                          learning="binary", progress=False)
     assert float(res.feedback_state.count) == len(ds)
-    from mixllm_jax import feedback
-    b = np.asarray(feedback.bonus(res.feedback_state, jnp.asarray(x)))
+    from mixllm_jax.core import feedback_net
+    b = np.asarray(feedback_net.bonus(res.feedback_state, jnp.asarray(x)))
     assert np.abs(b).max() > 0  # it learned something from the rewards
     with pytest.raises(ValueError, match="learning"):
         sim.run_router(stream, sim.World.from_specs(specs), st, reg, Policy(), cfg, learning="thumbs")

@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax import bandit, engine, state as S
-from mixllm_jax.policy import Policy, route_batch
+from mixllm_jax.core import bandit, engine, state as S
+from mixllm_jax.core.policy import Policy, route_batch
 from conftest import make_state, random_obs
 
 

@@ -1,4 +1,4 @@
-"""The static encoder tier (mixllm_jax.static_encoder): distillation on a tiny random BERT, saving and
+"""The static encoder tier (mixllm_jax.text.static_encoder): distillation on a tiny random BERT, saving and
 loading, the weighted-mean embedding, the fused text-to-decision paths, compile counts, and the
 persistent compilation cache."""
 
@@ -12,13 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax import bandit, cache, cli, encoder as enc_mod, static_encoder as S
-from mixllm_jax.config import RouterConfig
+from mixllm_jax.core import bandit
+from mixllm_jax.text import cache, encoder as enc_mod, static_encoder as S
+from mixllm_jax import cli
+from mixllm_jax.core.config import RouterConfig
 from mixllm_jax.data import ModelSpec
-from mixllm_jax.policy import Policy, route_batch
-from mixllm_jax.router import Router, featurize, route_text_batch
-from mixllm_jax.state import with_bias
-from mixllm_jax.train import new_state
+from mixllm_jax.core.policy import Policy, route_batch
+from mixllm_jax.text.router import Router, featurize, route_text_batch
+from mixllm_jax.core.state import with_bias
+from mixllm_jax.offline.train import new_state
 
 from test_encoder import tiny_bert_folder
 
@@ -171,7 +173,7 @@ def test_fused_static_path_equals_step_by_step(distilled):
 
 
 def test_serve_route_runs_the_static_encoder(distilled):
-    from mixllm_jax import feedback
+    from mixllm_jax.core import feedback_net
     from mixllm_jax.serve.compute import serve_route
 
     out, _ = distilled
@@ -179,7 +181,7 @@ def test_serve_route_runs_the_static_encoder(distilled):
     router = _router(enc)
     ids, mask, pt = router.tokenize(TEXTS[:3])
     B, K = ids.shape[0], router.state.capacity
-    fs = feedback.init_feedback(router.state.dim, K)
+    fs = feedback_net.init_feedback(router.state.dim, K)
     p = router.policy
     d, domain, x, fb, eligible = serve_route(
         enc.params, None, None, fs.params, router.state, ids, mask, pt, np.zeros(B, bool),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mixllm_jax import tags
+from mixllm_jax.text import tags
 
 
 def synthetic(rng, n_per=60, dim=32, groups=3):

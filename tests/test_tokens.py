@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mixllm_jax import tokens
+from mixllm_jax.text import tokens
 
 
 def test_bucket_ladder_multiples_and_serving_cap():

@@ -5,8 +5,9 @@ fit of the whole log."""
 import numpy as np
 import pytest
 
-from mixllm_jax import evaluate, fit, train
-from mixllm_jax.config import Budget, HeadConfig, RouterConfig
+from mixllm_jax.offline import evaluate, train
+from mixllm_jax.core import fit
+from mixllm_jax.core.config import Budget, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 
 SPECS = [ModelSpec("cheap", 1.0, 1.0), ModelSpec("mid", 5.0, 5.0), ModelSpec("dear", 30.0, 30.0)]  # USD per Mtok

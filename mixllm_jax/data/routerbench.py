@@ -14,7 +14,7 @@ import numpy as np
 
 from mixllm_jax.data.dataset import (CHARS_PER_TOKEN, DataError, Dataset, in_range, load_models, open_text,
                                      range_text)
-from mixllm_jax.paths import shared_dir
+from mixllm_jax.util.paths import shared_dir
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from mixllm_jax.serve.config import ROUTE_ON, ServeConfig, add_serve_arguments, config_from_args
+from mixllm_jax.serve.options import ROUTE_ON, ServeConfig, add_serve_arguments, config_from_args
 
 _LAZY = {"create_app": "app", "run": "app", "main": "app", "RouterService": "service", "ApiError": "http",
          "Backend": "backends", "load_backends": "backends", "Metrics": "metrics"}

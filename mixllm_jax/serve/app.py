@@ -69,17 +69,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
 from mixllm_jax.serve import gateway
-from mixllm_jax.config import Budget
+from mixllm_jax.core.config import Budget
 from mixllm_jax.serve.backends import request_backend
 from mixllm_jax.serve.cluster import ClusterUnavailable
-from mixllm_jax.serve.config import ServeConfig, add_serve_arguments, config_from_args
+from mixllm_jax.serve.options import ServeConfig, add_serve_arguments, config_from_args
 from mixllm_jax.serve.http import (ApiError, FastJSONResponse, check_prompt, error_response, get_bool, get_number,
                                    get_string, read_json_object, reject_unknown, require_json, routing_text,
                                    model_spec, MODEL_LIMITS)
-from mixllm_jax.serve.metrics import CONTENT_TYPE_LATEST
+from mixllm_jax.serve.prometheus import CONTENT_TYPE_LATEST
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
-from mixllm_jax.serve.usage import MAX_TOKENS
+from mixllm_jax.serve.spend import MAX_TOKENS
 
 log = logging.getLogger(__name__)
 

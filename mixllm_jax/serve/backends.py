@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.http import ApiError, is_num, loads_checked
-from mixllm_jax.serve.usage import record_usage
+from mixllm_jax.serve.spend import record_usage
 
 if TYPE_CHECKING:
     from mixllm_jax.serve.service import RouterService

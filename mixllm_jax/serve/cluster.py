@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 
-from mixllm_jax import feedback_log
+from mixllm_jax.store import journal
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +67,20 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def entry_to_json(e: feedback_log.Entry, flags: int = 0) -> bytes:
+def entry_to_json(e: journal.Entry, flags: int = 0) -> bytes:
     """A decision record of the bucket: the feature entry and its claimed feedback kinds (bits)."""
-    return json.dumps({"x": feedback_log.encode_x(e.x), "slot": e.slot, "generation": e.generation,
+    return json.dumps({"x": journal.encode_x(e.x), "slot": e.slot, "generation": e.generation,
                        "model": e.model, "prompt_tokens": e.prompt_tokens, "log_tokens": e.log_tokens,
                        "propensity": e.propensity, "flags": flags}, separators=(",", ":")).encode()
 
 
-def entry_from_json(raw: bytes) -> tuple[feedback_log.Entry, int]:
+def entry_from_json(raw: bytes) -> tuple[journal.Entry, int]:
     d = json.loads(raw)
-    e = feedback_log.Entry(x=feedback_log.decode_x(d["x"]), slot=int(d["slot"]), generation=int(d["generation"]),
+    e = journal.Entry(x=journal.decode_x(d["x"]), slot=int(d["slot"]), generation=int(d["generation"]),
                            model=str(d["model"]), prompt_tokens=float(d["prompt_tokens"]),
                            log_tokens=float(d["log_tokens"]), propensity=float(d["propensity"]))
     flags = int(d["flags"])
-    e.has_quality, e.has_thumbs = bool(flags & feedback_log.QUALITY_BIT), bool(flags & feedback_log.THUMBS_BIT)
+    e.has_quality, e.has_thumbs = bool(flags & journal.QUALITY_BIT), bool(flags & journal.THUMBS_BIT)
     return e, flags
 
 
@@ -92,7 +92,7 @@ def kv_key(rid: str) -> str:
 
 
 class StreamJournal:
-    """The journal's interface (feedback_log.Journal: append, append_many, start, seq, read, rotate,
+    """The journal's interface (journal.Journal: append, append_many, start, seq, read, rotate,
     prune, close) over a JetStream stream, plus the shared decision bucket. The NATS client runs on
     its own thread and event loop; the methods are thread-safe and return concurrent Futures."""
 
@@ -235,14 +235,14 @@ class StreamJournal:
         return fut
 
     def append(self, record: dict) -> concurrent.futures.Future:
-        return feedback_log.first_result(self.append_many([record]))
+        return journal.first_result(self.append_many([record]))
 
     def append_many(self, records: list[dict]) -> concurrent.futures.Future:
         """Publish records as one message (all or none); the Future resolves to their seqs (the
         message's stream sequence, one per record) once the message is stored and delivered here;
         ClusterUnavailable when JetStream cannot take it."""
         for rec in records:
-            feedback_log._check_json(rec)
+            journal._check_json(rec)
         if self._closed:
             fut: concurrent.futures.Future = concurrent.futures.Future()
             fut.set_exception(ClusterUnavailable("the replica is stopping"))
@@ -293,7 +293,7 @@ class StreamJournal:
 
     # ---- decisions -------------------------------------------------------------------------------
 
-    def put_decisions(self, items: list[tuple[str, feedback_log.Entry]]) -> concurrent.futures.Future | None:
+    def put_decisions(self, items: list[tuple[str, journal.Entry]]) -> concurrent.futures.Future | None:
         """Put routed requests' entries in the bucket (concurrently); None when disconnected (the
         decisions then take feedback on this replica only)."""
         if not items or self._closed or not self.nc.is_connected:
@@ -308,7 +308,7 @@ class StreamJournal:
                             len(bad), len(res), type(bad[0]).__name__)
         return self._call(put_all())
 
-    async def get_decision(self, rid: str) -> feedback_log.Entry | None:
+    async def get_decision(self, rid: str) -> journal.Entry | None:
         """The entry of a decision made on any replica (its has_quality / has_thumbs: the kinds
         claimed so far), or None (unknown, expired, or the bucket unreachable)."""
         try:

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax import bandit, encoder as enc_mod, feedback
-from mixllm_jax.policy import MAX_LOG_TOKENS, Policy, predict_cost, route_batch
-from mixllm_jax.router import featurize
-from mixllm_jax.state import LOG_TOKENS
+from mixllm_jax.core import bandit, feedback_net
+from mixllm_jax.text import encoder as enc_mod
+from mixllm_jax.core.policy import MAX_LOG_TOKENS, Policy, predict_cost, route_batch
+from mixllm_jax.text.router import featurize
+from mixllm_jax.core.state import LOG_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask
     """
     e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
     x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
-    fb = feedback.FeedbackNet(state.capacity, fb_hidden).apply({"params": fb_params}, x)
+    fb = feedback_net.FeedbackNet(state.capacity, fb_hidden).apply({"params": fb_params}, x)
     y_hat, _ = bandit.predict(state, x)
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
     cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
@@ -132,7 +133,7 @@ def fit_feedback(fs, K: int):
     params = dict(fs.params)
     params["Dense_2"] = {"kernel": jnp.pad(jnp.asarray(k2["kernel"]), ((0, 0), (0, K - have))),
                          "bias": jnp.pad(jnp.asarray(k2["bias"]), (0, K - have))}
-    return fs._replace(params=params, opt_state=feedback._optimizer().init(params))
+    return fs._replace(params=params, opt_state=feedback_net._optimizer().init(params))
 
 
 def reset_feedback_slot(fs, slot: int):
@@ -176,7 +177,7 @@ def extras_template(meta: dict):
     k0, k2 = man.get("feedback/params/Dense_0/kernel"), man.get("feedback/params/Dense_2/kernel")
     if k0 is None or k2 is None:
         return None, None
-    fs = feedback.init_feedback(k0["shape"][0], k2["shape"][1], hidden=k0["shape"][1])
+    fs = feedback_net.init_feedback(k0["shape"][0], k2["shape"][1], hidden=k0["shape"][1])
     like = {"feedback": fs}
     if tops in (server, server | {"applied"}):
         like["journal_seq"] = np.zeros((), np.int64)

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mixllm_jax import feedback_log
+from mixllm_jax.store import journal
 from mixllm_jax.serve.backends import BackendFailure, proxy
 from mixllm_jax.serve.http import MAX_COST_WEIGHT, ApiError, policy_fields, show
-from mixllm_jax.serve.usage import cost_cap, key_name
+from mixllm_jax.serve.spend import cost_cap, key_name
 
 if TYPE_CHECKING:
     from mixllm_jax.serve.service import RouterService
@@ -76,7 +76,7 @@ def parse_model(svc: RouterService, value) -> tuple[tuple | None, str | None]:
 
 def budget_point(svc: RouterService, share: float) -> tuple:
     """The operating point of a mean cost of `share` x the reference LLM's, on the checkpoint's curve."""
-    from mixllm_jax.config import Budget
+    from mixllm_jax.core.config import Budget
 
     r = svc.router
     if r.curve is None:
@@ -197,7 +197,7 @@ def fallback_attempt(svc: RouterService, res: dict, model: str) -> dict:
         raise ApiError(503, f"model {model!r} was removed meanwhile; retry", "no_backend")
     rid = "req-" + uuid.uuid4().hex
     tokens = res["explanation"][model]["tokens"] or 1.0
-    svc.features.put_many([(rid, feedback_log.Entry(
+    svc.features.put_many([(rid, journal.Entry(
         x=e.x, slot=slot, generation=int(svc.generation[slot]), model=model, prompt_tokens=e.prompt_tokens,
         log_tokens=float(np.log(max(tokens, 1.0))), propensity=1.0))])
     svc.ledger.decision(res["_key"], model)

@@ -14,11 +14,11 @@ import math
 
 import numpy as np
 
-from mixllm_jax.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
+from mixllm_jax.core.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.serve.backends import resolve_live_backend
 from mixllm_jax.serve.compute import fit_feedback, fit_generation, reset_feedback_slot, share_load
 from mixllm_jax.serve.http import ApiError, is_num, model_spec
-from mixllm_jax.state import add_llm, remove_llm, set_prices
+from mixllm_jax.core.state import add_llm, remove_llm, set_prices
 
 log = logging.getLogger(__name__)
 

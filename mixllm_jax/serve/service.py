@@ -4,7 +4,7 @@
   overlap and the state needs no lock. A micro-batcher (batcher.py) feeds it batches of RouteReq;
   `compute.serve_route` decides a whole batch in one jitted call.
 * Every state change (feedback, usage, LLM added or removed) is journaled and fsync'ed before it
-  is acknowledged (feedback_log.Journal) and applied in journal order; the Orbax checkpoint records
+  is acknowledged (journal.Journal) and applied in journal order; the Orbax checkpoint records
   the last applied sequence number (extras["journal_seq"]) so a restart replays exactly the records
   after it.
 * The live load model runs on the wall clock: state.clock is seconds since the server started;
@@ -43,21 +43,24 @@ import httpx
 import jax
 import numpy as np
 
-from mixllm_jax import batcher, feedback, feedback_log, tokens
-from mixllm_jax.checkpoint import read_metadata, restore_router, save_router
-from mixllm_jax.feedback_log import QUALITY_BIT, THUMBS_BIT
+from mixllm_jax.serve import batcher
+from mixllm_jax.core import feedback_net
+from mixllm_jax.store import journal
+from mixllm_jax.text import tokens
+from mixllm_jax.store.checkpoint import read_metadata, restore_router, save_router
+from mixllm_jax.store.journal import QUALITY_BIT, THUMBS_BIT
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
 from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
                                       extras_template, fit_feedback, fit_generation, reset_load,
                                       serve_route)
-from mixllm_jax.serve.config import ServeConfig
-from mixllm_jax.serve.feedback_records import FeedbackRecords
+from mixllm_jax.serve.options import ServeConfig
+from mixllm_jax.serve.intake import FeedbackRecords
 from mixllm_jax.serve.http import ApiError, is_num
 from mixllm_jax.serve.live_models import LiveModels
-from mixllm_jax.serve.metrics import Metrics
-from mixllm_jax.serve.usage import ANONYMOUS, MAX_TOKENS, Ledger, usage_view
-from mixllm_jax.state import ArmRegistry
+from mixllm_jax.serve.prometheus import Metrics
+from mixllm_jax.serve.spend import ANONYMOUS, MAX_TOKENS, Ledger, usage_view
+from mixllm_jax.core.state import ArmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +158,8 @@ class RouterService(FeedbackRecords, LiveModels):
                 StreamJournal, self.cfg.cluster, self.cfg.stream, self._on_durable,
                 decision_ttl_s=self.cfg.decision_ttl_s))
         else:
-            self.journal = feedback_log.Journal(logdir / "journal", on_durable=self._on_durable)
-        self.features = feedback_log.FeatureStore(logdir / "requests", self.cfg.feature_cache)
+            self.journal = journal.Journal(logdir / "journal", on_durable=self._on_durable)
+        self.features = journal.FeatureStore(logdir / "requests", self.cfg.feature_cache)
         self.backends_file = load_backends_file(self.cfg.backends)
         self.file_backends = self.backends_file.backends
         if self.cfg.context_windows is not None:
@@ -213,7 +216,7 @@ class RouterService(FeedbackRecords, LiveModels):
         """Restore the checkpoint (--checkpoint's latest step, or `restore_dir`'s (folder, step):
         the newest shared one with --cluster) and replay the local journal after it."""
         if self.cfg.compilation_cache is not None:
-            from mixllm_jax.cache import enable_compilation_cache
+            from mixllm_jax.text.cache import enable_compilation_cache
 
             enable_compilation_cache(None if self.cfg.compilation_cache == "auto" else self.cfg.compilation_cache)
         ck, step = restore_dir if restore_dir is not None else (Path(self.cfg.checkpoint), None)
@@ -237,7 +240,7 @@ class RouterService(FeedbackRecords, LiveModels):
         elif extras is not None and extras_kind == "feedback":
             fs = extras["feedback"]
         if fs is None:
-            fs = feedback.init_feedback(d, K)
+            fs = feedback_net.init_feedback(d, K)
         if generation is None:
             generation = np.zeros(K, np.int64)
         self.fs = fit_feedback(fs, K)
@@ -453,7 +456,7 @@ class RouterService(FeedbackRecords, LiveModels):
             if r.kind == "chat":
                 res["_backend"], res["_key"] = self.backends.get(model), r.key
             results.append(res)
-            entries.append((rid, feedback_log.Entry(
+            entries.append((rid, journal.Entry(
                 x=x[i], slot=arm, generation=int(self.generation[arm]), model=model,
                 prompt_tokens=float(r.prompt_tokens), log_tokens=log_tokens[i], propensity=props[i])))
             self.metrics.decisions.labels(model).inc()
@@ -527,7 +530,7 @@ class RouterService(FeedbackRecords, LiveModels):
 
     def _policy_for(self, rec: dict):
         """The router's policy at a budget record's operating point (ValueError if out of reach)."""
-        from mixllm_jax.config import Budget
+        from mixllm_jax.core.config import Budget
 
         budget = Budget(str(rec["kind"]), rec["value"], rec.get("reference"))
         if budget.kind == "cost_weight" and self.router.curve is None:
@@ -580,17 +583,17 @@ class RouterService(FeedbackRecords, LiveModels):
         loop = asyncio.get_running_loop()
         async with self._ckpt_lock:
             router, extras, seq, spend = await loop.run_in_executor(self.worker, self._snapshot)
-            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.side_dir / "spend.json",
+            await loop.run_in_executor(self.aux, journal.write_json_atomic, self.side_dir / "spend.json",
                                        spend)  # (decision counts change without journal records)
             if seq == self.ckpt_seq and not force:
                 return None
-            await loop.run_in_executor(self.aux, feedback_log.write_json_atomic,
+            await loop.run_in_executor(self.aux, journal.write_json_atomic,
                                        self.side_dir / "live_models.json",
                                        {n: b.record() for n, b in self.live_backends.items()})
             step = await loop.run_in_executor(self.aux, functools.partial(
                 save_router, router, self.ckpt_dir, keep=self.cfg.keep_checkpoints, extras=extras))
             if self.cluster_mode:  # the pointer other replicas restore from
-                await loop.run_in_executor(self.aux, feedback_log.write_json_atomic, self.ckpt_dir / "latest.json",
+                await loop.run_in_executor(self.aux, journal.write_json_atomic, self.ckpt_dir / "latest.json",
                                            {"step": step, "seq": seq})
             self.features.flush()
             self.journal.rotate()

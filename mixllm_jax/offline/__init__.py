@@ -1,0 +1,1 @@
+"""offline layer (see docs/architecture.md, "Layers")."""

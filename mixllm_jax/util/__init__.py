@@ -1,0 +1,1 @@
+"""util layer (see docs/architecture.md, "Layers")."""
