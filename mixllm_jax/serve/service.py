@@ -36,50 +36,32 @@ import dataclasses
 import functools
 import logging
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import jax
 import numpy as np
 
 from mixllm_jax.serve import batcher
 from mixllm_jax.core import feedback_net
 from mixllm_jax.store import journal
 from mixllm_jax.text import tokens
+from mixllm_jax.serve.live import Live
+from mixllm_jax.serve.routing import Routing
 from mixllm_jax.store.checkpoint import read_metadata, restore_router, save_router
 from mixllm_jax.store.journal import QUALITY_BIT, THUMBS_BIT
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
-from mixllm_jax.serve.compute import (RouteReq, applied_from_array, applied_to_array, batch_inputs,
-                                      extras_template, fit_feedback, fit_generation, reset_load,
-                                      serve_route)
+from mixllm_jax.serve.compute import (applied_from_array, applied_to_array, extras_template, fit_feedback,
+                                      fit_generation, reset_load, serve_route)
 from mixllm_jax.serve.options import ServeConfig
 from mixllm_jax.serve.intake import FeedbackRecords
-from mixllm_jax.serve.http import ApiError, is_num
+from mixllm_jax.serve.http import is_num
 from mixllm_jax.serve.live_models import LiveModels
 from mixllm_jax.serve.prometheus import Metrics
-from mixllm_jax.serve.spend import ANONYMOUS, MAX_TOKENS, Ledger, usage_view
+from mixllm_jax.serve.spend import MAX_TOKENS, Ledger, usage_view
 from mixllm_jax.core.state import ArmRegistry
 
 log = logging.getLogger(__name__)
-
-
-INLINE_TOKENIZE_CHARS = 4096  # ASCII prompts up to this many characters in all are tokenized on the event loop
-# (the fast path: ~0.1 ms per 1,700 characters, ~3 ms at worst, every chunk new); others on a thread
-
-# the explanation's fields per LLM, in order: (field, key of the host arrays of `_decide`), then "eligible"
-EXPLAINED = (("quality", "quality"), ("tokens", "tokens"), ("cost", "cost"), ("uncertainty", "uncertainty"),
-             ("wait", "wait"), ("penalty", "penalty"), ("feedback", "fb"), ("score", "score"))
-EXPLAINED_FIELDS = tuple(f for f, _ in EXPLAINED) + ("eligible",)
-
-
-def _finite_rows(a: np.ndarray) -> list[list]:
-    """[n, K] floats -> rows of Python floats, None where not finite (JSON has no inf or NaN)."""
-    a = np.asarray(a, np.float64)
-    if np.isfinite(a).all():
-        return a.tolist()
-    return np.where(np.isfinite(a), a, None).tolist()
 
 
 def rid_key(rid: str) -> bytes:
@@ -91,34 +73,38 @@ class RouterService(FeedbackRecords, LiveModels):
     """Owns the router, its live state, the logs, and the worker thread. See the module docstring;
     feedback records and live LLM changes are in their own modules (the bases)."""
 
+    # the live state's fields, until the mixins take it as a component
+    router = property(lambda self: self.live.router, lambda self, v: setattr(self.live, "router", v))
+    state = property(lambda self: self.live.state, lambda self, v: setattr(self.live, "state", v))
+    registry = property(lambda self: self.live.registry, lambda self, v: setattr(self.live, "registry", v))
+    fs = property(lambda self: self.live.fs, lambda self, v: setattr(self.live, "fs", v))
+    generation = property(lambda self: self.live.generation, lambda self, v: setattr(self.live, "generation", v))
+    _active = property(lambda self: self.live.active, lambda self, v: setattr(self.live, "active", v))
+    backends = property(lambda self: self.live.backends, lambda self, v: setattr(self.live, "backends", v))
+    backend_mask = property(lambda self: self.live.backend_mask, lambda self, v: setattr(self.live, "backend_mask", v))
+    context_window = property(lambda self: self.live.context_window, lambda self, v: setattr(self.live, "context_window", v))
+    prices = property(lambda self: self.live.prices, lambda self, v: setattr(self.live, "prices", v))
+
     def __init__(self, config: ServeConfig):
         config.check()
         self.cfg = config
         self.metrics = Metrics()
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mixllm-worker")
         self.aux = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="mixllm-aux")  # tokenize, save
-        self.router = None
-        self.state = None
-        self.registry = None
-        self.fs = None
-        self.generation = None  # [K] int64: the LLM generation in each slot (0 = from the first checkpoint)
+        self.live = Live()  # router, state, registry, feedback network, generations, backend tables
+        self.routing: Routing | None = None
         self.applied_seq = 0
         self.ckpt_seq = 0
         self.prev_ckpt_seq = 0
         self.ckpt_step = None
-        self.backends: dict[str, Backend] = {}
         self.backends_file = BackendsFile()
         self.file_backends: dict[str, Backend] = {}
         self.live_backends: dict[str, Backend] = {}
-        self.backend_mask = None  # [K] bool: the slot's LLM has a backend (chat may go there)
-        self.context_window = None  # [K] f32: tokens each slot's LLM takes (+inf: unknown)
         self.file_windows: dict[str, int] = {}  # --context-windows: LLM name -> tokens
-        self.prices: dict[str, tuple] = {}  # LLM name -> (USD per prompt token, per completion token)
         self.cooldown: dict[str, float] = {}  # LLM name -> time.monotonic() until which chat avoids it
         m = self.metrics
         self.ledger = Ledger(on_spend=lambda k, mo, usd: m.spend.labels(k, mo).inc(usd),
                              on_decision=lambda k, mo, n: m.key_decisions.labels(k, mo).inc(n))
-        self._active = None  # [K] bool: host copy of state.active
         self._pending: collections.deque | None = None  # journaled records not yet applied
         self.journal = None
         self.features = None
@@ -160,6 +146,10 @@ class RouterService(FeedbackRecords, LiveModels):
         else:
             self.journal = journal.Journal(logdir / "journal", on_durable=self._on_durable)
         self.features = journal.FeatureStore(logdir / "requests", self.cfg.feature_cache)
+        self.routing = Routing(self.live, metrics=self.metrics, ledger=self.ledger, features=self.features,
+                               journal=self.journal, worker=self.worker, aux=self.aux, drain=self._drain, t0=self.t0,
+                               book_load=self.cfg.book_load, max_batch=self.cfg.max_batch,
+                               cluster_mode=self.cluster_mode)
         self.backends_file = load_backends_file(self.cfg.backends)
         self.file_backends = self.backends_file.backends
         if self.cfg.context_windows is not None:
@@ -176,8 +166,9 @@ class RouterService(FeedbackRecords, LiveModels):
         else:
             self.journal.start(min_seq=self.applied_seq)
         self.metrics.journal_seq.set(self.journal.seq)
-        self.batcher = batcher.MicroBatcher(self._route_batch, self.worker, self.cfg.window_ms / 1000.0,
-                                            self.cfg.max_batch, self.cfg.queue_limit, on_batch=self._on_batch)
+        self.batcher = self.routing.batcher = batcher.MicroBatcher(
+            self.routing._route_batch, self.worker, self.cfg.window_ms / 1000.0, self.cfg.max_batch,
+            self.cfg.queue_limit, on_batch=self.routing._on_batch)
         self.batcher.start()
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.cfg.max_inflight_proxy,
                                                           max_keepalive_connections=64),
@@ -307,7 +298,7 @@ class RouterService(FeedbackRecords, LiveModels):
         lengths = [L for L in self.router.encoder.length_buckets if L < self.router.max_length] + [self.router.max_length]
         for B in sizes:
             for L in lengths:
-                self._decide(np.zeros((B, L), np.int32), np.ones((B, L), np.int32), [], commit=False)
+                self.routing._decide(np.zeros((B, L), np.int32), np.ones((B, L), np.int32), [], commit=False)
         log.info("warm-up: compiled %d shapes in %.1f s", len(sizes) * len(lengths), time.perf_counter() - t)
 
     # ---- journal application (worker thread) ------------------------------------------------
@@ -377,7 +368,7 @@ class RouterService(FeedbackRecords, LiveModels):
                 elif typ == "reprice_model" and not replay_flags_only:
                     self._apply_reprice(rec)
                 elif typ == "policy" and not replay_flags_only:
-                    self.router = dataclasses.replace(self.router, policy=self._policy_for(rec))
+                    self.routing.apply_policy(rec)
                 elif typ not in ("usage", "add_model", "remove_model", "reprice_model", "policy"):
                     log.warning("journal seq %s: unknown record type %r ignored", rec.get("seq"), typ)
             except Exception:  # noqa: BLE001
@@ -395,167 +386,16 @@ class RouterService(FeedbackRecords, LiveModels):
     def _update_gauges(self) -> None:
         self.metrics.models.set(len(self.registry.slots))
 
-    # ---- routing (worker thread) -----------------------------------------------------------
+    # ---- the routing worker's API (routing.py), for the endpoints --------------------------------
 
-    def _decide(self, ids, mask, reqs: list[RouteReq], commit: bool = True):
-        """serve_route on ids, mask [B, L] (reqs fill the first rows) -> host arrays: arm, domain [B];
-        quality, tokens, cost, uncertainty, wait, penalty, score, fb, eligible [B, K]; x [B, d]."""
-        n = len(reqs)
-        pol = self.router.policy
-        pt, cw, mcw, mix, max_cost, allowed, book = batch_inputs(reqs, ids.shape[0], self.state.capacity,
-                                                                 pol, self.cfg.book_load)
-        h = self.router.head
-        state = self.state.replace(clock=np.float32(time.monotonic() - self.t0))
-        out = serve_route(
-            self.router.encoder.params, None if h is None else h.params,
-            None if h is None else np.asarray(h.centroids), self.fs.params, state, ids, mask, pt, book, cw,
-            mix, mcw, max_cost, allowed, self.context_window, float(pol.alpha), float(pol.beta), float(pol.tau),
-            enc_config=self.router.encoder.config, head_shape=None if h is None else (h.hidden, h.features),
-            mode=self.router.feature_mode, fb_hidden=int(self.fs.params["Dense_0"]["kernel"].shape[1]))
-        d, domain, x, fb, eligible = out
-        if commit and n and book.any():
-            self.state = state.replace(free_at=d.free_at)
-        host = jax.device_get({"arm": d.arm, "quality": d.quality, "tokens": d.tokens, "cost": d.cost,
-                               "uncertainty": d.uncertainty, "wait": d.wait, "penalty": d.penalty,
-                               "score": d.score, "domain": domain, "x": x, "fb": fb, "eligible": eligible,
-                               "propensity": d.propensity})
-        return host
-
-    def _route_batch(self, reqs: list[RouteReq]) -> list:
-        """The batcher's call: a route result (or a 503 ApiError) per request; features kept for feedback."""
-        self._drain()
-        n = len(reqs)
-        enc = self.router.encoder
-        ids, mask, _ = tokens.batch([r.ids for r in reqs], self.router.max_length, enc.pad_id, enc.length_buckets,
-                                    top=self.cfg.max_batch)
-        h = self._decide(ids, mask, reqs)
-        names = {s: nm for nm, s in self.registry.slots.items()}
-        slots = sorted(names)
-        llms = [names[s] for s in slots]
-        tags = self.router.head.tags if self.router.head is not None else None
-        # the explanation's numbers for every row at once: [n, K'] Python lists (non-finite -> None)
-        cols = {f: _finite_rows(h[k][:n, slots]) for f, k in EXPLAINED}
-        eligible = h["eligible"][:n, slots].tolist()
-        arms, props = h["arm"][:n].tolist(), h["propensity"][:n].tolist()
-        chosen = h["tokens"][np.arange(n), np.clip(h["arm"][:n], 0, None)].astype(np.float64)
-        log_tokens = np.log(np.maximum(chosen, 1.0)).tolist()
-        domains = h["domain"][:n].tolist() if tags is not None and h["domain"] is not None else None
-        x = np.asarray(h["x"], np.float32)
-        results, entries = [], []
-        for i, r in enumerate(reqs):
-            arm = arms[i]
-            if arm not in names or not h["eligible"][i, arm]:
-                results.append(self._no_eligible(r, h["tokens"][i]))
-                continue
-            model = names[arm]
-            rid = "req-" + uuid.uuid4().hex
-            row = [cols[f][i] for f, _ in EXPLAINED]
-            expl = {m: dict(zip(EXPLAINED_FIELDS, vals)) for m, *vals in zip(llms, *row, eligible[i])}
-            res = {"request_id": rid, "model": model, "domain": None if domains is None else tags[domains[i]],
-                   "explanation": expl}
-            if r.kind == "chat":
-                res["_backend"], res["_key"] = self.backends.get(model), r.key
-            results.append(res)
-            entries.append((rid, journal.Entry(
-                x=x[i], slot=arm, generation=int(self.generation[arm]), model=model,
-                prompt_tokens=float(r.prompt_tokens), log_tokens=log_tokens[i], propensity=props[i])))
-            self.metrics.decisions.labels(model).inc()
-            self.ledger.decision(r.key, model)
-        self.features.put_many(entries)
-        if self.cluster_mode:  # route() waits for the shared copies, so feedback may go to any replica
-            shared = self.journal.put_decisions(entries)
-            if shared is not None:
-                for res in results:
-                    if isinstance(res, dict):
-                        res["_shared"] = shared
-        return results
-
-    def _no_eligible(self, r: RouteReq, tokens: np.ndarray) -> ApiError:
-        """Why a request found no eligible LLM: every candidate's context window is too small (400),
-        or its candidates were removed meanwhile (503)."""
-        cand = np.asarray(self.state.active).copy()
-        if r.allowed is not None:
-            cand[len(r.allowed):] = False
-            cand[:len(r.allowed)] &= r.allowed
-        if cand.any():
-            need = int(r.prompt_tokens + np.min(np.asarray(tokens)[cand]))
-            return ApiError(400, f"the prompt ({r.prompt_tokens} tokens) and its predicted answer (about {need} tokens "
-                                 f"in all) fit no candidate LLM's context window", "context_length_exceeded",
-                            code="context_length_exceeded")
-        return ApiError(503, "no eligible LLM for this request (the LLMs it may use were removed); retry",
-                        "no_backend", headers={"Retry-After": "1"})
-
-    def _on_batch(self, n: int, seconds: float) -> None:
-        self.metrics.batch.observe(n)
-        self.metrics.batch_s.observe(seconds)
-
-    # ---- async API used by the endpoints ------------------------------------------------------
-
-    def tokenize(self, texts: list[str]) -> list[tuple[list, int]]:
-        """Each text's (ids truncated to the router's max_length, token count before truncation)."""
-        full = self.router.encoder.token_ids(texts)
-        return [(tokens.truncate(f, self.router.max_length, self.router.truncation_side), len(f)) for f in full]
-
-    async def route(self, texts: list[str], *, point=None, max_cost_usd=None, allowed=None, book=True,
-                    kind="route", key=ANONYMOUS) -> list[dict]:
-        """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full.
-        point: (cost_weight, mix_cost_weight, mix) or None (the router's); max_cost_usd: the cost cap
-        or None; allowed [K] bool or None; key: the API key's name (usage.py)."""
-        b = self.batcher
-        if b.pending + len(texts) > b.queue_limit:  # refuse before tokenizing
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(429, f"request queue is full ({b.pending} of {b.queue_limit} prompts waiting); "
-                                f"retry later", "overloaded", headers={"Retry-After": str(int(b.retry_after()))})
-        with b.expect(len(texts)):  # a batch being collected waits for these prompts
-            if (self.router.encoder.fast_ascii and sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS
-                    and all(map(str.isascii, texts))):
-                toks = self.tokenize(texts)  # the fast path (tokens.FastWordPiece): no thread hop
-            else:
-                toks = await asyncio.get_running_loop().run_in_executor(self.aux, self.tokenize, texts)
-        reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key) for ids, pt in toks]
-        try:
-            self.metrics.queue.set(b.pending + len(reqs))
-            out = await b.submit(reqs)
-            shared = {id(f): f for f in (r.pop("_shared", None) for r in out if isinstance(r, dict)) if f is not None}
-            for f in shared.values():
-                await asyncio.wrap_future(f)
-            return out
-        except batcher.Overloaded as e:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(429, str(e), "overloaded", headers={"Retry-After": str(int(e.retry_after))}) from None
-        finally:
-            self.metrics.queue.set(b.pending)
-
-    # ---- the operating point (PUT /v1/policy) -----------------------------------------------
-
-    def _policy_for(self, rec: dict):
-        """The router's policy at a budget record's operating point (ValueError if out of reach)."""
-        from mixllm_jax.core.config import Budget
-
-        budget = Budget(str(rec["kind"]), rec["value"], rec.get("reference"))
-        if budget.kind == "cost_weight" and self.router.curve is None:
-            return self.router.policy.replace(cost_weight=float(budget.value), mix_cost_weight=0.0, mix=0.0)
-        return self.router.policy_for(budget)
+    async def route(self, texts, **kw) -> list[dict]:
+        return await self.routing.route(texts, **kw)
 
     def policy_view(self) -> dict:
-        p = self.router.policy
-        return {"cost_weight": float(p.cost_weight), "mix_cost_weight": float(p.mix_cost_weight), "mix": float(p.mix),
-                "alpha": float(p.alpha), "beta": float(p.beta), "tau": float(p.tau), "explore": p.explore}
+        return self.routing.policy_view()
 
     async def set_policy(self, rec: dict) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self._set_policy, rec)
-
-    def _set_policy(self, rec: dict) -> dict:
-        """Move the default operating point ({"kind", "value", "reference"}: a config.Budget):
-        checked, journaled, applied on every replica; the new policy."""
-        self._drain()
-        try:
-            self._policy_for(rec)  # dry run
-        except (ValueError, KeyError) as e:
-            raise ApiError(422, f"cannot move the operating point: {e}") from None
-        self.journal.append(dict(rec, type="policy")).result()
-        self._drain()
-        return self.policy_view()
+        return await self.routing.set_policy(rec)
 
     async def journal_append(self, record: dict) -> int:
         return await asyncio.wrap_future(self.journal.append(record))

@@ -1,0 +1,42 @@
+"""The live state: the served router and everything that changes with it while serving.
+
+One `Live` is shared by the service's components (routing.py, intake.py, live_models.py, the
+journal applier, the gateway). It is read and replaced on the worker thread only (the event loop
+reads it for request checks, between worker steps, as before); its arrays are immutable, so a
+change is a new object assigned here, never an update in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(eq=False)
+class Live:
+    """router: the restored text.router.Router (its policy is the served one); state: the bandit's
+    core.state.BanditState (with the live load model); registry: core.state.ArmRegistry (LLM name ->
+    slot); fs: the feedback network's state; generation [K] int64: the LLM generation in each slot
+    (the journal seq of its add_model record, 0 for the first checkpoint's LLMs, -1 for none);
+    active [K] bool: host copy of state.active. The backend tables (live_models.Backends.refresh):
+    backends: LLM name -> backends.Backend; backend_mask [K] bool: the slot's LLM has a backend;
+    context_window [K] f32: tokens each slot's LLM takes (+inf: unknown); prices: LLM name -> (USD
+    per prompt token, per completion token)."""
+
+    router: Any = None
+    state: Any = None
+    registry: Any = None
+    fs: Any = None
+    generation: np.ndarray | None = None
+    active: np.ndarray | None = None
+    backends: dict = dataclasses.field(default_factory=dict)
+    backend_mask: np.ndarray | None = None
+    context_window: np.ndarray | None = None
+    prices: dict = dataclasses.field(default_factory=dict)
+
+    def slot_live(self, slot: int, generation: int) -> bool:
+        """Whether `slot` holds an active LLM of `generation` (the one a feedback record names)."""
+        return (0 <= slot < self.state.capacity and bool(self.active[slot])
+                and int(self.generation[slot]) == generation)
