@@ -1,21 +1,27 @@
-"""tokens: the one tokenise-truncate-pad path and the one batch bucket scheme."""
+"""tokens: the one tokenise-truncate-pad path; core.padding: the one batch bucket scheme and row padding."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mixllm_jax.core import padding
 from mixllm_jax.text import tokens
 
 
 def test_bucket_ladder_multiples_and_serving_cap():
-    assert [tokens.bucket(n) for n in (1, 2, 8, 9, 8192, 8193)] == [1, 8, 8, 32, 8192, 16384]
-    assert tokens.bucket(9, top=16) == 16 and tokens.bucket(40, top=64) == 64  # capped at the batch limit
-    assert tokens.bucket(100, top=64) == 100  # never below n
-    assert tokens.bucket(5, (1, 3)) == 6
+    assert [padding.bucket(n) for n in (1, 2, 8, 9, 8192, 8193)] == [1, 8, 8, 32, 8192, 16384]
+    assert padding.bucket(9, top=16) == 16 and padding.bucket(40, top=64) == 64  # capped at the batch limit
+    assert padding.bucket(100, top=64) == 100  # never below n
+    assert padding.bucket(5, (1, 3)) == 6
 
 
 def test_pad_rows():
     a = np.arange(6).reshape(3, 2)
-    out = tokens.pad_rows(a, 5, value=-1)
-    assert out.shape == (5, 2) and (out[:3] == a).all() and (out[3:] == -1).all()
+    out = padding.pad_rows(a, 5, value=-1)
+    assert isinstance(out, np.ndarray) and out.shape == (5, 2) and (out[:3] == a).all() and (out[3:] == -1).all()
+    cols = padding.pad_rows(a, 4, axis=1)
+    assert cols.shape == (3, 4) and (cols[:, :2] == a).all() and (cols[:, 2:] == 0).all()
+    on_device = padding.pad_rows(jnp.asarray(a), 5)  # a JAX array stays one (inside a jit too)
+    assert not isinstance(on_device, np.ndarray) and (np.asarray(on_device)[3:] == 0).all()
 
 
 def test_truncate_keeps_specials_both_sides():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
+from mixllm_jax.core.padding import pad_rows
 from mixllm_jax.core.state import RouterState
 
 
@@ -64,8 +65,7 @@ def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.nda
     y_s = y_sh + r * ((1.0 + u_sh) / den)[:, None]
     m = min(MAX_CHUNK, x.shape[0])
     n = -(-x.shape[0] // m) * m
-    pad = lambda a: jnp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))  # weight 0: no-ops
-    xs, ys, ws = (pad(a).reshape((n // m, m) + a.shape[1:]) for a in (x, y_s, w))
+    xs, ys, ws = (pad_rows(a, n).reshape((n // m, m) + a.shape[1:]) for a in (x, y_s, w))  # weight 0: no-ops
 
     def step(carry, chunk):
         return _woodbury(*carry, *chunk), None

@@ -3,7 +3,7 @@
 `route` and `update` check every input (a clear ValueError naming the field and value; the state
 is never modified since every function returns a new one): shapes, dtypes, finite values within
 the ranges below (in float32 terms: no accepted input overflows the float32 state) and pad the batch to the next size of
-`tokens.bucket`, so a serving loop with varying batch sizes compiles a bounded number of times.
+`padding.bucket`, so a serving loop with varying batch sizes compiles a bounded number of times.
 `policy.route_batch` and `bandit.update_batch` are the unchecked jitted functions for hot loops that
 already hold clean, fixed-shape arrays.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from mixllm_jax.core import bandit
-from mixllm_jax.text.tokens import bucket, pad_rows as _pad
+from mixllm_jax.core.padding import bucket, pad_rows
 from mixllm_jax.core.policy import Decision, Policy, route_batch
 from mixllm_jax.core.state import RouterState
 
@@ -107,9 +107,9 @@ def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=
     n = x.shape[0]
     size = bucket(n)
     if bonus is not None:
-        bonus = jnp.asarray(_pad(bonus, size))
+        bonus = jnp.asarray(pad_rows(bonus, size))
     book = np.arange(size) < n  # padding rows book no load
-    d = route_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(prompt_tokens, size)),
+    d = route_batch(state, jnp.asarray(pad_rows(x, size)), jnp.asarray(pad_rows(prompt_tokens, size)),
                     policy, jnp.asarray(book), bonus, key)
     return d.replace(**{k: getattr(d, k)[:n] for k in DECISION_ROWS})
 
@@ -143,5 +143,5 @@ def update(state: RouterState, x, arm, targets, weight=None) -> RouterState:
     """Checked, bucketed `update_batch`: x [B, d], arm [B] (active slots), targets [B, T], weight [B]."""
     x, arm, targets, w = check_update(state, x, arm, targets, weight)
     size = bucket(x.shape[0])
-    return bandit.update_batch(state, jnp.asarray(_pad(x, size)), jnp.asarray(_pad(arm, size)),
-                               jnp.asarray(_pad(targets, size)), jnp.asarray(_pad(w, size)))
+    return bandit.update_batch(state, jnp.asarray(pad_rows(x, size)), jnp.asarray(pad_rows(arm, size)),
+                               jnp.asarray(pad_rows(targets, size)), jnp.asarray(pad_rows(w, size)))

@@ -139,10 +139,12 @@ def arm_stats(x, quality, log_tokens, *, mesh=None):
     x is taken from process 0 (so a head that trained a hair differently elsewhere cannot split
     the processes' states); the result is the same on every process.
     """
+    from mixllm_jax.core.padding import pad_rows
+
     mesh = mesh_mod.make_mesh() if mesh is None else mesh
     n = len(x)
     size = 1 << max(0, (n - 1).bit_length())  # few shapes over the folds: each is one collective program
-    x = np.asarray(broadcast(np.pad(np.asarray(x, np.float32), ((0, size - n), (0, 0)))))[:n]
+    x = np.asarray(broadcast(pad_rows(np.asarray(x, np.float32), size)))[:n]
     rows = own_rows(n)
     local = mesh_mod.arm_stats(x[rows], np.asarray(quality)[rows], np.asarray(log_tokens)[rows], mesh=mesh)
     return sum_over_processes(local)

@@ -55,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixllm_jax.core import bandit, engine, fit
 from mixllm_jax.core import policy as policy_mod
+from mixllm_jax.core.padding import bucket, pad_rows
 from mixllm_jax.core.policy import Decision, Policy
 from mixllm_jax.core.state import ARMLESS_FIELDS, RouterState
 
@@ -192,7 +193,7 @@ def route_batch(state: RouterState, x, prompt_tokens, policy: Policy, book=None,
 def padded_size(n: int, mesh: Mesh) -> int:
     """engine's batch bucket for n rows, rounded up to a multiple of the mesh's batch size."""
     nb = batch_size(mesh)
-    return -(-engine.bucket(n) // nb) * nb
+    return -(-bucket(n) // nb) * nb
 
 
 def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None, *, mesh: Mesh) -> Decision:
@@ -201,8 +202,8 @@ def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=
     n = x.shape[0]
     size = padded_size(n, mesh)
     if bonus is not None:
-        bonus = engine._pad(bonus, size)
-    d = route_batch(state, engine._pad(x, size), engine._pad(prompt_tokens, size), policy,
+        bonus = pad_rows(bonus, size)
+    d = route_batch(state, pad_rows(x, size), pad_rows(prompt_tokens, size), policy,
                     np.arange(size) < n, bonus, key, mesh=mesh)
     return d.replace(**{k: getattr(d, k)[:n] for k in engine.DECISION_ROWS})
 
@@ -252,7 +253,7 @@ def decide(router, texts: Sequence[str], *, mesh: Mesh, policy: Policy | None = 
     """`Router.decide` over the mesh: texts -> (Decision, domain | None), padding rows kept."""
     ids, mask, prompt_tokens = router.tokenize(texts)
     size = -(-ids.shape[0] // batch_size(mesh)) * batch_size(mesh)
-    ids, mask, prompt_tokens = (engine._pad(a, size) for a in (ids, mask, prompt_tokens))
+    ids, mask, prompt_tokens = (pad_rows(a, size) for a in (ids, mask, prompt_tokens))
     (params, centroids), static = router._head_args()
     return route_text_batch(router.encoder.params, params, centroids, router.state, ids, mask, prompt_tokens,
                             policy or router.policy, np.arange(size) < len(texts), key,
@@ -341,9 +342,9 @@ def _update_fn(mesh: Mesh):
         w = jnp.ones((n,), jnp.float32) if weight is None else weight.astype(jnp.float32)
         state, targets = bandit.split(state, x.astype(jnp.float32), arm, targets.astype(jnp.float32), w)
         size = _rows_multiple(n, mesh)
-        pad = lambda a: jnp.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1))  # weight 0: no-ops
-        A, A_inv, B, count = sharded(state, pad(x.astype(jnp.float32)), pad(arm.astype(jnp.int32)),
-                                     pad(targets.astype(jnp.float32)), pad(w))
+        A, A_inv, B, count = sharded(state, pad_rows(x.astype(jnp.float32), size),  # weight 0: no-ops
+                                     pad_rows(arm.astype(jnp.int32), size),
+                                     pad_rows(targets.astype(jnp.float32), size), pad_rows(w, size))
         return state.replace(A=A, A_inv=A_inv, B=B, count=count)
 
     return jax.jit(fn)
@@ -402,9 +403,9 @@ def update(state: RouterState, x, arm, targets, weight=None, *, mesh: Mesh, meth
            ) -> RouterState:
     """Checked, bucketed `update_batch` on the mesh (`engine.update`'s checks)."""
     x, arm, targets, w = engine.check_update(state, x, arm, targets, weight)
-    size = _rows_multiple(engine.bucket(x.shape[0]), mesh)  # bounded set of shapes, as engine.update
-    return update_batch(state, engine._pad(x, size), engine._pad(arm, size), engine._pad(targets, size),
-                        engine._pad(w, size), mesh=mesh, method=method)
+    size = _rows_multiple(bucket(x.shape[0]), mesh)  # bounded set of shapes, as engine.update
+    return update_batch(state, pad_rows(x, size), pad_rows(arm, size), pad_rows(targets, size),
+                        pad_rows(w, size), mesh=mesh, method=method)
 
 
 # ---- offline training: the statistics of a whole log ------------------------------------------
@@ -440,8 +441,8 @@ def arm_stats(x, quality, log_tokens, *, mesh: Mesh):
     n, M = obs.shape
     cols = -(-M // arm_size(mesh)) * arm_size(mesh)
     rows = _rows_multiple(n, mesh)
-    pad = lambda a: np.pad(a, [(0, rows - n), (0, cols - M)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-    out = _arm_stats_fn(mesh)(engine._pad(x, rows), pad(y), pad(obs))
+    pad = lambda a: pad_rows(pad_rows(a, cols, axis=1), rows)  # unobserved rows and LLMs  # noqa: E731
+    out = _arm_stats_fn(mesh)(pad_rows(x, rows), pad(y), pad(obs))
     return tuple(np.asarray(a)[:M] for a in out)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixllm_jax.core import engine, feedback_net
+from mixllm_jax.core.padding import pad_rows
 from mixllm_jax.store import journal
 from mixllm_jax.text import tokens
 from mixllm_jax.store.journal import QUALITY_BIT, THUMBS_BIT
@@ -73,11 +74,9 @@ class FeedbackRecords:
     def _update_feedback(self, x, slots, reward) -> None:
         n = len(slots)
         B = tokens.bucket(n)
-        pad = B - n
         valid = np.arange(B) < n
-        self.fs = feedback_net.update(self.fs, jnp.asarray(np.pad(x, ((0, pad), (0, 0)))),
-                                  jnp.asarray(np.pad(slots, (0, pad))), jnp.asarray(np.pad(reward, (0, pad))),
-                                  self.state.active, jnp.asarray(valid))
+        self.fs = feedback_net.update(self.fs, jnp.asarray(pad_rows(x, B)), jnp.asarray(pad_rows(slots, B)),
+                                      jnp.asarray(pad_rows(reward, B)), self.state.active, jnp.asarray(valid))
 
 
 

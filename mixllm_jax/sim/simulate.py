@@ -52,9 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixllm_jax.core import bandit, engine, feedback_net
-from mixllm_jax.text import tokens
 from mixllm_jax.offline import train
-from mixllm_jax.text.tokens import pad_rows as _pad
+from mixllm_jax.core.padding import bucket, pad_rows
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.offline.evaluate import choose_by_score, task_keys
 from mixllm_jax.core.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
@@ -192,7 +191,7 @@ class Stream:
     def padded_size(self) -> int:
         """One padded batch size for the whole stream (a bucket): one compile per stream shape."""
         n = int(np.diff([s for s, _, _ in self.batches()] + [len(self)]).max())
-        return tokens.bucket(max(n, 1))
+        return bucket(max(n, 1))
 
 
 def make_stream(dataset: Dataset, x: np.ndarray | None = None, config: StreamConfig = StreamConfig(),
@@ -249,9 +248,9 @@ def serve(free_at, model, start, duration, valid):
 def _serve_np(free_at, model, start, duration, size):
     """serve() on numpy inputs padded to `size` (rows beyond len(model) are padding)."""
     n = len(model)
-    w, free_at = serve(free_at, jnp.asarray(_pad(model.astype(np.int32), size)),
-                       jnp.asarray(_pad(start.astype(np.float32), size)),
-                       jnp.asarray(_pad(duration.astype(np.float32), size)), jnp.asarray(np.arange(size) < n))
+    w, free_at = serve(free_at, jnp.asarray(pad_rows(model.astype(np.int32), size)),
+                       jnp.asarray(pad_rows(start.astype(np.float32), size)),
+                       jnp.asarray(pad_rows(duration.astype(np.float32), size)), jnp.asarray(np.arange(size) < n))
     return np.asarray(w)[:n].astype(np.float64), free_at
 
 
@@ -479,10 +478,10 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
             last_refresh = t
         k = hi - lo
         book = np.arange(size) < k
-        xb = jnp.asarray(_pad(stream.x[lo:hi], size))
+        xb = jnp.asarray(pad_rows(stream.x[lo:hi], size))
         bonus = None if learning != "binary" else feedback_net.bonus(fs, xb)
         key, k_batch = jax.random.split(key)
-        d = route_batch(state, xb, jnp.asarray(_pad(stream.prompt_tokens[lo:hi].astype(np.float32), size)),
+        d = route_batch(state, xb, jnp.asarray(pad_rows(stream.prompt_tokens[lo:hi].astype(np.float32), size)),
                         policy, jnp.asarray(book), bonus, k_batch)
         state = commit_load(state, d)
         arm = np.asarray(d.arm)[:k]
@@ -498,15 +497,15 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
         cost[rows] = world.cost(m, stream.prompt_tokens[rows], tokens)
         if learning == "refined":
             targets = np.stack([stream.quality[rows, m], train.log_tokens(tokens)], 1).astype(np.float32)
-            state = bandit.update_batch(state, xb, jnp.asarray(_pad(arm.astype(np.int32), size)),
-                                        jnp.asarray(_pad(targets, size)), jnp.asarray(book.astype(np.float32)))
+            state = bandit.update_batch(state, xb, jnp.asarray(pad_rows(arm.astype(np.int32), size)),
+                                        jnp.asarray(pad_rows(targets, size)), jnp.asarray(book.astype(np.float32)))
             if (b + 1) % MAINTAIN_EVERY == 0:
                 state, _ = bandit.maintain(state)
         elif learning == "binary":
             q = np.where(w > config.tolerance_s, 0.0, stream.quality[rows, m])
             reward = ((q > config.satisfied_quality) & (w < config.satisfied_wait_s)).astype(np.float32)
-            fs = feedback_net.update(fs, xb, jnp.asarray(_pad(arm.astype(np.int32), size)),
-                                 jnp.asarray(_pad(reward, size)), state.active, jnp.asarray(book),
+            fs = feedback_net.update(fs, xb, jnp.asarray(pad_rows(arm.astype(np.int32), size)),
+                                 jnp.asarray(pad_rows(reward, size)), state.active, jnp.asarray(book),
                                  d.score - bonus, d.propensity, jnp.maximum(policy.temperature, MIN_TEMPERATURE))
     compiles["end"] = compile_counts()
     info = {"learning": learning, "policy": {"cost_weight": float(policy.cost_weight), "alpha": float(policy.alpha),

@@ -5,9 +5,8 @@
           --pad_batch to [bucket(N), padded_length(longest)]--> ids [B, L], mask [B, L], n_tokens [B]
 
 Used by ``encoder.Encoder`` (embedding), ``router.Router`` (the fused text-to-decision path) and the
-server (``serve.service``). One batch-size scheme, ``bucket`` over ``BATCH_BUCKETS`` (capped at a
-serving batch limit with ``top``), serves every padded batch (encoder, ``engine``, ``simulate``, the
-server), so the number of compilations stays bounded. Padding rows have an all-zero mask.
+server (``serve.service``). Batch sizes follow the one scheme of ``core.padding`` (``bucket`` over
+``BATCH_BUCKETS``); token lengths ``LENGTH_BUCKETS``. Padding rows have an all-zero mask.
 """
 
 from __future__ import annotations
@@ -19,22 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-BATCH_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192)  # padded batch sizes (past the last: its multiples)
+from mixllm_jax.core.padding import BATCH_BUCKETS, bucket
+
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)  # padded token lengths (capped at max_length)
-
-
-def bucket(n: int, buckets: Sequence[int] = BATCH_BUCKETS, top: int | None = None) -> int:
-    """The padded size of a batch of n: the smallest of the (ascending) buckets >= n, past the largest
-    the next multiple of it; with `top` (a serving batch limit) at most max(top, n)."""
-    size = next((int(b) for b in buckets if n <= b), None)
-    if size is None:
-        size = -(-n // buckets[-1]) * int(buckets[-1])
-    return size if top is None else min(size, max(int(top), n))
-
-
-def pad_rows(a: np.ndarray, size: int, value=0) -> np.ndarray:
-    """a [n, ...] -> [size, ...], rows n..size-1 filled with `value`."""
-    return np.pad(a, [(0, size - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=value)
 
 
 def padded_length(longest: int, max_length: int, length_buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
