@@ -104,3 +104,55 @@ def test_predict_cost_broadcasts_prompt_tokens_against_prices():
     pin, pout = jnp.array([1e-6, 2e-6, 3e-6]), jnp.array([1e-5, 2e-5, 3e-5])  # [K]
     want = np.asarray(pt)[:, None] * np.asarray(pin) + np.asarray(tokens) * np.asarray(pout)
     np.testing.assert_allclose(np.asarray(predict_cost(pt, tokens, pin, pout)), want, rtol=1e-6)
+
+
+def test_constraints_by_hand(rng):
+    """Eligibility: allowed, context windows (prompt + predicted answer), cost caps with the cheapest
+    candidate kept; ineligible arms score -inf and are never chosen."""
+    from mixllm_jax.core.policy import Constraints, predict_arms
+
+    st, _ = trained(rng)
+    q = rng.normal(size=(4, 6)).astype(np.float32)
+    q[:, -1] = 1
+    pt = np.array([10.0, 10.0, 5000.0, 10.0], np.float32)
+    p = predict_arms(st, jnp.asarray(q), jnp.asarray(pt))
+    cost, tok = np.asarray(p.cost)[:, :3], np.asarray(p.tokens)[:, :3]
+    allowed = np.ones((4, st.capacity), bool)
+    allowed[0, 0] = False  # row 0 may not use arm 0
+    window = np.full(st.capacity, np.inf, np.float32)
+    window[1] = 4000.0  # row 2's prompt does not fit arm 1
+    max_cost = np.array([np.inf, np.inf, np.inf, 0.0], np.float32)  # row 3: a cap below every arm
+    c = Constraints(allowed=jnp.asarray(allowed), max_cost=jnp.asarray(max_cost), context_window=jnp.asarray(window))
+    want = np.ones((4, 3), bool)
+    want[0, 0] = False
+    want[:, 1] &= pt + tok[:, 1] <= 4000.0
+    want[3] = np.arange(3) == np.argmin(cost[3])  # only the cheapest candidate
+    d = route_batch(st, jnp.asarray(q), jnp.asarray(pt), GREEDY, constraints=c)
+    np.testing.assert_array_equal(np.asarray(d.eligible)[:, :3], want)
+    assert not np.asarray(d.eligible)[:, 3:].any()  # inactive slots
+    assert want[np.arange(4), np.asarray(d.arm)].all()
+    assert np.isneginf(np.asarray(d.score)[:, :3][~want]).all()
+    none = route_batch(st, jnp.asarray(q), jnp.asarray(pt), GREEDY, constraints=Constraints.none(4, st.capacity))
+    plain = route_batch(st, jnp.asarray(q), jnp.asarray(pt), GREEDY)
+    np.testing.assert_array_equal(np.asarray(none.arm), np.asarray(plain.arm))
+    np.testing.assert_array_equal(np.asarray(none.score), np.asarray(plain.score))
+
+
+def test_score_is_the_sum_of_the_terms_and_the_bonus(rng):
+    from mixllm_jax.core.policy import TERMS, predict_arms, score_terms
+
+    st, _ = trained(rng)
+    q = rng.normal(size=(6, 6)).astype(np.float32)
+    q[:, -1] = 1
+    pt = jnp.full((6,), 100.0)
+    bonus = jnp.asarray(rng.normal(size=(6, st.capacity)).astype(np.float32))
+    pol = Policy(cost_weight=300.0, alpha=0.7, beta=0.0)
+    *_, base = score_terms(st, jnp.asarray(q), pt, pol, bonus)
+    p = predict_arms(st, jnp.asarray(q), pt)
+    by_hand = np.asarray(p.quality - 300.0 * p.cost + 0.7 * p.width + bonus)
+    assert len(TERMS) == 3
+    np.testing.assert_allclose(np.asarray(base)[:, :3], by_hand[:, :3], rtol=1e-5, atol=1e-6)
+    assert np.isneginf(np.asarray(base)[:, 3:]).all()
+    d = route_batch(st, jnp.asarray(q), pt, pol, bonus=bonus)
+    np.testing.assert_allclose(np.asarray(d.bonus), np.asarray(bonus))
+    np.testing.assert_array_equal(np.asarray(d.arm), by_hand[:, :3].argmax(1))

@@ -31,7 +31,7 @@ def small_router(enc):
 def test_fused_path_equals_step_by_step(small_router, enc):
     router, ds, _ = small_router
     texts = ds.prompts[:5] + ["What is the capital of France?"]
-    d, domain = router.decide(texts, Policy(cost_weight=10.0))
+    d, domain, _ = router.decide(texts, Policy(cost_weight=10.0))
     ids, mask, p_tok = router.tokenize(texts)
     x = router.embed_features(enc.embed_ids(ids, mask))
     from mixllm_jax.core import engine

@@ -1,4 +1,4 @@
-"""The static encoder tier (mixllm_jax.text.static_encoder): distillation on a tiny random BERT, saving and
+"""The static encoder tier (mixllm_jax.text.static_encoder, static_distill): distillation on a tiny random BERT, saving and
 loading, the weighted-mean embedding, the fused text-to-decision paths, compile counts, and the
 persistent compilation cache."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.core import bandit
-from mixllm_jax.text import cache, encoder as enc_mod, static_encoder as S
+from mixllm_jax.text import bert, cache, encoder as enc_mod, static_distill as D
 from mixllm_jax import cli
 from mixllm_jax.core.config import RouterConfig
 from mixllm_jax.data import ModelSpec
@@ -36,7 +36,7 @@ def tiny_bert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distilled(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("static")
-    cfg = S.distill(out, str(tiny_bert), dims=16, batch_size=4096, progress=False)
+    cfg = D.distill(out, str(tiny_bert), dims=16, batch_size=4096, progress=False)
     return out, cfg
 
 
@@ -75,34 +75,34 @@ def test_distill_writes_a_loadable_folder(distilled, tiny_bert):
 def test_token_vectors_are_the_transformers_mean_pool(tiny_bert):
     """Each token's vector is the unnormalised mean of [CLS] tok [SEP]'s last hidden states."""
     src = enc_mod.load_encoder(str(tiny_bert))
-    vecs = S.token_vectors(src, batch_size=8192, progress=False)
+    vecs = D.token_vectors(src, batch_size=8192, progress=False)
     assert vecs.shape == (30522, 32)
     toks = [0, 1996, 7592, 30521]
     ids = np.array([[101, t, 102] for t in toks], np.int32)
-    hidden = enc_mod.BertEncoder(src.config).apply({"params": src.params}, ids, np.ones_like(ids))
+    hidden = bert.BertEncoder(src.config).apply({"params": src.params}, ids, np.ones_like(ids))
     np.testing.assert_allclose(vecs[toks], np.asarray(hidden).mean(1), atol=1e-5)
 
 
 def test_pca_keeps_the_top_axes():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 6)) * np.array([10, 5, 2, 1, 0.1, 0.01])
-    y, ratio = S.pca(x, 3)
+    y, ratio = D.pca(x, 3)
     assert y.shape == (500, 3) and ratio.shape == (3,) and (np.diff(ratio) <= 0).all()
     np.testing.assert_allclose(np.abs(y), np.abs(x[:, :3] - x[:, :3].mean(0)), rtol=0.05, atol=0.5)
-    full, r = S.pca(x, 99)  # more dims than axes: a rotation, distances kept
+    full, r = D.pca(x, 99)  # more dims than axes: a rotation, distances kept
     assert full.shape == (500, 6) and np.isclose(r.sum(), 1.0)
     xc = x - x.mean(0)
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), np.linalg.norm(xc, axis=1), rtol=1e-5)
 
 
 def test_token_weights():
-    w = S.token_weights(10, [0, 3])
+    w = D.token_weights(10, [0, 3])
     assert w[0] == w[3] == 0 and np.isclose(w[9], np.log(10))
-    sif = S.token_weights(10, [0], "sif")
+    sif = D.token_weights(10, [0], "sif")
     assert sif[0] == 0 and (np.diff(sif[1:]) > 0).all() and (sif[1:] < 1).all()
-    assert (S.token_weights(4, [], "none") == 1).all()
+    assert (D.token_weights(4, [], "none") == 1).all()
     with pytest.raises(ValueError, match="weighting"):
-        S.token_weights(4, [], "idf")
+        D.token_weights(4, [], "idf")
 
 
 def test_embedding_is_the_numpy_weighted_mean(distilled):
@@ -155,7 +155,7 @@ def test_fused_static_path_equals_step_by_step(distilled):
     enc = enc_mod.load_encoder(f"static:{out}")
     router = _router(enc)
     texts = TEXTS[:4]
-    d, domain = router.decide(texts)
+    d, domain, _ = router.decide(texts)
     assert domain is None
     ids, mask, pt = router.tokenize(texts)
     e = enc.embed_ids(ids, mask)
@@ -172,9 +172,10 @@ def test_fused_static_path_equals_step_by_step(distilled):
     assert route_text_batch._cache_size() - n0 <= 1
 
 
-def test_serve_route_runs_the_static_encoder(distilled):
+def test_route_text_batch_runs_the_static_encoder_with_serving_inputs(distilled):
+    """The server's call: constraints and the feedback network's term on the static tier."""
     from mixllm_jax.core import feedback_net
-    from mixllm_jax.serve.compute import serve_route
+    from mixllm_jax.core.policy import Constraints
 
     out, _ = distilled
     enc = enc_mod.load_encoder(f"static:{out}")
@@ -182,16 +183,13 @@ def test_serve_route_runs_the_static_encoder(distilled):
     ids, mask, pt = router.tokenize(TEXTS[:3])
     B, K = ids.shape[0], router.state.capacity
     fs = feedback_net.init_feedback(router.state.dim, K)
-    p = router.policy
-    d, domain, x, fb, eligible = serve_route(
-        enc.params, None, None, fs.params, router.state, ids, mask, pt, np.zeros(B, bool),
-        np.full(B, p.cost_weight, np.float32), np.zeros(B, np.float32), float(p.mix_cost_weight),
-        np.full(B, np.inf, np.float32), np.ones((B, K), bool), np.full(K, np.inf, np.float32),
-            float(p.alpha), float(p.beta), float(p.tau),
-        enc_config=enc.config, head_shape=None, mode="raw", fb_hidden=int(fs.params["Dense_0"]["kernel"].shape[1]))
+    d, domain, x = route_text_batch(enc.params, None, None, router.state, ids, mask, pt, router.policy,
+                                    np.zeros(B, bool), None, Constraints.none(B, K), fs.params,
+                                    enc_config=enc.config, head_shape=None, mode="raw")
     want, _ = featurize(enc.embed_ids(ids, mask), None, None, head_shape=None, mode="raw")
     np.testing.assert_allclose(np.asarray(x), np.asarray(want), atol=1e-6)
     assert domain is None and np.asarray(d.arm).shape == (B,)
+    np.testing.assert_allclose(np.asarray(d.bonus), np.asarray(feedback_net.bonus(fs, x)), atol=1e-6)
 
 
 def test_cache_identity_follows_the_weights_not_the_folder(distilled, tmp_path):

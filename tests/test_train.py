@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.offline import evaluate, train
-from mixllm_jax.core import fit
+from mixllm_jax.core import fit, observation
 from mixllm_jax.core.config import Budget, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 
@@ -64,7 +64,7 @@ def test_budget_is_met_on_the_saved_curve(trained):
 def test_final_arms_are_the_closed_form_fit_of_the_whole_log(trained):
     router, ds, e = trained
     x = np.asarray(router.embed_features(e), np.float64)
-    lt = train.log_tokens(ds.completion_tokens)
+    lt = observation.log_tokens(ds.completion_tokens)
     prior = np.asarray(router.state.ridge, np.float64)  # the chosen row of the prior grid (one for every arm)
     assert np.isclose(CFG.ridges, prior[0]).any() and np.all(prior[:e.shape[1]] == prior[0])
     assert all(np.isclose(CFG.domain_precisions, p).any() for p in prior[e.shape[1]:-1])

@@ -63,6 +63,23 @@ def _batch_vector(name: str, a, n: int, *, hi: float) -> np.ndarray:
     return a
 
 
+POLICY_RANGES = {f: (0.0, 1.0 if f in ("mix", "epsilon") else MAX_POLICY)
+                 for f in ("cost_weight", "mix_cost_weight", "alpha", "beta", "tau", "mix", "temperature", "epsilon")}
+
+
+def check_policy(policy: Policy) -> Policy:
+    """The policy, or a ValueError naming the field and value: every number a finite scalar in its
+    range (POLICY_RANGES); the exploration mode is checked by Policy itself."""
+    for field, (lo, hi) in POLICY_RANGES.items():
+        try:
+            v = _as_f32(f"policy.{field}", getattr(policy, field))
+        except ValueError:
+            raise ValueError(f"policy.{field} must be a number") from None
+        if v.shape != () or not (lo <= float(v) <= hi):
+            raise ValueError(f"policy.{field} must be a finite number in [{lo:g}, {hi:g}], got {v!r:.40}")
+    return policy
+
+
 def check_route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None):
     """The checks of `route`: (x [B, d], prompt_tokens [B], bonus [B, K] | None, key | None) as
     clean arrays, or a ValueError naming the field and value. Also used by mesh.route."""
@@ -71,14 +88,7 @@ def check_route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None
     prompt_tokens = _batch_vector("prompt_tokens", prompt_tokens, n, hi=MAX_PROMPT_TOKENS)
     if not bool(np.asarray(state.active).any()):
         raise ValueError("state has no active arm to route to")
-    for field in ("cost_weight", "mix_cost_weight", "alpha", "beta", "tau", "mix", "temperature", "epsilon"):
-        try:
-            v = _as_f32(f"policy.{field}", getattr(policy, field))
-        except ValueError:
-            raise ValueError(f"policy.{field} must be a number") from None
-        hi = 1.0 if field in ("mix", "epsilon") else MAX_POLICY
-        if v.shape != () or not (0 <= float(v) <= hi):
-            raise ValueError(f"policy.{field} must be a finite number in [0, {hi:g}], got {v!r:.40}")
+    check_policy(policy)
     if policy.stochastic and key is None:
         raise ValueError(f"a stochastic policy (explore={policy.explore!r}, temperature "
                          f"{float(policy.temperature):g}, epsilon {float(policy.epsilon):g}) needs a PRNG key: "
@@ -94,7 +104,8 @@ def check_route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None
     return x, prompt_tokens, bonus, key
 
 
-DECISION_ROWS = ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score", "propensity")
+DECISION_ROWS = ("arm", "quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score", "propensity",
+                 "bonus", "eligible")
 
 
 def route(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, key=None) -> Decision:

@@ -67,14 +67,20 @@ def init_feedback(dim: int, capacity: int, seed: int = 0, hidden: int = 64) -> F
     return FeedbackState(params, _optimizer().init(params), jnp.asarray(0.5), jnp.asarray(0.25), jnp.asarray(0.0))
 
 
-def _net(fs: FeedbackState) -> FeedbackNet:
-    return FeedbackNet(capacity=fs.params["Dense_2"]["kernel"].shape[1], hidden=fs.params["Dense_0"]["kernel"].shape[1])
+def _net(params) -> FeedbackNet:
+    """The network whose parameters these are (its sizes read from their shapes)."""
+    return FeedbackNet(capacity=params["Dense_2"]["kernel"].shape[1], hidden=params["Dense_0"]["kernel"].shape[1])
+
+
+def apply_params(params, x) -> jnp.ndarray:
+    """The network's score term of every arm from its parameters: x [B, d] -> [B, K]."""
+    return _net(params).apply({"params": params}, x)
 
 
 @jax.jit
 def bonus(fs: FeedbackState, x) -> jnp.ndarray:
     """The score term of every arm: x [B, d] -> [B, K]."""
-    return _net(fs).apply({"params": fs.params}, x)
+    return apply_params(fs.params, x)
 
 
 def kappa(fs: FeedbackState) -> jnp.ndarray:
@@ -106,7 +112,7 @@ def update(fs: FeedbackState, x, arm, reward, active, valid=None, score=None, pr
     T = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
 
     def logp(params):
-        f = _net(fs).apply({"params": params}, x)
+        f = _net(fs.params).apply({"params": params}, x)
         if score is None:
             logits = jnp.where(active, f, -jnp.inf)
         else:

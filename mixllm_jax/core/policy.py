@@ -1,14 +1,22 @@
 """The meta-decision: score every arm for every query and pick one, in one jitted computation.
 
-score_k = q_k - lambda * c_k + alpha * u_k - beta * pen_k   (inactive arms: -inf)
+score_k = sum of the score terms (`TERMS`: quality_k - lambda * c_k + alpha * u_k) + bonus_k
+          - beta * pen_k;   arms that are inactive or not eligible (`Constraints`): -inf
 
 q_k predicted quality, c_k = prompt_tokens * price_in_k + n_k * price_out_k the predicted cost in
-USD with n_k = exp(predicted log completion tokens), u_k = noise_k * sqrt(x^T A_inv_k x) the
-posterior s.d. of q_k (bandit.predict) and pen_k the latency penalty of the arm's predicted wait
-(see latency.py). lambda is the policy's cost_weight, or for a share `mix` of queries its
-mix_cost_weight: a randomised mixture of two operating points that meets a budget between them
-(budget.py). Which queries take the mixture is decided by a hash of the query's features, so the
-same query always gets the same decision.
+USD with n_k = exp(predicted log completion tokens) (`predict_arms`, the one prediction of
+quality, length and cost), u_k = noise_k * sqrt(x^T A_inv_k x) the posterior s.d. of q_k
+(bandit.predict), bonus_k an extra additive term (the binary-feedback network's) and pen_k the
+latency penalty of the arm's predicted wait (latency.py; applied in `choose`, query by query,
+because it depends on the load the batch's earlier queries booked). lambda is the policy's
+cost_weight, or for a share `mix` of queries its mix_cost_weight: a randomised mixture of two
+operating points that meets a budget between them (budget.py). Which queries take the mixture is
+decided by a hash of the query's features, so the same query always gets the same decision.
+Policy numbers may be scalars or [B] arrays (per-request operating points).
+
+The score terms compose the way optax composes gradient transformations: each is a function
+(ArmPredictions, x, policy) -> [B, K] and `TERMS` is their tuple; a new term is one function and
+one entry.
 
 Exploration (`Policy.explore`, static): "ucb" adds alpha * u_k (alpha in posterior s.d.s);
 "thompson" adds alpha * u_k * z_k with z_k ~ N(0, 1) drawn per (query, arm), i.e. q_k is replaced
@@ -17,8 +25,8 @@ adds nothing. On top of any of them, `temperature` > 0 samples the arm from soft
 (Gumbel-max) and `epsilon` > 0 sends a share epsilon of the queries to a uniformly random eligible
 arm. Every Decision carries the probability the policy had of choosing the arm it chose (its
 propensity, see `Decision`), which off-policy evaluation (ope.py) and the on-policy feedback
-network (feedback.py) use. Random draws come from the `key` argument. See docs/architecture.md,
-"Online learning".
+network (feedback_net.py) use. Random draws come from the `key` argument. See
+docs/architecture.md, "Decision" and "Online learning".
 """
 
 from __future__ import annotations
@@ -83,6 +91,8 @@ class Decision:
       softmax / epsilon-mixing; for Thompson sampling a Monte Carlo estimate from
       PROPENSITY_SAMPLES fresh draws (at least 1 / PROPENSITY_SAMPLES).
     score: the score the choice was made on (for Thompson, with the posterior draw in it).
+    bonus [B, K]: the extra score term (0 without one).  eligible [B, K] bool: the arms the query
+      could be sent to (active, allowed, within its context window and cost cap).
     """
 
     arm: jnp.ndarray
@@ -95,6 +105,42 @@ class Decision:
     score: jnp.ndarray
     free_at: jnp.ndarray
     propensity: jnp.ndarray
+    bonus: jnp.ndarray
+    eligible: jnp.ndarray
+
+
+@flax.struct.dataclass
+class Constraints:
+    """What each query may be sent to. B queries, K arm slots.
+
+    allowed [B, K] bool: the request's candidate LLMs.  max_cost [B]: a cap on the predicted cost in
+    USD (+inf: none).  context_window [K]: tokens (+inf: unknown).
+    An arm is a candidate when active, allowed and its context window holds the prompt plus the
+    predicted answer; a candidate is eligible when its predicted cost is within max_cost -- or it is
+    the cheapest candidate, so a too-small cap still gets the cheapest LLM. All fields are traced:
+    new caps, masks or windows never recompile.
+    """
+
+    allowed: jnp.ndarray
+    max_cost: jnp.ndarray
+    context_window: jnp.ndarray
+
+    @classmethod
+    def none(cls, batch: int, capacity: int) -> "Constraints":
+        """No constraint beyond the arms being active."""
+        return cls(allowed=jnp.ones((batch, capacity), bool), max_cost=jnp.full((batch,), jnp.inf, jnp.float32),
+                   context_window=jnp.full((capacity,), jnp.inf, jnp.float32))
+
+
+@flax.struct.dataclass
+class ArmPredictions:
+    """Every arm's predictions for every query, [B, K]: quality, completion tokens, cost (USD) and
+    the posterior s.d. of the quality (width)."""
+
+    quality: jnp.ndarray
+    tokens: jnp.ndarray
+    cost: jnp.ndarray
+    width: jnp.ndarray
 
 
 _HASH_MULT = 0x9E3779B1  # odd multipliers per feature: golden-ratio sequence
@@ -164,35 +210,69 @@ def _picker(policy: Policy, n: int, K: int, sd: jnp.ndarray, key):
 @jax.jit
 def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, policy: Policy,
                 book: jnp.ndarray | None = None, bonus: jnp.ndarray | None = None,
-                key: jnp.ndarray | None = None) -> Decision:
+                key: jnp.ndarray | None = None, constraints: Constraints | None = None) -> Decision:
     """Choose an arm for each query of x [B, d] with prompt_tokens [B].
 
     Unchecked and jit-compiled: one compile per (B, d, K) shape and exploration mode;
     `engine.route` is the checked entry point that pads B to a bucket (and requires a key for a
     stochastic policy). book [B] bool marks real rows (padding books no load); bonus [B, K] is an
     extra additive score term (the binary-feedback network's); key: a jax.random key for the
-    policy's draws (None: a fixed key 0, so a stochastic policy repeats its draws).
+    policy's draws (None: a fixed key 0, so a stochastic policy repeats its draws); constraints:
+    what each query may be sent to (None: every active arm).
     """
     book = jnp.ones((x.shape[0],), bool) if book is None else book
-    return choose(state, *score_terms(state, x, prompt_tokens, policy, bonus), policy, book, key)
+    d = choose(state, *score_terms(state, x, prompt_tokens, policy, bonus, constraints), policy, book, key)
+    return d if bonus is None else d.replace(bonus=bonus)
 
 
-def score_terms(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None):
-    """The per-(query, arm) terms of route_batch: (quality, tokens, cost, width, base), each [B, K].
-
-    base = quality - lambda cost (+ alpha width for UCB) (+ bonus), -inf on inactive arms. Every
-    entry depends on its own query and arm only, so a mesh computes it block by block (mesh.py).
-    """
+def predict_arms(state: RouterState, x, prompt_tokens) -> ArmPredictions:
+    """The one prediction of every arm's quality, length and cost: x [B, d], prompt_tokens [B]."""
     y_hat, width = bandit.predict(state, x)
-    quality = y_hat[..., QUALITY]
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
     cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
-    base = quality - cost_weights(policy, x)[:, None] * cost
-    if policy.explore == "ucb":
-        base = base + policy.alpha * width
+    return ArmPredictions(quality=y_hat[..., QUALITY], tokens=tokens, cost=cost, width=width)
+
+
+def quality_term(p: ArmPredictions, x, policy: Policy):
+    """q_k: the predicted quality."""
+    return p.quality
+
+
+def cost_term(p: ArmPredictions, x, policy: Policy):
+    """-lambda c_k, with each query's lambda under the policy's mixture."""
+    return -cost_weights(policy, x)[:, None] * p.cost
+
+
+def exploration_term(p: ArmPredictions, x, policy: Policy):
+    """alpha u_k for UCB (optimism in posterior s.d.s); Thompson's draw is added in `choose`."""
+    return policy.alpha * p.width if policy.explore == "ucb" else jnp.zeros_like(p.width)
+
+
+TERMS = (quality_term, cost_term, exploration_term)
+
+
+def eligible(state: RouterState, p: ArmPredictions, prompt_tokens, constraints: Constraints | None) -> jnp.ndarray:
+    """[B, K] bool: the arms each query may be sent to (see `Constraints`)."""
+    if constraints is None:
+        return jnp.broadcast_to(state.active, p.cost.shape)
+    fits = prompt_tokens[:, None] + p.tokens <= constraints.context_window[None, :]
+    ok = constraints.allowed & state.active & fits
+    cheapest = jnp.min(jnp.where(ok, p.cost, jnp.inf), axis=1, keepdims=True)
+    return ok & (p.cost <= jnp.maximum(constraints.max_cost[:, None], cheapest))
+
+
+def score_terms(state: RouterState, x, prompt_tokens, policy: Policy, bonus=None, constraints=None):
+    """The per-(query, arm) terms of route_batch: (quality, tokens, cost, width, base), each [B, K].
+
+    base = the sum of `TERMS` (+ bonus), -inf where the arm is not eligible. Every entry depends on
+    its own query and arm only, so a mesh computes it block by block (mesh.py).
+    """
+    p = predict_arms(state, x, prompt_tokens)
+    base = sum(term(p, x, policy) for term in TERMS)
     if bonus is not None:
         base = base + bonus
-    return quality, tokens, cost, width, jnp.where(state.active, base, -jnp.inf)
+    ok = eligible(state, p, prompt_tokens, constraints)
+    return p.quality, p.tokens, p.cost, p.width, jnp.where(ok, base, -jnp.inf)
 
 
 def choose(state: RouterState, quality, tokens, cost, width, base, policy: Policy, book, key) -> Decision:
@@ -216,7 +296,8 @@ def choose(state: RouterState, quality, tokens, cost, width, base, policy: Polic
         free_at = state.free_at
     return Decision(arm=arm.astype(jnp.int32), quality=quality, tokens=tokens, cost=cost,
                     uncertainty=width, wait=wait, penalty=pen, score=score + draw, free_at=free_at,
-                    propensity=prop.astype(jnp.float32))
+                    propensity=prop.astype(jnp.float32), bonus=jnp.zeros_like(base),
+                    eligible=jnp.isfinite(base))
 
 
 def commit_load(state: RouterState, decision: Decision) -> RouterState:

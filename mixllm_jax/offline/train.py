@@ -14,16 +14,12 @@ from mixllm_jax.core.config import DEFAULT_DOMAINS, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.offline.evaluate import choose_by_score
 from mixllm_jax.core.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
+from mixllm_jax.core.observation import log_tokens
 from mixllm_jax.core.policy import Policy, query_uniform
 from mixllm_jax.text.router import Router, feature_groups
 from mixllm_jax.core.state import ArmRegistry, add_llm, init_state
 
 UPDATE_CHUNK = 8192
-
-
-def log_tokens(completion_tokens: np.ndarray) -> np.ndarray:
-    """The length target: log of completion tokens (at least 1)."""
-    return np.log(np.maximum(completion_tokens, 1.0)).astype(np.float32)
 
 
 def embed(encoder, dataset: Dataset, max_length: int = 128, truncation_side: str = "left",
@@ -191,14 +187,7 @@ def train_router(dataset: Dataset, specs: Sequence[ModelSpec], encoder, config: 
                          f"few for {config.folds} folds; use ridge_selection='evidence'")
     router = _fit_arms(router, empty, dataset.models, arm_stats(x, dataset.quality, lt), priors, config.prior_weight)
     router.curve = curve
-    budget = config.budget
-    if curve is not None:
-        router.policy = curve.policy(budget, policy)
-    elif budget.kind == "cost_weight":
-        router.policy = policy.replace(cost_weight=budget.value)
-    else:
-        raise ValueError(f"a {budget.kind!r} budget needs cross-fitting to calibrate on (folds >= 2 and "
-                         f"5 queries per fold, {len(dataset)} queries); give a cost weight instead")
+    router.policy = router.policy_for(config.budget, policy)
     return router
 
 
@@ -223,7 +212,7 @@ def summary(router: Router, dataset: Dataset, e: np.ndarray) -> dict:
                       if ok.any() and dataset.cost[ok, j].sum() > 0 else None}
     domains_n = None
     if router.head is not None:
-        (params, centroids), static = router._head_args()
+        (params, centroids), static = router.head_args()
         from mixllm_jax.text.router import featurize
 
         _, nearest = featurize(e, params, centroids, **static)

@@ -70,6 +70,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
 from mixllm_jax.serve import gateway
 from mixllm_jax.core.config import Budget
+from mixllm_jax.core.engine import POLICY_RANGES
+from mixllm_jax.core.policy import EXPLORE_MODES
 from mixllm_jax.serve.backends import request_backend
 from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.options import ServeConfig, add_serve_arguments, config_from_args
@@ -80,6 +82,9 @@ from mixllm_jax.serve.prometheus import CONTENT_TYPE_LATEST
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
 from mixllm_jax.serve.spend import MAX_TOKENS
+
+# the policy fields PUT /v1/policy sets besides a budget (which sets cost_weight, mix_cost_weight, mix)
+POLICY_FIELDS = {f: POLICY_RANGES[f] for f in ("alpha", "beta", "tau", "temperature", "epsilon")}
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +251,26 @@ def create_app(cfg: ServeConfig) -> Starlette:
 
     @endpoint("policy_set", "admin", json_body=True)
     async def policy_set(request):
+        """Body: at most one budget ('budget': a share such as "25%", 'budget_usd', 'cost_weight'; with
+        an optional 'reference'), and/or any of the policy's fields (POLICY_FIELDS, 'explore')."""
         body = await body_of(request)
-        reject_unknown(body, {"budget", "budget_usd", "cost_weight", "reference"})
+        reject_unknown(body, {"budget", "budget_usd", "cost_weight", "reference", "explore", "in_batch_load",
+                              *POLICY_FIELDS})
         given = [k for k in ("budget", "budget_usd", "cost_weight") if k in body]
-        if len(given) != 1:
-            raise ApiError(422, "give exactly one of 'budget' (a share of the reference LLM's cost, e.g. \"25%\"), "
-                                "'budget_usd' (mean USD per query) or 'cost_weight'")
+        fields = {k: get_number(body, k, default=..., lo=lo, hi=hi) for k, (lo, hi) in POLICY_FIELDS.items()
+                  if k in body}
+        if "in_batch_load" in body:
+            fields["in_batch_load"] = get_bool(body, "in_batch_load", default=...)
+        if "explore" in body:
+            fields["explore"] = get_string(body, "explore", default=..., max_len=16)
+            if fields["explore"] not in EXPLORE_MODES:
+                raise ApiError(422, f"field 'explore' must be one of {list(EXPLORE_MODES)}, got "
+                                    f"{fields['explore']!r}", param="explore")
+        if len(given) > 1 or not (given or fields):
+            raise ApiError(422, "give at most one of 'budget' (a share of the reference LLM's cost, e.g. \"25%\"), "
+                                "'budget_usd' (mean USD per query) or 'cost_weight', and/or policy fields "
+                                f"({', '.join([*POLICY_FIELDS, 'explore', 'in_batch_load'])})")
+        rec = {"set": fields}
         ref = get_string(body, "reference", default=None, max_len=128)
         if given == ["budget"]:
             text = get_string(body, "budget", default=..., max_len=32)
@@ -260,11 +279,11 @@ def create_app(cfg: ServeConfig) -> Starlette:
             except ValueError:
                 raise ApiError(422, f"field 'budget' must look like 25% or 0.25, got {text[:32]!r}",
                                param="budget") from None
-            rec = {"kind": b.kind, "value": b.value, "reference": ref}
-        else:
+            rec.update(kind=b.kind, value=b.value, reference=ref)
+        elif given:
             k = given[0]
-            rec = {"kind": "usd" if k == "budget_usd" else "cost_weight", "reference": ref,
-                   "value": get_number(body, k, default=..., lo=0, hi=1e6)}
+            rec.update(kind="usd" if k == "budget_usd" else "cost_weight", reference=ref,
+                       value=get_number(body, k, default=..., lo=0, hi=1e6))
         return JSONResponse(await svc.set_policy(rec))
 
     @endpoint("models_remove", "admin")

@@ -1,12 +1,11 @@
-"""The fused, jitted serving computation, its inputs, and the array helpers of the service's state.
+"""The inputs of the serving decision, and the array helpers of the service's state.
 
-`serve_route` is `router.route_text_batch` (text to decision in one jitted call) plus what serving
-needs: the binary-feedback network's score term, per-request operating points (cost weight and
-mixture), per-request cost caps (USD), eligibility (the request's candidate LLMs, backends and
-cooldowns for chat, context windows), and the features x kept for later feedback.
-`batch_inputs` turns a batch of RouteReq into its per-row arrays. The helpers below it resize and
-reset the state the service keeps beside the router (load model, feedback network, slot generations) and
-read the checkpoint extras it saves. The math is in docs/architecture.md.
+The server decides with the library's one text -> decision computation, `router.route_text_batch`
+(docs/architecture.md, "Decision"); `batch_inputs` turns a batch of RouteReq into its arguments:
+per-request operating points (cost weight and mixture) in the policy, per-request cost caps (USD)
+and eligibility (the request's candidate LLMs, backends and cooldowns for chat, context windows)
+as policy.Constraints. The helpers below it resize and reset the state the service keeps beside the
+router (load model, feedback network, slot generations) and read the checkpoint extras it saves.
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax.core import bandit, feedback_net
-from mixllm_jax.text import encoder as enc_mod
-from mixllm_jax.core.policy import MAX_LOG_TOKENS, Policy, predict_cost, route_batch
-from mixllm_jax.text.router import featurize
-from mixllm_jax.core.state import LOG_TOKENS
+from mixllm_jax.core import feedback_net
+from mixllm_jax.core.policy import Constraints, Policy
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +37,12 @@ class RouteReq:
     key: str  # the API key's account name (usage.key_name)
 
 
-def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, book_load: bool):
-    """Host inputs of `serve_route` for reqs padded to B rows: (prompt_tokens [B] f32, cost_weight
-    [B] f32, mix_cost_weight [B] f32, mix [B] f32, max_cost [B] f32 (+inf = none), allowed [B, K]
-    bool, book [B] bool). Rows without their own operating point take the policy's, its mixture
-    included (padding rows too); padding rows book nothing."""
+def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, context_window: np.ndarray,
+                 book_load: bool) -> tuple[np.ndarray, Policy, Constraints, np.ndarray]:
+    """The inputs of `router.route_text_batch` for reqs padded to B rows: (prompt_tokens [B] f32,
+    the policy with its operating point per row ([B] arrays; rows without their own take the
+    policy's, padding rows too), Constraints (allowed [B, K], max_cost [B] USD, +inf = none;
+    context_window [K]), book [B] bool: padding rows book nothing)."""
     pt = np.zeros(B, np.float32)
     cw = np.full(B, policy.cost_weight, np.float32)
     mcw = np.full(B, policy.mix_cost_weight, np.float32)
@@ -63,39 +60,12 @@ def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, book_load
             allowed[i, :len(r.allowed)] = r.allowed
             allowed[i, len(r.allowed):] = False
         book[i] = r.book and book_load
-    return pt, cw, mcw, mix, max_cost, allowed, book
-
-
-def _serve_route(enc_params, head_params, centroids, fb_params, state, ids, mask, prompt_tokens,
-                 book, cost_weight, mix, mix_cost_weight, max_cost, allowed, context_window, alpha, beta, tau, *,
-                 enc_config, head_shape, mode, fb_hidden):
-    """ids, mask [B, L] -> (Decision, domain [B] or None, x [B, d], fb [B, K], eligible [B, K]).
-
-    prompt_tokens, cost_weight, mix_cost_weight, mix, max_cost [B] (max_cost: USD, +inf = none; a
-    share `mix` of the queries is scored with mix_cost_weight, policy.py); book [B] bool: rows that
-    book load (padding rows do not); allowed [B, K] bool; context_window [K] f32 (tokens, +inf =
-    unknown). An arm is a candidate when allowed, active and its context window holds the prompt
-    plus the predicted answer; a candidate is eligible when its predicted cost is within max_cost
-    -- or it is the cheapest candidate, so a too-small cap still gets the cheapest LLM. Ineligible
-    arms score -inf. Every input is traced: new caps, masks or windows never recompile.
-    """
-    e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
-    x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
-    fb = feedback_net.FeedbackNet(state.capacity, fb_hidden).apply({"params": fb_params}, x)
-    y_hat, _ = bandit.predict(state, x)
-    tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
-    cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
-    fits = prompt_tokens[:, None] + tokens <= context_window[None, :]
-    ok = allowed & state.active & fits
-    cheapest = jnp.min(jnp.where(ok, cost, jnp.inf), axis=1, keepdims=True)
-    eligible = ok & (cost <= jnp.maximum(max_cost[:, None], cheapest))
-    bonus = jnp.where(eligible, fb, -jnp.inf)
-    policy = Policy(cost_weight=cost_weight, mix_cost_weight=mix_cost_weight, mix=mix, alpha=alpha, beta=beta, tau=tau, in_batch_load=True)
-    d = route_batch(state, x, prompt_tokens, policy, book, bonus)
-    return d, domain, x, fb, eligible
-
-
-serve_route = jax.jit(_serve_route, static_argnames=("enc_config", "head_shape", "mode", "fb_hidden"))
+    f32 = np.float32
+    row_policy = policy.replace(cost_weight=cw, mix_cost_weight=mcw, mix=mix, alpha=f32(policy.alpha),
+                                beta=f32(policy.beta), tau=f32(policy.tau), temperature=f32(policy.temperature),
+                                epsilon=f32(policy.epsilon))
+    constraints = Constraints(allowed=allowed, max_cost=max_cost, context_window=np.asarray(context_window, f32))
+    return pt, row_policy, constraints, book
 
 
 def reset_load(state, clock: float, share: float = 1.0):

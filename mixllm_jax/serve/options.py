@@ -68,6 +68,8 @@ class ServeConfig:
     book_load: bool = _opt(True, "decisions do not book predicted load on the live load model",
                            flag="--no-book-load", action="store_false")
     warmup: bool = _opt(False, "compile every batch/length shape before serving", action="store_true")
+    seed: int | None = _opt(None, "seed of the exploration draws (Thompson, softmax, epsilon): the k-th stochastic "
+                                  "batch uses the k-th split of PRNGKey(seed) (default: a random seed)", type=int)
     cluster: str | None = _opt(None, "nats://HOST:PORT of a NATS server with JetStream: replicas share every state "
                                      "change through its stream and decisions through its key-value bucket "
                                      "(see 'Running several replicas'); without it the local journal")

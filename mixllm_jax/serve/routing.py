@@ -1,7 +1,7 @@
 """The routing worker: text -> decision on the worker thread, micro-batched, and the operating point.
 
 `route` tokenizes and queues prompts on the micro-batcher (batcher.py), whose batches run
-`_route_batch` on the worker thread: one jitted `compute.serve_route` call per batch decides every
+`_route_batch` on the worker thread: one call of the library's jitted `router.route_text_batch` per batch decides every
 request, keeps its features for feedback (journal.FeatureStore) and counts its decision (the spend
 ledger). `set_policy` moves the default operating point through the journal (PUT /v1/policy).
 
@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 import uuid
 
 import jax
 import numpy as np
 
+from mixllm_jax.core import engine
+from mixllm_jax.core.config import Budget
+from mixllm_jax.core.policy import Policy
 from mixllm_jax.serve import batcher
 from mixllm_jax.store import journal
 from mixllm_jax.text import tokens
-from mixllm_jax.serve.compute import RouteReq, batch_inputs, serve_route
+from mixllm_jax.serve.compute import RouteReq, batch_inputs
+from mixllm_jax.text.router import route_text_batch
 from mixllm_jax.serve.http import ApiError
 from mixllm_jax.serve.spend import ANONYMOUS
 
@@ -56,8 +61,9 @@ class Routing:
     by the wiring (a batcher.MicroBatcher over `_route_batch`)."""
 
     def __init__(self, live, *, metrics, ledger, features, journal, worker, aux, drain, t0: float,
-                 book_load: bool, max_batch: int, cluster_mode: bool):
+                 book_load: bool, max_batch: int, cluster_mode: bool, seed: int | None = None):
         self.live = live
+        self.key = jax.random.PRNGKey(secrets.randbits(31) if seed is None else seed)  # exploration draws
         self.metrics, self.ledger, self.features, self.journal = metrics, ledger, features, journal
         self.worker, self.aux, self.drain = worker, aux, drain
         self.t0, self.book_load, self.max_batch, self.cluster_mode = t0, book_load, max_batch, cluster_mode
@@ -68,28 +74,30 @@ class Routing:
         self.live.router = dataclasses.replace(self.live.router, policy=self._policy_for(rec))
 
     def _decide(self, ids, mask, reqs: list[RouteReq], commit: bool = True):
-        """serve_route on ids, mask [B, L] (reqs fill the first rows) -> host arrays: arm, domain [B];
-        quality, tokens, cost, uncertainty, wait, penalty, score, fb, eligible [B, K]; x [B, d]."""
+        """`router.route_text_batch` on ids, mask [B, L] (reqs fill the first rows) with the
+        router's policy (its exploration and the service's PRNG key included), the requests'
+        operating points and constraints and the feedback network's score term -> host arrays:
+        arm, domain, propensity [B]; quality, tokens, cost, uncertainty, wait, penalty, score, fb,
+        eligible [B, K]; x [B, d]."""
         n = len(reqs)
-        pol = self.live.router.policy
-        pt, cw, mcw, mix, max_cost, allowed, book = batch_inputs(reqs, ids.shape[0], self.live.state.capacity,
-                                                                 pol, self.book_load)
-        h = self.live.router.head
-        state = self.live.state.replace(clock=np.float32(time.monotonic() - self.t0))
-        out = serve_route(
-            self.live.router.encoder.params, None if h is None else h.params,
-            None if h is None else np.asarray(h.centroids), self.live.fs.params, state, ids, mask, pt, book, cw,
-            mix, mcw, max_cost, allowed, self.live.context_window, float(pol.alpha), float(pol.beta), float(pol.tau),
-            enc_config=self.live.router.encoder.config, head_shape=None if h is None else (h.hidden, h.features),
-            mode=self.live.router.feature_mode, fb_hidden=int(self.live.fs.params["Dense_0"]["kernel"].shape[1]))
-        d, domain, x, fb, eligible = out
+        live = self.live
+        router = live.router
+        pt, policy, constraints, book = batch_inputs(reqs, ids.shape[0], live.state.capacity, router.policy,
+                                                     live.context_window, self.book_load)
+        key = None
+        if policy.stochastic:  # a fresh key per stochastic batch (--seed fixes the sequence)
+            self.key, key = jax.random.split(self.key)
+        state = live.state.replace(clock=np.float32(time.monotonic() - self.t0))
+        (head_params, centroids), static = router.head_args()
+        d, domain, x = route_text_batch(router.encoder.params, head_params, centroids, state, ids, mask, pt, policy,
+                                        book, key, constraints, live.fs.params, enc_config=router.encoder.config,
+                                        **static)
         if commit and n and book.any():
-            self.live.state = state.replace(free_at=d.free_at)
-        host = jax.device_get({"arm": d.arm, "quality": d.quality, "tokens": d.tokens, "cost": d.cost,
+            live.state = state.replace(free_at=d.free_at)
+        return jax.device_get({"arm": d.arm, "quality": d.quality, "tokens": d.tokens, "cost": d.cost,
                                "uncertainty": d.uncertainty, "wait": d.wait, "penalty": d.penalty,
-                               "score": d.score, "domain": domain, "x": x, "fb": fb, "eligible": eligible,
+                               "score": d.score, "domain": domain, "x": x, "fb": d.bonus, "eligible": d.eligible,
                                "propensity": d.propensity})
-        return host
 
     def _route_batch(self, reqs: list[RouteReq]) -> list:
         """The batcher's call: a route result (or a 503 ApiError) per request; features kept for feedback."""
@@ -199,31 +207,33 @@ class Routing:
 
     # ---- the operating point (PUT /v1/policy) -----------------------------------------------
 
-    def _policy_for(self, rec: dict):
-        """The router's policy at a budget record's operating point (ValueError if out of reach)."""
-        from mixllm_jax.core.config import Budget
-
-        budget = Budget(str(rec["kind"]), rec["value"], rec.get("reference"))
-        if budget.kind == "cost_weight" and self.live.router.curve is None:
-            return self.live.router.policy.replace(cost_weight=float(budget.value), mix_cost_weight=0.0, mix=0.0)
-        return self.live.router.policy_for(budget)
+    def _policy_for(self, rec: dict) -> Policy:
+        """The policy a journaled "policy" record sets (ValueError if out of reach or out of range):
+        the router's moved to the record's budget ({"kind", "value", "reference"}: a config.Budget,
+        optional) with the record's other fields ("set": POLICY_FIELDS) replaced."""
+        router = self.live.router
+        policy = router.policy
+        if "kind" in rec:
+            policy = router.policy_for(Budget(str(rec["kind"]), rec["value"], rec.get("reference")), policy)
+        return engine.check_policy(policy.replace(**rec.get("set", {})))
 
     def policy_view(self) -> dict:
+        """Exactly the policy every request is routed with (its per-request operating points aside)."""
         p = self.live.router.policy
-        return {"cost_weight": float(p.cost_weight), "mix_cost_weight": float(p.mix_cost_weight), "mix": float(p.mix),
-                "alpha": float(p.alpha), "beta": float(p.beta), "tau": float(p.tau), "explore": p.explore}
+        return {**{f: float(getattr(p, f)) for f in engine.POLICY_RANGES}, "explore": p.explore,
+                "in_batch_load": bool(p.in_batch_load)}
 
     async def set_policy(self, rec: dict) -> dict:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self._set_policy, rec)
 
     def _set_policy(self, rec: dict) -> dict:
-        """Move the default operating point ({"kind", "value", "reference"}: a config.Budget):
-        checked, journaled, applied on every replica; the new policy."""
+        """Change the policy (PUT /v1/policy): a budget ({"kind", "value", "reference"}) and/or
+        fields ({"set": {field: value}}): checked, journaled, applied on every replica; the new policy."""
         self.drain()
         try:
             self._policy_for(rec)  # dry run
-        except (ValueError, KeyError) as e:
-            raise ApiError(422, f"cannot move the operating point: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ApiError(422, f"cannot change the policy: {e}") from None
         self.journal.append(dict(rec, type="policy")).result()
         self.drain()
         return self.policy_view()

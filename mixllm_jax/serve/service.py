@@ -2,7 +2,7 @@
 
 * Every JAX computation and every state change runs on the worker thread, so routing calls never
   overlap and the state needs no lock. A micro-batcher (batcher.py) feeds it batches of RouteReq;
-  `compute.serve_route` decides a whole batch in one jitted call.
+  `router.route_text_batch` (the library's) decides a whole batch in one jitted call.
 * Every state change (feedback, usage, LLM added or removed) is journaled and fsync'ed before it
   is acknowledged (journal.Journal) and applied in journal order; the Orbax checkpoint records
   the last applied sequence number (extras["journal_seq"]) so a restart replays exactly the records
@@ -51,8 +51,9 @@ from mixllm_jax.store.checkpoint import read_metadata, restore_router, save_rout
 from mixllm_jax.store.journal import QUALITY_BIT, THUMBS_BIT
 from mixllm_jax.serve.backends import (Backend, BackendsFile, load_backends_file, read_live_backends,
                                        resolve_live_backend)
+from mixllm_jax.text.router import route_text_batch
 from mixllm_jax.serve.compute import (applied_from_array, applied_to_array, extras_template, fit_feedback,
-                                      fit_generation, reset_load, serve_route)
+                                      fit_generation, reset_load)
 from mixllm_jax.serve.options import ServeConfig
 from mixllm_jax.serve.intake import FeedbackRecords
 from mixllm_jax.serve.http import is_num
@@ -149,7 +150,7 @@ class RouterService(FeedbackRecords, LiveModels):
         self.routing = Routing(self.live, metrics=self.metrics, ledger=self.ledger, features=self.features,
                                journal=self.journal, worker=self.worker, aux=self.aux, drain=self._drain, t0=self.t0,
                                book_load=self.cfg.book_load, max_batch=self.cfg.max_batch,
-                               cluster_mode=self.cluster_mode)
+                               cluster_mode=self.cluster_mode, seed=self.cfg.seed)
         self.backends_file = load_backends_file(self.cfg.backends)
         self.file_backends = self.backends_file.backends
         if self.cfg.context_windows is not None:
@@ -489,7 +490,7 @@ class RouterService(FeedbackRecords, LiveModels):
         return await asyncio.get_running_loop().run_in_executor(self.worker, self._digest)
 
     def health(self) -> dict:
-        fn = serve_route
+        fn = route_text_batch
         return {"status": "ok", "models": self.registry.names, "queue": self.batcher.pending,
                 "skipped_records": self.skipped_records,
                 "proxy_inflight": self.proxy_inflight,

@@ -18,7 +18,8 @@ import numpy as np
 from mixllm_jax.text import encoder as enc_mod, tags, tokens
 from mixllm_jax.core.budget import OperatingCurve
 from mixllm_jax.core.config import RouterConfig
-from mixllm_jax.core.policy import Decision, Policy, commit_load, route_batch
+from mixllm_jax.core import feedback_net
+from mixllm_jax.core.policy import Constraints, Decision, Policy, commit_load, route_batch
 from mixllm_jax.core.state import ArmRegistry, RouterState, with_bias
 
 DOMAIN_SCALE = 3.0  # size of the domain one-hot beside the unit-norm embedding
@@ -66,15 +67,22 @@ def feature_groups(mode: str, embedding_dim: int, head_features: int | None, dim
 
 @functools.partial(jax.jit, static_argnames=("enc_config", "head_shape", "mode"))
 def route_text_batch(enc_params, head_params, centroids, state: RouterState, ids, mask, prompt_tokens,
-                     policy: Policy, book=None, *, enc_config, head_shape, mode
-                     ) -> tuple[Decision, jnp.ndarray | None]:
-    """ids, mask [B, L] -> encoder -> head -> route_batch, fused into one compiled computation.
+                     policy: Policy, book=None, key=None, constraints: Constraints | None = None,
+                     feedback_params=None, *, enc_config, head_shape, mode):
+    """The one text -> decision computation: ids, mask [B, L] -> encoder -> head -> features x ->
+    route_batch, fused into one compiled program. `Router.decide`, the CLI and the server call it.
 
-    Returns the Decision and each query's nearest training domain [B] (None without a head).
+    prompt_tokens [B]; policy: its numbers may be [B] arrays (per-request operating points);
+    book [B] bool: rows that book load (None: all); key: the policy's PRNG key (required when it is
+    stochastic); constraints: what each query may be sent to (policy.Constraints; None: every
+    active arm); feedback_params: the binary-feedback network's parameters, whose output is added
+    as a score term (None: no such term). Returns (Decision, nearest training domain [B] or None,
+    x [B, d] -- the features an observation of this decision is recorded with).
     """
     e = enc_mod.embed_ids(enc_params, enc_config, ids, mask)
     x, domain = featurize(e, head_params, centroids, head_shape=head_shape, mode=mode)
-    return route_batch(state, x, prompt_tokens, policy, book), domain
+    bonus = None if feedback_params is None else feedback_net.apply_params(feedback_params, x)
+    return route_batch(state, x, prompt_tokens, policy, book, bonus, key, constraints), domain, x
 
 
 _featurize_jit = jax.jit(featurize, static_argnames=("head_shape", "mode"))
@@ -117,11 +125,17 @@ class Router:
     def feature_mode(self) -> str:
         return self.config.features
 
-    def policy_for(self, budget) -> Policy:
-        """The router's policy moved to another operating point (a config.Budget) on its curve."""
+    def policy_for(self, budget, base: Policy | None = None) -> Policy:
+        """`base` (default: the router's policy) moved to the operating point of a config.Budget:
+        the one Budget -> Policy conversion of the CLI, the evaluation and the server. A cost-weight
+        budget needs no curve; a share or USD budget is met on the held-out curve."""
+        base = self.policy if base is None else base
+        if budget.kind == "cost_weight":
+            return base.replace(cost_weight=float(budget.value), mix_cost_weight=0.0, mix=0.0)
         if self.curve is None:
-            raise ValueError("this router has no operating curve (train it with folds >= 2)")
-        return self.curve.policy(budget, self.policy)
+            raise ValueError(f"this router has no operating curve: a budget of {budget.describe()} needs "
+                             f"cross-fitting to calibrate on (train with folds >= 2); give a cost weight instead")
+        return self.curve.policy(budget, base)
 
     def tokenize(self, texts: Sequence[str]):
         """texts -> ids, mask [B, L] (bucketed, truncated), prompt_tokens [B] (untruncated counts)."""
@@ -134,22 +148,32 @@ class Router:
         prompt_tokens[: len(seqs)] = [len(f) for f in full]
         return ids, mask, prompt_tokens
 
-    def _head_args(self):
+    def head_args(self):
+        """(head params, centroids) and the static arguments (head_shape, mode) of `route_text_batch`."""
         h = self.head
         return ((None, None) if h is None else (h.params, jnp.asarray(h.centroids)),
                 {"head_shape": None if h is None else (h.hidden, h.features), "mode": self.feature_mode})
 
-    def decide(self, texts: Sequence[str], policy: Policy | None = None):
-        """The fused text-to-decision computation: (Decision, domain [B] | None), padding rows kept."""
+    def decide(self, texts: Sequence[str], policy: Policy | None = None, key=None,
+               constraints: Constraints | None = None, feedback_params=None):
+        """`route_text_batch` on texts: (Decision, domain [B] | None, x [B, d]), padding rows kept
+        (B is the bucket of len(texts)). key: required when the policy is stochastic (split it per
+        call, or the draws repeat); constraints and feedback_params: see `route_text_batch`."""
+        policy = policy or self.policy
+        if policy.stochastic and key is None:
+            raise ValueError(f"a stochastic policy (explore={policy.explore!r}, temperature {float(policy.temperature):g}, "
+                             f"epsilon {float(policy.epsilon):g}) needs key=jax.random.PRNGKey(seed), split per call")
         ids, mask, prompt_tokens = self.tokenize(texts)
         book = np.arange(len(ids)) < len(texts)
-        (params, centroids), static = self._head_args()
+        (params, centroids), static = self.head_args()
         return route_text_batch(self.encoder.params, params, centroids, self.state, ids, mask, prompt_tokens,
-                                policy or self.policy, book, enc_config=self.encoder.config, **static)
+                                policy, book, key, constraints, feedback_params, enc_config=self.encoder.config,
+                                **static)
 
-    def route(self, texts: Sequence[str], policy: Policy | None = None, commit_load: bool = False) -> list[Route]:
+    def route(self, texts: Sequence[str], policy: Policy | None = None, commit_load: bool = False,
+              key=None) -> list[Route]:
         """Choose an LLM for each text, with each LLM's predicted quality, cost, uncertainty, penalty."""
-        d, domain = self.decide(texts, policy)
+        d, domain, _ = self.decide(texts, policy, key)
         if commit_load:
             self.state = commit_load(self.state, d)
         n = len(texts)
@@ -165,5 +189,5 @@ class Router:
 
     def embed_features(self, e) -> jnp.ndarray:
         """Encoder embeddings [N, H] -> bandit features [N, d]."""
-        (params, centroids), static = self._head_args()
+        (params, centroids), static = self.head_args()
         return _featurize_jit(jnp.asarray(e), params, centroids, **static)[0]
