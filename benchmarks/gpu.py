@@ -135,7 +135,7 @@ def encoder_params(plan: Plan):
     import jax
     import jax.numpy as jnp
 
-    from mixllm_jax.text import encoder as E
+    from mixllm_jax.text import bert, encoder as E
 
     if plan.encoder == "minilm":
         try:
@@ -144,14 +144,14 @@ def encoder_params(plan: Plan):
             return E.load_params(folder, config), config, f"{name} (installed weights)"
         except (E.EncoderNotFoundError, OSError, ValueError) as e:
             why = str(e).splitlines()[0][:120]
-        config = E.BertConfig()  # all-MiniLM-L6-v2's shape
+        config = bert.BertConfig()  # all-MiniLM-L6-v2's shape
         what = f"random weights of all-MiniLM-L6-v2's shape (weights not found: {why})"
     else:
-        config = E.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        config = bert.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=128, max_position_embeddings=128)
         what = "random weights of a tiny BERT (smoke run)"
     dummy = jnp.zeros((1, 2), jnp.int32)
-    init = jax.jit(lambda k: E.BertEncoder(config).init(k, dummy, dummy)["params"])
+    init = jax.jit(lambda k: bert.BertEncoder(config).init(k, dummy, dummy)["params"])
     return init(jax.random.PRNGKey(0)), config, what
 
 

@@ -245,12 +245,12 @@ class Workspace:
             return None
         if self.static != "auto":
             return Path(self.static)
-        from mixllm_jax.text import cache, static_encoder
+        from mixllm_jax.text import cache, static_distill
 
         folder = cache.default_cache_dir() / "static-encoder"
         if not (folder / "model.safetensors").is_file():
             self.log(f"static tier: distilling a static encoder into {folder} (once; about a minute)")
-            static_encoder.distill(folder, progress=False)
+            static_distill.distill(folder, progress=False)
         return folder
 
     def has(self, peer: str) -> bool:

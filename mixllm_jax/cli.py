@@ -401,9 +401,9 @@ def cmd_bench(args, rest):
 
 
 def cmd_distill(args):
-    from mixllm_jax.text import static_encoder
+    from mixllm_jax.text import static_distill
 
-    cfg = static_encoder.distill(args.out, args.source, dims=args.dims, weighting=args.weighting,
+    cfg = static_distill.distill(args.out, args.source, dims=args.dims, weighting=args.weighting,
                                  batch_size=args.batch_size)
     print(f"static encoder: {cfg['vocab_size']} tokens x {cfg['hidden_size']} dims "
           f"({100 * cfg['explained_variance']:.1f}% of the variance kept), {cfg['weighting']} weights, "

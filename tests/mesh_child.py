@@ -234,7 +234,7 @@ def check_update():
 def tiny_encoder_params(seed=0):
     import jax
     import jax.numpy as jnp
-    from mixllm_jax.text.encoder import BertConfig, BertEncoder
+    from mixllm_jax.text.bert import BertConfig, BertEncoder
 
     cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=16, max_position_embeddings=32)

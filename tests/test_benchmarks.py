@@ -115,11 +115,11 @@ def test_main_writes_the_outputs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not encoder_and_routerbench_ready(), reason="needs the default encoder and RouterBench data")
 def test_text_to_decision_tiny(tmp_path):
-    from mixllm_jax.text import static_encoder
+    from mixllm_jax.text import static_distill
     from test_encoder import tiny_bert_folder
 
     static = tmp_path / "static"  # a static tier distilled from a tiny random BERT (seconds)
-    static_encoder.distill(static, str(tiny_bert_folder(tmp_path / "bert")), dims=16, batch_size=4096, progress=False)
+    static_distill.distill(static, str(tiny_bert_folder(tmp_path / "bert")), dims=16, batch_size=4096, progress=False)
     ws = T.Workspace(TINY, peers_on=True, text_on=True, progress=False, static=str(static))
     setup = T.text_setup(ws)
     assert "skipped" not in setup

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from mixllm_jax.text import encoder as enc_mod
-from mixllm_jax.text.encoder import BertConfig, EncoderNotFoundError, load_encoder, params_from_state_dict
-from mixllm_jax.text.tokens import bucket, pad_batch, padded_length
+from mixllm_jax.text.bert import BertConfig, params_from_state_dict
+from mixllm_jax.text.encoder import EncoderNotFoundError, load_encoder
+from mixllm_jax.core.padding import bucket
+from mixllm_jax.text.tokens import pad_batch, padded_length
 from mixllm_jax.util.paths import shared_dir
 
 

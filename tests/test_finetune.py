@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixllm_jax.text import cache, finetune
+from mixllm_jax.text import cache, finetune, hidden_cache
 from mixllm_jax.text import encoder as enc_mod
 from mixllm_jax.core.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset, ModelSpec
@@ -82,8 +82,8 @@ def test_lora_merge_equals_adapted_forward(tiny):
 def test_top_layers_on_cached_hidden_states_match_the_encoder(tiny, tmp_path):
     """Lower layers cached ragged (float16) + the top layer = the full encoder's embedding."""
     texts = ["hello world", "a second, somewhat longer sentence about rivers", "x"]
-    hid, start, length = finetune.lower_hidden(tiny, texts, 1, 64, "left", cache_dir=tmp_path)
-    again = finetune.lower_hidden(tiny, texts[::-1], 1, 64, "left", cache_dir=tmp_path)  # from the cache
+    hid, start, length = hidden_cache.lower_hidden(tiny, texts, 1, 64, "left", cache_dir=tmp_path)
+    again = hidden_cache.lower_hidden(tiny, texts[::-1], 1, 64, "left", cache_dir=tmp_path)  # from the cache
     np.testing.assert_array_equal(again[2], length[::-1])
     layers = jax.tree.map(lambda a: a[1:], tiny.params["layers"])
     L = int(length.max())
