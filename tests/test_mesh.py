@@ -215,7 +215,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
 def test_devices_option_makes_cpu_host_devices():
     """--devices N on a CPU with no XLA_FLAGS: N host devices and a mesh."""
     env = {k: v for k, v in child_env(1).items() if k != "XLA_FLAGS"}
-    code = ("import argparse, jax; from mixllm_jax import distributed as D; "
+    code = ("import argparse, jax; from mixllm_jax.offline import distributed as D; "
             "a = argparse.Namespace(devices=3, arm_shards=3, coordinator=None, num_processes=None, process_id=None); "
             "p = D.from_args(a); print(len(jax.devices()), dict(p.mesh.shape))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
