@@ -3,19 +3,20 @@
 import pytest
 
 from mixllm_jax import cli, data
+from mixllm_jax.cli import offline
 from mixllm_jax.util import progress
 
 MODELS = str(data.routerbench_dir() / "models.json")
 
 
 def test_grids_parse_sort_and_refuse_bad_values():
-    assert cli._grid("100, 0,10", "--cost-weights") == [0.0, 10.0, 100.0]
-    assert cli._grid("24.18%,10", "--budgets", percent=True) == [10.0, 24.18]
-    assert cli._grid(None, "--budgets") is None
+    assert offline._grid("100, 0,10", "--cost-weights") == [0.0, 10.0, 100.0]
+    assert offline._grid("24.18%,10", "--budgets", percent=True) == [10.0, 24.18]
+    assert offline._grid(None, "--budgets") is None
     for bad, opt, pct in (("1,x", "--cost-weights", False), ("-1", "--cost-weights", False),
                           ("0", "--budgets", True), ("inf", "--cost-weights", False)):
         with pytest.raises(ValueError, match=opt):
-            cli._grid(bad, opt, percent=pct)
+            offline._grid(bad, opt, percent=pct)
 
 
 @pytest.mark.parametrize("with_models", [True, False])
@@ -36,12 +37,12 @@ def test_unknown_reference_is_one_line_before_any_work(tmp_path, capsys, with_mo
 def test_default_reference_is_the_most_expensive_llm_of_the_models_file():
     specs = data.load_models(MODELS)
     names = [s.name for s in specs]
-    assert cli._reference(None, names, "x", specs) == "gpt-4-1106-preview"
+    assert offline._reference(None, names, "x", specs) == "gpt-4-1106-preview"
     import dataclasses
 
     dear = [dataclasses.replace(s, price_in_per_mtok=1e4) if s.name == "mistralai/mistral-7b-chat" else s
             for s in specs]
-    assert cli._reference(None, names, "x", dear) == "mistralai/mistral-7b-chat"
+    assert offline._reference(None, names, "x", dear) == "mistralai/mistral-7b-chat"
 
 
 def test_progress_only_on_a_terminal(capsys, monkeypatch):
@@ -63,9 +64,9 @@ def test_train_summary_format():
          "cost_weight": 120.0, "mix_cost_weight": 300.0, "mix": 0.4,
          "held_out": {"spend_usd": 0.0012, "quality": 0.71, "n_queries": 40},
          "ridge": 300.0, "domain_precision": 1000.0}
-    out = cli.format_train_summary(s)
+    out = offline.format_train_summary(s)
     assert "prior: ridge 300 on the embedding, domain intercepts' precision 1e+03 (pulled towards" in out
-    assert "precision 0.1 (free)" in cli.format_train_summary({**s, "domain_precision": 0.1})
+    assert "precision 0.1 (free)" in offline.format_train_summary({**s, "domain_precision": 0.1})
     assert "20 domains" in out and "d19 (19)" in out and "8 more" in out
     assert "0.2500" in out and "1.020" in out and "llama" in out
     assert "25% of gpt-4's cost -> cost weight (lambda) 120, 40.0% of queries at 300" in out
@@ -82,7 +83,7 @@ def test_data_llms_missing_from_the_router_is_an_error_before_embedding(tmp_path
     from mixllm_jax.offline import train
 
     fake = types.SimpleNamespace(registry=types.SimpleNamespace(slots={"gpt-4-1106-preview": 0, "claude-v2": 1}))
-    monkeypatch.setattr(cli, "_restore", lambda args: fake)
+    monkeypatch.setattr(offline, "restore", lambda args: fake)
     monkeypatch.setattr(train, "embed", lambda *a, **k: pytest.fail("embedded before the check"))
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--router", str(tmp_path), "--no-baselines", "--out", str(tmp_path / "o")])

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -236,12 +237,12 @@ def test_persistent_compilation_cache_is_configured(tmp_path, monkeypatch, resto
 def test_compilation_cache_is_written_and_read_across_processes(tmp_path):
     """A second process compiles nothing: it reads the executables the first one stored."""
     code = ("import jax, jax.numpy as jnp\n"
-            "from mixllm_jax import cache\n"
+            "from mixllm_jax.text import cache\n"
             "cache.enable_compilation_cache(min_compile_time_s=0)\n"
             "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())\n"
             "print(float(f(jnp.ones((64, 64)))))\n")
     env = {"MIXLLM_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(cli.Path(cli.__file__).resolve().parent.parent)}
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     run()
     files = sorted(p.name for p in (tmp_path / "jax").iterdir())

@@ -509,7 +509,7 @@ def _graceful_exit(signum, frame):
 def main(argv=None) -> None:
     """`python -m mixllm_jax.serve`: the options of `mixllm-jax serve`; an error is one line on
     stderr and exit status 2 (--debug: the traceback)."""
-    from mixllm_jax.cli import run_command
+    from mixllm_jax.util.command import run_command
 
     p = argparse.ArgumentParser(prog="python -m mixllm_jax.serve", description=__doc__.split("\n")[0])
     add_serve_arguments(p)
