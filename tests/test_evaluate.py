@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mixllm_jax.data import Dataset
-from mixllm_jax.offline.evaluate import (calibration, compact, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate,
-                                 format_bootstrap_table, format_table,
-                                 format_task_table, points_for, single_llm_methods, write_report)
+from mixllm_jax.offline.evaluate import (calibration, paired_bootstrap, COST_WEIGHTS, Sweep, choose_by_score, evaluate,
+                                 points_for, single_llm_methods)
+from mixllm_jax.offline.report import compact, format_bootstrap_table, format_table, format_task_table, write_report
 
 # 3 queries, 2 models; model 0 is the reference: total quality 2, total cost 0.06.
 Q = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])

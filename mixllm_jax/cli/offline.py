@@ -109,22 +109,22 @@ def format_train_summary(s: dict) -> str:
 
 
 def _report_out(report, out: Path, title: str, full: bool = False):
-    from mixllm_jax.offline import evaluate
+    from mixllm_jax.offline import report as report_mod
     from mixllm_jax.util import progress
 
     with progress.step("writing the report and plots"):
-        files = evaluate.write_report(report, out, full=full)
+        files = report_mod.write_report(report, out, full=full)
     print(f"\n{title} ({report['n_queries']} test queries, % of {report['reference']})\n")
-    print(evaluate.format_table(report))
+    print(report_mod.format_table(report))
     if "budgets" in report:
         print("\nbudgets met on the router's held-out curve (realised on these queries):\n")
-        print(evaluate.format_budget_table(report["budgets"]))
+        print(report_mod.format_budget_table(report["budgets"]))
     if report.get("bootstrap"):
         print("\npaired bootstrap over the test queries (95% intervals):\n")
-        print(evaluate.format_bootstrap_table(report["bootstrap"]))
+        print(report_mod.format_bootstrap_table(report["bootstrap"]))
     if "calibration" in report:
         print(f"\ncalibration of predicted quality: ECE {report['calibration']['ece']:.4f}")
-    print("\nper task:\n" + evaluate.format_task_table(report))
+    print("\nper task:\n" + report_mod.format_task_table(report))
     print(f"\nreport: {files['json']}\ntable:  {files['md']}\nplot:   {files['png']}")
 
 

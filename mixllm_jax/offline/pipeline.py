@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax.offline import baselines, evaluate, train
+from mixllm_jax.offline import baselines, evaluate, report as report_mod, train
 from mixllm_jax.core import budget as budget_mod, engine
 from mixllm_jax.core.config import Budget, FinetuneConfig, HeadConfig, RouterConfig
 from mixllm_jax.data import Dataset
@@ -131,7 +131,7 @@ def quality_at_cost_levels(report: dict, levels: Sequence[float] = TABLE2_COST_L
         c = [p["cost_pct"] for p in m["points"]]
         q = [p["quality_pct"] for p in m["points"]]
         cells = [metrics.best_quality_under_cost(c, q, l) for l in levels]
-        rows.append(f"| {name} | {evaluate.NO_AIQ if m['aiq'] is None else format(m['aiq'], '.2f')} | {m['task_mean_quality']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
+        rows.append(f"| {name} | {report_mod.NO_AIQ if m['aiq'] is None else format(m['aiq'], '.2f')} | {m['task_mean_quality']:.2f} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in cells) + " |")
     return "\n".join(rows)
 
 
@@ -169,7 +169,7 @@ def ablation(kind: str, train_ds: Dataset, specs, encoder, out: Path, reference:
     methods.update(baselines.run_baselines(e_fit, fit_ds, e_val, val_ds, budget_mod.CALIBRATION_GRID,
                                            include=("per_task_best", "mlp")))
     report = evaluate.evaluate(methods, val_ds, reference, cost_weights=budget_mod.CALIBRATION_GRID)
-    evaluate.write_report(report, out)
+    report_mod.write_report(report, out)
     table = quality_at_cost_levels(report)
     (Path(out) / "cost_levels.md").write_text(table + "\n")
     report["cost_levels_table"] = table
