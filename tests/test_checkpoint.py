@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from mixllm_jax.core.config import HeadConfig, RouterConfig
-from mixllm_jax.store import checkpoint as ckpt
+from mixllm_jax.store import checkpoint as ckpt, steps
 from mixllm_jax.core import engine
 from mixllm_jax.text import tags
 from mixllm_jax.core import state as S
@@ -76,11 +76,11 @@ def make_extras():
 
 def assert_same_leaves(a, b):
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [ckpt._path(p) for p, _ in la] == [ckpt._path(p) for p, _ in lb]
+    assert [steps.leaf_path(p) for p, _ in la] == [steps.leaf_path(p) for p, _ in lb]
     for (p, x), (_, y) in zip(la, lb):
         x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape, ckpt._path(p)
-        np.testing.assert_array_equal(x, y, err_msg=ckpt._path(p))
+        assert x.dtype == y.dtype and x.shape == y.shape, steps.leaf_path(p)
+        np.testing.assert_array_equal(x, y, err_msg=steps.leaf_path(p))
 
 
 def assert_same_decisions(r1: Router, r2: Router, x, p_tok, slots=None):
@@ -188,7 +188,7 @@ def test_orbax_layout_and_atomic_rename(built, tmp_path):
         save_router(router, tmp_path, extras=make_extras())
     finally:
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    assert seen == [("1" + ckpt.TMP_MARK, True, False, ["_CHECKPOINT_METADATA", "extras", "head", "meta", "state"])]
+    assert seen == [("1" + steps.TMP_MARK, True, False, ["_CHECKPOINT_METADATA", "extras", "head", "meta", "state"])]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
     assert ocp.__version__  # recorded in the report
 
@@ -241,7 +241,7 @@ def test_no_checkpoint_and_unknown_step(built, tmp_path):
         restore_router(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="no checkpoint in .*no finished step"):
         restore_router(tmp_path)
-    (tmp_path / ("1" + ckpt.TMP_MARK)).mkdir()
+    (tmp_path / ("1" + steps.TMP_MARK)).mkdir()
     with pytest.raises(CheckpointError, match=r"no finished step; unfinished saves ignored: \['1\.orbax"):
         restore_router(tmp_path)
     save_router(built[0], tmp_path)
@@ -264,7 +264,7 @@ def test_killed_mid_save_leaves_previous_step(built, tmp_path, mode):
         child = subprocess.Popen([sys.executable, str(CHILD), str(directory), mode, str(marker)],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            tmp = directory / ("2" + ckpt.TMP_MARK)
+            tmp = directory / ("2" + steps.TMP_MARK)
             deadline = time.time() + 120
             while True:
                 if mode == "commit" and marker.exists():

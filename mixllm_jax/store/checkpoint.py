@@ -34,22 +34,19 @@ vice versa. Every array is checked against the manifest on restore, so a garbled
 (manifest included) is covered by its own SHA-256 (``meta_sha256``, over its canonical JSON), so
 an edited or damaged metadata file (a renamed model, swapped slots, another cost weight, one
 flipped bit) is a `CheckpointError` too, never a router restored different from the one saved.
+
+The Orbax plumbing (the manager, listing steps, unfinished saves) and the array manifest: ``steps.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import gc
 import hashlib
 import hmac
 import json
 import logging
-import sys
-import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,169 +58,20 @@ from mixllm_jax.core.budget import OperatingCurve
 from mixllm_jax.core.config import RouterConfig
 from mixllm_jax.core.policy import Policy
 from mixllm_jax.core.state import ArmRegistry, RouterState, grow, shared_prior
+from mixllm_jax.store.steps import (ARRAY_ITEMS, DEFAULT_DIR, CheckpointError, array_manifest, list_steps, manager,
+                                    muffled_async_leftovers, quiet, to_host, unfinished, verify_arrays)
 
-if TYPE_CHECKING:  # router.py imports this module: import Router lazily at run time
+if TYPE_CHECKING:  # the Router is imported lazily at run time (the text layer is imported when needed)
     from mixllm_jax.text.router import Router
 
-DEFAULT_DIR = Path("checkpoints")
 FORMAT_VERSION = 5  # 5: the shared online component; 4: domain centroids in the embedding space; 3: metadata checksum, fine-tuned encoder layers; 2: RouterConfig under one key, operating curve, per-feature ridge
 _NO_CHECKSUM = " (saved without a metadata checksum by an older mixllm_jax: train or save it again)"
 OLDER_FORMATS = {1: _NO_CHECKSUM, 2: _NO_CHECKSUM,
                  3: " (its domain centroids are in the tag head's feature space, an older mixllm_jax's: train it again)"}
 READS_FORMATS = (4, FORMAT_VERSION)  # a format-4 state gets the shared online component at its prior
 META_CHECKSUM = "meta_sha256"
-ARRAY_ITEMS = ("state", "head", "extras", "encoder")
-TMP_MARK = ".orbax-checkpoint-tmp"
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unfinished, corrupted, or does not fit what is asked of it."""
-
-
-# --------------------------------------------------------------------------------------------
-# Orbax plumbing
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence Orbax's absl INFO/WARNING lines while we call it (errors still pass)."""
-    from absl import logging as absl_logging
-
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(level)
-
-
-@contextlib.contextmanager
-def _muffled_async_leftovers(quiet_s: float = 0.3, max_s: float = 3.0):
-    """When an Orbax restore fails on a damaged file, its other pending reads still finish on
-    worker threads and call back into the event loop Orbax has closed ("Event loop is closed"
-    tracebacks), and its failed tasks are logged when collected: noise on stderr after our clear
-    error. On failure only, wait until `quiet_s` passes without such a leftover (at most `max_s`)
-    with exactly those two kinds of message filtered out, then re-raise."""
-    try:
-        yield
-    except Exception:
-        old_hook = sys.unraisablehook
-        alog = logging.getLogger("asyncio")
-        old_level = alog.level
-        last = [time.monotonic()]
-
-        def hook(u):
-            if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
-                last[0] = time.monotonic()
-            else:
-                old_hook(u)
-
-        sys.unraisablehook = hook
-        alog.setLevel(logging.CRITICAL)
-        try:
-            start = time.monotonic()
-            while time.monotonic() - last[0] < quiet_s and time.monotonic() - start < max_s:
-                time.sleep(0.05)
-            gc.collect()
-        finally:
-            sys.unraisablehook = old_hook
-            alog.setLevel(old_level)
-        raise
-
-
-def _manager(directory: Path, *, keep: int | None = None, write: bool = False):
-    import orbax.checkpoint as ocp
-
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for item in ARRAY_ITEMS:
-        registry.add(item, ocp.args.StandardSave)
-        registry.add(item, ocp.args.StandardRestore)
-    registry.add("meta", ocp.args.JsonSave)
-    registry.add("meta", ocp.args.JsonRestore)
-    kw = {}
-    if hasattr(ocp.options, "AtomicityOptions"):  # older Orbax: atomic rename is the local default
-        kw["atomicity_options"] = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.ATOMIC_RENAME)
-    if write and hasattr(ocp.checkpoint_managers, "LatestN"):
-        kw["preservation_policy"] = ocp.checkpoint_managers.LatestN(keep)
-    elif write:
-        kw["max_to_keep"] = keep
-    options = ocp.CheckpointManagerOptions(
-        create=write,
-        cleanup_tmp_directories=write,  # a save removes what a killed save left behind
-        enable_async_checkpointing=False,  # save() returns once the step is committed
-        **kw,
-    )
-    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
-
-
-def _unfinished(directory: Path) -> list[Path]:
-    """Folders of saves that never committed (killed mid-save)."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if TMP_MARK in p.name)
-
-
-def list_steps(directory: str | Path = DEFAULT_DIR / "router") -> list[int]:
-    """The committed steps in `directory`, oldest first ([] when there are none)."""
-    directory = Path(directory).absolute()
-    if not directory.is_dir():
-        return []
-    with _quiet(), _manager(directory) as mngr:
-        return sorted(int(s) for s in mngr.all_steps())
-
-
-# --------------------------------------------------------------------------------------------
-# Array manifest: shape, dtype and CRC-32 of every leaf, keyed by a normalized path
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _path(keypath) -> str:
-    """'a/b/0' for a key path; the same for a namedtuple and the dict Orbax restores it as."""
-    return "/".join(_key_name(k) for k in keypath)
-
-
-def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-def _to_host(tree, what: str):
-    """Every leaf as a numpy array of a numeric or bool dtype."""
-    def conv(path, leaf):
-        a = np.asarray(jax.device_get(leaf))
-        if a.dtype.kind not in "biufc":
-            raise ValueError(f"{what} leaf {_path(path)!r} must be a numeric or bool array, got {a.dtype}")
-        return a
-    return jax.tree_util.tree_map_with_path(conv, tree)
-
-
-def _manifest(tree) -> dict:
-    return {_path(p): {"shape": list(a.shape), "dtype": a.dtype.name, "crc32": _crc(a)}
-            for p, a in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _verify(tree, manifest: dict, item: str, where: str) -> None:
-    leaves = {_path(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
-    missing = sorted(set(manifest) - set(leaves))
-    extra = sorted(set(leaves) - set(manifest))
-    if missing or extra:
-        raise CheckpointError(f"{where} is corrupted: item {item!r} has arrays {extra} not in its manifest "
-                              f"and lacks {missing}")
-    for name, want in manifest.items():
-        a = leaves[name]
-        if list(a.shape) != want["shape"] or a.dtype.name != want["dtype"]:
-            raise CheckpointError(f"{where} is corrupted: array {item}/{name} is {a.dtype.name}{list(a.shape)}, "
-                                  f"the manifest says {want['dtype']}{want['shape']}")
-        if _crc(a) != want["crc32"]:
-            raise CheckpointError(f"{where} is corrupted: array {item}/{name} fails its checksum "
-                                  f"(the file holding it was changed or damaged)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,16 +120,16 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
         raise ValueError(f"router is inconsistent: its features have dimension {_feature_dim(router, emb_dim)}, "
                          f"its state dimension {state.dim}")
 
-    items = {"state": _to_host({f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, "state")}
+    items = {"state": to_host({f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, "state")}
     if head is not None:
-        items["head"] = _to_host({"centroids": head.centroids} | ({} if head.params is None else {"params": head.params}),
+        items["head"] = to_host({"centroids": head.centroids} | ({} if head.params is None else {"params": head.params}),
                                  "head")
     if extras is not None and jax.tree_util.tree_leaves(extras):
-        items["extras"] = _to_host(extras, "extras")
+        items["extras"] = to_host(extras, "extras")
     if _finetuned(router.encoder):
         from mixllm_jax.text import finetune
 
-        items["encoder"] = _to_host(finetune.top_layers(router.encoder), "encoder")
+        items["encoder"] = to_host(finetune.top_layers(router.encoder), "encoder")
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -296,16 +144,16 @@ def save_router(router: "Router", directory: str | Path = DEFAULT_DIR / "router"
         "embedding_dim": emb_dim,
         "head": None if head is None else {"hidden": int(head.hidden), "features": int(head.features),
                                            "tags": list(head.tags)},
-        "arrays": {name: _manifest(tree) for name, tree in items.items()},
+        "arrays": {name: array_manifest(tree) for name, tree in items.items()},
     }
     meta = json.loads(json.dumps(meta, default=_json_default))  # fail here, not half-way through a save
     meta[META_CHECKSUM] = meta_checksum(meta)
 
     import orbax.checkpoint as ocp
 
-    for stale in _unfinished(directory):
+    for stale in unfinished(directory):
         log.info("removing an unfinished save: %s", stale)
-    with _quiet(), _manager(directory, keep=keep, write=True) as mngr:
+    with quiet(), manager(directory, keep=keep, write=True) as mngr:
         latest = mngr.latest_step()
         if step is None:
             step = 1 if latest is None else latest + 1
@@ -348,7 +196,7 @@ def _resolve_step(directory: Path, step: int | None) -> tuple[Path, int]:
     steps = list_steps(directory)
     if not steps:
         why = "the directory does not exist" if not directory.exists() else "it holds no finished step"
-        left = _unfinished(directory)
+        left = unfinished(directory)
         if left:
             why += f"; unfinished saves ignored: {[p.name for p in left]}"
         raise CheckpointError(f"no checkpoint in {directory} ({why})")
@@ -362,7 +210,7 @@ def _resolve_step(directory: Path, step: int | None) -> tuple[Path, int]:
 def read_metadata(directory: str | Path = DEFAULT_DIR / "router", step: int | None = None) -> dict:
     """The JSON metadata of a step (latest by default), checked for its format version; adds "step"."""
     directory, step = _resolve_step(Path(directory).absolute(), step)
-    with _quiet(), _manager(directory) as mngr:
+    with quiet(), manager(directory) as mngr:
         return _read_meta(mngr, directory, step)
 
 
@@ -469,7 +317,7 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
 
     directory, step = _resolve_step(Path(directory).absolute(), step)
     where = f"checkpoint step {step} in {directory}"
-    with _quiet(), _manager(directory) as mngr:
+    with quiet(), manager(directory) as mngr:
         meta = _read_meta(mngr, directory, step)
         shapes = meta["state"]
         dim, saved_cap, emb_dim = int(shapes["dim"]), int(shapes["capacity"]), int(meta["embedding_dim"])
@@ -513,7 +361,7 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
             args["extras"] = ocp.args.StandardRestore(
                 jax.tree.map(lambda a: np.zeros(np.shape(a), np.asarray(a).dtype), extras_like))
         try:
-            with _muffled_async_leftovers():
+            with muffled_async_leftovers():
                 got = mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # tensorstore / orbax errors on missing or garbled files
             msg = str(e).split(" [tensorstore_spec")[0]
@@ -523,7 +371,7 @@ def _restore_router(directory, step, encoder, capacity, expected_dim, extras_lik
 
     restored = {k: got[k] for k in present}
     for item, tree in restored.items():
-        _verify(tree, manifest[item], item, where)
+        verify_arrays(tree, manifest[item], item, where)
 
     fields = {f.name for f in dataclasses.fields(RouterState)}
     restored["state"] = upgrade_state(meta["format_version"], restored["state"])
