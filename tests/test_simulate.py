@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax.sim import simulate as sim
+from mixllm_jax.sim import baselines, events as sim_events, simulate as sim
 from mixllm_jax.core import state as S
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.core.policy import Policy
@@ -117,8 +117,8 @@ def test_cascade_pays_every_stage_cost_and_latency():
     cfg = sim.StreamConfig(rate=1.0)
     stream = sim.make_stream(ds, None, cfg, reference="strong")
     world = sim.World.from_specs(specs)
-    cas = sim.run_cascade(stream, world, ["cheap", "strong"], cfg)
-    strong = sim.run_single(stream, world, "strong", cfg)
+    cas = baselines.run_cascade(stream, world, ["cheap", "strong"], cfg)
+    strong = baselines.run_single(stream, world, "strong", cfg)
     esc = np.arange(n) % 2 == 0
     np.testing.assert_array_equal(cas.stages, np.where(esc, 2, 1))
     np.testing.assert_array_equal(cas.model, np.where(esc, 1, 0))
@@ -130,15 +130,15 @@ def test_cascade_pays_every_stage_cost_and_latency():
     assert cas.wait.mean() > strong.wait.mean()
     assert cas.summary()["quality_pct"] == pytest.approx(100.0)
     # a cascade's stage waits add up: with a 4 s tolerance, every escalated query times out
-    tight = sim.run_cascade(stream, world, ["cheap", "strong"], sim.StreamConfig(rate=1.0, tolerance_s=4.0))
+    tight = baselines.run_cascade(stream, world, ["cheap", "strong"], sim.StreamConfig(rate=1.0, tolerance_s=4.0))
     assert tight.timed_out[esc].all() and tight.summary()["quality_pct"] == pytest.approx(50.0)
 
 
 def test_frontier_chain_is_cheapest_first_and_increasing_in_quality():
     specs = [ModelSpec(n, p, p) for n, p in [("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)]]
     ds = specs_and_data(10, [0.5, 0.4, 0.7, 0.9], [1, 1, 1, 1], specs=specs)
-    assert sim.frontier_chain(ds) == ["a", "c", "d"]
-    assert sim.frontier_chain(ds, max_len=2) == ["a", "d"]
+    assert baselines.frontier_chain(ds) == ["a", "c", "d"]
+    assert baselines.frontier_chain(ds, max_len=2) == ["a", "d"]
 
 
 def test_no_penalty_router_matches_offline_choices():
@@ -183,8 +183,8 @@ def test_llm_added_removed_repriced_mid_stream_without_recompiling():
     n = len(ds)
     cfg = sim.StreamConfig(rate=10.0)
     stream = sim.make_stream(ds, x, cfg, reference="ref")
-    events = [sim.AddLLM(100, "new", prior="mean"), sim.RemoveLLM(200, "old"),
-              sim.SetPrice(300, "new", price_in_per_mtok=1000.0, price_out_per_mtok=1000.0)]
+    events = [sim_events.AddLLM(100, "new", prior="mean"), sim_events.RemoveLLM(200, "old"),
+              sim_events.SetPrice(300, "new", price_in_per_mtok=1000.0, price_out_per_mtok=1000.0)]
     # lambda 200: "ref" scores 0.9 - 0.23, "old" 0.6 - 0.02, and "new" (mean prior 0.75) 0.75 - 0.02
     pol = Policy(cost_weight=200.0, alpha=0.01, beta=0.1, tau=10.0)
     res = sim.run_router(stream, sim.World.from_specs(specs), st, reg, pol, cfg, learning="refined",
@@ -239,7 +239,7 @@ def test_summary_percentages_and_timeline():
     ds = specs_and_data(50, [0.5, 1.0], [0.0, 0.0], specs=specs)
     cfg = sim.StreamConfig(rate=1.0)
     stream = sim.make_stream(ds, None, cfg, reference="B")
-    res = sim.run_single(stream, sim.World.from_specs(specs), "A", cfg)
+    res = baselines.run_single(stream, sim.World.from_specs(specs), "A", cfg)
     s = res.summary()
     assert s["quality_pct"] == pytest.approx(50.0) and s["cost_pct"] == pytest.approx(10.0)
     assert s["share"] == {"A": 1.0} and s["timeout_pct"] == 0.0 and s["satisfaction_pct"] == 0.0

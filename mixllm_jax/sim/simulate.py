@@ -31,9 +31,10 @@ model of a deployment (docs/architecture.md, "Latency model"):
   arm slots are reused inside the state's capacity, so nothing recompiles (the compile counters of
   the jitted functions are recorded in `StreamResult.info`).
 
-Baselines run in the same world: single LLMs, a uniform random mix, and a cascade that tries a
-cheap LLM first and escalates to the next LLM of its chain while the answer's quality is below 0.7
-(known only after the answer is back), paying every stage's cost and latency.
+Baselines run in the same world (``baselines.py``): single LLMs, a uniform random mix, and a cascade
+that tries a cheap LLM first and escalates to the next LLM of its chain while the answer's quality is
+below 0.7 (known only after the answer is back), paying every stage's cost and latency. The events
+are ``events.py``'s.
 
 The RouterBench latency profiles in models.json (ttft_s, tokens_per_s, max_concurrency) are
 ASSUMPTIONS, not measurements (`LATENCY_NOTE`): every report written from a simulation says so.
@@ -45,7 +46,7 @@ world's FCFS queue, the updates) runs in jitted functions, with no Python loop o
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,8 @@ from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.offline.evaluate import choose_by_score, task_keys
 from mixllm_jax.core.latency import DEFAULT_MAX_CONCURRENCY, DEFAULT_TOKENS_PER_S, DEFAULT_TTFT_S
 from mixllm_jax.core.policy import Policy, advance_clock, commit_load, route_batch
-from mixllm_jax.core.state import ArmRegistry, RouterState, add_llm, remove_llm, set_prices
+from mixllm_jax.core.state import ArmRegistry, RouterState
+from mixllm_jax.sim.events import Event, apply_event, slot_models
 
 REFERENCE = "gpt-4-1106-preview"
 LEARNING_MODES = ("none", "refined", "binary")
@@ -245,7 +247,7 @@ def serve(free_at, model, start, duration, valid):
     return jnp.where(valid, w, 0.0), load
 
 
-def _serve_np(free_at, model, start, duration, size):
+def serve_padded(free_at, model, start, duration, size):
     """serve() on numpy inputs padded to `size` (rows beyond len(model) are padding)."""
     n = len(model)
     w, free_at = serve(free_at, jnp.asarray(pad_rows(model.astype(np.int32), size)),
@@ -330,56 +332,19 @@ class StreamResult:
         return out
 
 
-def _result(name, stream, config, model, wait, cost, stages, **kw) -> StreamResult:
+def make_result(name, stream, config, model, wait, cost, stages, **kw) -> StreamResult:
+    """The StreamResult of a method's choices `model` [N] (the quality looked up without the deadline)."""
     quality_raw = stream.quality[np.arange(len(stream)), model]
     return StreamResult(name=name, stream=stream, config=config, model=model.astype(np.int64),
                         wait=wait, quality_raw=quality_raw, cost=cost, stages=stages, **kw)
 
 
-def _progress(items, desc, progress):
+def progress_bar(items, desc, progress):
+    """`items`, under a progress bar when `progress` (a terminal)."""
     if not progress:
         return items
     from mixllm_jax.util import progress as progress_mod
     return progress_mod.bar(items, desc=desc, unit="batch", leave=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Events: a changing set of LLMs and prices
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AddLLM:
-    """At query index `at`, the world's model `name` joins the router (cold start from `prior`,
-    see state.add_arm: "mean", "uninformative", a float quality, or an array).
-
-    Every event applies from the start of the routing window holding query `at` (its "row" in
-    `StreamResult.info["events"]`)."""
-
-    at: int
-    name: str
-    prior: str | float = "mean"
-
-
-@dataclasses.dataclass(frozen=True)
-class RemoveLLM:
-    """At query index `at`, model `name` leaves: nothing is routed to it afterwards."""
-
-    at: int
-    name: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SetPrice:
-    """At query index `at`, model `name` changes price (USD per million tokens); the router is told."""
-
-    at: int
-    name: str
-    price_in_per_mtok: float
-    price_out_per_mtok: float
-
-
-Event = AddLLM | RemoveLLM | SetPrice
 
 
 def compile_counts() -> dict[str, int]:
@@ -387,34 +352,6 @@ def compile_counts() -> dict[str, int]:
     return {"route_batch": route_batch._cache_size(), "update_batch": bandit.update_batch._cache_size(),
             "feedback_update": feedback_net.update._cache_size(), "feedback_bonus": feedback_net.bonus._cache_size(),
             "serve": serve._cache_size()}
-
-
-def _apply_event(ev: Event, state: RouterState, registry: ArmRegistry, world: World):
-    if isinstance(ev, AddLLM):
-        m = world.index(ev.name)
-        state, registry = add_llm(state, registry, ev.name, price_in=float(world.price_in[m]),
-                                  price_out=float(world.price_out[m]), ttft=float(world.ttft[m]),
-                                  tokens_per_s=float(world.tokens_per_s[m]),
-                                  max_concurrency=int(world.max_concurrency[m]), prior=ev.prior)
-    elif isinstance(ev, RemoveLLM):
-        state, registry = remove_llm(state, registry, ev.name)
-    elif isinstance(ev, SetPrice):
-        m = world.index(ev.name)
-        world.price_in[m], world.price_out[m] = ev.price_in_per_mtok * 1e-6, ev.price_out_per_mtok * 1e-6
-        if ev.name in registry.slots:
-            state = set_prices(state, registry.slot(ev.name), price_in=world.price_in[m],
-                               price_out=world.price_out[m])
-    else:
-        raise TypeError(f"unknown event {ev!r}")
-    return state, registry, world
-
-
-def _slot_models(registry: ArmRegistry, world: World, capacity: int) -> np.ndarray:
-    """model column of each arm slot [K] (-1: empty)."""
-    out = np.full(capacity, -1, np.int64)
-    for name, slot in registry.slots.items():
-        out[slot] = world.index(name)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +384,7 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
     size = stream.padded_size()
     n = len(stream)
     load = jnp.asarray(world.empty_load(state.load_slots))  # the world's queues [M, C]
-    slot_model = _slot_models(registry, world, state.capacity)
+    slot_model = slot_models(registry, world, state.capacity)
     model = np.zeros(n, np.int64)
     wait = np.zeros(n)
     pred_wait = np.zeros(n)
@@ -458,15 +395,15 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
     inf_row = np.full(state.load_slots, np.inf, np.float32)
     prop = np.ones(n)
     key = jax.random.PRNGKey(config.seed)
-    for b, (lo, hi, t) in enumerate(_progress(stream.batches(), name, progress)):
+    for b, (lo, hi, t) in enumerate(progress_bar(stream.batches(), name, progress)):
         while pending and pending[0].at < hi:  # an event inside a window applies to the whole window
             ev = pending.pop(0)
             before = compile_counts()
-            state, registry, world = _apply_event(ev, state, registry, world)
+            state, registry, world = apply_event(ev, state, registry, world)
             if fs is not None and state.capacity != fs.params["Dense_2"]["kernel"].shape[1]:
                 raise ValueError(f"{ev} grew the state to {state.capacity} arm slots past the feedback network's "
                                  "capacity: start from a state with room for every LLM added (state.grow)")
-            slot_model = _slot_models(registry, world, state.capacity)
+            slot_model = slot_models(registry, world, state.capacity)
             applied.append({"at": int(ev.at), "row": lo, "time_s": t, "event": type(ev).__name__,
                             **{k: v for k, v in dataclasses.asdict(ev).items() if k != "at"},
                             "compiles_before": before})
@@ -490,7 +427,7 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
             raise RuntimeError(f"route_batch chose an empty arm slot {arm[m < 0][0]}")
         rows = np.arange(lo, hi)
         tokens = stream.completion_tokens[rows, m]
-        w, load = _serve_np(load, m, stream.arrival[rows], world.service_s(m, tokens), size)
+        w, load = serve_padded(load, m, stream.arrival[rows], world.service_s(m, tokens), size)
         model[rows], wait[rows] = m, w
         pred_wait[rows] = np.asarray(d.wait)[np.arange(k), arm]
         prop[rows] = np.asarray(d.propensity)[:k]
@@ -514,102 +451,8 @@ def run_router(stream: Stream, world: World, state: RouterState, registry: ArmRe
                                              "epsilon": float(policy.epsilon),
                                              "in_batch_load": bool(policy.in_batch_load)},
             "events": applied, "compiles": compiles, "padded_batch": size}
-    return _result(name, stream, config, model, wait, cost, np.ones(n, np.int64), predicted_wait=pred_wait,
+    return make_result(name, stream, config, model, wait, cost, np.ones(n, np.int64), predicted_wait=pred_wait,
                    propensity=prop, info=info, state=state, registry=registry, feedback_state=fs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Baselines in the same world
-# ----------------------------------------------------------------------------------------------
-
-
-def run_choice(stream: Stream, world: World, choose: Callable[[np.ndarray], np.ndarray],
-               config: StreamConfig = StreamConfig(), name: str = "choice", progress: bool = False) -> StreamResult:
-    """A load-blind method: `choose(rows [B]) -> model column [B]` per batch, served by the world."""
-    size = stream.padded_size()
-    load = jnp.asarray(world.empty_load())
-    n = len(stream)
-    model, wait, cost = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
-    for lo, hi, _ in _progress(stream.batches(), name, progress):
-        rows = np.arange(lo, hi)
-        m = np.asarray(choose(rows), np.int64)
-        tokens = stream.completion_tokens[rows, m]
-        w, load = _serve_np(load, m, stream.arrival[rows], world.service_s(m, tokens), size)
-        model[rows], wait[rows] = m, w
-        cost[rows] = world.cost(m, stream.prompt_tokens[rows], tokens)
-    return _result(name, stream, config, model, wait, cost, np.ones(n, np.int64))
-
-
-def run_single(stream: Stream, world: World, model_name: str, config: StreamConfig = StreamConfig()) -> StreamResult:
-    """Every query to one LLM."""
-    j = world.index(model_name)
-    return run_choice(stream, world, lambda rows: np.full(len(rows), j), config, model_name)
-
-
-def run_random(stream: Stream, world: World, config: StreamConfig = StreamConfig(),
-               models: Sequence[str] | None = None) -> StreamResult:
-    """Uniformly random LLM (among `models`, default all) per query."""
-    cols = np.array([world.index(m) for m in (models or world.models)])
-    rng = np.random.default_rng(config.seed)
-    return run_choice(stream, world, lambda rows: cols[rng.integers(0, len(cols), len(rows))], config, "random")
-
-
-def run_cascade(stream: Stream, world: World, chain: Sequence[str], config: StreamConfig = StreamConfig(),
-                threshold: float = 0.7, name: str | None = None, progress: bool = False) -> StreamResult:
-    """Try chain[0]; while an answer's quality is below `threshold` (known once it is back) and
-    another LLM is left, send the query to the next one when the answer arrives. Every stage's cost
-    is paid; the wait is the time from arrival until the final answer's service starts (earlier
-    stages' waits and full service times included).
-
-    Within a batch each stage's requests are booked in dispatch-time order; across batches the
-    queues are booked batch by batch (a later batch's first stage may be booked before an earlier
-    batch's escalations that are dispatched after it: an approximation of at most a few seconds).
-    """
-    if not chain:
-        raise ValueError("the cascade's chain is empty")
-    cols = np.array([world.index(m) for m in chain])
-    size = stream.padded_size()
-    load = jnp.asarray(world.empty_load())
-    n = len(stream)
-    model, wait, cost = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
-    stages = np.zeros(n, np.int64)
-    for lo, hi, _ in _progress(stream.batches(), name or "cascade", progress):
-        rows = np.arange(lo, hi)
-        ready = stream.arrival[rows].copy()  # dispatch time of the current stage
-        todo = np.arange(len(rows))  # positions still in the cascade
-        for s, m in enumerate(cols):
-            order = todo[np.argsort(ready[todo], kind="stable")]
-            r = rows[order]
-            tokens = stream.completion_tokens[r, m]
-            dur = world.service_s(np.full(len(r), m), tokens)
-            w, load = _serve_np(load, np.full(len(r), m), ready[order], dur, size)
-            model[r] = m
-            wait[r] = ready[order] + w - stream.arrival[r]
-            cost[r] += world.cost(np.full(len(r), m), stream.prompt_tokens[r], tokens)
-            stages[r] += 1
-            ready[order] += w + dur
-            escalate = stream.quality[r, m] < threshold
-            todo = order[escalate]
-            if todo.size == 0 or s == len(cols) - 1:
-                break
-    return _result(name or "cascade[" + " > ".join(c.split("/")[-1] for c in chain) + "]",
-                   stream, config, model, wait, cost, stages)
-
-
-def frontier_chain(dataset: Dataset, max_len: int | None = None) -> list[str]:
-    """LLMs on the (mean cost, mean quality) Pareto frontier of `dataset`, cheapest first: the
-    natural cascade order. max_len keeps the cheapest, the best and evenly spaced ones between."""
-    c, q = np.nanmean(dataset.cost, 0), np.nanmean(dataset.quality, 0)
-    order = np.argsort(c, kind="stable")
-    chain, best = [], -np.inf
-    for j in order:
-        if q[j] > best:
-            chain.append(dataset.models[j])
-            best = q[j]
-    if max_len is not None and len(chain) > max_len:
-        keep = np.unique(np.round(np.linspace(0, len(chain) - 1, max_len)).astype(int))
-        chain = [chain[i] for i in keep]
-    return chain
 
 
 # ----------------------------------------------------------------------------------------------

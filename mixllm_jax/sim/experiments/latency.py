@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from mixllm_jax.store import checkpoint
-from mixllm_jax.sim import simulate as sim
+from mixllm_jax.sim import baselines, simulate as sim
 from mixllm_jax.offline import train
 from mixllm_jax.sim.experiments import plots
 from mixllm_jax.sim.experiments.common import (BUDGET_PCT, STREAM_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData, calibrate,
@@ -43,8 +43,8 @@ def run_latency(d: ExperimentData, out_dir, *, name: str = "latency", rates: Seq
     # unconstrained: the same router at the same lambda with no load and no deadline
     unc = sim.points(sim.offline_choices(router.state, router.registry, x, ds.prompt_tokens, ds.models, [lam], alpha),
                      ds, d.reference)[0]
-    cheapest = sim.frontier_chain(d.train)[0]
-    chains = {"cascade_frontier": list(cascade) if cascade else sim.frontier_chain(d.train),
+    cheapest = baselines.frontier_chain(d.train)[0]
+    chains = {"cascade_frontier": list(cascade) if cascade else baselines.frontier_chain(d.train),
               "cascade_cheap_to_ref": [cheapest, d.reference] if cheapest != d.reference else [d.reference]}
     per_rate, results_by_rate = [], {}
     for rate in rates:
@@ -63,11 +63,11 @@ def run_latency(d: ExperimentData, out_dir, *, name: str = "latency", rates: Seq
                 name="mixllm_snapshot_herding", progress=progress),
         }
         for cname, chain in chains.items():
-            res[cname] = sim.run_cascade(stream, world, chain, cfg, name=cname)
-        res["random"] = sim.run_random(stream, world, cfg)
+            res[cname] = baselines.run_cascade(stream, world, chain, cfg, name=cname)
+        res["random"] = baselines.run_random(stream, world, cfg)
         if singles:
             for m in world.models:
-                res[m] = sim.run_single(stream, world, m, cfg)
+                res[m] = baselines.run_single(stream, world, m, cfg)
         summ = {k: r.summary() for k, r in res.items()}
         for k, r in res.items():
             if k.startswith("cascade"):

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mixllm_jax.sim import simulate as sim
+from mixllm_jax.sim import events as events_mod, simulate as sim
 from mixllm_jax.data import Dataset
 from mixllm_jax.sim.experiments import plots
 from mixllm_jax.sim.experiments.common import (BUDGET_PCT, ONLINE_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData, calibrate,
@@ -81,8 +81,8 @@ def run_llm_changes(d: ExperimentData, out_dir, *, added: Sequence[str] | None =
     n = len(stream)
     t_add, t_rm, t_price = (int(round(f * n)) for f in at)
     r = world.index(repriced)
-    price = sim.SetPrice(t_price, repriced, world.price_in[r] * 1e6 * price_factor, world.price_out[r] * 1e6 * price_factor)
-    events = [*(sim.AddLLM(t_add, m, prior) for m in added), sim.RemoveLLM(t_rm, removed), price]
+    price = events_mod.SetPrice(t_price, repriced, world.price_in[r] * 1e6 * price_factor, world.price_out[r] * 1e6 * price_factor)
+    events = [*(events_mod.AddLLM(t_add, m, prior) for m in added), events_mod.RemoveLLM(t_rm, removed), price]
     pol = stream_policy(lam, beta, tau, alpha)
     runs = {
         "adaptive": sim.run_router(stream, world, router.state, router.registry, pol, config, learning="refined",
