@@ -38,7 +38,7 @@ from mixllm_jax.util import paths
 from mixllm_jax.core.config import HeadConfig
 from mixllm_jax.offline.evaluate import choose_by_score
 from mixllm_jax.text.router import DOMAIN_SCALE
-from mixllm_jax.offline.train import log_tokens
+from mixllm_jax.core.observation import log_tokens
 
 LAMBDAS = np.concatenate([[0.0], np.logspace(-1, 7, 161)])
 FOLDS = 5

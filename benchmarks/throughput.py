@@ -511,7 +511,7 @@ def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
     out = {}
 
     def fused():
-        d, _ = router.decide(texts)
+        d, _, _ = router.decide(texts)
         out["arm"] = np.asarray(d.arm.block_until_ready())[:n]
 
     fns = {"jax": (fused, True),
@@ -521,7 +521,7 @@ def bench_text(ws: Workspace, setup: dict, L: int) -> dict:
         senc = setup["static_encoder"]
 
         def static_fused():
-            d, _ = srouter.decide(texts)
+            d, _, _ = srouter.decide(texts)
             out["static_arm"] = np.asarray(d.arm.block_until_ready())[:n]
 
         fns["static"] = (static_fused, True)

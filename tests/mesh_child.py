@@ -202,7 +202,7 @@ def check_update():
     # the offline statistics of a logged dataset, sharded, against fit.arm_stats; training from them
     from functools import partial
 
-    from mixllm_jax.core import fit
+    from mixllm_jax.core import fit, observation
     from mixllm_jax.core.config import Budget, RouterConfig
 
     N, models = 700, ["m0", "m1", "m2"]
@@ -214,7 +214,7 @@ def check_update():
                  200 * np.arange(1, 4) + ct * np.arange(2, 5), np.full(N, 200.0), ct, ["train"] * N, specs=specs)
     e = rng.normal(size=(N, d - 1)).astype(np.float32)
     x = np.concatenate([e, np.ones((N, 1), np.float32)], 1)
-    lt = train.log_tokens(ct)
+    lt = observation.log_tokens(ct)
     single = fit.arm_stats(x, q, lt)
     for nb, na in LAYOUTS:
         got = M.arm_stats(x, q, lt, mesh=M.make_mesh(4, arms=na))  # M = 3 LLMs padded to the arm shards
@@ -281,7 +281,7 @@ def check_text():
             states[mode] = st.replace(B=st.B + jnp.asarray(rng.normal(size=st.B.shape), jnp.float32) * 0.3)
         st = states[mode]
         pol = Policy(cost_weight=50.0, alpha=0.3, beta=0.1, tau=0.2, in_batch_load=ibl)
-        ref, ref_dom = route_text_batch(params, hp, cen, st, ids, mask, pt, pol, valid,
+        ref, ref_dom, _ = route_text_batch(params, hp, cen, st, ids, mask, pt, pol, valid,
                                         enc_config=cfg, head_shape=shape, mode=mode)
         assert len(np.unique(np.asarray(ref.arm))) > 1
         mesh = M.make_mesh(4, arms=na)
@@ -310,7 +310,7 @@ def check_text():
                     policy=Policy(cost_weight=50.0, alpha=0.3, beta=0.1, tau=0.2),
                     config=RouterConfig(max_length=16))
     texts = [" ".join(f"w{j}" for j in rng.integers(0, 40, n)) for n in (3, 9, 1, 30, 5)]
-    ref, ref_dom = router.decide(texts)
+    ref, ref_dom, _ = router.decide(texts)
     got, dom = M.decide(router, texts, mesh=M.make_mesh(4, arms=2))
     np.testing.assert_array_equal(np.asarray(got.arm)[:5], np.asarray(ref.arm)[:5])
     np.testing.assert_array_equal(np.asarray(dom)[:5], np.asarray(ref_dom)[:5])
@@ -364,7 +364,7 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
     if num_processes > 1:
         D.initialize(f"127.0.0.1:{port}", num_processes, process_id, timeout_s=60)
     assert jax.process_count() == num_processes and jax.process_index() == process_id
-    from mixllm_jax.core import bandit
+    from mixllm_jax.core import bandit, observation
     from mixllm_jax.store import checkpoint
     from mixllm_jax.offline import mesh as M, train
     from mixllm_jax.data import Dataset, ModelSpec
@@ -403,7 +403,7 @@ def check_dist(process_id: int, num_processes: int, port: int, out_dir: str):
         k = reg.slot(mm)
         seen = np.isfinite(q[:, j])
         X = x[seen].astype(np.float64)
-        Y = np.stack([q[seen, j], train.log_tokens(ct[seen, j])], 1).astype(np.float64)
+        Y = np.stack([q[seen, j], observation.log_tokens(ct[seen, j])], 1).astype(np.float64)
         A = np.diag(np.r_[np.full(d - 1, 3.0), 0.1]) + X.T @ X  # the bias is an unshrunk intercept
         np.testing.assert_allclose(np.asarray(bandit.theta(filled))[k], np.linalg.solve(A, X.T @ Y),
                                    atol=2e-4, rtol=1e-3)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mixllm_jax.sim import baselines, events as sim_events, simulate as sim
-from mixllm_jax.core import state as S
+from mixllm_jax.core import state as S, observation
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.core.policy import Policy
 
@@ -154,7 +154,7 @@ def test_no_penalty_router_matches_offline_choices():
     from mixllm_jax.core import engine
     from mixllm_jax.offline import train
     st = engine.update(st, x, arm, np.stack([ds.quality[np.arange(n), arm],
-                                             train.log_tokens(ds.completion_tokens[np.arange(n), arm])], 1))
+                                             observation.log_tokens(ds.completion_tokens[np.arange(n), arm])], 1))
     cfg = sim.StreamConfig(rate=50.0)  # heavily loaded: waits do not matter with beta = 0
     stream = sim.make_stream(ds, x, cfg, reference="m2")
     res = sim.run_router(stream, sim.World.from_specs(specs), st, reg,

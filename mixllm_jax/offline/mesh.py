@@ -63,7 +63,8 @@ BATCH, ARMS = "batch", "arms"
 STATS_BLOCK = 512  # rows per step of the statistics scan: bounds the [rows, K, d] intermediate
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per entry point
 
-_DECISION_BK = ("quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score")  # [B, K] fields
+_DECISION_BK = ("quality", "tokens", "cost", "uncertainty", "wait", "penalty", "score", "bonus",
+                "eligible")  # [B, K] fields
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
@@ -254,7 +255,7 @@ def decide(router, texts: Sequence[str], *, mesh: Mesh, policy: Policy | None = 
     ids, mask, prompt_tokens = router.tokenize(texts)
     size = -(-ids.shape[0] // batch_size(mesh)) * batch_size(mesh)
     ids, mask, prompt_tokens = (pad_rows(a, size) for a in (ids, mask, prompt_tokens))
-    (params, centroids), static = router._head_args()
+    (params, centroids), static = router.head_args()
     return route_text_batch(router.encoder.params, params, centroids, router.state, ids, mask, prompt_tokens,
                             policy or router.policy, np.arange(size) < len(texts), key,
                             enc_config=router.encoder.config, mesh=mesh, **static)

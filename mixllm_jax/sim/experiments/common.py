@@ -15,7 +15,7 @@ from mixllm_jax.core.config import Budget, RouterConfig
 from mixllm_jax import data as data_mod
 from mixllm_jax.text import encoder, tags
 from mixllm_jax.offline import evaluate, train
-from mixllm_jax.core import fit, metrics
+from mixllm_jax.core import fit, metrics, observation
 from mixllm_jax.sim import simulate as sim
 from mixllm_jax.data import Dataset
 from mixllm_jax.core.policy import Policy
@@ -214,7 +214,7 @@ def refit_arms(router: Router, xs: Sequence[np.ndarray], parts: Sequence[Dataset
     information could teach the arms, their hyper-parameters included. Returns the state."""
     ds, x = concat(parts), np.concatenate(xs)
     state, _ = fit.fit_state(router.state, router.registry.columns(ds.models), x, ds.quality,
-                             train.log_tokens(ds.completion_tokens), train.prior_candidates(router, x.shape[1]))
+                             observation.log_tokens(ds.completion_tokens), train.prior_candidates(router, x.shape[1]))
     return state
 
 
