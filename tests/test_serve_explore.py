@@ -74,6 +74,29 @@ def explore_env(tmp_path_factory, served_router, stub_backend):
         server.kill()
 
 
+def test_route_command_explores_with_its_seed(explore_env):
+    """`mixllm-jax route` on the Thompson checkpoint: the draws come from --seed (exit status 0)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "mixllm-jax"
+    ck = explore_env.tmp / "ck-route"
+    import shutil
+
+    shutil.copytree(explore_env.checkpoint, ck)
+    lib = Library(ck)
+    chosen = {}
+    for seed in range(4):
+        r = subprocess.run([str(exe), "route", "--router", str(ck), "--seed", str(seed), PROMPT],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "explore thompson" in r.stdout and f"(seed {seed})" in r.stdout
+        chosen[seed] = r.stdout.split("chosen: ")[1].split()[0]
+        d, _, _ = lib.router.decide([PROMPT], key=jax.random.PRNGKey(seed))
+        assert chosen[seed] == lib.names[int(np.asarray(d.arm)[0])]
+
+
 def test_served_exploration_is_the_librarys_draw_for_draw(explore_env):
     srv = explore_env
     lib = Library(srv.checkpoint)

@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--cost-weight", type=float, help="override lambda (quality per USD)")
     p.add_argument("--budget", help="override the operating point: share of the most expensive LLM's cost, e.g. 30%%")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the exploration draws when the saved policy explores (Thompson, softmax, epsilon)")
     p.add_argument("prompts", nargs="+", help="the prompts to route")
     p.set_defaults(fn=cmd_route)
 

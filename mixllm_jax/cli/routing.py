@@ -8,20 +8,31 @@ from pathlib import Path
 from mixllm_jax.cli.offline import restore
 
 
-def cmd_route(args):
-    from mixllm_jax.util import progress
+def policy_from_args(router, args, base=None):
+    """`base` (default: the router's policy) at --cost-weight or --budget, when given."""
     from mixllm_jax.core.config import Budget
+
+    base = router.policy if base is None else base
+    if args.cost_weight is not None:
+        return router.policy_for(Budget("cost_weight", args.cost_weight), base)
+    if args.budget is not None:
+        return router.policy_for(Budget.parse(args.budget), base)
+    return base
+
+
+def cmd_route(args):
+    import jax
+
+    from mixllm_jax.util import progress
 
     with progress.step("loading the router"):
         router = restore(args)
-    if args.cost_weight is not None:
-        router.policy = router.policy_for(Budget("cost_weight", args.cost_weight))
-    elif args.budget is not None:
-        router.policy = router.policy_for(Budget.parse(args.budget))
-    print(f"policy: cost weight {router.policy.cost_weight:.4g}"
-          + (f", {100 * router.policy.mix:.1f}% at {router.policy.mix_cost_weight:.4g}" if router.policy.mix else ""))
+    router.policy = p = policy_from_args(router, args)
+    print(f"policy: cost weight {p.cost_weight:.4g}" + (f", {100 * p.mix:.1f}% at {p.mix_cost_weight:.4g}" if p.mix else "")
+          + f"; explore {p.explore}" + (f", temperature {float(p.temperature):g}" if p.temperature else "")
+          + (f", epsilon {float(p.epsilon):g}" if p.epsilon else "") + (f" (seed {args.seed})" if p.stochastic else ""))
     with progress.step(f"routing {len(args.prompts)} prompt(s) (the first call of a shape compiles)"):
-        routes = router.route(args.prompts)
+        routes = router.route(args.prompts, key=jax.random.PRNGKey(args.seed) if p.stochastic else None)
     for text, r in zip(args.prompts, routes):
         print(f"> {text[:100]!r}\n  chosen: {r.model}" + (f"   (nearest domain: {r.domain})" if r.domain else ""))
         print(f"  {'LLM':40s} {'quality':>8s} {'cost $':>10s} {'uncert.':>8s} {'penalty':>8s} {'score':>9s}")
@@ -33,16 +44,9 @@ def cmd_route(args):
 def cmd_ope(args):
     """Off-policy estimates of a saved router's policy from a log with propensities."""
     from mixllm_jax.offline import ope
-    from mixllm_jax.core.config import Budget
 
     router = restore(args)
-    policy = router.policy
-    if args.cost_weight is not None:
-        policy = router.policy_for(Budget("cost_weight", args.cost_weight)) if router.curve is not None \
-            else policy.replace(cost_weight=args.cost_weight, mix=0.0)
-    elif args.budget is not None:
-        policy = router.policy_for(Budget.parse(args.budget))
-    policy = policy.replace(explore=args.explore, alpha=args.alpha if args.alpha is not None else policy.alpha,
+    policy = policy_from_args(router, args).replace(explore=args.explore, alpha=args.alpha if args.alpha is not None else policy.alpha,
                             temperature=args.temperature, epsilon=args.epsilon, beta=0.0)
     log = ope.read_log(args.log)
     if log.x.shape[1] != router.state.dim:
