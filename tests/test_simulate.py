@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixllm_jax.sim import baselines, events as sim_events, simulate as sim
+from mixllm_jax.sim import baselines, events as sim_events, offline_eval, simulate as sim
 from mixllm_jax.core import state as S, observation
 from mixllm_jax.data import Dataset, ModelSpec
 from mixllm_jax.core.policy import Policy
@@ -159,7 +159,7 @@ def test_no_penalty_router_matches_offline_choices():
     stream = sim.make_stream(ds, x, cfg, reference="m2")
     res = sim.run_router(stream, sim.World.from_specs(specs), st, reg,
                          Policy(cost_weight=300.0, alpha=0.01, beta=0.0), cfg, progress=False)
-    off = sim.offline_choices(st, reg, x, ds.prompt_tokens, ds.models, [300.0], alpha=0.01)[0]
+    off = offline_eval.offline_choices(st, reg, x, ds.prompt_tokens, ds.models, [300.0], alpha=0.01)[0]
     np.testing.assert_array_equal(res.model, off)
     assert res.timed_out.any() or res.wait.max() > 0  # the load was real
 

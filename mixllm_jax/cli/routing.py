@@ -46,7 +46,8 @@ def cmd_ope(args):
     from mixllm_jax.offline import ope
 
     router = restore(args)
-    policy = policy_from_args(router, args).replace(explore=args.explore, alpha=args.alpha if args.alpha is not None else policy.alpha,
+    policy = policy_from_args(router, args)
+    policy = policy.replace(explore=args.explore, alpha=args.alpha if args.alpha is not None else policy.alpha,
                             temperature=args.temperature, epsilon=args.epsilon, beta=0.0)
     log = ope.read_log(args.log)
     if log.x.shape[1] != router.state.dim:

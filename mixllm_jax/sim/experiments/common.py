@@ -16,7 +16,7 @@ from mixllm_jax import data as data_mod
 from mixllm_jax.text import encoder, tags
 from mixllm_jax.offline import evaluate, train
 from mixllm_jax.core import fit, metrics, observation
-from mixllm_jax.sim import simulate as sim
+from mixllm_jax.sim import offline_eval, simulate as sim
 from mixllm_jax.data import Dataset
 from mixllm_jax.core.policy import Policy
 from mixllm_jax.text.router import Router
@@ -227,8 +227,8 @@ def sweep(state, registry, x, ds: Dataset, alpha: float, extra_weights=(), bonus
           reference: str = REFERENCE) -> tuple[list, list]:
     """(cost weights, points) of a no-load lambda sweep of a router state on ds (% of `reference`)."""
     cws = sorted(set(map(float, evaluate.COST_WEIGHTS)) | set(map(float, extra_weights)))
-    ch = sim.offline_choices(state, registry, x, ds.prompt_tokens, ds.models, cws, alpha, bonus)
-    return cws, sim.points(ch, ds, reference)
+    ch = offline_eval.offline_choices(state, registry, x, ds.prompt_tokens, ds.models, cws, alpha, bonus)
+    return cws, offline_eval.points(ch, ds, reference)
 
 
 def calibrate(router: Router, x: np.ndarray, ds: Dataset, budget_pct: float, alpha: float,
@@ -239,7 +239,7 @@ def calibrate(router: Router, x: np.ndarray, ds: Dataset, budget_pct: float, alp
     if cost_blind(ds):
         return 0.0
     cws, pts = sweep(router.state, router.registry, x, ds, alpha, reference=reference)
-    return sim.calibrate_cost_weight(pts, cws, budget_pct)
+    return offline_eval.calibrate_cost_weight(pts, cws, budget_pct)
 
 
 def calibration_note(d: ExperimentData, budget_pct: float, on: str) -> str:

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from mixllm_jax.core import feedback_net
-from mixllm_jax.sim import simulate as sim
+from mixllm_jax.sim import offline_eval, simulate as sim
 from mixllm_jax.offline import train
 from mixllm_jax.sim.experiments import plots
 from mixllm_jax.sim.experiments.common import (BINARY_TEMPERATURE, BUDGET_PCT, FAST_FIT, ONLINE_ALPHA, PAPER_TABLE1, STREAM_BETA,
@@ -59,7 +59,7 @@ def run_continual(d: ExperimentData, out_dir, *, splits: Sequence[float] = (0.8,
             cfg = dataclasses.replace(config, seed=seed)
             stream = sim.make_stream(on, x_on, cfg, d.reference)
             hindsight = train.fill_arms(router.state, router.registry, x_on, on, progress=progress)
-            best_cols = sim.offline_choices(hindsight, router.registry, x_on, on.prompt_tokens, on.models, [lam], 0.0)[0]
+            best_cols = offline_eval.offline_choices(hindsight, router.registry, x_on, on.prompt_tokens, on.models, [lam], 0.0)[0]
             full_state = refit_arms(router, [x_off, x_on], [off, on])
             best = on.quality[np.arange(len(on)), best_cols] - lam * on.cost[np.arange(len(on)), best_cols]
             entry = {"offline_frac": frac, "seed": seed, "n_offline": len(off), "n_online": len(on),

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from mixllm_jax.store import checkpoint
-from mixllm_jax.sim import baselines, simulate as sim
+from mixllm_jax.sim import baselines, offline_eval, simulate as sim
 from mixllm_jax.offline import train
 from mixllm_jax.sim.experiments import plots
 from mixllm_jax.sim.experiments.common import (BUDGET_PCT, STREAM_ALPHA, STREAM_BETA, STREAM_TAU, ExperimentData, calibrate,
@@ -41,7 +41,7 @@ def run_latency(d: ExperimentData, out_dir, *, name: str = "latency", rates: Seq
     x = x_te[order]
     world = sim.World.from_specs(d.test.specs)
     # unconstrained: the same router at the same lambda with no load and no deadline
-    unc = sim.points(sim.offline_choices(router.state, router.registry, x, ds.prompt_tokens, ds.models, [lam], alpha),
+    unc = offline_eval.points(offline_eval.offline_choices(router.state, router.registry, x, ds.prompt_tokens, ds.models, [lam], alpha),
                      ds, d.reference)[0]
     cheapest = baselines.frontier_chain(d.train)[0]
     chains = {"cascade_frontier": list(cascade) if cascade else baselines.frontier_chain(d.train),

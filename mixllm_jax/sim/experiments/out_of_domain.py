@@ -21,7 +21,7 @@ import numpy as np
 from mixllm_jax.text import domains
 from mixllm_jax.offline import evaluate, train
 from mixllm_jax.core import feedback_net
-from mixllm_jax.sim import simulate as sim
+from mixllm_jax.sim import offline_eval, simulate as sim
 from mixllm_jax.data import Dataset
 from mixllm_jax.sim.experiments import plots
 from mixllm_jax.sim.experiments.common import (BUDGET_PCT, FAST_FIT, ONLINE_ALPHA, PAPER_OOD, STREAM_BETA, STREAM_TAU,
@@ -163,7 +163,7 @@ def _stream_modes(d: ExperimentData, router: Router, lam: float, stream: sim.Str
     best = None
     if stream_ds is not None:
         full = train.fill_arms(router.state, router.registry, stream.x, stream_ds, progress=progress)
-        cols = sim.offline_choices(full, router.registry, stream.x, stream_ds.prompt_tokens, stream_ds.models, [lam],
+        cols = offline_eval.offline_choices(full, router.registry, stream.x, stream_ds.prompt_tokens, stream_ds.models, [lam],
                                    0.0)[0]
         rows = np.arange(len(stream_ds))
         best = stream_ds.quality[rows, cols] - lam * stream_ds.cost[rows, cols]
@@ -190,11 +190,11 @@ def _stream_modes(d: ExperimentData, router: Router, lam: float, stream: sim.Str
 def _by_task(state, registry, x: np.ndarray, ds: Dataset, lam: float, alpha: float, groups: dict[str, np.ndarray],
              reference: str, bonus: np.ndarray | None = None) -> dict:
     """{task: quality % and cost % of the reference, and mean quality x 100} of the choices at lam."""
-    ch = sim.offline_choices(state, registry, x, ds.prompt_tokens, ds.models, [lam], alpha, bonus)[0]
+    ch = offline_eval.offline_choices(state, registry, x, ds.prompt_tokens, ds.models, [lam], alpha, bonus)[0]
     out = {}
     for task, rows in groups.items():
         sub = ds.select(rows)
-        p = sim.points(ch[None, rows], sub, reference)[0]
+        p = offline_eval.points(ch[None, rows], sub, reference)[0]
         out[task] = dict(p, mean_quality=float(100 * sub.quality[np.arange(len(rows)), ch[rows]].mean()))
     return out
 
