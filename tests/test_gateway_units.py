@@ -119,13 +119,14 @@ def test_cost_cap_under_key_budgets():
     assert [u["key"] for u in usage_view(led, admin, {"x": free, "y": admin})["data"]] == ["a", "ops"]
 
 
-def fake_service(curve=None, pinned="allow"):
+def fake_service(curve=None):
+    """The live state (serve.live.Live) the gateway's request checks read."""
     from mixllm_jax.core.config import RouterConfig
     from mixllm_jax.core.policy import Policy
 
     slots = {"big": 0, "small": 1, "mid": 2}
     return types.SimpleNamespace(
-        registry=types.SimpleNamespace(slots=slots), cfg=types.SimpleNamespace(pinned_models=pinned),
+        registry=types.SimpleNamespace(slots=slots),
         router=types.SimpleNamespace(curve=curve, policy=Policy(), config=RouterConfig()),
         state=types.SimpleNamespace(capacity=4))
 
@@ -144,7 +145,7 @@ def test_model_field():
             parse_model(svc, bad)
         assert e.value.status == 400 and e.value.param == "model"
     with pytest.raises(ApiError, match="does not take pinned"):
-        parse_model(fake_service(pinned="refuse"), "small")
+        parse_model(fake_service(), "small", pinned_models="refuse")
     curve = OperatingCurve((0.0, 100.0), (1.0, 0.1), (0.9, 0.5), {"big": 1.0, "small": 0.1}, 10)
     cw, mcw, mix = parse_model(fake_service(curve), "mixllm:budget=0.55")[0]
     assert (cw, mcw) == (100.0, 0.0) and mix == pytest.approx(0.5)  # halfway between the two hull points

@@ -188,16 +188,16 @@ def test_feedback_flags_round_trip_through_a_checkpoint_array():
 def test_cluster_url_is_checked(url, ok):
     from mixllm_jax.serve import ServeConfig
 
-    cfg = ServeConfig(checkpoint="ck", cluster=url)
+    cfg = ServeConfig.of(checkpoint="ck", cluster=url)
     if ok:
         cfg.check()
     else:
         with pytest.raises(ValueError, match="cluster must be nats://HOST:PORT"):
             cfg.check()
     with pytest.raises(ValueError, match="stream must be"):
-        ServeConfig(checkpoint="ck", cluster="nats://h:1", stream="a.b").check()
+        ServeConfig.of(checkpoint="ck", cluster="nats://h:1", stream="a.b").check()
     with pytest.raises(ValueError, match="concurrency_share"):
-        ServeConfig(checkpoint="ck", concurrency_share=0.0).check()
+        ServeConfig.of(checkpoint="ck", concurrency_share=0.0).check()
 
 
 def test_decision_record_round_trips_with_its_claims():

@@ -1,6 +1,6 @@
 """The HTTP router service (`mixllm-jax serve`, `python -m mixllm_jax.serve`); see app.py.
 
-Importing the package is light: ServeConfig and its CLI options come from config.py at once; the
+Importing the package is light: ServeConfig and its CLI options come from options.py at once; the
 rest (JAX, the web stack) loads on first use of a name below, e.g. ``serve.create_app``.
 """
 
@@ -11,7 +11,7 @@ import importlib
 from mixllm_jax.serve.options import ROUTE_ON, ServeConfig, add_serve_arguments, config_from_args
 
 _LAZY = {"create_app": "app", "run": "app", "main": "app", "RouterService": "service", "ApiError": "http",
-         "Backend": "backends", "load_backends": "backends", "Metrics": "metrics"}
+         "Backend": "backends", "load_backends": "backends", "Metrics": "prometheus"}
 
 __all__ = ["ROUTE_ON", "ServeConfig", "add_serve_arguments", "config_from_args", *_LAZY]
 

@@ -38,12 +38,14 @@ Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"e
   GET  /healthz              {"status": "ok"}; with a valid key (or no keys file) the details, and
                              with ?digest=1 [admin] a SHA-256 of the learned state
 
-The package: config.py (ServeConfig and its CLI options), auth.py (API keys), http.py (errors,
-request fields), backends.py (backends, allow-list, proxy, SSE relay), metrics.py, compute.py (the
-fused jitted computation), service.py (the worker thread, journal, checkpoints) with
-feedback_records.py and live_models.py, gateway.py (model field, candidates, fallbacks), usage.py
-(spend, key budgets) and this module (the Starlette app, connection timeouts and the entry point). The
-design and the math: docs/architecture.md.
+The package: options.py (ServeConfig and its CLI options), auth.py (API keys), http.py (errors,
+request fields), protocol.py (connection timeouts), prometheus.py, compute.py (the decision's
+inputs, state helpers); the components, wired and started by service.py: live.py (the live state),
+applier.py (the journal's ordered applier), routing.py (the routing worker, batcher.py),
+intake.py (feedback), live_models.py (live LLMs, backends.py), spend.py (spend, key budgets),
+proxy.py and gateway.py (model field, candidates, fallbacks), snapshots.py (checkpoints, digest);
+and this module (the Starlette app and the entry point). The design and the math:
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -65,10 +67,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mixllm_jax.serve.auth import Authenticator, AuthError, load_keys
-from mixllm_jax.serve import gateway
 from mixllm_jax.core.config import Budget
 from mixllm_jax.core.engine import POLICY_RANGES
 from mixllm_jax.core.policy import EXPLORE_MODES
@@ -79,6 +79,7 @@ from mixllm_jax.serve.http import (ApiError, FastJSONResponse, check_prompt, err
                                    get_string, read_json_object, reject_unknown, require_json, routing_text,
                                    model_spec, MODEL_LIMITS)
 from mixllm_jax.serve.prometheus import CONTENT_TYPE_LATEST
+from mixllm_jax.serve.protocol import GuardedHttpProtocol
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
 from mixllm_jax.serve.spend import MAX_TOKENS
@@ -100,7 +101,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
     """The ASGI app. The router is restored, and the journal replayed, at startup (the lifespan),
     before the server accepts connections; shutdown checkpoints. app.state.service: the service."""
     cfg.check()
-    auth = Authenticator(load_keys(cfg.api_keys) if cfg.api_keys is not None else None)
+    auth = Authenticator(load_keys(cfg.http.api_keys) if cfg.http.api_keys is not None else None)
     svc = RouterService(cfg)
     m = svc.metrics
 
@@ -143,13 +144,13 @@ def create_app(cfg: ServeConfig) -> Starlette:
                     return error_response(500, f"internal error (reference {ref} in the server log)",
                                           "server_error")
                 finally:
-                    m.http.labels(label, str(status)).inc()
-                    m.http_s.labels(label).observe(time.perf_counter() - t)
+                    m.http.requests.labels(label, str(status)).inc()
+                    m.http.seconds.labels(label).observe(time.perf_counter() - t)
             return handler
         return wrap
 
     def body_of(request):
-        return read_json_object(request, cfg.max_body_bytes, cfg.body_timeout_s)
+        return read_json_object(request, cfg.http.max_body_bytes, cfg.http.body_timeout_s)
 
     @endpoint("route", "route", json_body=True)
     async def route(request):
@@ -161,22 +162,22 @@ def create_app(cfg: ServeConfig) -> Starlette:
         p = body["prompt"]
         single = isinstance(p, str)
         if single:
-            prompts = [check_prompt(p, "prompt", cfg.max_prompt_chars)]
+            prompts = [check_prompt(p, "prompt", cfg.limits.max_prompt_chars)]
         elif isinstance(p, list):
             if not p:
                 raise ApiError(422, "field 'prompt' is an empty list", param="prompt")
-            limit = min(cfg.max_prompts, cfg.queue_limit)
+            limit = min(cfg.limits.max_prompts, cfg.batching.queue_limit)
             if len(p) > limit:
                 raise ApiError(413, f"field 'prompt' has {len(p)} prompts, more than the limit of {limit} "
                                     f"per request", param="prompt")
-            prompts = [check_prompt(x, f"prompt[{i}]", cfg.max_prompt_chars) for i, x in enumerate(p)]
+            prompts = [check_prompt(x, f"prompt[{i}]", cfg.limits.max_prompt_chars) for i, x in enumerate(p)]
         else:
             raise ApiError(422, f"field 'prompt' must be a string or a list of strings, got {type(p).__name__}",
                            param="prompt")
-        pol = gateway.request_policy(svc, body, request.state.key)
+        pol = svc.gateway.request_policy(body, request.state.key)
         book = get_bool(body, "book_load", True)
-        out = await svc.route(prompts, point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=pol.candidates,
-                              book=book, key=pol.key)
+        out = await svc.routing.route(prompts, point=pol.point, max_cost_usd=pol.max_cost_usd,
+                                      allowed=pol.candidates, book=book, key=pol.key)
         return FastJSONResponse(out[0] if single else {"routes": out})
 
     @endpoint("feedback", "feedback", json_body=True)
@@ -192,13 +193,13 @@ def create_app(cfg: ServeConfig) -> Starlette:
                            param="thumbs")
         if quality is None and thumbs is None:
             raise ApiError(422, "give 'quality' (a number in [0, 1]) or 'thumbs' (\"up\"/\"down\")")
-        e = await svc.lookup(rid)
+        e = await svc.intake.lookup(rid)
         if e is None:
             raise ApiError(404, f"unknown request id {rid[:80]!r}: never issued, or older than the last "
-                                f"{cfg.feature_cache} routed requests" +
-                           (f" (on any replica: {cfg.decision_ttl_s:g} s)" if cfg.cluster else ""),
+                                f"{cfg.limits.feature_cache} routed requests" +
+                           (f" (on any replica: {cfg.cluster.decision_ttl_s:g} s)" if cfg.cluster.enabled else ""),
                            "not_found", param="request_id")
-        if not svc.entry_live(e):
+        if not svc.intake.entry_live(e):
             raise ApiError(409, f"model {e.model!r} that served request {rid!r} has been removed; "
                                 f"feedback not applied", param="request_id")
         if quality is not None and e.has_quality:
@@ -207,31 +208,31 @@ def create_app(cfg: ServeConfig) -> Starlette:
             raise ApiError(409, f"request {rid!r} already has a thumbs up/down", param="thumbs")
         records = []  # every check is done: the records are journaled together, or not at all
         if quality is not None:
-            records.append(svc.quality_record(rid, e, quality, "user", None if ct is None else float(ct)))
+            records.append(svc.intake.quality_record(rid, e, quality, "user", None if ct is None else float(ct)))
         if thumbs is not None:
-            records.append(svc.thumbs_record(rid, e, thumbs == "up"))
-        seqs = await svc.record_feedback(rid, e, records)
+            records.append(svc.intake.thumbs_record(rid, e, thumbs == "up"))
+        seqs = await svc.intake.record_feedback(rid, e, records)
         return JSONResponse({"request_id": rid, "model": e.model,
                              "recorded": [{"kind": r["type"], "seq": q} for r, q in zip(records, seqs)]})
 
     @endpoint("models", "route")
     async def models_list(request):
-        created = int(time.time() - (time.monotonic() - svc.t0))
-        return JSONResponse({"object": "list", "data": gateway.router_models(svc, created) + await svc.models()})
+        created = int(time.time() - (time.monotonic() - svc.live.t0))
+        return JSONResponse({"object": "list", "data": svc.gateway.router_models(created) + await svc.models.models()})
 
     @endpoint("usage", "route")
     async def usage(request):
         key = request.state.key
-        return JSONResponse(await svc.usage(key, auth.keys))
+        return JSONResponse(await svc.spend.usage(key, auth.keys))
 
     @endpoint("models_add", "admin", json_body=True)
     async def models_add(request):
         body = await body_of(request)
-        spec = model_spec(body, svc.state.load_slots, MODEL_DEFAULTS)
+        spec = model_spec(body, svc.live.state.load_slots, MODEL_DEFAULTS)
         spec["backend"] = None
         if body.get("backend") is not None:
-            spec["backend"] = request_backend(body["backend"], svc.backends_file).record()
-        info = await svc.add_model(spec)
+            spec["backend"] = request_backend(body["backend"], svc.models.backends_file).record()
+        info = await svc.models.add_model(spec)
         return JSONResponse(info, status_code=201)
 
     @endpoint("models_reprice", "admin", json_body=True)
@@ -243,11 +244,11 @@ def create_app(cfg: ServeConfig) -> Starlette:
                          hi=lim["price_in_per_mtok"][1])
         pout = get_number(body, "price_out_per_mtok", default=..., lo=lim["price_out_per_mtok"][0],
                           hi=lim["price_out_per_mtok"][1])
-        return JSONResponse(await svc.reprice_model(request.path_params["name"], pin * 1e-6, pout * 1e-6))
+        return JSONResponse(await svc.models.reprice_model(request.path_params["name"], pin * 1e-6, pout * 1e-6))
 
     @endpoint("policy", "route")
     async def policy_get(request):
-        return JSONResponse(svc.policy_view())
+        return JSONResponse(svc.routing.policy_view())
 
     @endpoint("policy_set", "admin", json_body=True)
     async def policy_set(request):
@@ -284,17 +285,17 @@ def create_app(cfg: ServeConfig) -> Starlette:
             k = given[0]
             rec.update(kind="usd" if k == "budget_usd" else "cost_weight", reference=ref,
                        value=get_number(body, k, default=..., lo=0, hi=1e6))
-        return JSONResponse(await svc.set_policy(rec))
+        return JSONResponse(await svc.routing.set_policy(rec))
 
     @endpoint("models_remove", "admin")
     async def models_remove(request):
         name = request.path_params["name"]
-        await svc.remove_model(name)
+        await svc.models.remove_model(name)
         return JSONResponse({"removed": name})
 
     @endpoint("metrics", "admin")
     async def metrics(request):
-        m.queue.set(svc.batcher.pending)
+        m.routing.queue.set(svc.routing.batcher.pending)
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
     @endpoint("healthz", None)
@@ -314,30 +315,31 @@ def create_app(cfg: ServeConfig) -> Starlette:
         body = await body_of(request)
         if "messages" not in body:
             raise ApiError(422, "field 'messages' is required", param="messages")
-        text = routing_text(body["messages"], cfg.route_on)
+        text = routing_text(body["messages"], cfg.gateway.route_on)
         if not text.strip():
             raise ApiError(422, "the messages hold no text to route on", param="messages")
-        if len(text) > cfg.max_prompt_chars:
+        if len(text) > cfg.limits.max_prompt_chars:
             raise ApiError(413, f"the text routed on has {len(text)} characters, more than the limit of "
-                                f"{cfg.max_prompt_chars}", param="messages")
+                                f"{cfg.limits.max_prompt_chars}", param="messages")
         stream = get_bool(body, "stream", False)
-        pol = gateway.request_policy(svc, body, request.state.key)
-        if svc.proxy_inflight >= cfg.max_inflight_proxy:
-            m.rejected.labels("proxy_busy").inc()
-            raise ApiError(503, f"{svc.proxy_inflight} proxied calls in flight, the limit; retry later",
+        pol = svc.gateway.request_policy(body, request.state.key)
+        proxy = svc.gateway.proxy
+        if proxy.inflight >= cfg.limits.max_inflight_proxy:
+            m.routing.rejected.labels("proxy_busy").inc()
+            raise ApiError(503, f"{proxy.inflight} proxied calls in flight, the limit; retry later",
                            "overloaded", headers={"Retry-After": "1"})
-        mask = gateway.chat_mask(svc, pol.candidates)
-        svc.proxy_inflight += 1
+        mask = svc.gateway.chat_mask(pol.candidates)
+        proxy.inflight += 1
         handed_off = False  # a streaming answer releases its slot when the stream ends
         try:
-            [res] = await svc.route([text], point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=mask,
-                                    kind="chat", key=pol.key)
-            resp = await gateway.chat_with_fallbacks(svc, body, res, stream, pol.pinned is not None)
+            [res] = await svc.routing.route([text], point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=mask,
+                                            kind="chat", key=pol.key)
+            resp = await svc.gateway.chat_with_fallbacks(body, res, stream, pol.pinned is not None)
             handed_off = isinstance(resp, StreamingResponse)
             return resp
         finally:
             if not handed_off:
-                svc.proxy_inflight -= 1
+                proxy.inflight -= 1
 
     async def not_found(request, exc):
         if isinstance(exc, HTTPException):
@@ -353,7 +355,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
         try:
             await svc.start()
         except Exception as e:
-            svc.start_error = e
+            app.state.start_error = e
             log.error("the router could not start: %s", e)
             raise
         gc.collect()
@@ -382,72 +384,6 @@ def create_app(cfg: ServeConfig) -> Starlette:
     return app
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools (llhttp) protocol with the bounds it lacks: a request's line and headers
-    must all arrive within `header_timeout_s` of its first byte (or of the connection, for the first
-    request) and hold at most `max_head_bytes` (else 400 and the connection is closed), and its body
-    must arrive within `body_timeout_s` (+1 s, after which the app has answered 408) of its headers;
-    otherwise the connection is closed. Idle keep-alive connections are closed by uvicorn's
-    timeout_keep_alive. Together they bound how long, and with how much, a slow client holds a
-    connection. (httptools rather than h11: its C parser halves the server's HTTP cost per request.)"""
-
-    header_timeout_s = 10.0
-    body_timeout_s = 30.0
-    max_head_bytes = 64 * 1024
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._phase, self._timer, self._head_bytes = None, None, 0
-        self._arm("headers", self.header_timeout_s)
-
-    def _arm(self, phase: str | None, after: float | None) -> None:
-        if phase == self._phase:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._phase, self._timer = phase, None
-        if phase is not None:
-            self._timer = self.loop.call_later(after, self._expired, phase)
-
-    def _expired(self, phase: str) -> None:
-        self._timer = None
-        if not self.transport.is_closing():
-            log.info("closing a connection from %s: its request %s did not arrive in time", self.client, phase)
-            self.transport.close()
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.max_head_bytes:  # raised in a parser callback: uvicorn answers 400, closes
-            raise ValueError(f"request line and headers over {self.max_head_bytes} bytes")
-
-    # parser callbacks (llhttp calls them from feed_data, in the order the bytes arrive)
-    def on_message_begin(self) -> None:  # the first byte of a request
-        super().on_message_begin()
-        self._head_bytes = 0
-        self._arm("headers", self.header_timeout_s)  # (kept as it is when already armed for this request)
-
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if not self.transport.is_closing():
-            self._arm("body", self.body_timeout_s + 1.0)  # a request without a body completes at once
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._arm(None, None)
-
-    def connection_lost(self, exc) -> None:
-        self._arm(None, None)
-        super().connection_lost(exc)
-
-
 class _QuietStartup(logging.Filter):
     """Keeps uvicorn's copy of a startup traceback out of the log: the CLI prints one line."""
 
@@ -464,17 +400,17 @@ def run(cfg: ServeConfig, debug: bool = False) -> None:
     for noisy in ("httpx", "httpcore", "jax._src.xla_bridge", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(cfg)
-    if cfg.api_keys is None:
-        if cfg.insecure:
+    if cfg.http.api_keys is None:
+        if cfg.http.insecure:
             log.warning("serving on %s without API keys (--insecure): anyone who reaches it may call every "
-                        "endpoint", cfg.host)
+                        "endpoint", cfg.http.host)
         else:
-            log.info("no --api-keys: every endpoint is open to whoever reaches %s (loopback)", cfg.host)
-    protocol = type("GuardedHttp", (GuardedHttpProtocol,), {"header_timeout_s": cfg.header_timeout_s,
-                                                             "body_timeout_s": cfg.body_timeout_s})
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+            log.info("no --api-keys: every endpoint is open to whoever reaches %s (loopback)", cfg.http.host)
+    protocol = type("GuardedHttp", (GuardedHttpProtocol,), {"header_timeout_s": cfg.http.header_timeout_s,
+                                                             "body_timeout_s": cfg.http.body_timeout_s})
+    config = uvicorn.Config(app, host=cfg.http.host, port=cfg.http.port, log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=30, backlog=2048, timeout_keep_alive=30,
-                            http=protocol, limit_concurrency=cfg.max_connections)
+                            http=protocol, limit_concurrency=cfg.http.max_connections)
     server = uvicorn.Server(config)
     quiet = _QuietStartup()
     if not debug:
@@ -495,7 +431,7 @@ def run(cfg: ServeConfig, debug: bool = False) -> None:
     finally:
         logging.getLogger("uvicorn.error").removeFilter(quiet)
     if not svc.ever_started:
-        err = getattr(svc, "start_error", None)
+        err = getattr(app.state, "start_error", None)
         if err is not None and debug:
             raise err
         raise ServeStartupError(f"the router could not start: {err}" if err is not None

@@ -12,7 +12,7 @@ The keys file (JSON or YAML) lists the SHA-256 of each key, never the key itself
       - name: team-a
         sha256: 9f00...2c
         roles: [route, feedback]
-        budget:                                 # optional, USD (serve/usage.py)
+        budget:                                 # optional, USD (serve/spend.py)
           usd_per_day: 5                        # UTC days
           usd_per_month: 100                    # UTC calendar months
           max_cost_usd: 0.05                    # per request (the router's cost cap)

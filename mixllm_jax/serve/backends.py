@@ -1,9 +1,7 @@
-"""LLM backends: their configuration (backends.yaml, POST /v1/models), the proxy and its SSE relay.
+"""LLM backends: their configuration (backends.yaml, POST /v1/models, live_models.json).
 
-A backend is an OpenAI-compatible endpoint (and, optionally, its LLM's context window). `proxy`
-forwards a routed chat request to the chosen LLM's backend and answers with its reply (JSON) or
-relays its event stream (SSE) as it comes, recording usage, cost and latency; a failing backend
-raises BackendFailure (502/504, recorded as quality 0), which gateway.py may answer with a fallback.
+A backend is an OpenAI-compatible endpoint (and, optionally, its LLM's context window); the proxy
+that calls it is proxy.py.
 """
 
 from __future__ import annotations
@@ -11,28 +9,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import time
 import urllib.parse
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import httpx
 import yaml
-from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mixllm_jax.serve.cluster import ClusterUnavailable
-from mixllm_jax.serve.http import ApiError, is_num, loads_checked
-from mixllm_jax.serve.spend import record_usage
-
-if TYPE_CHECKING:
-    from mixllm_jax.serve.service import RouterService
+from mixllm_jax.serve.http import ApiError, is_num
 
 BACKEND_KEYS = ("base_url", "model", "api_key_env", "timeout_s", "context_window")
 REQUEST_BACKEND_KEYS = ("base_url", "model", "timeout_s", "context_window")  # what POST /v1/models may set
-GATEWAY_FIELDS = ("cost_weight", "max_cost_usd", "allowed_models", "blocked_models")  # not forwarded
 MAX_CONTEXT = 100_000_000
 MAX_TIMEOUT_S = 600.0
 MAX_URL = 500
@@ -257,169 +244,3 @@ def read_live_backends(path: Path) -> dict[str, dict]:
         return doc
     except (ValueError, OSError, RecursionError) as e:
         raise ValueError(f"{path} is damaged ({type(e).__name__}); fix or delete it") from None
-
-
-def loads_backend_json(raw: bytes) -> Any:
-    """A backend's JSON answer, parsed with the request parser's bounds (ValueError otherwise), so
-    nothing a backend sends can make us fail to answer (deep nesting, NaN, lone surrogates)."""
-    return loads_checked(raw.decode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The proxy
-
-
-class BackendFailure(ApiError):
-    """A backend failed before any byte of its answer was sent to the client (a fallback may follow)."""
-
-
-async def backend_failed(svc: RouterService, rid: str, model: str, reason: str, message: str,
-                         status: int) -> ApiError:
-    """Count a failed backend call, record quality 0 for the request (once), and return the error."""
-    svc.metrics.backend_fail.labels(model, reason).inc()
-    e = svc.features.get(rid)
-    note = ""
-    if e is not None and not e.has_quality and svc.entry_live(e):
-        try:
-            await svc.record_quality(rid, e, 0.0, "backend_failure")
-            note = f"; recorded as quality 0 for {model!r}"
-        except (ApiError, ClusterUnavailable) as err:  # --cluster: judged on another replica, or NATS is down
-            log.warning("quality 0 for %s not recorded: %s", rid, err)
-    return BackendFailure(status, message + note, "backend_error",
-                          headers={"x-mixllm-request-id": rid, "x-mixllm-model": model})
-
-
-async def proxy(svc: RouterService, body: dict, res: dict, stream: bool, failed_before: list) -> Response:
-    """Forward the chat request `body` to the backend of the LLM chosen in `res` (a route result);
-    `failed_before`: the attempts that failed before this one (shown in the answer). BackendFailure
-    when the backend fails before the answer starts.
-
-    The caller holds one of `svc.proxy_inflight`; a StreamingResponse releases it when the stream
-    ends (or is collected unstarted), any other answer leaves it to the caller.
-    """
-    rid, model, key = res["request_id"], res["model"], res["_key"]
-    backend: Backend | None = res.get("_backend")
-    if backend is None:
-        raise await backend_failed(svc, rid, model, "no_backend", f"model {model!r} has no backend configured", 502)
-    payload = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
-    payload["model"] = backend.model or model
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
-    if backend.api_key_env:
-        key = os.environ.get(backend.api_key_env)
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-    url = backend.base_url + "/chat/completions"
-    mh = {"x-mixllm-request-id": rid, "x-mixllm-model": model, "x-mixllm-attempts": str(len(failed_before) + 1)}
-    content = json.dumps(payload).encode()
-
-    async def failed(reason: str, message: str, status: int, detail: str = "") -> ApiError:
-        # the client learns what went wrong; the URL and the exception text go to the log only
-        log.warning("backend of %r at %s: %s %s (request %s)", model, url, message, detail, rid)
-        return await backend_failed(svc, rid, model, reason, f"backend of {model!r} {message}", status)
-
-    timed_out = f"timed out after {backend.timeout_s:g} s"
-    t0 = time.perf_counter()
-    try:
-        req = svc.http.build_request("POST", url, content=content, headers=headers,
-                                     timeout=httpx.Timeout(backend.timeout_s))
-        resp = await svc.http.send(req, stream=True)
-    except httpx.TimeoutException:
-        raise await failed("timeout", timed_out, 504) from None
-    except httpx.HTTPError as e:
-        raise await failed("connect", "could not be reached", 502, f"{type(e).__name__}: {e}") from None
-    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-    if not stream or resp.status_code != 200 or not sse:  # a whole answer (JSON), even if asked to stream
-        try:
-            raw = await resp.aread()
-        except httpx.TimeoutException:
-            await resp.aclose()
-            raise await failed("timeout", timed_out, 504) from None
-        except httpx.HTTPError as e:
-            await resp.aclose()
-            raise await failed("read", "failed mid-answer", 502, f"{type(e).__name__}: {e}") from None
-        await resp.aclose()
-        latency = time.perf_counter() - t0
-        if resp.status_code >= 500:
-            raise await failed(f"http_{resp.status_code}", f"answered HTTP {resp.status_code}", 502,
-                               raw[:300].decode("utf-8", "replace"))
-        if resp.status_code >= 400:  # the request's fault, not the LLM's: passed through as is
-            return Response(raw, status_code=resp.status_code, headers=mh,
-                            media_type=resp.headers.get("content-type", "application/json"))
-        try:
-            data = loads_backend_json(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:  # UnicodeDecodeError too
-            raise await failed("bad_json", "answered invalid JSON", 502, str(e)[:200]) from None
-        record_usage(svc, rid, model, key, data.get("usage"), latency, None)
-        data["mixllm"] = {"request_id": rid, "model": model,
-                          "fallbacks": [{"model": f["model"], "error": f["error"]} for f in failed_before]}
-        return JSONResponse(data, headers=mh)
-
-    released = False
-
-    def release():  # once: when the stream ends, or when a stream never started is collected
-        nonlocal released
-        if not released:
-            released = True
-            svc.proxy_inflight -= 1
-
-    gen = _relay(svc, resp, rid, model, key, t0, failed, release)
-    weakref.finalize(gen, release)
-    return StreamingResponse(gen, status_code=200, headers=mh,
-                             media_type=resp.headers.get("content-type", "text/event-stream"))
-
-
-def _sse_stats(line: bytes) -> tuple[dict | None, int]:
-    """One SSE line -> (its "usage" object or None, 1 if it carries a content delta else 0)."""
-    if not line.startswith(b"data:"):
-        return None, 0
-    data = line[5:].strip()
-    if not data or data == b"[DONE]":
-        return None, 0
-    try:
-        obj = loads_backend_json(data)
-    except ValueError:
-        return None, 0
-    if not isinstance(obj, dict):
-        return None, 0
-    usage = obj["usage"] if isinstance(obj.get("usage"), dict) else None
-    deltas = 0
-    for c in obj.get("choices") or []:
-        if isinstance(c, dict) and (c.get("delta") or {}).get("content"):
-            deltas += 1
-    return usage, deltas
-
-
-async def _relay(svc: RouterService, resp: httpx.Response, rid: str, model: str, key: str, t0: float, failed,
-                 release):
-    """Pass the backend's event stream through chunk by chunk, noting the time to first byte, the
-    last "usage" object and the content deltas (the token count when no usage comes); a failure
-    mid-stream ends it with an SSE error event. Usage is recorded when the stream completes."""
-    ttft = None
-    buf = b""
-    usage = None
-    deltas = 0
-    ok = False
-    try:
-        async for chunk in resp.aiter_raw():
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                u, n = _sse_stats(line)
-                if u is not None:
-                    usage = u
-                deltas += n
-            yield chunk
-        ok = True
-    except httpx.HTTPError as e:
-        reason = "timeout" if isinstance(e, httpx.TimeoutException) else "read"
-        err = await failed(reason, "failed mid-stream", 502, f"{type(e).__name__}: {e}")
-        yield ("data: " + json.dumps({"error": {"message": err.message, "type": err.type}}) + "\n\n").encode()
-    finally:
-        release()
-        await resp.aclose()
-        if ok:
-            record_usage(svc, rid, model, key, usage, time.perf_counter() - t0, ttft, approx_tokens=deltas)

@@ -11,7 +11,7 @@ stream, decisions in a JetStream key-value bucket, checkpoints in a shared folde
 * Every replica consumes the stream in order (an ordered push consumer, restarted from the last
   sequence seen after a reconnect) and hands the records to `on_durable` exactly as the local
   journal's writer does: all replicas apply the same records in the same order with the same code
-  (service.py `_apply`), so they hold bit-identical state.
+  (applier.Applier), so they hold bit-identical state.
 * Decisions: each routed request's feature entry is put in the key-value bucket `<stream>-decisions`
   (TTL --decision-ttl-s, bounded by --decision-max-mb), so feedback for it may arrive at any replica.
   Exactly-once feedback across replicas: a replica claims the request's feedback kinds in the bucket
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import re
@@ -85,10 +86,19 @@ def entry_from_json(raw: bytes) -> tuple[journal.Entry, int]:
 
 
 def kv_key(rid: str) -> str:
-    """Request ids are `req-<hex>` (service.py); anything else cannot be a bucket key."""
+    """Request ids are `req-<hex>` (routing.py); anything else cannot be a bucket key."""
     if not re.match(r"^[A-Za-z0-9_-]{1,200}$", rid):
         raise KeyError(rid)
     return rid
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """How long a decision stays in the bucket, and how large the bucket and the stream may grow."""
+
+    decision_ttl_s: float = 3600.0
+    decision_max_mb: int = 1024
+    stream_max_mb: int = 4096
 
 
 class StreamJournal:
@@ -99,10 +109,8 @@ class StreamJournal:
     def __init__(self, url: str, stream: str, on_durable: Callable[[list[dict]], None],
                  decision_ttl_s: float = 3600.0, decision_max_mb: int = 1024, stream_max_mb: int = 4096):
         self.url, self.stream = check_url(url), check_name(stream, "stream")
-        self.subject = f"{stream}.events"
-        self.bucket = f"{stream}-decisions"
         self.on_durable = on_durable
-        self.decision_ttl_s, self.decision_max_mb, self.stream_max_mb = decision_ttl_s, decision_max_mb, stream_max_mb
+        self.limits = StreamLimits(decision_ttl_s, decision_max_mb, stream_max_mb)
         self.seq = 0  # the last stream sequence delivered to on_durable
         self.gaps = 0  # sequences the consumer skipped (purged before this replica read them): state is stale
         self._waiters: list[tuple[int, asyncio.Future]] = []
@@ -112,6 +120,14 @@ class StreamJournal:
         self._thread = threading.Thread(target=self._loop.run_forever, name="mixllm-nats", daemon=True)
         self._thread.start()
         self._call(self._connect()).result(CONNECT_TIMEOUT_S + 5)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.stream}.events"
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.stream}-decisions"
 
     def _call(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -142,7 +158,7 @@ class StreamJournal:
             raise ClusterUnavailable(f"cannot connect to the NATS server {self.url}: {type(e).__name__}: {e}") from None
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         cfg = StreamConfig(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
-                           discard=DiscardPolicy.NEW, max_bytes=self.stream_max_mb << 20)
+                           discard=DiscardPolicy.NEW, max_bytes=self.limits.stream_max_mb << 20)
         try:
             await self.js.stream_info(self.stream)
         except Exception:  # noqa: BLE001  (not found: create it; another replica may race us, add is idempotent)
@@ -151,7 +167,7 @@ class StreamJournal:
             self.kv = await self.js.key_value(self.bucket)
         except Exception:  # noqa: BLE001
             self.kv = await self.js.create_key_value(KeyValueConfig(
-                bucket=self.bucket, ttl=self.decision_ttl_s, max_bytes=self.decision_max_mb << 20,
+                bucket=self.bucket, ttl=self.limits.decision_ttl_s, max_bytes=self.limits.decision_max_mb << 20,
                 storage=StorageType.FILE))
 
     async def _subscribe(self) -> None:

@@ -13,6 +13,10 @@ and fallbacks to the next-best LLM when a backend fails.
   feedback path), and tries the next-best eligible LLM of the same decision (scores of its
   explanation), at most `--fallbacks` more. Each attempt has its own request id and feature entry,
   so feedback goes to the LLM that answered.
+
+The request checks are functions of the live state (live.Live); `Gateway` holds what a chat
+request needs besides: the ledger (key budgets), the feature store (fallback entries), the proxy
+and the cooldowns.
 """
 
 from __future__ import annotations
@@ -24,17 +28,13 @@ import math
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mixllm_jax.store import journal
-from mixllm_jax.serve.backends import BackendFailure, proxy
 from mixllm_jax.serve.http import MAX_COST_WEIGHT, ApiError, policy_fields, show
+from mixllm_jax.serve.proxy import BackendFailure
 from mixllm_jax.serve.spend import cost_cap, key_name
-
-if TYPE_CHECKING:
-    from mixllm_jax.serve.service import RouterService
 
 ALIAS = "mixllm"
 ALIASES = (ALIAS, "auto")
@@ -42,9 +42,10 @@ MAX_NAMES = 256
 _POINT = re.compile(r"mixllm:(budget|cost_weight)=([0-9.eE+-]{1,32})")
 
 
-def parse_model(svc: RouterService, value) -> tuple[tuple | None, str | None]:
+def parse_model(live, value, pinned_models: str = "allow") -> tuple[tuple | None, str | None]:
     """The `model` field -> (operating point (cost_weight, mix_cost_weight, mix) or None for the
-    router's, pinned LLM name or None). 400 naming the field for anything else."""
+    router's, pinned LLM name or None). 400 naming the field for anything else. live: live.Live;
+    pinned_models: --pinned-models."""
     if value is None or value in ALIASES:
         return None, None
     if not isinstance(value, str):
@@ -64,9 +65,9 @@ def parse_model(svc: RouterService, value) -> tuple[tuple | None, str | None]:
         if not 0 < v <= 10:
             raise ApiError(400, f"model {value!r}: budget is a share of the reference LLM's mean cost, in (0, 10] "
                                 f"(0.2 = 20%)", param="model")
-        return budget_point(svc, v), None
-    if value in svc.registry.slots:
-        if svc.cfg.pinned_models != "allow":
+        return budget_point(live, v), None
+    if value in live.registry.slots:
+        if pinned_models != "allow":
             raise ApiError(400, f"model {value!r} names an LLM, and this router does not take pinned requests: "
                                 f"use {ALIAS!r} or {ALIAS}:budget=<share>", param="model")
         return None, value
@@ -74,11 +75,11 @@ def parse_model(svc: RouterService, value) -> tuple[tuple | None, str | None]:
                         f"'{ALIAS}:cost_weight=<lambda>' or one of the LLMs of GET /v1/models", param="model")
 
 
-def budget_point(svc: RouterService, share: float) -> tuple:
+def budget_point(live, share: float) -> tuple:
     """The operating point of a mean cost of `share` x the reference LLM's, on the checkpoint's curve."""
     from mixllm_jax.core.config import Budget
 
-    r = svc.router
+    r = live.router
     if r.curve is None:
         raise ApiError(400, "this router has no operating curve (trained with folds < 2): use "
                             f"'{ALIAS}:cost_weight=<lambda>'", param="model")
@@ -99,20 +100,6 @@ class RequestPolicy:
     key: str
 
 
-def request_policy(svc: RouterService, body: dict, key) -> RequestPolicy:
-    """The request's `model`, `cost_weight`, `max_cost_usd`, `allowed_models` and `blocked_models`
-    under its API key's budget (usage.cost_cap: 429 when spent and the key says so)."""
-    cw, max_cost = policy_fields(body)
-    point, pinned = parse_model(svc, body.get("model"))
-    if cw is not None and point is not None:
-        raise ApiError(400, "give the operating point once: in 'model' or in 'cost_weight', not both",
-                       param="cost_weight")
-    if cw is not None:
-        point = (cw, 0.0, 0.0)
-    cand = candidates(svc, body, pinned)
-    return RequestPolicy(point, cost_cap(svc.ledger, key, max_cost), cand, pinned, key_name(key))
-
-
 def _names(body: dict, key: str, known: dict) -> list[str] | None:
     v = body.get(key)
     if v is None:
@@ -126,12 +113,12 @@ def _names(body: dict, key: str, known: dict) -> list[str] | None:
     return v
 
 
-def candidates(svc: RouterService, body: dict, pinned: str | None) -> np.ndarray:
+def candidates(live, body: dict, pinned: str | None) -> np.ndarray:
     """[K] bool: the LLMs this request may go to (allowed_models minus blocked_models, or the
     pinned LLM); 400 when none is left."""
-    slots = dict(svc.registry.slots)
+    slots = dict(live.registry.slots)
     allowed, blocked = _names(body, "allowed_models", slots), _names(body, "blocked_models", slots)
-    mask = np.zeros(svc.state.capacity, bool)
+    mask = np.zeros(live.state.capacity, bool)
     mask[[slots[n] for n in (slots if allowed is None else allowed)]] = True
     mask[[slots[n] for n in blocked or ()]] = False
     if pinned is not None:
@@ -144,85 +131,107 @@ def candidates(svc: RouterService, body: dict, pinned: str | None) -> np.ndarray
     return mask
 
 
-def chat_mask(svc: RouterService, cand: np.ndarray) -> np.ndarray:
-    """The candidates a chat request may go to now: with a backend, not cooling down (503 if none)."""
-    mask = cand & svc.backend_mask[:len(cand)]
-    if not mask.any():
-        raise ApiError(503, "no candidate LLM has a backend configured (backends.yaml or POST /v1/models)",
-                       "no_backend")
-    cool = cooling_mask(svc)
-    if not (mask & ~cool).any():
-        wait = max(1, math.ceil(min(svc.cooldown[n] for n in svc.cooldown) - time.monotonic()))
-        raise ApiError(503, "every candidate LLM is cooling down after backend failures; retry later",
-                       "overloaded", headers={"Retry-After": str(wait)})
-    return mask & ~cool
-
-
-def fallback_order(res: dict, svc: RouterService) -> list[str]:
+def fallback_order(res: dict, backends: dict) -> list[str]:
     """The decision's other eligible LLMs with a backend, best score first."""
     ex = res["explanation"]
-    others = [m for m, v in ex.items() if v["eligible"] and m != res["model"] and m in svc.backends]
+    others = [m for m, v in ex.items() if v["eligible"] and m != res["model"] and m in backends]
     return sorted(others, key=lambda m: -(ex[m]["score"] if ex[m]["score"] is not None else -math.inf))
 
 
-async def chat_with_fallbacks(svc: RouterService, body: dict, res: dict, stream: bool, pinned: bool):
-    """Proxy to the decision's LLM; on a backend failure cool it down and try the next-best ones
-    (none for a pinned request). The answer names the attempts that failed; when all fail, the
-    last failure is answered, naming the others."""
-    order = [] if pinned else fallback_order(res, svc)
-    failed: list[dict] = []
-    attempt = res
-    while True:
-        try:
-            return await proxy(svc, body, attempt, stream, failed)
-        except BackendFailure as e:
-            cool_down(svc, attempt["model"])
-            failed.append({"model": attempt["model"], "request_id": attempt["request_id"], "error": e.message})
-            nxt = next((m for m in order if svc.cooldown.get(m, 0.0) <= time.monotonic()), None)
-            if nxt is None or len(failed) > svc.cfg.fallbacks:
-                if len(failed) > 1:
-                    e.message += "; also failed: " + ", ".join(repr(f["model"]) for f in failed[:-1])
-                raise
-            order.remove(nxt)
-            attempt = await asyncio.get_running_loop().run_in_executor(
-                svc.worker, functools.partial(fallback_attempt, svc, res, nxt))
+class Gateway:
+    """A chat or route request's policy, and a chat request's path to an answer (see the module
+    docstring). live: the live state; ledger: spend.Ledger (key budgets, decision counts);
+    features: journal.FeatureStore; proxy: proxy.Proxy; metrics: prometheus.Metrics; worker: the
+    worker thread's executor; fallbacks, cooldown_s, pinned_models: ServeConfig's."""
 
+    def __init__(self, live, *, ledger, features, proxy, metrics, worker, fallbacks: int, cooldown_s: float,
+                 pinned_models: str):
+        self.live, self.ledger, self.features, self.proxy = live, ledger, features, proxy
+        self.metrics, self.worker = metrics, worker
+        self.fallbacks, self.cooldown_s, self.pinned_models = fallbacks, cooldown_s, pinned_models
 
-def fallback_attempt(svc: RouterService, res: dict, model: str) -> dict:
-    """Worker thread: a route result for `model`, the fallback of decision `res`, with its own
-    request id and feature entry (the same features; the fallback LLM's slot and predicted tokens)."""
-    e = svc.features.get(res["request_id"])
-    slot = svc.registry.slots.get(model)
-    if e is None or slot is None:
-        raise ApiError(503, f"model {model!r} was removed meanwhile; retry", "no_backend")
-    rid = "req-" + uuid.uuid4().hex
-    tokens = res["explanation"][model]["tokens"] or 1.0
-    svc.features.put_many([(rid, journal.Entry(
-        x=e.x, slot=slot, generation=int(svc.generation[slot]), model=model, prompt_tokens=e.prompt_tokens,
-        log_tokens=float(np.log(max(tokens, 1.0))), propensity=1.0))])
-    svc.ledger.decision(res["_key"], model)
-    return dict(res, request_id=rid, model=model, _backend=svc.backends.get(model))
+    def request_policy(self, body: dict, key) -> RequestPolicy:
+        """The request's `model`, `cost_weight`, `max_cost_usd`, `allowed_models` and `blocked_models`
+        under its API key's budget (spend.cost_cap: 429 when spent and the key says so)."""
+        cw, max_cost = policy_fields(body)
+        point, pinned = parse_model(self.live, body.get("model"), self.pinned_models)
+        if cw is not None and point is not None:
+            raise ApiError(400, "give the operating point once: in 'model' or in 'cost_weight', not both",
+                           param="cost_weight")
+        if cw is not None:
+            point = (cw, 0.0, 0.0)
+        cand = candidates(self.live, body, pinned)
+        return RequestPolicy(point, cost_cap(self.ledger, key, max_cost), cand, pinned, key_name(key))
 
+    def chat_mask(self, cand: np.ndarray) -> np.ndarray:
+        """The candidates a chat request may go to now: with a backend, not cooling down (503 if none)."""
+        mask = cand & self.live.backend_mask[:len(cand)]
+        if not mask.any():
+            raise ApiError(503, "no candidate LLM has a backend configured (backends.yaml or POST /v1/models)",
+                           "no_backend")
+        cool = self.cooling_mask()
+        if not (mask & ~cool).any():
+            wait = max(1, math.ceil(min(self.live.cooldown.values()) - time.monotonic()))
+            raise ApiError(503, "every candidate LLM is cooling down after backend failures; retry later",
+                           "overloaded", headers={"Retry-After": str(wait)})
+        return mask & ~cool
 
-def cool_down(svc: RouterService, model: str) -> None:
-    """Keep chat away from `model` for --cooldown-s seconds."""
-    svc.metrics.fallbacks.labels(model).inc()
-    svc.cooldown[model] = time.monotonic() + svc.cfg.cooldown_s
+    async def chat_with_fallbacks(self, body: dict, res: dict, stream: bool, pinned: bool):
+        """Proxy to the decision's LLM; on a backend failure cool it down and try the next-best ones
+        (none for a pinned request). The answer names the attempts that failed; when all fail, the
+        last failure is answered, naming the others."""
+        order = [] if pinned else fallback_order(res, self.live.backends)
+        failed: list[dict] = []
+        attempt = res
+        while True:
+            try:
+                return await self.proxy.proxy(body, attempt, stream, failed)
+            except BackendFailure as e:
+                self.cool_down(attempt["model"])
+                failed.append({"model": attempt["model"], "request_id": attempt["request_id"], "error": e.message})
+                nxt = next((m for m in order if self.live.cooldown.get(m, 0.0) <= time.monotonic()), None)
+                if nxt is None or len(failed) > self.fallbacks:
+                    if len(failed) > 1:
+                        e.message += "; also failed: " + ", ".join(repr(f["model"]) for f in failed[:-1])
+                    raise
+                order.remove(nxt)
+                attempt = await asyncio.get_running_loop().run_in_executor(
+                    self.worker, functools.partial(self.fallback_attempt, res, nxt))
 
+    def fallback_attempt(self, res: dict, model: str) -> dict:
+        """Worker thread: a route result for `model`, the fallback of decision `res`, with its own
+        request id and feature entry (the same features; the fallback LLM's slot and predicted tokens)."""
+        e = self.features.get(res["request_id"])
+        slot = self.live.registry.slots.get(model)
+        if e is None or slot is None:
+            raise ApiError(503, f"model {model!r} was removed meanwhile; retry", "no_backend")
+        rid = "req-" + uuid.uuid4().hex
+        tokens = res["explanation"][model]["tokens"] or 1.0
+        self.features.put_many([(rid, journal.Entry(
+            x=e.x, slot=slot, generation=int(self.live.generation[slot]), model=model,
+            prompt_tokens=e.prompt_tokens, log_tokens=float(np.log(max(tokens, 1.0))), propensity=1.0))])
+        self.ledger.decision(res["_key"], model)
+        return dict(res, request_id=rid, model=model, _backend=self.live.backends.get(model))
 
-def cooling_mask(svc: RouterService) -> np.ndarray:
-    """[K] bool: the slots whose LLM is cooling down after a backend failure."""
-    now = time.monotonic()
-    svc.cooldown = {m: t for m, t in svc.cooldown.items() if t > now}
-    mask = np.zeros(svc.state.capacity, bool)
-    for m in svc.cooldown:
-        if m in svc.registry.slots:
-            mask[svc.registry.slots[m]] = True
-    return mask
+    def cool_down(self, model: str) -> None:
+        """Keep chat away from `model` for --cooldown-s seconds."""
+        self.metrics.backends.fallbacks.labels(model).inc()
+        self.live.cooldown[model] = time.monotonic() + self.cooldown_s
 
+    def cooling_mask(self) -> np.ndarray:
+        """[K] bool: the slots whose LLM is cooling down after a backend failure."""
+        now = time.monotonic()
+        live = self.live
+        live.cooldown = {m: t for m, t in live.cooldown.items() if t > now}
+        mask = np.zeros(live.state.capacity, bool)
+        for m in live.cooldown:
+            if m in live.registry.slots:
+                mask[live.registry.slots[m]] = True
+        return mask
 
-def router_models(svc: RouterService, created: int) -> list[dict]:
-    """GET /v1/models entries of the router's aliases (before the LLMs)."""
-    points = [f"{ALIAS}:cost_weight=<lambda>"] + ([f"{ALIAS}:budget=<share>"] if svc.router.curve is not None else [])
-    return [{"id": ALIAS, "object": "model", "created": created, "owned_by": "mixllm-jax", "kind": "router",
-             "aliases": list(ALIASES[1:]), "operating_points": points}]
+    def router_models(self, created: int) -> list[dict]:
+        """GET /v1/models entries of the router's aliases (before the LLMs)."""
+        curve = self.live.router.curve is not None
+        points = [f"{ALIAS}:cost_weight=<lambda>"] + ([f"{ALIAS}:budget=<share>"] if curve else [])
+        return [{"id": ALIAS, "object": "model", "created": created, "owned_by": "mixllm-jax", "kind": "router",
+                 "aliases": list(ALIASES[1:]), "operating_points": points}]

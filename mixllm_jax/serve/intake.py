@@ -1,8 +1,14 @@
 """Feedback on routed requests: the journal records of quality and thumbs observations, and how
 the service applies them (the bandit's update for quality, the feedback network's for thumbs).
 
-A part of RouterService (service.py), which owns the state these methods read and replace; the
-records are applied on its worker thread. Exactly-once feedback: see service.py's docstring.
+The records are applied on the worker thread, in journal order (applier.Applier hands `apply` each
+run of quality or thumbs records). Exactly-once feedback: a request takes one quality and one
+thumbs observation. Which requests already have one is a flag on their feature entry, set when the
+record is journaled, and saved with every checkpoint (extras["applied"]: a hash of each request id
+with its flags), so it survives journal pruning and restarts; feature entries are kept first-in
+first-out, so after a restart exactly the last `feature_cache` routed requests can take feedback,
+as before it. A record names its LLM's slot and generation (live.Live.generation), so feedback
+for a removed LLM is never applied to a newer LLM in its slot.
 """
 
 from __future__ import annotations
@@ -23,10 +29,17 @@ from mixllm_jax.serve.http import ApiError
 from mixllm_jax.serve.spend import MAX_TOKENS
 
 
-class FeedbackRecords:
-    """RouterService's feedback methods (see the module docstring)."""
+class Intake:
+    """Feedback intake (see the module docstring). live: the live state (the bandit state and the
+    feedback network it updates); features: journal.FeatureStore; journal: the journal (its
+    decisions bucket and claims with --cluster); metrics: prometheus.Metrics; cluster_mode: --cluster."""
 
-    def _apply_feedback(self, typ: str, group: list[dict], replay_flags_only: bool) -> None:
+    def __init__(self, live, *, features, journal, metrics, cluster_mode: bool):
+        self.live, self.features, self.journal = live, features, journal
+        self.metrics, self.cluster_mode = metrics, cluster_mode
+
+    def apply(self, typ: str, group: list[dict], replay_flags_only: bool) -> None:
+        """Worker thread: apply a run of journaled "quality" or "thumbs" records (applier.Applier)."""
         bit = QUALITY_BIT if typ == "quality" else THUMBS_BIT
         for r in group:
             e = self.features.get(r["rid"]) if self.features is not None else None
@@ -44,7 +57,7 @@ class FeedbackRecords:
                 x = journal.decode_x(r["x"])
                 val = float(r["quality"] if typ == "quality" else r["reward"])
                 gen = int(r.get("generation", r.get("arm_id")))  # "arm_id": records written before the rename
-                good = (self._live(int(r["slot"]), gen) and x.shape == (self.state.dim,)
+                good = (self.live.slot_live(int(r["slot"]), gen) and x.shape == (self.live.state.dim,)
                         and bool(np.all(np.abs(x) <= 1e4)) and 0.0 <= val <= 1.0)
                 if typ == "quality":
                     lt, w = float(r["log_tokens"]), float(r.get("weight", 1.0))
@@ -54,7 +67,7 @@ class FeedbackRecords:
             if good:
                 ok.append((r, x))
         if len(ok) < len(group):
-            self.metrics.dropped.inc(len(group) - len(ok))
+            self.metrics.learning.dropped.inc(len(group) - len(ok))
         if ok:
             live = [r for r, _ in ok]
             x = np.stack([x for _, x in ok])
@@ -66,23 +79,25 @@ class FeedbackRecords:
 
     def _update_bandit(self, x, slots, recs) -> None:
         targets = np.array([[float(r["quality"]), float(r["log_tokens"])] for r in recs], np.float32)
-        if self.state.n_targets > 2:
-            targets = np.pad(targets, ((0, 0), (0, self.state.n_targets - 2)))
+        live = self.live
+        if live.state.n_targets > 2:
+            targets = np.pad(targets, ((0, 0), (0, live.state.n_targets - 2)))
         weight = np.array([float(r.get("weight", 1.0)) for r in recs], np.float32)
-        self.state = engine.update(self.state, x, slots, targets, weight)
+        live.state = engine.update(live.state, x, slots, targets, weight)
 
     def _update_feedback(self, x, slots, reward) -> None:
         n = len(slots)
         B = tokens.bucket(n)
         valid = np.arange(B) < n
-        self.fs = feedback_net.update(self.fs, jnp.asarray(pad_rows(x, B)), jnp.asarray(pad_rows(slots, B)),
-                                      jnp.asarray(pad_rows(reward, B)), self.state.active, jnp.asarray(valid))
+        live = self.live
+        live.fs = feedback_net.update(live.fs, jnp.asarray(pad_rows(x, B)), jnp.asarray(pad_rows(slots, B)),
+                                      jnp.asarray(pad_rows(reward, B)), live.state.active, jnp.asarray(valid))
 
 
 
     def entry_live(self, e) -> bool:
         """Whether the LLM that served feature entry `e` still holds its slot (not removed since)."""
-        reg, generation = self.registry, self.generation
+        reg, generation = self.live.registry, self.live.generation
         return reg.slots.get(e.model) == e.slot and int(generation[e.slot]) == e.generation
 
     def quality_record(self, rid: str, e, quality: float, source: str,
@@ -141,7 +156,7 @@ class FeedbackRecords:
             raise
         for r in records:
             kind = r["type"] if r.get("source") != "backend_failure" else "backend_failure"
-            self.metrics.feedback.labels(kind).inc()
+            self.metrics.learning.feedback.labels(kind).inc()
         return seqs
 
     async def record_quality(self, rid: str, e, quality: float, source: str,

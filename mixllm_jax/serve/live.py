@@ -9,6 +9,7 @@ change is a new object assigned here, never an update in place.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,12 @@ class Live:
     core.state.BanditState (with the live load model); registry: core.state.ArmRegistry (LLM name ->
     slot); fs: the feedback network's state; generation [K] int64: the LLM generation in each slot
     (the journal seq of its add_model record, 0 for the first checkpoint's LLMs, -1 for none);
-    active [K] bool: host copy of state.active. The backend tables (live_models.Backends.refresh):
+    active [K] bool: host copy of state.active. The backend tables (live_models.LiveModels.refresh):
     backends: LLM name -> backends.Backend; backend_mask [K] bool: the slot's LLM has a backend;
     context_window [K] f32: tokens each slot's LLM takes (+inf: unknown); prices: LLM name -> (USD
-    per prompt token, per completion token)."""
+    per prompt token, per completion token). cooldown: LLM name -> time.monotonic() until which
+    chat avoids it (gateway.py; an LLM removed loses its own). t0: the load model's clock origin
+    (state.clock is seconds since it; time.monotonic() when the service was made)."""
 
     router: Any = None
     state: Any = None
@@ -35,6 +38,8 @@ class Live:
     backend_mask: np.ndarray | None = None
     context_window: np.ndarray | None = None
     prices: dict = dataclasses.field(default_factory=dict)
+    cooldown: dict = dataclasses.field(default_factory=dict)
+    t0: float = dataclasses.field(default_factory=time.monotonic)
 
     def slot_live(self, slot: int, generation: int) -> bool:
         """Whether `slot` holds an active LLM of `generation` (the one a feedback record names)."""

@@ -52,13 +52,14 @@ def _finite_rows(a: np.ndarray) -> list[list]:
 class Routing:
     """Decides batches of requests on the worker thread (see the module docstring).
 
-    live: the live state (live.Live); metrics: prometheus.Metrics; ledger: spend.Ledger (decision
-    counts); features: journal.FeatureStore; journal: the journal (journal.Journal or
+    live: the live state (live.Live); metrics: prometheus.RoutingMetrics; ledger: spend.Ledger
+    (decision counts); features: journal.FeatureStore; journal: the journal (journal.Journal or
     cluster.StreamJournal); worker, aux: the worker thread's and the helper threads' executors;
     drain: applies every journaled record not yet applied (the applier's, worker thread); t0: the
-    load model's clock origin (time.monotonic()); book_load, max_batch: ServeConfig's;
-    cluster_mode: --cluster (decisions are shared through the cluster's bucket). `batcher` is set
-    by the wiring (a batcher.MicroBatcher over `_route_batch`)."""
+    load model's clock origin (live.Live.t0); book_load, max_batch: ServeConfig's (its batching
+    options); cluster_mode: --cluster (decisions are shared through the cluster's bucket); seed:
+    --seed. `batcher` is set by the wiring (service.py: a batcher.MicroBatcher over `_route_batch`);
+    `apply_policy` applies a journaled policy record (the applier's handler)."""
 
     def __init__(self, live, *, metrics, ledger, features, journal, worker, aux, drain, t0: float,
                  book_load: bool, max_batch: int, cluster_mode: bool, seed: int | None = None):

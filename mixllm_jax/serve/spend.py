@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import json
@@ -25,13 +26,9 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mixllm_jax.serve.auth import ApiKey
 from mixllm_jax.serve.http import ApiError, is_num
-
-if TYPE_CHECKING:
-    from mixllm_jax.serve.service import RouterService
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 10_000_000  # token counts above this (from a client or a backend) are refused or ignored
@@ -186,36 +183,65 @@ def cost_cap(ledger: Ledger, key: ApiKey | None, requested: float | None, now: f
     return min(caps) if caps else None
 
 
-def record_usage(svc: RouterService, rid: str, model: str, key: str, usage: dict | None, latency_s: float,
-                 ttft_s: float | None, approx_tokens: int | None = None) -> None:
-    """Journal the observed usage of a proxied call and what it cost (not awaited: nobody waits on
-    it). Cost: the backend's token counts (our prompt count when it gives none) at the LLM's
-    prices, else the predicted cost of the request's feature entry."""
-    e = svc.features.get(rid)
+class Spend:
+    """The spend ledger of the service: the `Ledger` (its Prometheus counters fed), the usage
+    records of proxied calls, and GET /v1/usage. live: the live state (the LLMs' prices);
+    features: journal.FeatureStore; journal: the journal; metrics: prometheus.Metrics; worker: the
+    worker thread's executor; drain: the applier's (applies every journaled record, worker thread)."""
 
-    def count(v):  # a backend's token count, if plausible (a huge or odd one is ignored)
-        return int(v) if is_num(v) and 0 <= v <= MAX_TOKENS else None
+    def __init__(self, live, *, features, journal, metrics, worker, drain):
+        self.live, self.features, self.journal, self.metrics = live, features, journal, metrics
+        self.worker, self.drain = worker, drain
+        m = metrics
+        self.ledger = Ledger(on_spend=lambda k, mo, usd: m.backends.spend.labels(k, mo).inc(usd),
+                             on_decision=lambda k, mo, n: m.backends.key_decisions.labels(k, mo).inc(n))
 
-    ct = pt = None
-    if isinstance(usage, dict):
-        ct, pt = count(usage.get("completion_tokens")), count(usage.get("prompt_tokens"))
-    approx = ct is None and approx_tokens is not None
-    if approx:
-        ct = count(approx_tokens)
-    if e is not None and ct is not None:
-        e.observed_tokens = float(ct)
-    cost, source = None, None
-    price = svc.prices.get(model)
-    if e is not None and price is not None:
-        pin, pout = price
-        if ct is not None and not approx:
-            cost, source = (e.prompt_tokens if pt is None else pt) * pin + ct * pout, "usage"
-        else:
-            cost, source = e.prompt_tokens * pin + math.exp(e.log_tokens) * pout, "predicted"
-    svc.metrics.feedback.labels("usage").inc()
-    svc.metrics.backend_s.labels(model).observe(latency_s)
-    rec = {"type": "usage", "rid": rid, "model": model, "key": key, "completion_tokens": ct, "prompt_tokens": pt,
-           "tokens_approximate": approx, "cost_usd": cost, "cost_source": source, "t": round(time.time(), 3),
-           "latency_s": round(latency_s, 6), "ttft_s": None if ttft_s is None else round(ttft_s, 6)}
-    fut = svc.journal.append(rec)
-    fut.add_done_callback(lambda f: f.exception() and log.error("usage record lost: %s", f.exception()))
+    def apply(self, rec: dict) -> None:
+        """Worker thread: a journaled "usage" record (applier.Applier): the completion tokens observed
+        for its request's feature entry (the quality record's target), and its cost in the ledger."""
+        e = self.features.get(rec["rid"]) if self.features is not None else None
+        ct = rec.get("completion_tokens")
+        if e is not None and is_num(ct) and 0 <= ct <= MAX_TOKENS:
+            e.observed_tokens = float(ct)
+        self.ledger.apply(rec)
+
+    async def usage(self, key, keys) -> dict:
+        """GET /v1/usage (usage_view), with every journaled usage record applied."""
+        def view():
+            self.drain()
+            return usage_view(self.ledger, key, keys)
+        return await asyncio.get_running_loop().run_in_executor(self.worker, view)
+
+    def record_usage(self, rid: str, model: str, key: str, usage: dict | None, latency_s: float,
+                     ttft_s: float | None, approx_tokens: int | None = None) -> None:
+        """Journal the observed usage of a proxied call and what it cost (not awaited: nobody waits on
+        it). Cost: the backend's token counts (our prompt count when it gives none) at the LLM's
+        prices, else the predicted cost of the request's feature entry."""
+        e = self.features.get(rid)
+
+        def count(v):  # a backend's token count, if plausible (a huge or odd one is ignored)
+            return int(v) if is_num(v) and 0 <= v <= MAX_TOKENS else None
+
+        ct = pt = None
+        if isinstance(usage, dict):
+            ct, pt = count(usage.get("completion_tokens")), count(usage.get("prompt_tokens"))
+        approx = ct is None and approx_tokens is not None
+        if approx:
+            ct = count(approx_tokens)
+        if e is not None and ct is not None:
+            e.observed_tokens = float(ct)
+        cost, source = None, None
+        price = self.live.prices.get(model)
+        if e is not None and price is not None:
+            pin, pout = price
+            if ct is not None and not approx:
+                cost, source = (e.prompt_tokens if pt is None else pt) * pin + ct * pout, "usage"
+            else:
+                cost, source = e.prompt_tokens * pin + math.exp(e.log_tokens) * pout, "predicted"
+        self.metrics.learning.feedback.labels("usage").inc()
+        self.metrics.backends.seconds.labels(model).observe(latency_s)
+        rec = {"type": "usage", "rid": rid, "model": model, "key": key, "completion_tokens": ct, "prompt_tokens": pt,
+               "tokens_approximate": approx, "cost_usd": cost, "cost_source": source, "t": round(time.time(), 3),
+               "latency_s": round(latency_s, 6), "ttft_s": None if ttft_s is None else round(ttft_s, 6)}
+        fut = self.journal.append(rec)
+        fut.add_done_callback(lambda f: f.exception() and log.error("usage record lost: %s", f.exception()))
