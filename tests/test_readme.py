@@ -154,4 +154,5 @@ def test_readme_replicas_command_parses():
     assert not rest, rest
     cfg = config_from_args(args)
     cfg.check()
-    assert (cfg.cluster, cfg.replica, cfg.concurrency_share) == ("nats://127.0.0.1:4222", "r1", 0.34)
+    assert (cfg.cluster.url, cfg.cluster.replica, cfg.cluster.concurrency_share) == ("nats://127.0.0.1:4222", "r1",
+                                                                                    0.34)
