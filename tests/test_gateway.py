@@ -1,6 +1,6 @@
 """End-to-end tests of the gateway features (issue 17): the OpenAI `model` field and the model list,
 per-request candidates, context windows, per-key budgets and spend (surviving restarts), and the
-README's curl examples, run as written.
+curl examples of docs/gateway.md, run as written.
 
 One server per module: the session's small router re-saved with an operating curve (so
 "mixllm:budget=..." works), API keys with budgets, the stub backend for every LLM and a tiny
@@ -193,9 +193,9 @@ def test_spend_per_key_and_budgets(env, srv):
 
 
 def test_readme_curl_examples_run_as_written(env, srv):
-    """Every curl command of the README's gateway examples, sent as written (method, path, headers,
-    body) with $MIXLLM_KEY the team key, answers the status its comment names."""
-    text = (REPO / "README.md").read_text()
+    """Every curl command of the gateway examples (docs/gateway.md), sent as written (method, path,
+    headers, body) with $MIXLLM_KEY the team key, answers the status its comment names."""
+    text = (REPO / "docs" / "gateway.md").read_text()
     block = re.search(r"<!-- gateway-examples -->\n```sh\n(.*?)```", text, re.S)[1]
     commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl ")]
     assert len(commands) >= 8

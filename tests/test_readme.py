@@ -1,5 +1,7 @@
-"""The README's examples run as written: the Python example, and the command line block's train, eval
-and route lines (every other line at least parses)."""
+"""The docs' examples run as written: the Python examples of docs/*.md, and the train, eval and route
+lines of docs/cli.md's "Commands" (every other line at least parses), in-process on a small part of
+the RouterBench slice standing in for examples/logs.jsonl. (The README's own walk-through, and every
+command of the docs through the installed console script: test_examples.py.)"""
 import json
 import re
 import shlex
@@ -9,18 +11,23 @@ from pathlib import Path
 import pytest
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
 def test_readme_python_example_runs():
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks, "the README has no python example"
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+    """Every Python block of docs/*.md (the README's one needs a server: test_examples.py)."""
+    n = 0
+    for doc in sorted(DOCS.glob("*.md")):
+        for code in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+            exec(compile(code, str(doc), "exec"), {})
+            n += 1
+    assert n >= 3, "docs/python-api.md, online-learning.md and sharding.md have Python examples"
 
 
 def _cli_block() -> list[str]:
-    """The commands of the README's "Command line" block, continuation lines joined, comments cut."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"## Command line\n.*?```sh\n(.*?)```", text, re.S).group(1)
+    """The commands of the sh blocks of docs/cli.md's "Commands", continuation lines joined, comments cut."""
+    section = (DOCS / "cli.md").read_text().split("## Commands\n", 1)[1].split("\n## ", 1)[0]
+    block = "".join(re.findall(r"```sh\n(.*?)```", section, re.S))
     cmds = re.sub(r"\\\n\s*", " ", block).splitlines()
     return [shlex.split(c, comments=True) for c in cmds if c.strip()]
 
@@ -41,8 +48,9 @@ def test_readme_cli_block_parses():
 
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory):
-    """The block's train, eval and route lines, run as written in a folder holding a small logs.jsonl
-    (train, test and ood splits of the RouterBench slice) and models.json: (folder, stdout, stderr)."""
+    """The block's train, eval and route lines, run as written in a folder whose examples/logs.jsonl
+    is a small part of the RouterBench slice (train, test and ood splits) and examples/models.json
+    RouterBench's: (folder, stdout, stderr, the commands run)."""
     import contextlib
     import io
 
@@ -58,8 +66,9 @@ def readme_run(tmp_path_factory):
     data.write_jsonl(pick(test, 4), d / "test.jsonl")
     test_rows = (d / "test.jsonl").read_text()
     ood = test_rows.replace('"split": "test"', '"split": "ood"').replace('"query_id": "', '"query_id": "ood-')
-    (d / "logs.jsonl").write_text((d / "train.jsonl").read_text() + test_rows + ood)
-    shutil.copy(data.routerbench_dir() / "models.json", d / "models.json")
+    (d / "examples").mkdir()
+    (d / "examples" / "logs.jsonl").write_text((d / "train.jsonl").read_text() + test_rows + ood)
+    shutil.copy(data.routerbench_dir() / "models.json", d / "examples" / "models.json")
     mp = pytest.MonkeyPatch()
     mp.chdir(d)
     mp.setenv("MIXLLM_CACHE", str(d / "cache"))
@@ -80,7 +89,7 @@ def test_readme_cli_examples_run(readme_run):
     assert ran == ["train", "eval", "eval", "eval", "route", "route"]
     assert "chosen:" in out and (d / "runs" / "eval" / "report.json").is_file()
     assert "loading the" not in err and "it/s" not in err  # no progress output when not on a terminal
-    assert any(p.name.isdigit() for p in (d / "checkpoints" / "mine").iterdir())  # a numbered checkpoint step
+    assert any(p.name.isdigit() for p in (d / "checkpoints" / "example").iterdir())  # a numbered checkpoint step
     for name in ("mixllm", "oracle", "random_mix", "per_task_best", "knn", "mlp", "ridge", "mixllm@budget"):
         assert f"| {name} |" in out  # the first eval's table, with the baselines
     # runs/eval/report.json: the second eval's (the ood split, no baselines, the default --out)
@@ -127,27 +136,26 @@ def test_eval_test_only_file_no_baselines_and_full_report(readme_run, capsys):
     from mixllm_jax import cli
 
     d, _, _, _ = readme_run
-    argv = ["eval", "--router", str(d / "checkpoints" / "mine"), "--data", str(d / "test.jsonl"),
-            "--models", str(d / "models.json"), "--no-baselines", "--out"]
+    argv = ["eval", "--router", str(d / "checkpoints" / "example"), "--data", str(d / "test.jsonl"),
+            "--models", str(d / "examples" / "models.json"), "--no-baselines", "--out"]
     cli.main(argv + [str(d / "test-only"), "--full-report"])
     assert "| mixllm |" in capsys.readouterr().out
     full = json.loads((d / "test-only" / "report.json").read_text())
     assert all("points" in pt for m in full["methods"].values() for pt in m["per_task"].values())
     assert (d / "runs" / "eval-budgets" / "report.json").stat().st_size < (d / "test-only" / "report.json").stat().st_size
     # --compare: another router on the same queries, paired bootstrap of the difference (itself: exactly 0)
-    cli.main(argv + [str(d / "compare"), "--compare", str(d / "checkpoints" / "mine")])
+    cli.main(argv + [str(d / "compare"), "--compare", str(d / "checkpoints" / "example")])
     boot = json.loads((d / "compare" / "report.json").read_text())["bootstrap"]["compare"]
     assert boot["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
     assert boot["task_mean_quality"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
 
 def test_readme_replicas_command_parses():
-    """The serve line of "Running several replicas" (with $i = 1) is accepted, and its config checks."""
+    """The serve line of docs/replicas.md (with $i = 1) is accepted, and its config checks."""
     from mixllm_jax import cli
     from mixllm_jax.serve import config_from_args
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"### Running several replicas\n.*?```sh\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"```sh\n(.*?)```", (DOCS / "replicas.md").read_text(), re.S).group(1)
     line = next(c for c in re.sub(r"\\\n\s*", " ", block).splitlines() if "mixllm-jax serve" in c)
     argv = shlex.split(line.strip().replace("$i", "1").rstrip("&"), comments=True)
     args, rest = cli.build_parser().parse_known_args(argv[1:])
