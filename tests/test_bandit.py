@@ -101,19 +101,21 @@ def numpy_split(st, x, arm, y, w):
     S_inv = np.linalg.inv(S_A)
     phi = S_inv @ S_B
     y_k, y_s = np.zeros_like(y, np.float64), np.zeros_like(y, np.float64)
+    rho = np.minimum(np.asarray(st.count, np.float64)[arm] / bandit.SHARED_MIN_COUNT, 1.0)
     for i in range(len(x)):
         th = A_inv[arm[i]] @ B[arm[i]]
-        u_k, u_s = x[i] @ A_inv[arm[i]] @ x[i], x[i] @ S_inv @ x[i]
+        u_k, u_s = x[i] @ A_inv[arm[i]] @ x[i], rho[i] * (x[i] @ S_inv @ x[i])
         r = y[i] - x[i] @ th - x[i] @ phi
         y_k[i] = x[i] @ th + r * (1 + u_k) / (1 + u_k + u_s)
         y_s[i] = x[i] @ phi + r * (1 + u_s) / (1 + u_k + u_s)
-    xw = x * w[:, None]
+    xw = x * (w * rho)[:, None]
     return y_k, S_A + xw.T @ x, S_B + xw.T @ y_s
 
 
 def test_split_matches_the_formula_by_hand(rng):
     st = bandit.update_arms(make_state(), *random_obs(rng, 80, 6, 3))
     st = engine.update(st, *random_obs(rng, 40, 6, 3))  # a shared component that is not at its prior
+    st = st.replace(count=st.count.at[2].set(5.0))  # an arm that has seen little: rho = 1/4
     x, a, y = random_obs(rng, 150, 6, 3)  # more rows than one Woodbury chunk (64)
     w = rng.integers(0, 3, 150).astype(np.float32)
     new, y_k = bandit.split(st, jnp.asarray(x), jnp.asarray(a), jnp.asarray(y), jnp.asarray(w))
@@ -151,3 +153,31 @@ def test_a_shift_common_to_every_arm_is_not_charged_to_the_observed_one(rng):
     assert abs(gap(shared) - gap(before)) < 0.1  # the ranking stays
     assert (shared[:, 1] - before[:, 1]).mean() < -0.2  # the unobserved arm moved down too
     np.testing.assert_allclose(shared[:, 0].mean(), (q @ true[0]).mean() - 0.3, atol=0.05)  # arm 0 is right
+
+
+def test_one_observation_of_a_new_arm_barely_moves_the_others(rng):
+    """Issue 24: an LLM added online knows nothing; one observation of it (quality 1.0) moves the
+    other arms' predictions through the shared component by at most 0.1 (with the plain split,
+    which charges it half the surprise, by about 0.5), and its own prediction towards 1."""
+    from mixllm_jax.core.state import add_arm
+
+    from mixllm_jax.core.fit import INTERCEPT_PRECISION
+
+    dim = 6
+    x, a, y = random_obs(rng, 600, dim, 3)
+    y[:, 0] = rng.uniform(0.3, 0.7, len(y))
+    ridge = np.r_[np.ones(dim - 1), INTERCEPT_PRECISION].astype(np.float32)  # a free bias, as fitted routers have
+    st = bandit.update_arms(make_state(capacity=4, dim=dim, ridge=ridge), x, a, y)  # the shared component at its prior
+    q = rng.normal(size=(256, dim)).astype(np.float32)
+    q[:, -1] = 1
+    before = np.asarray(bandit.predict(st, q)[0])[:, :3, 0]
+    for prior in ("uninformative", "mean"):
+        new = add_arm(st, 3, price_in=1e-6, price_out=1e-6, prior=prior)
+        one = (jnp.asarray(q[:1]), jnp.asarray([3]), jnp.asarray([[1.0, 4.0]], jnp.float32), jnp.ones(1))
+        after = bandit.update_batch(new, *one)
+        moved = np.abs(np.asarray(bandit.predict(after, q)[0])[:, :3, 0] - before)
+        assert moved.max() < 0.1, (prior, moved.max())
+        own = [np.asarray(bandit.predict(s, q[:1])[0])[0, 3, 0] for s in (new, after)]
+        assert own[0] < own[1] <= 1.0 + 1e-5, (prior, own)
+        plain = bandit.update_batch(new.replace(count=new.count.at[3].set(bandit.SHARED_MIN_COUNT)), *one)
+        assert np.abs(np.asarray(bandit.predict(plain, q)[0])[:, :3, 0] - before).max() > 0.1  # the test can fail

@@ -38,6 +38,9 @@ def predict(state: RouterState, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
     return y_hat, state.noise * jnp.sqrt(jnp.maximum(_quadratic_forms(x, state.A_inv), 0.0))
 
 
+SHARED_MIN_COUNT = 20.0  # observations an arm needs before its surprises teach the shared component in full
+
+
 def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.ndarray,
           w: jnp.ndarray) -> tuple[RouterState, jnp.ndarray]:
     """Share a batch's surprises between the observed arms and the shared component.
@@ -45,10 +48,15 @@ def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.nda
     x [B, d], arm [B] int (clipped into range: padding rows go with weight 0), targets [B, T], w [B]
     (0: skipped). Each row's surprise
     r = y - x^T (theta_k + phi) is split as a Kalman step with independent posteriors would
-    (mean field, in units of the arm's noise): the arm moves by A_inv_k x r / (1 + u_k + u_s) and phi
-    by shared_A_inv x r / (1 + u_k + u_s), u_k = x^T A_inv_k x and u_s = x^T shared_A_inv x. Both
-    are ordinary ridge steps with the targets y_k = x^T theta_k + r (1 + u_k) / (1 + u_k + u_s) and
-    y_s = x^T phi + r (1 + u_s) / (1 + u_k + u_s). The split uses the state before the batch; phi
+    (mean field, in units of the arm's noise), the shared component's covariance seen through the
+    observed arm's evidence rho_k = min(1, count_k / SHARED_MIN_COUNT): the arm moves by
+    A_inv_k x r / den and phi by rho_k shared_A_inv x r / den, den = 1 + u_k + rho_k u_s,
+    u_k = x^T A_inv_k x, u_s = x^T shared_A_inv x. Both are ordinary ridge steps: the arm's with the
+    target y_k = x^T theta_k + r (1 + u_k) / den, phi's with the target
+    y_s = x^T phi + r (1 + rho_k u_s) / den at weight rho_k w. An arm that has seen little (an LLM
+    just added) thus teaches the shared component little, so one observation of it cannot move
+    every other arm (rho_k = 1, the plain split, once it has SHARED_MIN_COUNT observations, offline
+    pseudo-observations included). The split uses the state before the batch; phi
     takes its rows in rank-MAX_CHUNK Woodbury steps, finished before anything uses the results (an
     optimization barrier: XLA CPU running two LAPACK loops of one program at once, e.g. these and
     the arms' steps, was seen to deadlock; see fit.state_from_stats). Returns (state with phi
@@ -59,13 +67,14 @@ def split(state: RouterState, x: jnp.ndarray, arm: jnp.ndarray, targets: jnp.nda
     y_sh = x @ shared_theta(state)
     u_arm = _own_quadratic_forms(x, arm, w, state.A_inv)
     u_sh = jnp.einsum("bi,ij,bj->b", x, state.shared_A_inv, x)
+    rho = jnp.clip(state.count[arm] / SHARED_MIN_COUNT, 0.0, 1.0)
     r = targets - y_arm - y_sh
-    den = 1.0 + u_arm + u_sh
+    den = 1.0 + u_arm + rho * u_sh
     y_k = y_arm + r * ((1.0 + u_arm) / den)[:, None]
-    y_s = y_sh + r * ((1.0 + u_sh) / den)[:, None]
+    y_s = y_sh + r * ((1.0 + rho * u_sh) / den)[:, None]
     m = min(MAX_CHUNK, x.shape[0])
     n = -(-x.shape[0] // m) * m
-    xs, ys, ws = (pad_rows(a, n).reshape((n // m, m) + a.shape[1:]) for a in (x, y_s, w))  # weight 0: no-ops
+    xs, ys, ws = (pad_rows(a, n).reshape((n // m, m) + a.shape[1:]) for a in (x, y_s, w * rho))  # weight 0: no-ops
 
     def step(carry, chunk):
         return _woodbury(*carry, *chunk), None
