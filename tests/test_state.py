@@ -55,7 +55,8 @@ def test_duplicate_name_rejected():
 def test_priors(rng):
     st = make_state(capacity=6)
     x, a, y = random_obs(rng, 300, 6, 3)
-    st = engine.update(st, x, a, y)
+    st = engine.update(st, x[:150], a[:150], y[:150])  # the arms' first observations (count 0: no shared step)
+    st = engine.update(st, x[150:], a[150:], y[150:])  # arms with evidence teach the shared component too
     q = rng.normal(size=(64, 6)).astype(np.float32)
     q[:, -1] = 1
     greedy = Policy(alpha=0.0, beta=0.0)
