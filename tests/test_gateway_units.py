@@ -123,11 +123,13 @@ def fake_service(curve=None):
     """The live state (serve.live.Live) the gateway's request checks read."""
     from mixllm_jax.core.config import RouterConfig
     from mixllm_jax.core.policy import Policy
+    from mixllm_jax.text.router import Router
 
     slots = {"big": 0, "small": 1, "mid": 2}
     return types.SimpleNamespace(
         registry=types.SimpleNamespace(slots=slots),
-        router=types.SimpleNamespace(curve=curve, policy=Policy(), config=RouterConfig()),
+        router=Router(encoder=None, head=None, state=None, registry=None, policy=Policy(), config=RouterConfig(),
+                      curve=curve),
         state=types.SimpleNamespace(capacity=4))
 
 

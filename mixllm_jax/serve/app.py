@@ -82,7 +82,7 @@ from mixllm_jax.serve.prometheus import CONTENT_TYPE_LATEST
 from mixllm_jax.serve.protocol import GuardedHttpProtocol
 from mixllm_jax.serve.live_models import MODEL_DEFAULTS
 from mixllm_jax.serve.service import RouterService
-from mixllm_jax.serve.spend import MAX_TOKENS
+from mixllm_jax.core.observation import MAX_TOKENS
 
 # the policy fields PUT /v1/policy sets besides a budget (which sets cost_weight, mix_cost_weight, mix)
 POLICY_FIELDS = {f: POLICY_RANGES[f] for f in ("alpha", "beta", "tau", "temperature", "epsilon")}

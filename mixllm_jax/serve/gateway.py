@@ -31,6 +31,7 @@ import uuid
 
 import numpy as np
 
+from mixllm_jax.core import observation
 from mixllm_jax.store import journal
 from mixllm_jax.serve.http import MAX_COST_WEIGHT, ApiError, policy_fields, show
 from mixllm_jax.serve.proxy import BackendFailure
@@ -80,11 +81,11 @@ def budget_point(live, share: float) -> tuple:
     from mixllm_jax.core.config import Budget
 
     r = live.router
-    if r.curve is None:
-        raise ApiError(400, "this router has no operating curve (trained with folds < 2): use "
-                            f"'{ALIAS}:cost_weight=<lambda>'", param="model")
     ref = r.config.budget.reference if r.config.budget.kind == "share" else None
-    p = r.curve.policy(Budget("share", share, ref), r.policy)
+    try:
+        p = r.policy_for(Budget("share", share, ref))
+    except ValueError as e:
+        raise ApiError(400, f"{e} ('{ALIAS}:cost_weight=<lambda>')", param="model") from None
     return float(p.cost_weight), float(p.mix_cost_weight), float(p.mix)
 
 
@@ -209,7 +210,7 @@ class Gateway:
         tokens = res["explanation"][model]["tokens"] or 1.0
         self.features.put_many([(rid, journal.Entry(
             x=e.x, slot=slot, generation=int(self.live.generation[slot]), model=model,
-            prompt_tokens=e.prompt_tokens, log_tokens=float(np.log(max(tokens, 1.0))), propensity=1.0))])
+            prompt_tokens=e.prompt_tokens, log_tokens=float(observation.log_tokens(tokens)), propensity=1.0))])
         self.ledger.decision(res["_key"], model)
         return dict(res, request_id=rid, model=model, _backend=self.live.backends.get(model))
 

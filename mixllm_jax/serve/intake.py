@@ -20,13 +20,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from mixllm_jax.core import engine, feedback_net
+from mixllm_jax.core import engine, feedback_net, observation
 from mixllm_jax.core.padding import pad_rows
 from mixllm_jax.store import journal
 from mixllm_jax.text import tokens
 from mixllm_jax.store.journal import QUALITY_BIT, THUMBS_BIT
 from mixllm_jax.serve.http import ApiError
-from mixllm_jax.serve.spend import MAX_TOKENS
 
 
 class Intake:
@@ -104,7 +103,7 @@ class Intake:
                        completion_tokens: float | None = None) -> dict:
         """The journal record of a quality observation (checked: finite, in range)."""
         tokens = completion_tokens if completion_tokens is not None else e.observed_tokens
-        lt = float(np.log(min(max(tokens, 1.0), MAX_TOKENS))) if tokens is not None else e.log_tokens
+        lt = float(observation.log_tokens(tokens)) if tokens is not None else e.log_tokens
         if not (0.0 <= quality <= 1.0 and math.isfinite(lt)):
             raise ApiError(422, "quality must be in [0, 1]", param="quality")
         return {"type": "quality", "rid": rid, "model": e.model, "slot": e.slot, "generation": e.generation,

@@ -21,7 +21,7 @@ import uuid
 import jax
 import numpy as np
 
-from mixllm_jax.core import engine
+from mixllm_jax.core import engine, observation
 from mixllm_jax.core.config import Budget
 from mixllm_jax.core.policy import Policy
 from mixllm_jax.serve import batcher
@@ -117,7 +117,7 @@ class Routing:
         eligible = h["eligible"][:n, slots].tolist()
         arms, props = h["arm"][:n].tolist(), h["propensity"][:n].tolist()
         chosen = h["tokens"][np.arange(n), np.clip(h["arm"][:n], 0, None)].astype(np.float64)
-        log_tokens = np.log(np.maximum(chosen, 1.0)).tolist()
+        log_tokens = observation.log_tokens(chosen).tolist()
         domains = h["domain"][:n].tolist() if tags is not None and h["domain"] is not None else None
         x = np.asarray(h["x"], np.float32)
         results, entries = [], []

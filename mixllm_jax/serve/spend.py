@@ -27,11 +27,11 @@ import math
 import time
 from pathlib import Path
 
+from mixllm_jax.core.observation import MAX_TOKENS
 from mixllm_jax.serve.auth import ApiKey
 from mixllm_jax.serve.http import ApiError, is_num
 
 log = logging.getLogger(__name__)
-MAX_TOKENS = 10_000_000  # token counts above this (from a client or a backend) are refused or ignored
 
 ANONYMOUS = "-"  # the account of requests without a key (a server without --api-keys)
 
