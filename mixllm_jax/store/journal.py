@@ -7,8 +7,14 @@ appended and fsync'ed *before* it is acknowledged or applied, by one writer thre
 whatever is queued together (group commit: one fsync for many records). The service applies
 records in ``seq`` order, live exactly as on replay, so a checkpoint that records the last applied
 ``seq`` S plus the journal records after S give back the same state: replay is exact and idempotent.
-A line cut short by a crash (never acknowledged, since the fsync had not returned) is dropped and
-the file truncated to its last whole line; a damaged line before the end is an error.
+A torn last line (cut short by a crash, or unreadable) is dropped, its bytes kept beside the segment
+(``<segment>.torn-<offset>``) and the file truncated to its last whole line; `Journal.torn_tails`
+counts them (the service reports the count: a metric and /healthz). On storage that keeps what an
+fsync made durable such a line was never acknowledged (a request is acknowledged only after the
+fsync of its line returns); on storage that loses data after an fsync (a lying write cache, a
+copied or restored file) it possibly was, so it is reported as possibly acknowledged. A damaged
+line before the end is an error. A failed write or fsync acknowledges nothing and cuts the segment
+back to where the failed write began (if that fails too, the journal refuses every later write).
 
 Request-feature log (``<log_dir>/requests/requests-<n>.jsonl``): the features x of every routed
 request, with its arm and the propensity of that decision (``p``: the probability the router's
@@ -85,8 +91,11 @@ def write_json_atomic(path: Path, obj) -> None:
     _fsync_dir(path.parent)
 
 
-def _read_lines(path: Path, *, repair: bool) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a JSONL file; a torn last line is dropped (and cut off if `repair`)."""
+def _read_lines(path: Path, *, repair: bool, torn: list | None = None,
+                note: str = "not reloaded") -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a JSONL file; a torn last line (no newline, or unreadable) is dropped,
+    logged with `note`, and, if `repair`, cut off. `torn`: a list that gets (path, line number,
+    bytes) of each torn tail; its bytes are then also kept in ``<path>.torn-<offset>``."""
     data = path.read_bytes()
     good_end = 0
     pos = 0
@@ -94,9 +103,8 @@ def _read_lines(path: Path, *, repair: bool) -> Iterator[tuple[int, dict]]:
     while pos < len(data):
         nl = data.find(b"\n", pos)
         lineno += 1
-        if nl < 0:  # no newline: a write cut short by a crash
-            log.warning("%s: dropping a torn last line %d (%d bytes, never acknowledged)",
-                        path, lineno, len(data) - pos)
+        if nl < 0:  # no newline: a write cut short
+            log.warning("%s: dropping a torn last line %d (%d bytes): %s", path, lineno, len(data) - pos, note)
             break
         raw = data[pos:nl]
         try:
@@ -105,17 +113,22 @@ def _read_lines(path: Path, *, repair: bool) -> Iterator[tuple[int, dict]]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if data.find(b"\n", nl + 1) < 0 and not data[nl + 1:].strip():
-                log.warning("%s: dropping an unreadable last line %d (%s)", path, lineno, e)
+                log.warning("%s: dropping an unreadable last line %d (%s): %s", path, lineno, e, note)
                 break
             raise LogError(f"{path}:{lineno}: damaged log line ({e}); refusing to replay past it") from e
         good_end = nl + 1
         pos = nl + 1
         yield lineno, rec
-    if repair and good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-            f.flush()
-            os.fsync(f.fileno())
+    if good_end < len(data):
+        if torn is not None:
+            torn.append((path, lineno, len(data) - good_end))
+            if repair:  # for the operator: what was dropped
+                path.with_name(f"{path.name}.torn-{good_end}").write_bytes(data[good_end:])
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def first_result(inner: concurrent.futures.Future) -> concurrent.futures.Future:
@@ -126,12 +139,18 @@ def first_result(inner: concurrent.futures.Future) -> concurrent.futures.Future:
     return fut
 
 
+TORN_NOTE = ("possibly acknowledged (a request is acknowledged only after its line's fsync returns, but storage "
+             "that loses data after an fsync can tear an acknowledged line); not replayed")
+
+
 class Journal:
     """Append-only, fsync'ed, sequence-numbered JSONL log with one writer thread (group commit).
 
     `append(record)` is thread-safe and returns a concurrent Future resolving to the record's seq
-    once it is on disk. `on_durable(records)` is called on the writer thread, in seq order, after
-    each fsync (the service queues the records for application there).
+    once it is on disk: after the fsync of its line has returned, never before. `on_durable(records)`
+    is called on the writer thread, in seq order, after each fsync (the service queues the records
+    for application there). torn: (segment, line, bytes) of each torn tail `read` dropped (possibly
+    acknowledged, see the module docstring); broken: why writes are refused (None: they are not).
     """
 
     SEGMENT_PREFIX = "journal-"
@@ -150,6 +169,13 @@ class Journal:
         self._closed = False
         self._rotate_requested = False
         self.fsyncs = 0
+        self.torn: list[tuple[Path, int, int]] = []
+        self.broken: str | None = None
+
+    @property
+    def torn_tails(self) -> int:
+        """Torn last lines dropped when the journal was read (each possibly acknowledged)."""
+        return len(self.torn)
 
     # ---- reading (before the writer starts) ------------------------------------------------
 
@@ -164,7 +190,7 @@ class Journal:
         out: list[dict] = []
         last = 0
         for seg in self.segments():
-            for lineno, rec in _read_lines(seg, repair=True):
+            for lineno, rec in _read_lines(seg, repair=True, torn=self.torn, note=TORN_NOTE):
                 seq = rec.get("seq")
                 if not isinstance(seq, int) or seq <= last:
                     raise LogError(f"{seg}:{lineno}: seq {seq!r} is not an integer above the previous {last}")
@@ -201,8 +227,8 @@ class Journal:
         for rec in records:
             _check_json(rec)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self._closed:
-            fut.set_exception(RuntimeError("the journal is closed"))
+        if self._closed or self.broken is not None:
+            fut.set_exception(RuntimeError(self.broken or "the journal is closed"))
             return fut
         self._queue.put((list(records), fut))
         return fut
@@ -245,7 +271,10 @@ class Journal:
                 return
 
     def _commit(self, batch) -> None:
+        start = None
         try:
+            if self.broken is not None:
+                raise RuntimeError(self.broken)
             if self._rotate_requested or (self._file.tell() > self.segment_bytes):
                 self._rotate_requested = False
                 self._open_segment()
@@ -258,13 +287,16 @@ class Journal:
                     rec = dict(rec, seq=seq)
                     records.append(rec)
                     lines.append(json.dumps(rec, separators=(",", ":"), allow_nan=False))
+            start = self._file.tell()
             self._file.write(("\n".join(lines) + "\n").encode())
             self._file.flush()
             os.fsync(self._file.fileno())
             self.fsyncs += 1
             self.seq = seq
-        except BaseException as e:  # disk full, bad record: nothing of this batch is acknowledged
+        except BaseException as e:  # disk full, failed fsync: nothing of this batch is acknowledged
             log.exception("journal write failed")
+            if start is not None:
+                self._cut_back(start)
             for _, fut in batch:
                 fut.set_exception(e)
             return
@@ -277,6 +309,24 @@ class Journal:
         for recs, fut in batch:
             fut.set_result([r["seq"] for r in records[i:i + len(recs)]])
             i += len(recs)
+
+    def _cut_back(self, start: int) -> None:
+        """After a failed write or fsync: cut the segment back to `start` (the failed write's first
+        byte), so no unacknowledged line stays to be replayed or written after; if that fails, refuse
+        every later write (the segment's tail is unknown)."""
+        try:
+            try:
+                self._file.close()  # (flushes what the failed write left buffered: cut off below)
+            except OSError:
+                pass
+            with open(self._file_path, "r+b") as f:
+                f.truncate(start)
+                os.fsync(f.fileno())
+            self._file = open(self._file_path, "ab")
+        except BaseException as e:  # noqa: BLE001
+            self.broken = f"the journal is unusable after a failed write ({type(e).__name__}); restart the service"
+            log.error("journal: cannot cut %s back to byte %d (%s): refusing further writes", self._file_path,
+                      start, e)
 
     def close(self) -> None:
         if self._closed:
