@@ -129,8 +129,8 @@ def stub_backend(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def secure_env(tmp_path_factory, served_router, stub_backend):
-    """One server with API keys (TEST_KEYS), the stub on its allow-list, --max-llms 14 and 2 s
-    header/body timeouts, shared by test_fuzz.py and test_security.py (requests default to the
+    """One server with API keys (TEST_KEYS), the stub on its allow-list, --max-llms 14, 2 s
+    header/body timeouts, route bookings of 2 s (12 per key), shared by test_fuzz.py and test_security.py (requests default to the
     admin key)."""
     import json
 
@@ -149,7 +149,8 @@ def secure_env(tmp_path_factory, served_router, stub_backend):
                               more_allowed=[closed])
     server = ServerProc.from_router(tmp, ck, backends, key=TEST_KEYS["admin"], env={
         BACKEND_KEY_ENV: BACKEND_KEY, "MIXLLM_TEST_SERVER_SECRET": SERVER_SECRET}, extra_args=[
-        "--api-keys", str(keys), "--max-llms", "14", "--body-timeout-s", "2", "--header-timeout-s", "2"])
+        "--api-keys", str(keys), "--max-llms", "14", "--body-timeout-s", "2", "--header-timeout-s", "2",
+        "--booking-ttl-s", "2", "--max-booked-per-key", "12"])
     try:
         server.start()
         yield {"server": server, "stub": stub_backend, "models": models, "keys": TEST_KEYS, "tmp": tmp,

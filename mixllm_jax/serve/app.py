@@ -9,11 +9,11 @@ Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"e
 
   POST /v1/route [route]     {"prompt": str | [str], "model"?, "cost_weight"?: [0, 1e12],
                               "max_cost_usd"?: USD in (0, 1e6], "allowed_models"?: [llm],
-                              "blocked_models"?: [llm], "book_load"?: bool}
+                              "blocked_models"?: [llm], "book_load"?: bool (default false)}
                              -> one route object, or {"routes": [route, ...]} for a list:
                              {"request_id", "model", "domain", "explanation": {llm: {"quality",
                               "tokens", "cost", "uncertainty", "wait", "penalty", "feedback",
-                              "score", "eligible"}}}
+                              "score", "eligible"}}} (+ "booked" when book_load: booking.py)
   POST /v1/chat/completions [route]  OpenAI body; "model": "mixllm" | "mixllm:budget=<share>" |
                              "mixllm:cost_weight=<lambda>" | an LLM (pinned); + optional
                              "cost_weight", "max_cost_usd", "allowed_models", "blocked_models"
@@ -35,8 +35,11 @@ Endpoints (JSON bodies need ``Content-Type: application/json``; errors are ``{"e
                              -> 201 model
   DELETE /v1/models/{name} [admin]  -> {"removed": name}
   GET  /metrics [admin]      Prometheus text format
-  GET  /healthz              {"status": "ok"}; with a valid key (or no keys file) the details, and
-                             with ?digest=1 [admin] a SHA-256 of the learned state
+  GET  /healthz              liveness, for anyone (any key or none): {"status": "ok"}; with a valid
+                             key (or no keys file) the details, and with ?digest=1 [admin] a SHA-256
+                             of the learned state
+  GET  /readyz               readiness, for anyone: 200 {"status": "ready"} once the state is restored
+                             and the journal replayed, else 503 (starting, stopping)
 
 The package: options.py (ServeConfig and its CLI options), auth.py (API keys), http.py (errors,
 request fields), protocol.py (connection timeouts), prometheus.py, compute.py (the decision's
@@ -105,7 +108,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
     svc = RouterService(cfg)
     m = svc.metrics
 
-    def endpoint(label: str, role: str | None, json_body: bool = False):
+    def endpoint(label: str, role: str | None, json_body: bool = False, needs_started: bool = True):
         """Check the caller's key for `role` (401/403) and, for a JSON endpoint, the content type
         (415) before anything is read; answer ApiError as an OpenAI-style error and anything else
         as a 500 that says no more than a reference into the log; count and time each call."""
@@ -117,7 +120,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
                 try:
                     if role is not None:
                         request.state.key = auth.check(request.headers.get("authorization"), role)
-                    if not svc.started:
+                    if needs_started and not svc.started:
                         raise ApiError(503, "the router is starting or stopping", "unavailable",
                                        headers={"Retry-After": "1"})
                     if json_body:
@@ -175,7 +178,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
             raise ApiError(422, f"field 'prompt' must be a string or a list of strings, got {type(p).__name__}",
                            param="prompt")
         pol = svc.gateway.request_policy(body, request.state.key)
-        book = get_bool(body, "book_load", True)
+        book = get_bool(body, "book_load", False)  # a route books load only when asked (booking.py)
         out = await svc.routing.route(prompts, point=pol.point, max_cost_usd=pol.max_cost_usd,
                                       allowed=pol.candidates, book=book, key=pol.key)
         return FastJSONResponse(out[0] if single else {"routes": out})
@@ -298,10 +301,14 @@ def create_app(cfg: ServeConfig) -> Starlette:
         m.routing.queue.set(svc.routing.batcher.pending)
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @endpoint("healthz", None)
+    @endpoint("healthz", None, needs_started=False)
     async def healthz(request):
-        key = auth.identify(request.headers.get("authorization"))
-        if auth.enabled and key is None:
+        """Liveness: answers anyone, whatever key it sends (an invalid one is no key here)."""
+        try:
+            key = auth.identify(request.headers.get("authorization"))
+        except AuthError:
+            key = None
+        if (auth.enabled and key is None) or not svc.started:
             return JSONResponse({"status": "ok"})
         out = svc.health()
         if request.query_params.get("digest") in ("1", "true"):
@@ -309,6 +316,15 @@ def create_app(cfg: ServeConfig) -> Starlette:
                 raise AuthError(403, "the state digest needs the 'admin' role")
             out["state_digest"] = await svc.digest()
         return JSONResponse(out)
+
+    @endpoint("readyz", None, needs_started=False)
+    async def readyz(request):
+        """Readiness: 200 once the state is restored and the journal replayed, else 503."""
+        if not svc.started:
+            return JSONResponse({"status": "stopping" if svc.ever_started else "starting"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        j = svc.applier.journal
+        return JSONResponse({"status": "ready", "journal_torn_tails": getattr(j, "torn_tails", 0)})
 
     @endpoint("chat", "route", json_body=True)
     async def chat(request):
@@ -378,6 +394,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
         Route("/v1/policy", policy_set, methods=["PUT"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.service = svc
     app.state.auth = auth
@@ -406,8 +423,9 @@ def run(cfg: ServeConfig, debug: bool = False) -> None:
                         "endpoint", cfg.http.host)
         else:
             log.info("no --api-keys: every endpoint is open to whoever reaches %s (loopback)", cfg.http.host)
-    protocol = type("GuardedHttp", (GuardedHttpProtocol,), {"header_timeout_s": cfg.http.header_timeout_s,
-                                                             "body_timeout_s": cfg.http.body_timeout_s})
+    protocol = type("GuardedHttp", (GuardedHttpProtocol,), {
+        "header_timeout_s": cfg.http.header_timeout_s, "body_timeout_s": cfg.http.body_timeout_s,
+        "max_connections": cfg.http.max_connections, "max_per_client": cfg.http.max_connections_per_ip})
     config = uvicorn.Config(app, host=cfg.http.host, port=cfg.http.port, log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=30, backlog=2048, timeout_keep_alive=30,
                             http=protocol, limit_concurrency=cfg.http.max_connections)

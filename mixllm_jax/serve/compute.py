@@ -32,9 +32,10 @@ class RouteReq:
     point: tuple | None  # (cost_weight, mix_cost_weight, mix): the operating point; None: the router's
     max_cost_usd: float | None  # the request's cost cap in USD (0: the cheapest eligible LLM); None: none
     allowed: np.ndarray | None  # [K'] bool (slots past K' are not allowed), or None for every active arm
-    book: bool
+    book: bool  # books its predicted load (a route request over its key's cap: cleared, booking.Bookings)
     kind: str  # "route" or "chat"
     key: str  # the API key's account name (usage.key_name)
+    asked_book: bool = False  # a route request that asked to book (its answer says whether it did)
 
 
 def batch_inputs(reqs: list[RouteReq], B: int, K: int, policy: Policy, context_window: np.ndarray,

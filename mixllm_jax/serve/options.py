@@ -38,7 +38,12 @@ class HttpOptions:
                                          "after their first byte (or after connecting) is closed")
     body_timeout_s: float = _opt(30.0, "a request body not received within this is answered 408 and its "
                                        "connection closed")
-    max_connections: int = _opt(1024, "open connections at most (then 503)")
+    max_connections: int = _opt(1024, "open connections at most: a new one past it closes the oldest idle one "
+                                      "(no request being answered), else its request gets 503")
+    max_connections_per_ip: int = _opt(256, "open connections of one client address at most: a new one past it "
+                                            "closes that client's oldest idle one, else it is closed (behind a "
+                                            "reverse proxy every client has its address: raise it to "
+                                            "--max-connections)")
     max_body_bytes: int = _opt(4 << 20, "larger request bodies are refused with 413")
 
 
@@ -61,8 +66,13 @@ class Batching:
     window_ms: float = _opt(3.0, "micro-batch window (ms)")
     max_batch: int = _opt(64, "prompts per routing call, at most")
     queue_limit: int = _opt(1024, "prompts waiting, at most (then 429)")
-    book_load: bool = _opt(True, "decisions do not book predicted load on the live load model",
-                           flag="--no-book-load", action="store_false")
+    book_load: bool = _opt(True, "decisions do not book predicted load on the live load model (by default a "
+                                 "chat call books its LLM's predicted service time, a /v1/route request only "
+                                 "when it asks: \"book_load\": true)", flag="--no-book-load", action="store_false")
+    booking_ttl_s: float = _opt(60.0, "seconds after which what is left of a /v1/route request's booking is taken "
+                                      "off the load model (its call may never come)")
+    max_booked_per_key: int = _opt(32, "/v1/route bookings an API key holds at once, at most (past it a route is "
+                                       "answered, not booked)")
 
 
 @dataclasses.dataclass
@@ -156,10 +166,15 @@ class ServeConfig:
                      ("max_body_bytes", self.http.max_body_bytes), ("feature_cache", self.limits.feature_cache),
                      ("max_inflight_proxy", self.limits.max_inflight_proxy),
                      ("keep_checkpoints", self.keep_checkpoints), ("max_llms", self.limits.max_llms),
-                     ("max_connections", self.http.max_connections)):
+                     ("max_connections", self.http.max_connections),
+                     ("max_connections_per_ip", self.http.max_connections_per_ip)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
         b = self.batching
+        if not 0 < b.booking_ttl_s <= 86400:
+            raise ValueError(f"booking_ttl_s must be in (0, 86400] seconds, got {b.booking_ttl_s}")
+        if not isinstance(b.max_booked_per_key, int) or b.max_booked_per_key < 0:
+            raise ValueError(f"max_booked_per_key must be an integer >= 0, got {b.max_booked_per_key!r}")
         if b.queue_limit < b.max_batch:
             raise ValueError(f"queue_limit ({b.queue_limit}) must be >= max_batch ({b.max_batch})")
         if not isinstance(self.gateway.fallbacks, int) or not 0 <= self.gateway.fallbacks <= 16:

@@ -71,6 +71,8 @@ class JournalMetrics:
         self.skipped = Counter("mixllm_journal_skipped_total",
                                "journal records that failed to apply (logged, skipped)", registry=r)
         self.journal_seq = Gauge("mixllm_journal_seq", "last journaled sequence number", registry=r)
+        self.torn_tails = Gauge("mixllm_journal_torn_tails", "torn last lines of the journal dropped at start: "
+                                "each possibly acknowledged (see store/journal.py)", registry=r)
         self.applied_seq = Gauge("mixllm_applied_seq", "last applied sequence number", registry=r)
         self.ckpt_step = Gauge("mixllm_checkpoint_step", "last checkpoint step saved or restored", registry=r)
         self.event_lag = Histogram("mixllm_event_lag_seconds", "--cluster: seconds from an event's publish (on any "

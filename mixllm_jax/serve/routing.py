@@ -25,6 +25,7 @@ from mixllm_jax.core import engine, observation
 from mixllm_jax.core.config import Budget
 from mixllm_jax.core.policy import Policy
 from mixllm_jax.serve import batcher
+from mixllm_jax.serve.booking import Bookings
 from mixllm_jax.store import journal
 from mixllm_jax.text import tokens
 from mixllm_jax.serve.compute import RouteReq, batch_inputs
@@ -56,18 +57,18 @@ class Routing:
     (decision counts); features: journal.FeatureStore; journal: the journal (journal.Journal or
     cluster.StreamJournal); worker, aux: the worker thread's and the helper threads' executors;
     drain: applies every journaled record not yet applied (the applier's, worker thread); t0: the
-    load model's clock origin (live.Live.t0); book_load, max_batch: ServeConfig's (its batching
-    options); cluster_mode: --cluster (decisions are shared through the cluster's bucket); seed:
+    load model's clock origin (live.Live.t0); bookings: the load booked on request (booking.Bookings,
+    whose `enabled` is --book-load); max_batch: ServeConfig's; cluster_mode: --cluster (decisions are shared through the cluster's bucket); seed:
     --seed. `batcher` is set by the wiring (service.py: a batcher.MicroBatcher over `_route_batch`);
     `apply_policy` applies a journaled policy record (the applier's handler)."""
 
     def __init__(self, live, *, metrics, ledger, features, journal, worker, aux, drain, t0: float,
-                 book_load: bool, max_batch: int, cluster_mode: bool, seed: int | None = None):
+                 bookings: Bookings, max_batch: int, cluster_mode: bool, seed: int | None = None):
         self.live = live
         self.key = jax.random.PRNGKey(secrets.randbits(31) if seed is None else seed)  # exploration draws
         self.metrics, self.ledger, self.features, self.journal = metrics, ledger, features, journal
         self.worker, self.aux, self.drain = worker, aux, drain
-        self.t0, self.book_load, self.max_batch, self.cluster_mode = t0, book_load, max_batch, cluster_mode
+        self.t0, self.bookings, self.max_batch, self.cluster_mode = t0, bookings, max_batch, cluster_mode
         self.batcher: batcher.MicroBatcher | None = None
 
     def apply_policy(self, rec: dict) -> None:
@@ -83,17 +84,26 @@ class Routing:
         n = len(reqs)
         live = self.live
         router = live.router
+        now = np.float32(time.monotonic() - self.t0)
+        bookings = self.bookings
+        if commit:  # route bookings: expired ones taken off the load, keys at their cap book nothing
+            freed = bookings.expire(live.state.free_at, float(now), live.generation)
+            if freed is not None:
+                live.state = live.state.replace(free_at=freed)
+            bookings.admit(reqs)
         pt, policy, constraints, book = batch_inputs(reqs, ids.shape[0], live.state.capacity, router.policy,
-                                                     live.context_window, self.book_load)
+                                                     live.context_window, bookings.enabled)
         key = None
         if policy.stochastic:  # a fresh key per stochastic batch (--seed fixes the sequence)
             self.key, key = jax.random.split(self.key)
-        state = live.state.replace(clock=np.float32(time.monotonic() - self.t0))
+        state = live.state.replace(clock=now)
         (head_params, centroids), static = router.head_args()
         d, domain, x = route_text_batch(router.encoder.params, head_params, centroids, state, ids, mask, pt, policy,
                                         book, key, constraints, live.fs.params, enc_config=router.encoder.config,
                                         **static)
-        if commit and n and book.any():
+        if commit and n and book.any() and policy.in_batch_load:
+            arms, toks = jax.device_get((d.arm, d.tokens))
+            bookings.record(reqs, book, arms, toks, state, np.asarray(state.free_at), float(now), live.generation)
             live.state = state.replace(free_at=d.free_at)
         return jax.device_get({"arm": d.arm, "quality": d.quality, "tokens": d.tokens, "cost": d.cost,
                                "uncertainty": d.uncertainty, "wait": d.wait, "penalty": d.penalty,
@@ -134,6 +144,8 @@ class Routing:
                    "explanation": expl}
             if r.kind == "chat":
                 res["_backend"], res["_key"] = self.live.backends.get(model), r.key
+            elif r.asked_book:
+                res["booked"] = bool(r.book and self.bookings.enabled)
             results.append(res)
             entries.append((rid, journal.Entry(
                 x=x[i], slot=arm, generation=int(self.live.generation[arm]), model=model,
@@ -176,11 +188,13 @@ class Routing:
         full = r.encoder.token_ids(texts)
         return [(tokens.truncate(f, r.max_length, r.truncation_side), len(f)) for f in full]
 
-    async def route(self, texts: list[str], *, point=None, max_cost_usd=None, allowed=None, book=True,
+    async def route(self, texts: list[str], *, point=None, max_cost_usd=None, allowed=None, book=None,
                     kind="route", key=ANONYMOUS) -> list[dict]:
         """Route `texts` through the micro-batcher: one result per text; 429 when the queue is full.
         point: (cost_weight, mix_cost_weight, mix) or None (the router's); max_cost_usd: the cost cap
-        or None; allowed [K] bool or None; key: the API key's name (usage.py)."""
+        or None; allowed [K] bool or None; key: the API key's name (usage.py); book: book the
+        predicted load (default: a chat call books, a route request only when it asks; booking.py)."""
+        book = (kind == "chat") if book is None else bool(book)
         b = self.batcher
         if b.pending + len(texts) > b.queue_limit:  # refuse before tokenizing
             self.metrics.rejected.labels("queue_full").inc()
@@ -192,7 +206,8 @@ class Routing:
                 toks = self.tokenize(texts)  # the fast path (tokens.FastWordPiece): no thread hop
             else:
                 toks = await asyncio.get_running_loop().run_in_executor(self.aux, self.tokenize, texts)
-        reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key) for ids, pt in toks]
+        reqs = [RouteReq(ids, pt, point, max_cost_usd, allowed, book, kind, key, asked_book=book and kind == "route")
+                for ids, pt in toks]
         try:
             self.metrics.queue.set(b.pending + len(reqs))
             out = await b.submit(reqs)

@@ -11,8 +11,8 @@
   (snapshots.py). A record that fails to apply on replay is logged and skipped, never fatal, so no
   request can make the service fail to start.
 * The live load model runs on the wall clock: state.clock is seconds since the service was made
-  (Live.t0); each decision books its predicted service time (`book_load`). The load is reset on
-  restart.
+  (Live.t0); a chat call books its predicted service time, a /v1/route request only when it asks,
+  capped per key and expiring (booking.py). The load is reset on restart.
 
 The components, each given what it needs (see each module): Applier (the journal and its ordered
 applier), Routing (the routing worker), Intake (feedback), LiveModels (the live-LLM registry and
@@ -40,6 +40,7 @@ from mixllm_jax.text import tokens
 from mixllm_jax.text.router import route_text_batch
 from mixllm_jax.serve import batcher
 from mixllm_jax.serve.applier import Applier
+from mixllm_jax.serve.booking import Bookings
 from mixllm_jax.serve.compute import applied_from_array, extras_template, fit_feedback, fit_generation, reset_load
 from mixllm_jax.serve.gateway import Gateway
 from mixllm_jax.serve.intake import Intake
@@ -101,8 +102,10 @@ class RouterService:
         self.models = LiveModels(live, journal=j, drain=drain, worker=w, metrics=m,
                                  max_llms=cfg.limits.max_llms, concurrency_share=cfg.cluster.concurrency_share)
         self.routing = Routing(live, metrics=m.routing, ledger=self.spend.ledger, features=f, journal=j, worker=w,
-                               aux=self.aux, drain=drain, t0=live.t0, book_load=cfg.batching.book_load,
-                               max_batch=cfg.batching.max_batch, cluster_mode=cluster, seed=cfg.seed)
+                               aux=self.aux, drain=drain, t0=live.t0, max_batch=cfg.batching.max_batch,
+                               cluster_mode=cluster, seed=cfg.seed,
+                               bookings=Bookings(cfg.batching.book_load, cfg.batching.booking_ttl_s,
+                                                 cfg.batching.max_booked_per_key))
         proxy = Proxy(features=f, intake=self.intake, spend=self.spend, metrics=m)
         self.gateway = Gateway(live, ledger=self.spend.ledger, features=f, proxy=proxy, metrics=m, worker=w,
                                fallbacks=cfg.gateway.fallbacks, cooldown_s=cfg.gateway.cooldown_s,
@@ -144,6 +147,7 @@ class RouterService:
         else:
             applier.journal.start(min_seq=applier.applied_seq)
         self.metrics.journal.journal_seq.set(applier.journal.seq)
+        self.metrics.journal.torn_tails.set(getattr(applier.journal, "torn_tails", 0))
         self.routing.batcher = batcher.MicroBatcher(
             self.routing._route_batch, self.worker, cfg.batching.window_ms / 1000.0, cfg.batching.max_batch,
             cfg.batching.queue_limit, on_batch=self.routing._on_batch)
@@ -263,6 +267,8 @@ class RouterService:
                "skipped_records": applier.skipped_records,
                "proxy_inflight": self.gateway.proxy.inflight,
                "journal_seq": j.seq, "applied_seq": applier.applied_seq,
+               "journal_torn_tails": getattr(j, "torn_tails", 0),  # dropped at start, possibly acknowledged
+               "route_bookings": len(self.routing.bookings.live),
                "checkpoint_step": ck.step, "checkpoint_seq": ck.seq,
                "replayed": applier.replayed, "features": len(self.features), "capacity": live.state.capacity,
                "compiled_route_shapes": fn._cache_size() if hasattr(fn, "_cache_size") else None,
