@@ -346,16 +346,24 @@ def create_app(cfg: ServeConfig) -> Starlette:
                            "overloaded", headers={"Retry-After": "1"})
         mask = svc.gateway.chat_mask(pol.candidates)
         proxy.inflight += 1
-        handed_off = False  # a streaming answer releases its slot when the stream ends
+        handed_off = False  # a streaming answer releases its slot and reservation when the stream ends
+        hold = None  # the call's reservation against the key's budget (spend.py)
+        key = request.state.key
         try:
             [res] = await svc.routing.route([text], point=pol.point, max_cost_usd=pol.max_cost_usd, allowed=mask,
                                             kind="chat", key=pol.key)
-            resp = await svc.gateway.chat_with_fallbacks(body, res, stream, pol.pinned is not None)
+            hold = svc.gateway.reserve(key, res, body, pol)
+            if hold is None:  # the budget left cannot cover this call: as when it is spent, the cheapest LLM
+                [res] = await svc.routing.route([text], point=pol.point, max_cost_usd=0.0, allowed=mask,
+                                                kind="chat", key=pol.key)
+                hold = svc.gateway.reserve(key, res, body, pol, force=True)
+            resp = await svc.gateway.chat_with_fallbacks(body, res, stream, pol.pinned is not None, key, hold)
             handed_off = isinstance(resp, StreamingResponse)
             return resp
         finally:
             if not handed_off:
                 proxy.inflight -= 1
+                svc.spend.release(hold)
 
     async def not_found(request, exc):
         if isinstance(exc, HTTPException):

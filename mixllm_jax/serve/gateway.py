@@ -9,10 +9,14 @@ and fallbacks to the next-best LLM when a backend fails.
 * ``allowed_models`` / ``blocked_models``: the request's candidates (unknown names: a 400 naming
   them; none left: a 400).
 * Fallbacks: a backend error or timeout (before any byte of the answer was sent) puts the LLM on a
-  cooldown (`--cooldown-s`: not eligible for chat meanwhile), records quality 0 for it (the
-  feedback path), and tries the next-best eligible LLM of the same decision (scores of its
-  explanation), at most `--fallbacks` more. Each attempt has its own request id and feature entry,
-  so feedback goes to the LLM that answered.
+  cooldown (`--cooldown-s`: not eligible for chat meanwhile) and counts in its failure rate (no
+  quality is recorded: a failure is about availability, and whoever may route could cause it),
+  and tries the next-best eligible LLM of the same decision (scores of its explanation) whose
+  reservation the key's budget covers, at most `--fallbacks` more. Each attempt has its own
+  request id and feature entry, so feedback goes to the LLM that answered.
+* Reservations (spend.py): a chat call reserves its predicted maximum cost against the key's
+  budget once routed (`reserve`); when the budget cannot cover it, the request is routed again as
+  for an exhausted budget (cap 0: the cheapest eligible LLM), or answered 429 (``reject``).
 
 The request checks are functions of the live state (live.Live); `Gateway` holds what a chat
 request needs besides: the ledger (key budgets), the feature store (fallback entries), the proxy
@@ -33,7 +37,7 @@ import numpy as np
 
 from mixllm_jax.core import observation
 from mixllm_jax.store import journal
-from mixllm_jax.serve.http import MAX_COST_WEIGHT, ApiError, policy_fields, show
+from mixllm_jax.serve.http import MAX_COST_WEIGHT, ApiError, policy_fields, routing_text, show
 from mixllm_jax.serve.proxy import BackendFailure
 from mixllm_jax.serve.spend import cost_cap, key_name
 
@@ -132,6 +136,18 @@ def candidates(live, body: dict, pinned: str | None) -> np.ndarray:
     return mask
 
 
+def prompt_scale(body: dict, route_on: str) -> float:
+    """How much longer the conversation a backend bills is than the text routed on (characters; 1
+    when the whole conversation is routed on), the reservation's factor on the routed prompt tokens."""
+    if route_on == "conversation":
+        return 1.0
+    try:
+        whole, routed = routing_text(body.get("messages"), "conversation"), routing_text(body.get("messages"), route_on)
+    except ApiError:
+        return 1.0
+    return max(1.0, len(whole) / max(len(routed), 1))
+
+
 def fallback_order(res: dict, backends: dict) -> list[str]:
     """The decision's other eligible LLMs with a backend, best score first."""
     ex = res["explanation"]
@@ -146,10 +162,11 @@ class Gateway:
     worker thread's executor; fallbacks, cooldown_s, pinned_models: ServeConfig's."""
 
     def __init__(self, live, *, ledger, features, proxy, metrics, worker, fallbacks: int, cooldown_s: float,
-                 pinned_models: str):
+                 pinned_models: str, route_on: str = "last_user"):
         self.live, self.ledger, self.features, self.proxy = live, ledger, features, proxy
         self.metrics, self.worker = metrics, worker
         self.fallbacks, self.cooldown_s, self.pinned_models = fallbacks, cooldown_s, pinned_models
+        self.route_on = route_on
 
     def request_policy(self, body: dict, key) -> RequestPolicy:
         """The request's `model`, `cost_weight`, `max_cost_usd`, `allowed_models` and `blocked_models`
@@ -162,7 +179,19 @@ class Gateway:
         if cw is not None:
             point = (cw, 0.0, 0.0)
         cand = candidates(self.live, body, pinned)
-        return RequestPolicy(point, cost_cap(self.ledger, key, max_cost), cand, pinned, key_name(key))
+        held = self.proxy.spend.held(key.name) if key is not None and key.budget is not None else 0.0
+        return RequestPolicy(point, cost_cap(self.ledger, key, max_cost, held=held), cand, pinned, key_name(key))
+
+    def reserve(self, key, res: dict, body: dict, pol: RequestPolicy, force: bool = False):
+        """A routed chat call's reservation (spend.Spend.reserve; 429 when the budget cannot cover it
+        and the key says "reject"); None when it cannot and the request should be routed again at cap 0
+        (a pinned request, or one that got the cheapest eligible LLM already, reserves anyway)."""
+        ex = res["explanation"]
+        costs = {m: v["cost"] for m, v in ex.items() if v["eligible"] and v["cost"] is not None}
+        cheapest = bool(costs) and costs.get(res["model"], math.inf) <= min(costs.values())
+        force = force or pol.pinned is not None or cheapest
+        return self.proxy.spend.reserve(key, res["request_id"], res["model"], body, prompt_scale(body, self.route_on),
+                                        force=force)
 
     def chat_mask(self, cand: np.ndarray) -> np.ndarray:
         """The candidates a chat request may go to now: with a backend, not cooling down (503 if none)."""
@@ -177,16 +206,17 @@ class Gateway:
                            "overloaded", headers={"Retry-After": str(wait)})
         return mask & ~cool
 
-    async def chat_with_fallbacks(self, body: dict, res: dict, stream: bool, pinned: bool):
+    async def chat_with_fallbacks(self, body: dict, res: dict, stream: bool, pinned: bool, key=None, hold=None):
         """Proxy to the decision's LLM; on a backend failure cool it down and try the next-best ones
-        (none for a pinned request). The answer names the attempts that failed; when all fail, the
-        last failure is answered, naming the others."""
+        (none for a pinned request) whose reservation the budget of `key` covers, moving `hold` (the
+        call's reservation, released by the caller or the stream) to each. The answer names the
+        attempts that failed; when all fail, the last failure is answered, naming the others."""
         order = [] if pinned else fallback_order(res, self.live.backends)
         failed: list[dict] = []
         attempt = res
         while True:
             try:
-                return await self.proxy.proxy(body, attempt, stream, failed)
+                return await self.proxy.proxy(body, attempt, stream, failed, hold)
             except BackendFailure as e:
                 self.cool_down(attempt["model"])
                 failed.append({"model": attempt["model"], "request_id": attempt["request_id"], "error": e.message})
@@ -198,6 +228,15 @@ class Gateway:
                 order.remove(nxt)
                 attempt = await asyncio.get_running_loop().run_in_executor(
                     self.worker, functools.partial(self.fallback_attempt, res, nxt))
+                if hold is not None:
+                    try:
+                        moved = self.proxy.spend.reserve(key, attempt["request_id"], nxt, body,
+                                                         prompt_scale(body, self.route_on), hold=hold)
+                    except ApiError:
+                        moved = None
+                    if moved is None:  # the budget covers no fallback: the failure is the answer
+                        e.message += f"; no fallback: the budget of the API key cannot cover a call to {nxt!r}"
+                        raise e from None
 
     def fallback_attempt(self, res: dict, model: str) -> dict:
         """Worker thread: a route result for `model`, the fallback of decision `res`, with its own

@@ -9,6 +9,11 @@ with its flags), so it survives journal pruning and restarts; feature entries ar
 first-out, so after a restart exactly the last `feature_cache` routed requests can take feedback,
 as before it. A record names its LLM's slot and generation (live.Live.generation), so feedback
 for a removed LLM is never applied to a newer LLM in its slot.
+
+Provenance: quality records come from POST /v1/feedback only (a key with the `feedback` role,
+source "user"). Journals written before issue 24 may hold quality-0 records of backend failures
+(source "backend_failure"); they are skipped when replayed (their request keeps its flag), since
+a failure says nothing about an answer's quality. See docs/serving.md, "Who can influence routing".
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Intake:
                     e.has_thumbs = True
         if replay_flags_only:
             return
+        group = [r for r in group if r.get("source") != "backend_failure"]  # old journals: availability, not quality
         ok = []
         for r in group:  # what the live checks guarantee, checked again (a damaged record is dropped)
             try:
@@ -154,8 +160,7 @@ class Intake:
                     await self.journal.unclaim(rid, bits)
             raise
         for r in records:
-            kind = r["type"] if r.get("source") != "backend_failure" else "backend_failure"
-            self.metrics.learning.feedback.labels(kind).inc()
+            self.metrics.learning.feedback.labels(r["type"]).inc()
         return seqs
 
     async def record_quality(self, rid: str, e, quality: float, source: str,

@@ -163,6 +163,7 @@ class LiveModels:
         live.active = np.asarray(live.state.active)
         self.live_backends.pop(name, None)
         live.cooldown.pop(name, None)  # an LLM added later under this name starts without one
+        live.failures.forget(name)  # nor its failure rate
         self.refresh()
         self.update_gauges()
 
@@ -260,6 +261,7 @@ class LiveModels:
                 "ttft_s": _f32(st.ttft[s]), "tokens_per_s": _f32(st.tokens_per_s[s]),
                 "max_concurrency": int(st.max_concurrency[s]), "observations": _num(st.count[s]),
                 "context_window": _num(live.context_window[s]), "kind": "llm",
+                "failure_rate": live.failures.rate(name),
                 "backend": None if b is None else b.public()}
 
     def _models(self) -> list[dict]:

@@ -60,6 +60,9 @@ class BackendMetrics:
                              registry=r)
         self.key_decisions = Counter("mixllm_key_decisions_total", "routing decisions by API key and chosen LLM",
                                      ["key", "model"], registry=r)
+        self.failure_rate = Gauge("mixllm_backend_failure_rate", "each LLM's recent backend failure rate (failed "
+                                  "calls / calls, decayed with a 5 min half-life; an availability signal)",
+                                  ["model"], registry=r)
         self.fallbacks = Counter("mixllm_fallbacks_total", "chat calls retried on another LLM, by failed LLM",
                                  ["model"], registry=r)
 

@@ -2,8 +2,11 @@
 
 `Proxy.proxy` forwards a routed chat request to the chosen LLM's backend (backends.Backend) and
 answers with its reply (JSON) or relays its event stream (SSE) as it comes, recording usage, cost
-and latency (spend.Spend); a failing backend raises BackendFailure (502/504, recorded as quality 0
-through intake.Intake), which gateway.py may answer with a fallback.
+and latency (spend.Spend); a failing backend raises BackendFailure (502/504), which gateway.py may
+answer with a fallback. A failure is an availability signal (the LLM's failure rate, live.FailureRates,
+and gateway.py's cooldown), never a quality observation: only POST /v1/feedback teaches quality.
+The call's reservation (spend.Hold) is settled by its usage record; a stream that ends early (the
+client disconnects, the backend fails) is billed for the content it relayed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mixllm_jax.serve.backends import Backend
-from mixllm_jax.serve.cluster import ClusterUnavailable
 from mixllm_jax.serve.http import ApiError, loads_checked
 
 GATEWAY_FIELDS = ("cost_weight", "max_cost_usd", "allowed_models", "blocked_models")  # not forwarded
@@ -61,11 +63,11 @@ def _sse_stats(line: bytes) -> tuple[dict | None, int]:
 class Proxy:
     """Calls the LLMs' backends. http: the httpx.AsyncClient (made by `open`, closed by `close`);
     inflight: proxied calls in flight (the chat endpoint holds one per call; --max-inflight-proxy);
-    features: journal.FeatureStore; intake: intake.Intake (a failed call's quality 0); spend:
-    spend.Spend (usage and cost); metrics: prometheus.Metrics."""
+    features: journal.FeatureStore; spend: spend.Spend (reservations, usage and cost; its live
+    state holds the failure rates); metrics: prometheus.Metrics."""
 
-    def __init__(self, *, features, intake, spend, metrics):
-        self.features, self.intake, self.spend, self.metrics = features, intake, spend, metrics
+    def __init__(self, *, features, spend, metrics):
+        self.features, self.spend, self.metrics = features, spend, metrics
         self.http: httpx.AsyncClient | None = None
         self.inflight = 0
 
@@ -77,32 +79,31 @@ class Proxy:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def backend_failed(self, rid: str, model: str, reason: str, message: str, status: int) -> ApiError:
-        """Count a failed backend call, record quality 0 for the request (once), and return the error."""
+    def observe(self, model: str, failed: bool) -> None:
+        """Count one backend call that ended (answered, or failed) in the LLM's failure rate."""
+        rate = self.spend.live.failures.observe(model, failed)
+        self.metrics.backends.failure_rate.labels(model).set(rate)
+
+    def backend_failed(self, rid: str, model: str, reason: str, message: str, status: int) -> ApiError:
+        """Count a failed backend call (its LLM's failure rate; no quality is recorded) and return the error."""
         self.metrics.backends.failures.labels(model, reason).inc()
-        e = self.features.get(rid)
-        note = ""
-        if e is not None and not e.has_quality and self.intake.entry_live(e):
-            try:
-                await self.intake.record_quality(rid, e, 0.0, "backend_failure")
-                note = f"; recorded as quality 0 for {model!r}"
-            except (ApiError, ClusterUnavailable) as err:  # --cluster: judged on another replica, or NATS is down
-                log.warning("quality 0 for %s not recorded: %s", rid, err)
-        return BackendFailure(status, message + note, "backend_error",
+        self.observe(model, True)
+        return BackendFailure(status, message, "backend_error",
                               headers={"x-mixllm-request-id": rid, "x-mixllm-model": model})
 
-    async def proxy(self, body: dict, res: dict, stream: bool, failed_before: list) -> Response:
+    async def proxy(self, body: dict, res: dict, stream: bool, failed_before: list, hold=None) -> Response:
         """Forward the chat request `body` to the backend of the LLM chosen in `res` (a route result);
-        `failed_before`: the attempts that failed before this one (shown in the answer). BackendFailure
-        when the backend fails before the answer starts.
+        `failed_before`: the attempts that failed before this one (shown in the answer); `hold`: the
+        call's reservation (spend.Hold), settled by its usage record. BackendFailure when the backend
+        fails before the answer starts.
 
-        The caller holds one of `inflight`; a StreamingResponse releases it when the stream
-        ends (or is collected unstarted), any other answer leaves it to the caller.
+        The caller holds one of `inflight` and the reservation; a StreamingResponse releases both when
+        the stream ends (or is collected unstarted), any other answer leaves them to the caller.
         """
         rid, model, key = res["request_id"], res["model"], res["_key"]
         backend: Backend | None = res.get("_backend")
         if backend is None:
-            raise await self.backend_failed(rid, model, "no_backend", f"model {model!r} has no backend configured", 502)
+            raise self.backend_failed(rid, model, "no_backend", f"model {model!r} has no backend configured", 502)
         payload = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
         payload["model"] = backend.model or model
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
@@ -114,10 +115,10 @@ class Proxy:
         mh = {"x-mixllm-request-id": rid, "x-mixllm-model": model, "x-mixllm-attempts": str(len(failed_before) + 1)}
         content = json.dumps(payload).encode()
 
-        async def failed(reason: str, message: str, status: int, detail: str = "") -> ApiError:
+        def failed(reason: str, message: str, status: int, detail: str = "") -> ApiError:
             # the client learns what went wrong; the URL and the exception text go to the log only
             log.warning("backend of %r at %s: %s %s (request %s)", model, url, message, detail, rid)
-            return await self.backend_failed(rid, model, reason, f"backend of {model!r} {message}", status)
+            return self.backend_failed(rid, model, reason, f"backend of {model!r} {message}", status)
 
         timed_out = f"timed out after {backend.timeout_s:g} s"
         t0 = time.perf_counter()
@@ -126,25 +127,26 @@ class Proxy:
                                           timeout=httpx.Timeout(backend.timeout_s))
             resp = await self.http.send(req, stream=True)
         except httpx.TimeoutException:
-            raise await failed("timeout", timed_out, 504) from None
+            raise failed("timeout", timed_out, 504) from None
         except httpx.HTTPError as e:
-            raise await failed("connect", "could not be reached", 502, f"{type(e).__name__}: {e}") from None
+            raise failed("connect", "could not be reached", 502, f"{type(e).__name__}: {e}") from None
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         if not stream or resp.status_code != 200 or not sse:  # a whole answer (JSON), even if asked to stream
             try:
                 raw = await resp.aread()
             except httpx.TimeoutException:
                 await resp.aclose()
-                raise await failed("timeout", timed_out, 504) from None
+                raise failed("timeout", timed_out, 504) from None
             except httpx.HTTPError as e:
                 await resp.aclose()
-                raise await failed("read", "failed mid-answer", 502, f"{type(e).__name__}: {e}") from None
+                raise failed("read", "failed mid-answer", 502, f"{type(e).__name__}: {e}") from None
             await resp.aclose()
             latency = time.perf_counter() - t0
             if resp.status_code >= 500:
-                raise await failed(f"http_{resp.status_code}", f"answered HTTP {resp.status_code}", 502,
+                raise failed(f"http_{resp.status_code}", f"answered HTTP {resp.status_code}", 502,
                                    raw[:300].decode("utf-8", "replace"))
-            if resp.status_code >= 400:  # the request's fault, not the LLM's: passed through as is
+            self.observe(model, False)  # answered: 4xx is the request's fault, not the LLM's
+            if resp.status_code >= 400:  # passed through as is
                 return Response(raw, status_code=resp.status_code, headers=mh,
                                 media_type=resp.headers.get("content-type", "application/json"))
             try:
@@ -152,8 +154,8 @@ class Proxy:
                 if not isinstance(data, dict):
                     raise ValueError("not a JSON object")
             except ValueError as e:  # UnicodeDecodeError too
-                raise await failed("bad_json", "answered invalid JSON", 502, str(e)[:200]) from None
-            self.spend.record_usage(rid, model, key, data.get("usage"), latency, None)
+                raise failed("bad_json", "answered invalid JSON", 502, str(e)[:200]) from None
+            self.spend.record_usage(rid, model, key, data.get("usage"), latency, None, hold=hold)
             data["mixllm"] = {"request_id": rid, "model": model,
                               "fallbacks": [{"model": f["model"], "error": f["error"]} for f in failed_before]}
             return JSONResponse(data, headers=mh)
@@ -165,40 +167,49 @@ class Proxy:
             if not released:
                 released = True
                 self.inflight -= 1
+                self.spend.release(hold)
 
-        gen = self._relay(resp, rid, model, key, t0, failed, release)
+        self.observe(model, False)  # the stream started (a failure mid-stream counts as one more call)
+        gen = self._relay(resp, rid, model, key, t0, failed, release, hold)
         weakref.finalize(gen, release)
         return StreamingResponse(gen, status_code=200, headers=mh,
                                  media_type=resp.headers.get("content-type", "text/event-stream"))
 
-    async def _relay(self, resp: httpx.Response, rid: str, model: str, key: str, t0: float, failed, release):
+    async def _relay(self, resp: httpx.Response, rid: str, model: str, key: str, t0: float, failed, release, hold):
         """Pass the backend's event stream through chunk by chunk, noting the time to first byte, the
-        last "usage" object and the content deltas (the token count when no usage comes); a failure
-        mid-stream ends it with an SSE error event. Usage is recorded when the stream completes."""
+        last "usage" object and the content deltas relayed (counted once the client took their
+        chunk: the token count when no usage comes); a failure mid-stream ends it with an SSE error
+        event. Usage is recorded however the stream ends: complete, failed mid-stream, or cut by the
+        client (GeneratorExit or CancelledError here), the last two billed for the deltas relayed."""
         ttft = None
         buf = b""
         usage = None
         deltas = 0
-        ok = False
+        aborted = "client"  # until the stream completes or the backend fails
         try:
             async for chunk in resp.aiter_raw():
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
+                n = 0
                 for line in lines:
-                    u, n = _sse_stats(line)
+                    u, d = _sse_stats(line)
                     if u is not None:
                         usage = u
-                    deltas += n
+                    n += d
                 yield chunk
-            ok = True
+                deltas += n  # the client took the chunk
+            aborted = None
         except httpx.HTTPError as e:
+            aborted = "backend"
             reason = "timeout" if isinstance(e, httpx.TimeoutException) else "read"
-            err = await failed(reason, "failed mid-stream", 502, f"{type(e).__name__}: {e}")
+            err = failed(reason, "failed mid-stream", 502, f"{type(e).__name__}: {e}")
             yield ("data: " + json.dumps({"error": {"message": err.message, "type": err.type}}) + "\n\n").encode()
         finally:
-            release()
-            await resp.aclose()
-            if ok:
-                self.spend.record_usage(rid, model, key, usage, time.perf_counter() - t0, ttft, approx_tokens=deltas)
+            try:
+                self.spend.record_usage(rid, model, key, usage, time.perf_counter() - t0, ttft, approx_tokens=deltas,
+                                        hold=hold, aborted=aborted)
+            finally:
+                release()
+                await resp.aclose()

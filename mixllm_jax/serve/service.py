@@ -106,10 +106,10 @@ class RouterService:
                                cluster_mode=cluster, seed=cfg.seed,
                                bookings=Bookings(cfg.batching.book_load, cfg.batching.booking_ttl_s,
                                                  cfg.batching.max_booked_per_key))
-        proxy = Proxy(features=f, intake=self.intake, spend=self.spend, metrics=m)
+        proxy = Proxy(features=f, spend=self.spend, metrics=m)
         self.gateway = Gateway(live, ledger=self.spend.ledger, features=f, proxy=proxy, metrics=m, worker=w,
                                fallbacks=cfg.gateway.fallbacks, cooldown_s=cfg.gateway.cooldown_s,
-                               pinned_models=cfg.gateway.pinned_models)
+                               pinned_models=cfg.gateway.pinned_models, route_on=cfg.gateway.route_on)
         self.checkpointer = Checkpointer(live, applier=self.applier, features=f, ledger=self.spend.ledger,
                                          models=self.models, metrics=m, worker=w, aux=self.aux, cfg=cfg)
         self.digest = StateDigest(live, features=f, drain=drain, policy_view=self.routing.policy_view, worker=w,
@@ -275,5 +275,6 @@ class RouterService:
                "uptime_s": round(time.monotonic() - live.t0, 3)}
         if applier.cluster_mode:
             out["cluster"] = {"replica": self.cfg.replica_name, "stream": self.cfg.cluster.stream,
-                              "connected": j.nc.is_connected, "skipped_seqs": j.gaps}
+                              "connected": j.nc.is_connected, "skipped_seqs": j.gaps,
+                              "unshared_decisions": j.unshared}
         return out

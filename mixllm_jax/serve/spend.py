@@ -10,10 +10,25 @@
   therefore survives any restart, kill -9 included. Decision counts are not journaled: they are
   saved with each checkpoint only (a crash loses those since the last one).
 * Budgets (auth.KeyBudget): a request's cost cap is the smallest of its own ``max_cost_usd``, the
-  key's per-request cap and what is left of the key's day (UTC) and month budgets; once a period's
+  key's per-request cap and what is left of the key's day (UTC) and month budgets after the calls
+  in flight (their reservations) and the settled calls not yet in the ledger; once a period's
   budget is spent the router picks the cheapest eligible LLM (cap 0), or answers 429 when the key
-  says ``when_exhausted: reject``. Calls in flight are not reserved: concurrent calls may overshoot
-  a budget by what they cost.
+  says ``when_exhausted: reject``.
+* Reserved, then settled: before a proxied call, its predicted maximum cost (`max_call_cost`:
+  prompt tokens x price_in + the request's ``max_tokens``, else `RESERVE_FACTOR` x the predicted
+  completion, x price_out) is reserved against the key's budget (`Spend.reserve`, on the event
+  loop: the check and the reservation are one step, so concurrent calls never see the same
+  remaining budget). A call whose reservation the budget cannot cover is treated as an exhausted
+  budget. The call settles by journaling its usage record (its actual cost counts as reserved
+  until the ledger applies it) and releasing the reservation; every other exit (errors,
+  fallbacks, a client that disconnects, a stream never started) releases it. Reservations are in
+  memory only. A key's overshoot is therefore bounded by the calls whose actual cost exceeded
+  their reservation (a backend that ignores ``max_tokens``, a longer completion than the bound),
+  each by that difference.
+* Streams: a stream that ends early (the client disconnects, or the backend fails mid-stream) is
+  billed for what was streamed: the prompt at price_in plus the content deltas relayed (one token
+  each) at price_out; its usage record says ``"aborted": "client" | "backend"`` and
+  ``"tokens_approximate": true``.
 """
 
 from __future__ import annotations
@@ -32,6 +47,8 @@ from mixllm_jax.serve.auth import ApiKey
 from mixllm_jax.serve.http import ApiError, is_num
 
 log = logging.getLogger(__name__)
+
+RESERVE_FACTOR = 4.0  # without max_tokens, a call reserves 4 x its predicted completion (a high quantile)
 
 ANONYMOUS = "-"  # the account of requests without a key (a server without --api-keys)
 
@@ -164,19 +181,25 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def cost_cap(ledger: Ledger, key: ApiKey | None, requested: float | None, now: float | None = None) -> float | None:
+def exhausted(key: ApiKey, detail: str = "") -> ApiError:
+    return ApiError(429, f"the budget of API key {key.name!r} is spent for this period{detail} (see GET /v1/usage)",
+                    "budget_exhausted", code="budget_exhausted")
+
+
+def cost_cap(ledger: Ledger, key: ApiKey | None, requested: float | None, now: float | None = None,
+             held: float = 0.0) -> float | None:
     """The request's cost cap in USD (None: none; 0: the cheapest eligible LLM) under its key's
-    budget; ApiError 429 when the budget is spent and the key says "reject"."""
+    budget, less `held` (USD reserved by its calls in flight); ApiError 429 when the budget is
+    spent and the key says "reject"."""
     budget = None if key is None else key.budget
     if budget is None:
         return requested
     caps = [c for c in (requested, budget.max_cost_usd) if c is not None]
     a = ledger.accounts.get(key.name, Account())
-    left = remaining(a, budget, time.time() if now is None else now)
+    left = remaining(a, budget, time.time() if now is None else now) - held
     if left <= 0:
         if budget.when_exhausted == "reject":
-            raise ApiError(429, f"the budget of API key {key.name!r} is spent for this period (see GET /v1/usage)",
-                           "budget_exhausted", code="budget_exhausted")
+            raise exhausted(key, f" (USD {held:.6g} of it reserved by calls in flight)" if held > 0 else "")
         return 0.0
     if math.isfinite(left):
         caps.append(left)
@@ -195,6 +218,64 @@ class Spend:
         m = metrics
         self.ledger = Ledger(on_spend=lambda k, mo, usd: m.backends.spend.labels(k, mo).inc(usd),
                              on_decision=lambda k, mo, n: m.backends.key_decisions.labels(k, mo).inc(n))
+        self.holds: dict[int, Hold] = {}  # open reservations (in memory only)
+        self.unsettled: dict[str, tuple[str, float]] = {}  # request id -> (key, USD): journaled, not yet in the ledger
+        self._next_hold = 0
+
+    def held(self, key: str) -> float:
+        """USD of `key`'s open reservations and of its settled calls the ledger has not applied yet."""
+        return (sum(h.usd for h in list(self.holds.values()) if h.key == key)
+                + sum(usd for k, usd in list(self.unsettled.values()) if k == key))
+
+    def reserve(self, key: ApiKey | None, rid: str, model: str, body: dict, prompt_scale: float = 1.0,
+                force: bool = False, hold: "Hold | None" = None) -> "Hold | None":
+        """Event loop: reserve the predicted maximum cost of calling `model` for routed request `rid`
+        (max_call_cost) against `key`'s budget; with `hold`, move that open reservation to this call
+        instead. None when the budget left (less what is held) cannot cover it, ApiError 429 then if
+        the key says "reject"; `force`: reserve anyway unless it says "reject" (the cheapest LLM of an
+        exhausted budget)."""
+        usd = self.max_call_cost(rid, model, body, prompt_scale)
+        name = key_name(key)
+        budget = None if key is None else key.budget
+        if budget is not None:
+            held = self.held(name) - (hold.usd if hold is not None and hold.id in self.holds else 0.0)
+            left = remaining(self.ledger.accounts.get(name, Account()), budget, time.time()) - held
+            if usd > left:
+                if budget.when_exhausted == "reject":
+                    raise exhausted(key, f": USD {max(left, 0.0):.6g} left after USD {held:.6g} reserved by calls "
+                                         f"in flight, less than this call's reservation of USD {usd:.6g} "
+                                         f"(max_tokens lowers it)")
+                if not force:
+                    return None
+        if hold is None:
+            self._next_hold += 1
+            hold = Hold(self._next_hold, name)
+        hold.usd = usd
+        self.holds[hold.id] = hold
+        return hold
+
+    def release(self, hold: "Hold | None") -> None:
+        """End a reservation (any thread; once is enough, twice is harmless)."""
+        if hold is not None:
+            self.holds.pop(hold.id, None)
+
+    def max_call_cost(self, rid: str, model: str, body: dict, prompt_scale: float = 1.0) -> float:
+        """The predicted maximum cost of a call: its prompt tokens (the routed text's, x `prompt_scale`
+        for a conversation longer than the text routed on) at price_in, plus its completion bound at
+        price_out: the request's max_completion_tokens / max_tokens when a positive integer, else
+        RESERVE_FACTOR x the predicted completion (0 without a feature entry or a price)."""
+        e, price = self.features.get(rid), self.live.prices.get(model)
+        if e is None or price is None:
+            return 0.0
+        bound = None
+        for f in ("max_completion_tokens", "max_tokens"):
+            v = body.get(f)
+            if is_num(v) and 1 <= v <= MAX_TOKENS and v == int(v):
+                bound = float(v)
+                break
+        if bound is None:
+            bound = min(float(MAX_TOKENS), RESERVE_FACTOR * math.exp(min(e.log_tokens, 20.0)))
+        return e.prompt_tokens * max(prompt_scale, 1.0) * price[0] + bound * price[1]
 
     def apply(self, rec: dict) -> None:
         """Worker thread: a journaled "usage" record (applier.Applier): the completion tokens observed
@@ -204,6 +285,7 @@ class Spend:
         if e is not None and is_num(ct) and 0 <= ct <= MAX_TOKENS:
             e.observed_tokens = float(ct)
         self.ledger.apply(rec)
+        self.unsettled.pop(rec.get("rid"), None)
 
     async def usage(self, key, keys) -> dict:
         """GET /v1/usage (usage_view), with every journaled usage record applied."""
@@ -213,10 +295,20 @@ class Spend:
         return await asyncio.get_running_loop().run_in_executor(self.worker, view)
 
     def record_usage(self, rid: str, model: str, key: str, usage: dict | None, latency_s: float,
-                     ttft_s: float | None, approx_tokens: int | None = None) -> None:
-        """Journal the observed usage of a proxied call and what it cost (not awaited: nobody waits on
-        it). Cost: the backend's token counts (our prompt count when it gives none) at the LLM's
-        prices, else the predicted cost of the request's feature entry."""
+                     ttft_s: float | None, approx_tokens: int | None = None, hold: "Hold | None" = None,
+                     aborted: str | None = None) -> None:
+        """Settle a proxied call: journal its observed usage and what it cost (not awaited: nobody
+        waits on it; the cost counts as held until the ledger applies it), then release its
+        reservation `hold`. Cost: the backend's token counts (our prompt count when it gives none) at
+        the LLM's prices; else, for a stream that ended early (`aborted`: "client" or "backend"), the
+        prompt plus the `approx_tokens` content deltas relayed; else the predicted cost of the
+        request's feature entry."""
+        try:
+            self._record_usage(rid, model, key, usage, latency_s, ttft_s, approx_tokens, aborted)
+        finally:
+            self.release(hold)
+
+    def _record_usage(self, rid, model, key, usage, latency_s, ttft_s, approx_tokens, aborted) -> None:
         e = self.features.get(rid)
 
         def count(v):  # a backend's token count, if plausible (a huge or odd one is ignored)
@@ -234,8 +326,9 @@ class Spend:
         price = self.live.prices.get(model)
         if e is not None and price is not None:
             pin, pout = price
-            if ct is not None and not approx:
-                cost, source = (e.prompt_tokens if pt is None else pt) * pin + ct * pout, "usage"
+            if ct is not None and (not approx or aborted):
+                cost = (e.prompt_tokens if pt is None else pt) * pin + ct * pout
+                source = "streamed" if approx else "usage"
             else:
                 cost, source = e.prompt_tokens * pin + math.exp(e.log_tokens) * pout, "predicted"
         self.metrics.learning.feedback.labels("usage").inc()
@@ -243,5 +336,27 @@ class Spend:
         rec = {"type": "usage", "rid": rid, "model": model, "key": key, "completion_tokens": ct, "prompt_tokens": pt,
                "tokens_approximate": approx, "cost_usd": cost, "cost_source": source, "t": round(time.time(), 3),
                "latency_s": round(latency_s, 6), "ttft_s": None if ttft_s is None else round(ttft_s, 6)}
-        fut = self.journal.append(rec)
-        fut.add_done_callback(lambda f: f.exception() and log.error("usage record lost: %s", f.exception()))
+        if aborted:
+            rec["aborted"] = aborted
+        if cost is not None:
+            self.unsettled[rid] = (key, cost)
+        try:
+            fut = self.journal.append(rec)
+        except BaseException:
+            self.unsettled.pop(rid, None)
+            raise
+
+        def done(f):
+            if f.exception():
+                self.unsettled.pop(rid, None)
+                log.error("usage record lost: %s", f.exception())
+        fut.add_done_callback(done)
+
+
+@dataclasses.dataclass(eq=False)
+class Hold:
+    """An open reservation: its id in Spend.holds, the key's account name, USD reserved."""
+
+    id: int
+    key: str
+    usd: float = 0.0
