@@ -8,6 +8,9 @@ The first path segment picks a behaviour, so one process serves several "backend
   /hang/v1/chat/completions    sleeps --hang-s seconds before answering (to trip the proxy's timeout)
   /bad/v1/chat/completions     HTTP 200 with a body that is not JSON
   /reject/v1/chat/completions  HTTP 400 (a client error, which the proxy passes through)
+  /drip/v1/chat/completions    streams "max_tokens" (default 40) one-word content deltas, one every
+                               --drip-s seconds (a stream a client can cut part-way)
+  /cut/v1/chat/completions     streams half of "max_tokens" one-word deltas, then drops the connection
 GET /_requests lists the bodies received (most recent 200), GET /_health answers "ok".
 """
 
@@ -27,7 +30,7 @@ from starlette.routing import Route
 ANSWER = "This is the stub backend's answer to your question."
 
 
-def build_app(delay_s: float = 0.0, hang_s: float = 30.0) -> Starlette:
+def build_app(delay_s: float = 0.0, hang_s: float = 30.0, drip_s: float = 0.1) -> Starlette:
     received: collections.deque = collections.deque(maxlen=200)
 
     async def chat(request: Request):
@@ -47,6 +50,9 @@ def build_app(delay_s: float = 0.0, hang_s: float = 30.0) -> Starlette:
             await asyncio.sleep(delay_s)
         model = body.get("model", "stub")
         words = ANSWER.split(" ")
+        if behaviour in ("drip", "cut"):
+            n = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else 40
+            words = [f"w{i}" for i in range(n)]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])
                             if isinstance(m, dict))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
@@ -66,6 +72,10 @@ def build_app(delay_s: float = 0.0, hang_s: float = 30.0) -> Starlette:
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             yield f"data: {json.dumps(chunk({'role': 'assistant'}))}\n\n"
             for i, w in enumerate(words):
+                if behaviour == "cut" and i == len(words) // 2:
+                    raise ConnectionAbortedError("the stub cuts the stream")
+                if behaviour == "drip":
+                    await asyncio.sleep(drip_s)
                 yield f"data: {json.dumps(chunk({'content': (' ' if i else '') + w}))}\n\n"
             yield f"data: {json.dumps(chunk({}, 'stop'))}\n\n"
             if include_usage:
@@ -99,10 +109,11 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--delay-s", type=float, default=0.0, help="delay of an /ok answer")
     p.add_argument("--hang-s", type=float, default=30.0, help="delay of a /hang answer")
+    p.add_argument("--drip-s", type=float, default=0.1, help="delay between the deltas of a /drip stream")
     a = p.parse_args(argv)
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the stub backend serves loopback only")
-    uvicorn.run(build_app(a.delay_s, a.hang_s), host=a.host, port=a.port, log_level="warning", access_log=False,
+    uvicorn.run(build_app(a.delay_s, a.hang_s, a.drip_s), host=a.host, port=a.port, log_level="warning", access_log=False,
                 backlog=2048)
 
 

@@ -181,12 +181,11 @@ def test_spend_per_key_and_budgets(env, srv):
     after = route(srv, key="thrifty").json()
     assert [m for m, v in after["explanation"].items() if v["eligible"]] == [after["model"]]
     assert after["model"] == min((m for m in costs if m != TINY), key=costs.get)
-    # exhausted, "reject": 429
-    assert chat(srv, key="strict").status_code == 200
-    settled_spend(srv, "strict", "strict")
+    # "reject": 429 once what is left cannot cover a call's reservation (issue 24: here, the first)
     r = chat(srv, key="strict")
     assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exhausted"
-    assert route(srv, key="strict").status_code == 429
+    assert "reservation of USD" in r.json()["error"]["message"]
+    assert spend(srv, "strict")["strict"]["calls"] == 0
     # Prometheus: spend and decisions per key and LLM
     assert srv.metric("mixllm_spend_usd_total", key="thrifty", model=model) == pytest.approx(u["spend_usd"])
     assert srv.metric("mixllm_key_decisions_total", key="thrifty") >= 2

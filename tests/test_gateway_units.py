@@ -119,6 +119,73 @@ def test_cost_cap_under_key_budgets():
     assert [u["key"] for u in usage_view(led, admin, {"x": free, "y": admin})["data"]] == ["a", "ops"]
 
 
+def test_reservations_are_taken_atomically_and_settled_once():
+    """Issue 24 #3: calls reserve their predicted maximum cost (max_tokens, else 4 x the predicted
+    completion) against the key's budget; the cap sees reservations and settled-but-unapplied costs;
+    a reservation is released once, however often it is released."""
+    import concurrent.futures
+    import math
+
+    from mixllm_jax.serve.prometheus import Metrics
+    from mixllm_jax.serve.spend import RESERVE_FACTOR, Spend
+
+    entry = types.SimpleNamespace(prompt_tokens=100.0, log_tokens=math.log(50.0), observed_tokens=None)
+    written = []
+
+    def append(rec):
+        written.append(rec)
+        f = concurrent.futures.Future()
+        f.set_result(len(written))
+        return f
+
+    live = types.SimpleNamespace(prices={"m": (1e-6, 2e-6)})
+    sp = Spend(live, features={"r1": entry, "r2": entry, "r3": entry}, journal=types.SimpleNamespace(append=append),
+               metrics=Metrics(), worker=None, drain=lambda: None)
+    assert sp.max_call_cost("r1", "m", {"max_tokens": 10}) == pytest.approx(100e-6 + 20e-6)
+    assert sp.max_call_cost("r1", "m", {}) == pytest.approx(100e-6 + RESERVE_FACTOR * 50 * 2e-6)
+    assert sp.max_call_cost("r1", "m", {"max_tokens": "x"}) == sp.max_call_cost("r1", "m", {})  # not a bound
+    assert sp.max_call_cost("unknown", "m", {}) == 0.0
+    reject = ApiKey("k", frozenset({"route"}), KeyBudget(usd_per_day=250e-6, when_exhausted="reject"))
+    body = {"max_tokens": 10}  # 120e-6 each: two fit in 250e-6, a third does not
+    h1, h2 = sp.reserve(reject, "r1", "m", body), sp.reserve(reject, "r2", "m", body)
+    assert sp.held("k") == pytest.approx(240e-6)
+    assert cost_cap(sp.ledger, reject, None, held=sp.held("k")) == pytest.approx(10e-6)
+    with pytest.raises(ApiError) as e:
+        sp.reserve(reject, "r3", "m", body, force=True)  # "reject" is never forced
+    assert e.value.status == 429 and "reservation of USD 0.00012" in e.value.message
+    cheap = ApiKey("k", frozenset({"route"}), KeyBudget(usd_per_day=250e-6))
+    assert sp.reserve(cheap, "r3", "m", body) is None  # "cheapest": the caller routes again at cap 0
+    h3 = sp.reserve(cheap, "r3", "m", body, force=True)
+    sp.release(h3)
+    sp.release(h3)
+    assert sp.held("k") == pytest.approx(240e-6)
+    sp.record_usage("r1", "m", "k", {"prompt_tokens": 100, "completion_tokens": 5}, 0.1, None, hold=h1)
+    assert written[-1]["cost_usd"] == pytest.approx(110e-6)
+    assert sp.held("k") == pytest.approx(120e-6 + 110e-6)  # h2 open, r1 settled but not in the ledger yet
+    sp.apply(dict(written[-1], seq=1))
+    assert sp.held("k") == pytest.approx(120e-6) and sp.ledger.accounts["k"].spend_usd == pytest.approx(110e-6)
+    # a stream cut after 7 deltas: billed for the prompt and the 7 relayed, flagged
+    sp.record_usage("r2", "m", "k", None, 0.1, 0.01, approx_tokens=7, hold=h2, aborted="client")
+    rec = written[-1]
+    assert rec["aborted"] == "client" and rec["tokens_approximate"] and rec["cost_source"] == "streamed"
+    assert rec["cost_usd"] == pytest.approx(100e-6 + 7 * 2e-6) and rec["completion_tokens"] == 7
+    sp.apply(dict(rec, seq=2))
+    assert sp.held("k") == 0.0 and not sp.holds and not sp.unsettled
+
+
+def test_failure_rates_decay():
+    from mixllm_jax.serve.live import FailureRates
+
+    fr = FailureRates(half_life_s=10.0)
+    assert fr.rate("m") is None
+    assert fr.observe("m", True, now=0.0) == 1.0
+    assert fr.observe("m", False, now=0.0) == 0.5
+    # 10 s later the old calls weigh half: (0.5 fails) / (1 + 1 call)
+    assert fr.observe("m", False, now=10.0) == pytest.approx(0.5 / 2.0)
+    fr.forget("m")
+    assert fr.rate("m") is None
+
+
 def fake_service(curve=None):
     """The live state (serve.live.Live) the gateway's request checks read."""
     from mixllm_jax.core.config import RouterConfig

@@ -364,8 +364,9 @@ def test_live_add_and_remove_without_recompiling(env, srv):
     ("fail", None, True),
 ])
 def test_backend_failures_fall_back_and_cool_down(env, srv, behaviour, needle, stream):
-    """A failing backend (before the answer starts, streaming or not) is recorded as quality 0 for
-    its LLM, put on a cooldown, and the request is answered by the next-best LLM of the same decision."""
+    """A failing backend (before the answer starts, streaming or not) counts in its LLM's failure rate
+    (never as a quality observation: issue 24), puts it on a cooldown, and the request is answered by
+    the next-best LLM of the same decision."""
     name = f"{behaviour}-llm"
     r = srv.post("/v1/models", {"name": name, "price_in_per_mtok": 0, "price_out_per_mtok": 0, "prior": 3.0,
                                 "backend": {"base_url": f"{env['stub']}/{behaviour}/v1", "timeout_s": 0.5}})
@@ -385,10 +386,12 @@ def test_backend_failures_fall_back_and_cool_down(env, srv, behaviour, needle, s
             assert resp.status_code == 200, resp.text
             assert resp.headers["x-mixllm-model"] != name and resp.headers["x-mixllm-attempts"] == "2"
             [fb] = resp.json()["mixllm"]["fallbacks"]
-            assert fb["model"] == name and needle in fb["error"] and f"recorded as quality 0 for '{name}'" in fb["error"]
+            assert fb["model"] == name and needle in fb["error"] and "quality" not in fb["error"]
         assert srv.metric("mixllm_backend_failures_total", model=name) == fails + 1
         assert srv.metric("mixllm_fallbacks_total", model=name) >= 1
-        assert srv.observations()[name] == 1.0
+        assert srv.observations()[name] == 0.0  # an availability signal, not a quality observation
+        rate = {m["id"]: m.get("failure_rate") for m in srv.get("/v1/models").json()["data"]}[name]
+        assert rate == 1.0 and srv.metric("mixllm_backend_failure_rate", model=name) == 1.0
         # cooling down: the next chat request (streaming too) does not try it
         with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60, json={**body, "stream": True}) as s:
             assert s.status_code == 200 and s.headers["x-mixllm-model"] != name
