@@ -206,10 +206,27 @@ def test_nats_down_writes_refused_routing_goes_on_then_nothing_lost(cluster):
     assert ("unreachable" in msg or "did not acknowledge" in msg) and "127.0.0.1" not in msg, msg
     for rep in reps:  # routing keeps working read-only
         assert rep.post("/v1/route", {"prompt": PROMPTS[7]}).status_code == 200
+    # decisions made during the outage (never shared yet): feedback on the replica that made them and on
+    # another is 503 + Retry-After, never 404 "never issued" nor 500
+    issued = [reps[0].route(PROMPTS[40 + i])["request_id"] for i in range(3)]
+    answers = [(rep.post("/v1/feedback", {"request_id": rid, "quality": 0.5}), rid)
+               for rid in issued for rep in (reps[0], reps[1])]
+    answers.append((reps[1].post("/v1/feedback", {"request_id": "req-" + "0" * 32, "quality": 0.5}), None))
+    assert [a.status_code for a, _ in answers] == [503] * len(answers), [a.text for a, _ in answers]
+    assert all(a.headers["retry-after"] for a, _ in answers)
+    assert health(reps[0])["cluster"]["unshared_decisions"] >= len(issued)
     nats.start()  # the same file store: acknowledged events are still there
     wait_until(lambda: reps[0].post("/v1/feedback", {"request_id": pending, "quality": 1.0}).status_code == 200,
                "writes accepted again after NATS restarts")
     acked += 1
+    for i, rid in enumerate(issued):  # shared on recovery: every one accepted, on the other replica too
+        rep = reps[1 + i % 2]
+        wait_until(lambda: rep.post("/v1/feedback", {"request_id": rid, "quality": 0.5}).status_code == 200,
+                   "feedback for a decision made during the outage accepted after NATS restarts")
+        acked += 1
+    assert reps[0].post("/v1/feedback", {"request_id": issued[0], "quality": 0.5}).status_code == 409
+    assert reps[1].post("/v1/feedback", {"request_id": "req-" + "0" * 32, "quality": 0.5}).status_code == 404
+    assert health(reps[0])["cluster"]["unshared_decisions"] == 0
     acked += feedback_round_robin(reps, 3, start=30)
     converged(reps)
     for rep in reps:

@@ -14,6 +14,10 @@ stream, decisions in a JetStream key-value bucket, checkpoints in a shared folde
   (applier.Applier), so they hold bit-identical state.
 * Decisions: each routed request's feature entry is put in the key-value bucket `<stream>-decisions`
   (TTL --decision-ttl-s, bounded by --decision-max-mb), so feedback for it may arrive at any replica.
+  A decision that cannot be shared (the broker down) is kept on this replica (the newest
+  MAX_UNSHARED) and put in the bucket when the connection is back; feedback for it meanwhile is
+  refused with 503 + Retry-After on every replica, as is any feedback the bucket cannot be asked
+  about (never a 404 "never issued" for want of the broker).
   Exactly-once feedback across replicas: a replica claims the request's feedback kinds in the bucket
   by compare-and-set on the entry's revision before it publishes, and gives the claim back if the
   publish fails.
@@ -49,6 +53,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 2.0
 DELIVERY_TIMEOUT_S = 10.0
+MAX_UNSHARED = 20000  # decisions kept until the bucket takes them (the oldest forgotten past it)
 
 
 class ClusterUnavailable(RuntimeError):
@@ -114,6 +119,8 @@ class StreamJournal:
         self.seq = 0  # the last stream sequence delivered to on_durable
         self.gaps = 0  # sequences the consumer skipped (purged before this replica read them): state is stale
         self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._unshared: dict[str, tuple[journal.Entry, float]] = {}  # rid -> (entry, monotonic time routed)
+        self._unshared_lock = threading.Lock()
         self._sub = None
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -148,6 +155,7 @@ class StreamJournal:
             log.info("NATS: reconnected; resuming the event stream after seq %d", self.seq)
             if self._sub is not None:
                 await self._subscribe()
+            asyncio.ensure_future(self._share_until_done())  # the decisions made while the broker was away
 
         try:
             self.nc = await nats.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=True,
@@ -310,33 +318,88 @@ class StreamJournal:
     # ---- decisions -------------------------------------------------------------------------------
 
     def put_decisions(self, items: list[tuple[str, journal.Entry]]) -> concurrent.futures.Future | None:
-        """Put routed requests' entries in the bucket (concurrently); None when disconnected (the
-        decisions then take feedback on this replica only)."""
-        if not items or self._closed or not self.nc.is_connected:
+        """Put routed requests' entries in the bucket (concurrently); None when disconnected. Until
+        the bucket has one it is kept here, and put when the connection is back (`_share`)."""
+        if not items or self._closed:
             return None
-        payloads = [(kv_key(rid), entry_to_json(e)) for rid, e in items]
+        now = time.monotonic()
+        with self._unshared_lock:
+            for rid, e in items:
+                kv_key(rid)
+                self._unshared[rid] = (e, now)
+            while len(self._unshared) > MAX_UNSHARED:  # the oldest: they take feedback on this replica only
+                self._unshared.pop(next(iter(self._unshared)))
+        if not self.nc.is_connected:
+            return None
+        return self._call(self._share([rid for rid, _ in items]))
 
-        async def put_all():
-            res = await asyncio.gather(*(self.kv.put(k, v) for k, v in payloads), return_exceptions=True)
-            bad = [r for r in res if isinstance(r, BaseException)]
-            if bad:
-                log.warning("%d of %d decisions not shared (%s): they take feedback on this replica only",
-                            len(bad), len(res), type(bad[0]).__name__)
-        return self._call(put_all())
+    @property
+    def unshared(self) -> int:
+        """Decisions of this replica not in the bucket yet."""
+        return len(self._unshared)
+
+    async def _share(self, rids: list[str] | None) -> int:
+        """Put the kept decisions `rids` (None: all) in the bucket; returns how many are still not
+        there. Create, never overwrite: an entry already there keeps the feedback claimed on it."""
+        import nats.js.errors
+
+        with self._unshared_lock:
+            todo = [(r, self._unshared[r]) for r in (list(self._unshared) if rids is None else rids)
+                    if r in self._unshared]
+        horizon = time.monotonic() - self.limits.decision_ttl_s
+        fresh = [(r, e) for r, (e, t) in todo if t > horizon]  # an older one would have expired from the bucket
+
+        async def create(rid, e):
+            try:
+                await self.kv.create(rid, entry_to_json(e))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # already there (an earlier put that timed out did land)
+        res = await asyncio.gather(*(create(r, e) for r, e in fresh), return_exceptions=True) if fresh else []
+        done = {r for (r, _), x in zip(fresh, res) if not isinstance(x, BaseException)}
+        done |= {r for r, _ in todo} - {r for r, _ in fresh}
+        with self._unshared_lock:
+            for r in done:
+                self._unshared.pop(r, None)
+        bad = len(todo) - len(done)
+        if bad:
+            log.warning("%d of %d decisions not shared yet: kept, put when the connection is back", bad, len(todo))
+        return bad
+
+    async def _share_until_done(self, tries: int = 120) -> None:
+        """After a reconnect: share the kept decisions, retrying each second while JetStream comes
+        back (bounded; what is left is shared by the next reconnect, or on feedback for it here)."""
+        for _ in range(tries):
+            if not self._unshared or self._closed:
+                return
+            try:
+                if self.nc.is_connected and not await self._share(None):
+                    return
+            except Exception:  # noqa: BLE001  (kept; retried)
+                log.exception("sharing the kept decisions failed")
+            await asyncio.sleep(1.0)
 
     async def get_decision(self, rid: str) -> journal.Entry | None:
         """The entry of a decision made on any replica (its has_quality / has_thumbs: the kinds
-        claimed so far), or None (unknown, expired, or the bucket unreachable)."""
+        claimed so far), or None when the bucket answers that nobody issued it (or it expired).
+        ClusterUnavailable (a 503) when the bucket cannot be asked, or when this replica made the
+        decision and could not share it yet."""
         try:
-            got = await asyncio.wrap_future(self._call(self._get(kv_key(rid))))
-        except (KeyError, ClusterUnavailable):
+            key = kv_key(rid)
+        except KeyError:
             return None
+        if key in self._unshared:
+            if not self.nc.is_connected or await asyncio.wrap_future(self._call(self._share([key]))):
+                raise ClusterUnavailable("the decision is not shared with the other replicas yet (the NATS "
+                                         "connection is down); it is kept and shared when it is back")
+        try:
+            got = await asyncio.wrap_future(self._call(self._get(key)))
         except (ValueError, TypeError):  # not a decision record: only replicas write the bucket
             log.warning("decision %r in the bucket is damaged; ignored", rid[:80])
             return None
         return None if got is None else got[0][0]
 
     async def _get(self, key: str):
+        import nats.errors
         import nats.js.errors
 
         if not self.nc.is_connected:
@@ -345,6 +408,8 @@ class StreamJournal:
             ent = await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as e:
+            raise ClusterUnavailable(f"the decision store did not answer ({type(e).__name__})") from None
         return entry_from_json(ent.value), ent.revision
 
     async def claim(self, rid: str, bits: int) -> int | None:
@@ -357,6 +422,7 @@ class StreamJournal:
         await asyncio.wrap_future(self._call(self._claim(rid, bits, set_bits=False)))
 
     async def _claim(self, rid: str, bits: int, set_bits: bool) -> int | None:
+        import nats.errors
         import nats.js.errors
 
         try:
@@ -376,6 +442,8 @@ class StreamJournal:
                 return 0
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
+            except (nats.errors.Error, OSError, asyncio.TimeoutError) as e:
+                raise ClusterUnavailable(f"the decision store did not answer ({type(e).__name__})") from None
         raise ClusterUnavailable("the decision's feedback record kept changing on other replicas; retry")
 
 
