@@ -275,3 +275,18 @@ def test_checkpoints_from_before_the_generation_rename_still_restore():
         like, kind = extras_template({"arrays": {"extras": {**man, name: {"shape": [4]}}}})
         assert kind == "server" and like[name].shape == (4,)
     np.testing.assert_array_equal(fit_generation(np.array([0, 7]), 4), [0, 7, -1, -1])
+
+
+def test_old_backend_failure_quality_records_are_skipped_on_replay():
+    """Journals from before issue 24 hold quality-0 records of backend failures: replayed, they flag
+    their request (no later feedback) but teach nothing."""
+    from mixllm_jax.serve.intake import Intake
+    from mixllm_jax.serve.prometheus import Metrics
+
+    entry = types.SimpleNamespace(applied=0, has_quality=False, has_thumbs=False)
+    m = Metrics()
+    intake = Intake(types.SimpleNamespace(), features={"r": entry}, journal=None, metrics=m, cluster_mode=False)
+    old = {"type": "quality", "rid": "r", "source": "backend_failure", "quality": 0.0, "slot": 0, "generation": 0,
+           "log_tokens": 3.0, "x": "AAAA"}
+    intake.apply("quality", [old], replay_flags_only=False)  # a live state without arms: applying would fail
+    assert entry.has_quality and m.learning.dropped._value.get() == 0
