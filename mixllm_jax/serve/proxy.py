@@ -144,9 +144,9 @@ class Proxy:
             latency = time.perf_counter() - t0
             if resp.status_code >= 500:
                 raise failed(f"http_{resp.status_code}", f"answered HTTP {resp.status_code}", 502,
-                                   raw[:300].decode("utf-8", "replace"))
-            self.observe(model, False)  # answered: 4xx is the request's fault, not the LLM's
-            if resp.status_code >= 400:  # passed through as is
+                             raw[:300].decode("utf-8", "replace"))
+            if resp.status_code >= 400:  # the request's fault, not the LLM's: passed through as is
+                self.observe(model, False)
                 return Response(raw, status_code=resp.status_code, headers=mh,
                                 media_type=resp.headers.get("content-type", "application/json"))
             try:
@@ -155,6 +155,7 @@ class Proxy:
                     raise ValueError("not a JSON object")
             except ValueError as e:  # UnicodeDecodeError too
                 raise failed("bad_json", "answered invalid JSON", 502, str(e)[:200]) from None
+            self.observe(model, False)
             self.spend.record_usage(rid, model, key, data.get("usage"), latency, None, hold=hold)
             data["mixllm"] = {"request_id": rid, "model": model,
                               "fallbacks": [{"model": f["model"], "error": f["error"]} for f in failed_before]}
