@@ -97,6 +97,15 @@ def kv_key(rid: str) -> str:
     return rid
 
 
+class KeptDecisions(dict):
+    """rid -> (entry, monotonic time routed): this replica's decisions not in the bucket yet; `lock`
+    guards it (the worker thread adds, the NATS thread removes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamLimits:
     """How long a decision stays in the bucket, and how large the bucket and the stream may grow."""
@@ -119,8 +128,7 @@ class StreamJournal:
         self.seq = 0  # the last stream sequence delivered to on_durable
         self.gaps = 0  # sequences the consumer skipped (purged before this replica read them): state is stale
         self._waiters: list[tuple[int, asyncio.Future]] = []
-        self._unshared: dict[str, tuple[journal.Entry, float]] = {}  # rid -> (entry, monotonic time routed)
-        self._unshared_lock = threading.Lock()
+        self._unshared = KeptDecisions()
         self._sub = None
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -323,7 +331,7 @@ class StreamJournal:
         if not items or self._closed:
             return None
         now = time.monotonic()
-        with self._unshared_lock:
+        with self._unshared.lock:
             for rid, e in items:
                 kv_key(rid)
                 self._unshared[rid] = (e, now)
@@ -343,7 +351,7 @@ class StreamJournal:
         there. Create, never overwrite: an entry already there keeps the feedback claimed on it."""
         import nats.js.errors
 
-        with self._unshared_lock:
+        with self._unshared.lock:
             todo = [(r, self._unshared[r]) for r in (list(self._unshared) if rids is None else rids)
                     if r in self._unshared]
         horizon = time.monotonic() - self.limits.decision_ttl_s
@@ -357,7 +365,7 @@ class StreamJournal:
         res = await asyncio.gather(*(create(r, e) for r, e in fresh), return_exceptions=True) if fresh else []
         done = {r for (r, _), x in zip(fresh, res) if not isinstance(x, BaseException)}
         done |= {r for r, _ in todo} - {r for r, _ in fresh}
-        with self._unshared_lock:
+        with self._unshared.lock:
             for r in done:
                 self._unshared.pop(r, None)
         bad = len(todo) - len(done)
