@@ -37,6 +37,13 @@ def child_env(devices: int) -> dict:
     return env
 
 
+def cheap_compile(env: dict) -> dict:
+    """LLVM's cheap passes only: the sharded checks are tiny shapes, nearly all compile time (a third
+    less of it this way), sharded and unsharded compiled alike."""
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    return env
+
+
 def run_together(cmds: list[list[str]], env: dict, timeout: float, cwd=None) -> list[subprocess.CompletedProcess]:
     """Start the processes of one jax.distributed run; if one fails, stop the others (they would
     wait for it until the coordination service's timeouts)."""
@@ -98,7 +105,7 @@ def test_sharded_compute_equals_unsharded(tmp_path):
     the closed form, and the collective checkpoint restores it; then `train`/`eval --coordinator`.
     """
     cli = encoder_and_routerbench_ready()
-    env = child_env(4)
+    env = cheap_compile(child_env(4))
     if cli:
         _write_logs(tmp_path)
     env["MIXLLM_CACHE"] = str(tmp_path / "cache")
@@ -118,7 +125,7 @@ def test_sharded_compute_equals_unsharded(tmp_path):
     assert "| 2x2 |" in (tmp_path / "bench" / "mesh.md").read_text()
 
     port = free_port()
-    env = child_env(2)
+    env = cheap_compile(child_env(2))
     env["MIXLLM_CACHE"] = str(tmp_path / "cache-procs")  # each process embeds its own half afresh
     run = lambda i: ["dist", i, 2, port, tmp_path] + (["cli-procs", i, 2, port, tmp_path] if cli else [])  # noqa: E731
     outs = run_together([[sys.executable, str(CHILD), *map(str, run(i))] for i in range(2)], env, timeout=600)
