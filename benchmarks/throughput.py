@@ -182,13 +182,14 @@ def queries(B, d, seed=1):
 # ---- numpy references --------------------------------------------------------------------------
 
 def numpy_route(A_inv, B, price_in, price_out, x, p_tok, cost_weight, alpha):
-    """Plain numpy LinUCB scoring with the same components: x [B, d] -> arm [B]."""
+    """Plain numpy LinUCB scoring with the same components: x [B, d] -> arm [B]. Quality is
+    clipped to [0, 1] (the targets' range) and log tokens to [0, 12], as the router's are."""
     theta = A_inv @ B  # [K, d, T]
     y = np.einsum("bi,kit->bkt", x, theta, optimize=True)
     z = np.matmul(x[None], A_inv)  # [K, B, d]
     u = np.sqrt(np.maximum((z * x[None]).sum(-1), 0)).T
     cost = p_tok[:, None] * price_in + np.exp(np.clip(y[..., 1], 0, 12)) * price_out
-    return np.argmax(y[..., 0] - cost_weight * cost + alpha * u, axis=1)
+    return np.argmax(np.clip(y[..., 0], 0, 1) - cost_weight * cost + alpha * u, axis=1)
 
 
 def numpy_update(A_inv, B, x, arm, y):

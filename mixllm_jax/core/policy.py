@@ -3,7 +3,7 @@
 score_k = sum of the score terms (`TERMS`: quality_k - lambda * c_k + alpha * u_k) + bonus_k
           - beta * pen_k;   arms that are inactive or not eligible (`Constraints`): -inf
 
-q_k predicted quality, c_k = prompt_tokens * price_in_k + n_k * price_out_k the predicted cost in
+q_k predicted quality (clipped to the targets' range [0, 1]), c_k = prompt_tokens * price_in_k + n_k * price_out_k the predicted cost in
 USD with n_k = exp(predicted log completion tokens) (`predict_arms`, the one prediction of
 quality, length and cost), u_k = noise_k * sqrt(x^T A_inv_k x) the posterior s.d. of q_k
 (bandit.predict), bonus_k an extra additive term (the binary-feedback network's) and pen_k the
@@ -39,6 +39,7 @@ from mixllm_jax.core import bandit, latency
 from mixllm_jax.core.state import LOG_TOKENS, QUALITY, RouterState
 
 MAX_LOG_TOKENS = 12.0  # exp(12) ~ 160k tokens: caps a wild length extrapolation
+QUALITY_MIN, QUALITY_MAX = 0.0, 1.0  # the range of quality targets (data/schema): predictions are clipped to it
 EXPLORE_MODES = ("ucb", "thompson", "greedy")
 PROPENSITY_SAMPLES = 128  # Monte Carlo draws of a Thompson decision's propensity
 
@@ -226,11 +227,18 @@ def route_batch(state: RouterState, x: jnp.ndarray, prompt_tokens: jnp.ndarray, 
 
 
 def predict_arms(state: RouterState, x, prompt_tokens) -> ArmPredictions:
-    """The one prediction of every arm's quality, length and cost: x [B, d], prompt_tokens [B]."""
+    """The one prediction of every arm's quality, length and cost: x [B, d], prompt_tokens [B].
+
+    Each is clipped to its target's range: quality to [QUALITY_MIN, QUALITY_MAX] = [0, 1] (the
+    logs' scores; a linear predictor extrapolates past them), log completion tokens to
+    [0, MAX_LOG_TOKENS]. Learning (bandit.split, update_batch) uses the unclipped linear
+    predictions; scores, explanations and decisions use these.
+    """
     y_hat, width = bandit.predict(state, x)
+    quality = jnp.clip(y_hat[..., QUALITY], QUALITY_MIN, QUALITY_MAX)
     tokens = jnp.exp(jnp.clip(y_hat[..., LOG_TOKENS], 0.0, MAX_LOG_TOKENS))
     cost = predict_cost(prompt_tokens, tokens, state.price_in, state.price_out)
-    return ArmPredictions(quality=y_hat[..., QUALITY], tokens=tokens, cost=cost, width=width)
+    return ArmPredictions(quality=quality, tokens=tokens, cost=cost, width=width)
 
 
 def quality_term(p: ArmPredictions, x, policy: Policy):
