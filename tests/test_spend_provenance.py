@@ -1,4 +1,5 @@
-"""Issue 24, items 1 and 3, end to end: who may teach the router, and what gets billed.
+"""Issue 24, items 1, 3 and 4, end to end: who may teach the router, what gets billed, how far one
+observation moves the predictions.
 
 * Provenance: a key with only the `route` role that makes 200 concurrent pinned chats to a failing
   backend moves no predicted quality (backend failures are an availability signal: a failure rate,
@@ -6,6 +7,8 @@
 * Spend: a stream cut by the client after k deltas is billed for the k delivered (within 10%); a
   stream the backend cuts is billed for what it relayed; 50 concurrent pinned calls under a
   `usd_per_day` budget overshoot it by at most one call's reservation error.
+* Bounded steps: one quality-1.0 feedback on an LLM just added moves no other LLM's predicted
+  quality by more than 0.1, and every prediction shown is in [0, 1].
 
 One server for the module (its own keys and backends: the failing LLM on the stub's /fail, a
 dripping stream on /drip, a stream cut mid-way on /cut), --cooldown-s 0 so that every concurrent
@@ -187,3 +190,46 @@ def test_concurrent_calls_overshoot_a_budget_by_one_reservation_error_at_most(sr
     r = srv.post("/v1/chat/completions", {"messages": CHAT, "model": PAID, "max_tokens": 9}, key=KEYS["capped"][0])
     assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exhausted"
     assert "reserv" in r.json()["error"]["message"]
+
+
+PROMPTS = (PROMPT, UNRELATED, "Write a Python function that returns the n-th Fibonacci number.")
+
+
+def all_predicted_qualities(srv) -> dict:
+    """{(prompt, llm): predicted quality} from /v1/route's explanation (no load booked)."""
+    return {(p, m): v["quality"] for p in PROMPTS
+            for m, v in srv.route(prompt=p, book_load=False)["explanation"].items()}
+
+
+def test_one_feedback_on_a_new_llm_moves_no_other_llm_much(srv, stub_backend):
+    """Issue 24, item 4: after an LLM is added, one quality-1.0 feedback for a decision pinned to it
+    moves no other LLM's predicted quality by more than 0.1 (the shared component learns from an arm
+    in proportion to its evidence, bandit.split), and every prediction shown stays in [0, 1]
+    (policy.predict_arms clips it)."""
+    new = "fresh-llm"
+    r = srv.post("/v1/models", {"name": new, "price_in_per_mtok": 0.5, "price_out_per_mtok": 1.5,
+                                "backend": {"base_url": stub_backend + "/ok/v1"}})
+    assert r.status_code == 201, r.text
+    try:
+        before, obs = all_predicted_qualities(srv), srv.observations()[new]
+        routed = srv.route(prompt=PROMPT, model=new, book_load=False)
+        assert routed["model"] == new
+        fb = srv.post("/v1/feedback", {"request_id": routed["request_id"], "quality": 1.0})
+        assert fb.status_code == 200, fb.text
+        for _ in range(200):  # applied on the worker thread after the acknowledgement: a bounded wait
+            if srv.observations()[new] == obs + 1:
+                break
+            time.sleep(0.05)
+        assert srv.observations()[new] == obs + 1
+        after = all_predicted_qualities(srv)
+        assert after.keys() == before.keys()
+        moved = {k: after[k] - before[k] for k in before if k[1] != new}
+        worst = max(moved, key=lambda k: abs(moved[k]))
+        own = [after[(p, new)] - before[(p, new)] for p in PROMPTS]
+        print(f"\none quality-1.0 feedback on {new}: largest move of another LLM's predicted quality "
+              f"{moved[worst]:+.4f} ({worst[1]}); {new}'s own moves {[round(v, 3) for v in own]}; "
+              f"predictions in [{min(after.values()):.3f}, {max(after.values()):.3f}]")
+        assert abs(moved[worst]) <= 0.1
+        assert all(0.0 <= v <= 1.0 for v in list(before.values()) + list(after.values()))
+    finally:
+        assert srv.delete(f"/v1/models/{new}").status_code == 200
