@@ -59,7 +59,7 @@ FAST_MODULES = {"test_state", "test_bandit", "test_policy", "test_engine", "test
 
 # The longest modules first (each runs whole on one xdist worker, --dist loadfile): the other worker
 # takes the many short ones meanwhile instead of idling at the end while one long module finishes.
-LONGEST_FIRST = ("test_mesh", "test_examples", "test_serve_explore", "test_readme", "test_cluster", "test_cli_exit_status",
+LONGEST_FIRST = ("test_mesh", "test_examples", "test_serve_explore", "test_cluster", "test_spend_provenance",
                  "test_gateway", "test_security", "test_server")
 
 

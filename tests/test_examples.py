@@ -10,7 +10,9 @@ console) of README.md and docs/*.md, run through `Path(sys.executable).parent / 
 walk-through's folder, after it (so `checkpoints/example` and the served log
 `checkpoints/example.serve` exist), in document order (README.md, docs/cli.md, then docs/*.md
 alphabetically), each distinct command once; every exit status must be 0. A `serve` command is
-started, must answer /healthz, and must exit 0 on SIGTERM.
+started, must answer /healthz, and must exit 0 on SIGTERM. Their output is then checked (train's
+summary, eval's tables, reports and grids, `--full-report`, `--compare`), and train, eval, route and
+ope must exit 2 on user errors.
 
 What is substituted, and only that:
 - ports: the stub backend's 9001 (in the command and in the folder's copy of examples/backends.yaml)
@@ -52,6 +54,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from serve_helpers import START_TIMEOUT_S, free_port, wait_http
@@ -316,12 +319,13 @@ def test_readme_walk_through(walk):
     assert answer.mixllm["request_id"] in journal
 
 
-@pytest.mark.slow
-def test_doc_commands_run(walk):
-    """Every command of the run tier, as written (see the module docstring), exit status 0."""
+@pytest.fixture(scope="module")
+def doc_runs(walk):
+    """Every command of the run tier, as written (see the module docstring), in the walk-through's
+    folder after it: {"ran": [(doc, command)], "failures": [...], "out": {argv tuple: stdout}}."""
     folder = walk["folder"]
     done = {tuple(a) for a in walk["ran"]}
-    ran, failures = [], []
+    ran, failures, out = [], [], {}
     for c in doc_commands()[0]:
         if not c["run"] or tuple(c["argv"]) in done:
             continue
@@ -335,11 +339,113 @@ def test_doc_commands_run(walk):
             res = run_cli(folder, c["argv"])
             if res.returncode != 0:
                 failures.append(f"{c['doc']}: " + _failure(c["line"], res))
+            out[tuple(c["argv"])] = res.stdout
         ran.append((c["doc"], c["argv"][0]))
-    assert not failures, "\n\n".join(failures)
+    return {"ran": ran, "failures": failures, "out": out}
+
+
+@pytest.mark.slow
+def test_doc_commands_run(doc_runs):
+    """Every command of the run tier exits 0."""
+    ran = doc_runs["ran"]
+    assert not doc_runs["failures"], "\n\n".join(doc_runs["failures"])
     kinds = {k for _, k in ran}
     assert {"eval", "route", "simulate", "ope", "serve", "hash-key"} <= kinds, ran
     assert {d for d, _ in ran} >= {"docs/cli.md", "docs/serving.md"}, ran
+
+
+# ---------------------------------------------------------------------------------------------
+# What the walk-through's commands print and write (docs/cli.md's train, eval and route lines)
+
+
+@pytest.mark.slow
+def test_train_ends_with_a_summary(walk):
+    out = walk["train"].stdout
+    assert re.search(r"\n  \d+ domains \(training queries nearest to each\): (writing|code|math|facts) \(\d+\)", out)
+    fit = out.split("fit on the training log (in-sample):")[1].split("budget:")[0]
+    assert "quality RMSE" in fit and all(m in fit for m in ("large-llm", "medium-llm", "small-llm"))
+    assert re.search(r"budget: 25% of the most expensive LLM's cost -> cost weight \(lambda\) [0-9.e+]+", out)
+    assert "on the held-out (cross-fitted) curve: " in out
+    assert re.search(r"prior: ridge [0-9.e+]+ on the embedding, domain intercepts' precision (0\.1|1e\+03) ", out)
+    assert any(p.name.isdigit() for p in (walk["folder"] / "checkpoints" / "example").iterdir())  # a numbered step
+
+
+def _eval_out(doc_runs, *words) -> str:
+    """The stdout of the doc's eval command holding every one of `words`."""
+    return next(o for a, o in doc_runs["out"].items() if a[0] == "eval" and all(w in a for w in words))
+
+
+@pytest.mark.slow
+def test_eval_reports_and_grids(walk, doc_runs):
+    d = walk["folder"]
+    out = _eval_out(doc_runs, "runs/eval")
+    for name in ("mixllm", "oracle", "random_mix", "per_task_best", "knn", "mlp", "ridge", "mixllm@budget"):
+        assert f"| {name} |" in out  # the first eval's table, with the baselines
+    # runs/eval/report.json: the second eval's (the ood split, no baselines, the default --out)
+    rep = json.loads((d / "runs" / "eval" / "report.json").read_text())
+    assert rep["reference"] == "large-llm" and rep["n_queries"] == 8  # the default: the most expensive LLM
+    assert {"mixllm", "mixllm@budget", "large-llm"} <= set(rep["methods"]) and "knn" not in rep["methods"]
+    pts = rep["methods"]["mixllm"]["points"]
+    assert {"cost_weight", "cost_pct", "quality_pct"} <= set(pts[0])
+    assert pts[-1]["cost_pct"] <= pts[0]["cost_pct"]  # a higher cost weight never costs more on average
+    assert (d / "runs" / "eval" / "curves.png").stat().st_size > 10_000
+    # --budgets / --cost-weights; report.json compact (no per-task points) unless --full-report
+    rep = json.loads((d / "runs" / "eval-budgets" / "report.json").read_text())
+    assert rep["cost_weights"] == [0.0, 30.0, 100.0, 300.0, 1000.0, 3000.0]
+    assert rep["budgets_pct"] == [10.0, 24.18, 50.0]
+    assert [p["cost_weight"] for p in rep["methods"]["mixllm"]["points"]] == rep["cost_weights"]
+    assert [p["budget_pct"] for p in rep["methods"]["mixllm@budgets"]["points"]] == [10.0, 24.18, 50.0]
+    assert [b["budget_pct"] for b in rep["budgets"]] == [10.0, 24.18, 50.0]
+    out = _eval_out(doc_runs, "runs/eval-budgets")
+    assert "quality% @ cost<=10% (cost%)" in out and "quality% @ cost<=50% (cost%)" in out
+    assert all("points" not in pt for m in rep["methods"].values() for pt in m["per_task"].values())
+    route = next(o for a, o in doc_runs["out"].items() if a[0] == "route" and "--budget" in a)
+    assert "chosen:" in route
+
+
+@pytest.mark.slow
+def test_eval_full_report_and_compare(walk, doc_runs):
+    """--full-report on a test-only file; --compare: another router on the same queries, paired
+    bootstrap of the difference (itself: exactly 0)."""
+    d = walk["folder"]
+    test = d / "test-only.jsonl"
+    test.write_text("".join(line + "\n" for line in (d / "examples" / "logs.jsonl").read_text().splitlines()
+                            if '"split": "test"' in line))
+    argv = ["eval", "--router", "checkpoints/example", "--data", test.name, "--models", "examples/models.json",
+            "--no-baselines", "--out"]
+    assert run_cli(d, argv + ["test-only", "--full-report"]).returncode == 0
+    full = json.loads((d / "test-only" / "report.json").read_text())
+    assert full["n_queries"] == 24
+    assert all("points" in pt for m in full["methods"].values() for pt in m["per_task"].values())
+    assert (d / "runs" / "eval-budgets" / "report.json").stat().st_size < (d / "test-only" / "report.json").stat().st_size
+    res = run_cli(d, argv + ["compare", "--compare", "checkpoints/example"])
+    assert res.returncode == 0, _failure("eval --compare", res)
+    boot = json.loads((d / "compare" / "report.json").read_text())["bootstrap"]["compare"]
+    assert boot["aiq"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    assert boot["task_mean_quality"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+
+
+@pytest.mark.slow
+def test_user_errors_exit_2_through_the_console_script(walk, doc_runs):
+    """Exit status 2 and one line naming the problem, no traceback (issue 24, item 7; the successes
+    are the commands above, each exit status 0)."""
+    from mixllm_jax.offline import ope
+
+    d = walk["folder"]
+    names = ["large-llm", "medium-llm", "small-llm"]
+    rng, n = np.random.default_rng(0), 8
+    ope.write_log(d / "bad.jsonl", rng.normal(size=(n, 3)).astype(np.float32), np.full(n, 50.0),
+                  [names[0]] * n, np.ones(n), np.ones(n))  # the router's features have other dimensions
+    data_opts = ["--data", "examples/logs.jsonl", "--models", "examples/models.json"]
+    for argv, said in ((["train", "--data", "missing.jsonl", "--models", "examples/models.json"], "missing.jsonl"),
+                       (["eval", "--router", "checkpoints/example", *data_opts, "--reference", "gpt-5"],
+                        "--reference 'gpt-5'"),
+                       (["route", "--router", "no-such-checkpoint", "hi"], "no checkpoint"),
+                       (["ope", "--log", "bad.jsonl", "--router", "checkpoints/example"], "dimensions"),
+                       (["train", "--no-such-option"], "unrecognized arguments")):
+        r = run_cli(d, argv)
+        assert r.returncode == 2, (argv, r.returncode, r.stderr[-3000:])
+        assert said in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr[-3000:])
 
 
 # ---------------------------------------------------------------------------------------------
