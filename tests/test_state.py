@@ -62,16 +62,21 @@ def test_priors(rng):
     greedy = Policy(alpha=0.0, beta=0.0)
     shared = q @ np.asarray(bandit.shared_theta(st))[:, 0]  # every arm's predictions hold the shared component's
     assert np.abs(shared).max() > 1e-3
+
+    def linear(state):  # the unclipped linear predictions of quality (the decision shows them clipped to [0, 1])
+        d = engine.route(state, q, np.zeros(64), greedy)
+        raw = np.asarray(bandit.predict(state, q)[0])[..., 0]
+        np.testing.assert_allclose(np.asarray(d.quality), np.clip(raw, 0.0, 1.0), atol=1e-6)
+        return raw, d
+
     cold = S.add_arm(st, 3, price_in=0.0, price_out=0.0)  # uninformative: its own part predicts 0
-    d = engine.route(cold, q, np.zeros(64), greedy)
-    np.testing.assert_allclose(np.asarray(d.quality)[:, 3], shared, atol=1e-5)
+    raw, d = linear(cold)
+    np.testing.assert_allclose(raw[:, 3], shared, atol=1e-5)
     assert (np.asarray(d.uncertainty)[:, 3] > np.asarray(d.uncertainty)[:, :3].max(1)).all()  # explored first
-    warm = S.add_arm(st, 3, price_in=0.0, price_out=0.0, prior="mean")
-    d = engine.route(warm, q, np.zeros(64), greedy)
-    np.testing.assert_allclose(np.asarray(d.quality)[:, 3], np.asarray(d.quality)[:, :3].mean(1), atol=1e-4)
-    fixed = S.add_arm(st, 3, price_in=0.0, price_out=0.0, prior=0.42)
-    d = engine.route(fixed, q, np.zeros(64), greedy)
-    np.testing.assert_allclose(np.asarray(d.quality)[:, 3], 0.42 + shared, atol=1e-5)
+    raw, _ = linear(S.add_arm(st, 3, price_in=0.0, price_out=0.0, prior="mean"))
+    np.testing.assert_allclose(raw[:, 3], raw[:, :3].mean(1), atol=1e-4)
+    raw, _ = linear(S.add_arm(st, 3, price_in=0.0, price_out=0.0, prior=0.42))
+    np.testing.assert_allclose(raw[:, 3], 0.42 + shared, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, field", [
