@@ -9,18 +9,6 @@ import pytest
 
 from mixllm_jax.core import state as S
 
-# The tests' own process compiles with LLVM's cheap passes: its tests are mostly compiling tiny
-# shapes (the fast tier: a third less CPU on a cold cache; the in-process experiments, encoder and
-# simulator tests take as long either way). XLA reads XLA_FLAGS when jax starts its backend, here;
-# the flags are then taken back, so the console scripts and servers the tests start run as users run them.
-_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-jax.devices()
-if _XLA_FLAGS is None:
-    del os.environ["XLA_FLAGS"]
-else:
-    os.environ["XLA_FLAGS"] = _XLA_FLAGS
-
 # Compiled XLA programs persist across test runs (the fast tier is mostly compile time).
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MIXLLM_TEST_JAX_CACHE", str(Path.home() / ".cache" / "mixllm-jax" / "jax-tests")))
@@ -73,6 +61,22 @@ FAST_MODULES = {"test_state", "test_bandit", "test_policy", "test_engine", "test
 # takes the many short ones meanwhile instead of idling at the end while one long module finishes.
 LONGEST_FIRST = ("test_mesh", "test_examples", "test_serve_explore", "test_cluster", "test_spend_provenance",
                  "test_gateway", "test_security", "test_server")
+
+
+def pytest_configure(config):
+    """The pytest process compiles with LLVM's cheap passes: its tests are mostly compiling tiny
+    shapes (the fast tier: a third less CPU on a cold cache; the in-process experiments, encoder and
+    simulator tests take as long either way). XLA reads XLA_FLAGS when jax starts its backend, here;
+    the flags are then taken back, so the console scripts, servers and children the tests start run
+    as users run them. (Not at import: tests/mesh_child.py imports this module before
+    jax.distributed.initialize, which must come before the backend starts.)"""
+    flags = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    jax.devices()
+    if flags is None:
+        del os.environ["XLA_FLAGS"]
+    else:
+        os.environ["XLA_FLAGS"] = flags
 
 
 def pytest_collection_modifyitems(config, items):

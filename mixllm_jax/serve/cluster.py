@@ -53,6 +53,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 2.0
 DELIVERY_TIMEOUT_S = 10.0
+RECONNECT_GRACE_S = 30.0  # after a reconnect, a decision unknown to the bucket may be another replica's kept one: 503
 MAX_UNSHARED = 20000  # decisions kept until the bucket takes them (the oldest forgotten past it)
 
 
@@ -99,11 +100,14 @@ def kv_key(rid: str) -> str:
 
 class KeptDecisions(dict):
     """rid -> (entry, monotonic time routed): this replica's decisions not in the bucket yet; `lock`
-    guards it (the worker thread adds, the NATS thread removes)."""
+    guards it (the worker thread adds, the NATS thread removes). reconnected_at: when the NATS
+    connection last came back (monotonic), the start of the other replicas' sharing of their kept
+    decisions (RECONNECT_GRACE_S)."""
 
     def __init__(self):
         super().__init__()
         self.lock = threading.Lock()
+        self.reconnected_at = -float("inf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +165,7 @@ class StreamJournal:
 
         async def on_reconnect():
             log.info("NATS: reconnected; resuming the event stream after seq %d", self.seq)
+            self._unshared.reconnected_at = time.monotonic()
             if self._sub is not None:
                 await self._subscribe()
             asyncio.ensure_future(self._share_until_done())  # the decisions made while the broker was away
@@ -389,8 +394,9 @@ class StreamJournal:
     async def get_decision(self, rid: str) -> journal.Entry | None:
         """The entry of a decision made on any replica (its has_quality / has_thumbs: the kinds
         claimed so far), or None when the bucket answers that nobody issued it (or it expired).
-        ClusterUnavailable (a 503) when the bucket cannot be asked, or when this replica made the
-        decision and could not share it yet."""
+        ClusterUnavailable (a 503) when the bucket cannot be asked, when this replica made the
+        decision and could not share it yet, or when the bucket does not know it within
+        RECONNECT_GRACE_S of a reconnect (another replica may still be sharing its kept decisions)."""
         try:
             key = kv_key(rid)
         except KeyError:
@@ -404,6 +410,9 @@ class StreamJournal:
         except (ValueError, TypeError):  # not a decision record: only replicas write the bucket
             log.warning("decision %r in the bucket is damaged; ignored", rid[:80])
             return None
+        if got is None and time.monotonic() - self._unshared.reconnected_at < RECONNECT_GRACE_S:
+            raise ClusterUnavailable("the decision is not in the shared store yet: the NATS connection came back "
+                                     "moments ago and the replica that made it may still be sharing it")
         return None if got is None else got[0][0]
 
     async def _get(self, key: str):
