@@ -3,9 +3,9 @@
 score_k = sum of the score terms (`TERMS`: quality_k - lambda * c_k + alpha * u_k) + bonus_k
           - beta * pen_k;   arms that are inactive or not eligible (`Constraints`): -inf
 
-q_k predicted quality (clipped to the targets' range [0, 1]), c_k = prompt_tokens * price_in_k + n_k * price_out_k the predicted cost in
-USD with n_k = exp(predicted log completion tokens) (`predict_arms`, the one prediction of
-quality, length and cost), u_k = noise_k * sqrt(x^T A_inv_k x) the posterior s.d. of q_k
+q_k predicted quality (clipped to the targets' range [0, 1]), c_k = prompt_tokens * price_in_k +
+n_k * price_out_k the predicted cost in USD with n_k = exp(predicted log completion tokens)
+(`predict_arms`, the one prediction of quality, length and cost), u_k = noise_k * sqrt(x^T A_inv_k x) the posterior s.d. of q_k
 (bandit.predict), bonus_k an extra additive term (the binary-feedback network's) and pen_k the
 latency penalty of the arm's predicted wait (latency.py; applied in `choose`, query by query,
 because it depends on the load the batch's earlier queries booked). lambda is the policy's
