@@ -63,6 +63,16 @@ def start_stub(tmp: Path) -> tuple[subprocess.Popen, str]:
     return stub, url
 
 
+def write_keys(path: Path, keys: dict) -> Path:
+    """A keys file at `path` (only the keys' SHA-256): keys = {name: (plaintext, roles, budget or None)}."""
+    from mixllm_jax.serve.auth import hash_key
+
+    path.write_text(json.dumps({"keys": [dict({"name": n, "sha256": hash_key(k), "roles": roles},
+                                              **({"budget": b} if b else {}))
+                                         for n, (k, roles, b) in keys.items()]}))
+    return path
+
+
 def write_backends(path: Path, stub_url: str, models: list[str], allow: bool = True, key_env: str | None = None,
                    more_allowed=()) -> Path:
     """backends.yaml: every model on the stub's /ok backend (the first renamed at the backend),

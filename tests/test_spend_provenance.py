@@ -27,7 +27,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import PROMPT, ServerProc, write_backends  # noqa: E402
+from serve_helpers import PROMPT, ServerProc, write_backends, write_keys  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +43,10 @@ CHAT = [{"role": "user", "content": PROMPT}]
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, served_router, stub_backend):
-    from mixllm_jax.serve.auth import hash_key
-
     ck, models = served_router
     tmp = tmp_path_factory.mktemp("spend-provenance")
     keys = tmp / "keys.json"
-    keys.write_text(json.dumps({"keys": [dict({"name": n, "sha256": hash_key(k), "roles": roles},
-                                              **({"budget": b} if b else {}))
-                                         for n, (k, roles, b) in KEYS.items()]}))
+    write_keys(keys, KEYS)
     backends = write_backends(tmp / "backends.yaml", stub_backend, models)
     doc = json.loads(backends.read_text())
     for model, behaviour in ((FAILING, "fail"), (DRIP, "drip"), (CUT, "cut")):
